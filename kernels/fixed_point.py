@@ -1,0 +1,71 @@
+"""Exact, order-free accumulation: floats quantised once to a fit-wide fixed-point grid, summed as int64 limbs.
+
+Why: float sums depend on summation order, so centroids would change with chunking, worker count or a retried
+task. Integers add associatively. Each value v is quantised to q = round(v * 2**exp) with |q| < 2**52 and split
+into two 26-bit limbs (hi, lo); each limb array can absorb 2**37 terms before int64 overflows, and `normalize`
+(carry lo into hi) restores that head-room at any time without changing the exact value. `exp` is fixed once per
+fit from a bound on |v| (for example max |x| of the data), so every partial of a fit shares one grid.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+LIMB_BITS = 26
+VALUE_BITS = 2 * LIMB_BITS  # |q| < 2**VALUE_BITS
+_LIMB_MASK = (1 << LIMB_BITS) - 1
+_MAX_EXP = 1000  # keeps 2.0**exp finite in float64
+
+
+def exponent_for(bound: float) -> int:
+    """Largest power-of-two scale that maps |v| <= bound onto |q| < 2**51 (one bit spare for rounding)."""
+    bound = float(bound)
+    if not math.isfinite(bound):
+        raise ValueError(f"cannot build a fixed-point scale for a non-finite bound ({bound})")
+    if bound <= 0.0:
+        return 0
+    _, e = math.frexp(bound)  # bound = m * 2**e, 0.5 <= m < 1
+    return max(-_MAX_EXP, min(_MAX_EXP, VALUE_BITS - 1 - e))
+
+
+@dataclass(frozen=True)
+class FixedPointScale:
+    """The grids of one fit: weighted coordinates, weights and weighted distances."""
+
+    sum_exp: int
+    weight_exp: int
+    dist_exp: int
+
+    @classmethod
+    def from_bounds(cls, max_abs_weighted_x: float, max_weight: float, max_weighted_dist: float):
+        return cls(exponent_for(max_abs_weighted_x), exponent_for(max_weight), exponent_for(max_weighted_dist))
+
+
+def quantize(values: torch.Tensor, exp: int) -> torch.Tensor:
+    """float tensor (...) -> int64 limbs (2, ...): exactly round(values * 2**exp) = hi * 2**26 + lo, 0 <= lo < 2**26."""
+    q = torch.round(values.to(torch.float64) * (2.0 ** exp))
+    if q.numel() and not bool((q.abs() < 2.0 ** VALUE_BITS).all()):
+        raise OverflowError(
+            f"value {float(values.abs().max())} exceeds the fixed-point range chosen for this fit "
+            f"(2**{VALUE_BITS - exp}); the scale must be built from a bound on every value summed")
+    q = q.to(torch.int64)
+    return torch.stack([q >> LIMB_BITS, q & _LIMB_MASK])
+
+
+def normalize(limbs: torch.Tensor) -> torch.Tensor:
+    """Carry lo into hi so that 0 <= lo < 2**26 again; the represented integer is unchanged."""
+    carry = limbs[1] >> LIMB_BITS
+    return torch.stack([limbs[0] + carry, limbs[1] & _LIMB_MASK])
+
+
+def to_float(limbs: torch.Tensor, exp: int) -> torch.Tensor:
+    """Limbs (2, ...) -> float64 (...): a deterministic function of the exact integer, so bitwise order-free."""
+    limbs = normalize(limbs)
+    return (limbs[0].to(torch.float64) * float(1 << LIMB_BITS) + limbs[1].to(torch.float64)) * (2.0 ** -exp)
+
+
+def exact_sum(values: torch.Tensor, exp: int) -> torch.Tensor:
+    """Limbs (2,) of the exact sum of quantised values (any shape)."""
+    return quantize(values.reshape(-1), exp).sum(dim=1)

@@ -1,0 +1,192 @@
+"""Plain-torch twins of the Triton kernels: the test oracle and the CPU backend.
+
+Every function works on CPU or CUDA tensors and keeps memory bounded by tiling over N and K (the N x K distance
+matrix is never formed for large inputs). Distances are computed in float64 on data centred on `shift` (the fit's
+data mean): float64 makes the expansion |x|^2 - 2 x.c + |c|^2 exact to ~1e-14 relative, far inside the numerics
+contract, and the shift keeps data far from the origin from cancelling. Ties go to the lowest centroid index.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import fixed_point as fp
+
+METRICS = ("euclidean", "cosine")
+_TILE_ELEMENTS = 1 << 22  # float64 elements per distance tile (32 MiB)
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return metric
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length in float64; zero rows stay zero (cosine similarity 0 to every centroid)."""
+    x = x.to(torch.float64)
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def _prepared(x: torch.Tensor, metric: str, shift) -> torch.Tensor:
+    if metric == "cosine":
+        return unit_rows(x)
+    x = x.to(torch.float64)
+    if shift is not None:
+        x = x - torch.as_tensor(shift, dtype=torch.float64, device=x.device)
+    return x
+
+
+def _tiles(n: int, k: int):
+    k_tile = max(1, min(k, 4096))
+    n_tile = max(1, _TILE_ELEMENTS // k_tile)
+    return n_tile, k_tile
+
+
+def _scores(xs: torch.Tensor, cs: torch.Tensor, cc: torch.Tensor, metric: str) -> torch.Tensor:
+    """Smaller is closer: |c|^2 - 2 x.c for euclidean (|x|^2 added later), -x.c for cosine."""
+    dots = xs @ cs.T
+    return -dots if metric == "cosine" else cc - 2.0 * dots
+
+
+def _result_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euclidean", shift=None):
+    """Nearest centroid of every row: (labels int64 (N,), min_dist (N,)).
+
+    x is (N, D) or batched (B, N, D) with centroids (B, K, D). min_dist is the squared euclidean distance (or the
+    cosine distance 1 - cos), recomputed directly from the difference for the chosen centroid, in float64 for float64
+    input and float32 otherwise. `shift` defaults to the mean of x (translation invariance).
+    """
+    check_metric(metric)
+    if x.dim() == 3:
+        shifts = [None if shift is None else torch.as_tensor(shift)[b] if torch.as_tensor(shift).dim() == 2
+                  else shift for b in range(x.shape[0])]
+        results = [assign(xb, cb, metric=metric, shift=s) for xb, cb, s in zip(x, centroids, shifts)]
+        return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
+    n, k = x.shape[0], centroids.shape[0]
+    if shift is None and metric == "euclidean" and n:
+        shift = x.to(torch.float64).mean(dim=0)
+    cs = _prepared(centroids, metric, shift)
+    cc = (cs * cs).sum(dim=1)
+    labels = torch.empty(n, dtype=torch.int64, device=x.device)
+    min_dist = torch.empty(n, dtype=torch.float64, device=x.device)
+    n_tile, k_tile = _tiles(n, k)
+    for r0 in range(0, n, n_tile):
+        xs = _prepared(x[r0:r0 + n_tile], metric, shift)
+        best = torch.full((xs.shape[0],), float("inf"), dtype=torch.float64, device=x.device)
+        arg = torch.zeros(xs.shape[0], dtype=torch.int64, device=x.device)
+        for c0 in range(0, k, k_tile):
+            scores = _scores(xs, cs[c0:c0 + k_tile], cc[c0:c0 + k_tile], metric)
+            tile_best, tile_arg = scores.min(dim=1)  # first minimum: lowest index within the tile
+            better = tile_best < best  # strict: an earlier tile wins ties
+            best = torch.where(better, tile_best, best)
+            arg = torch.where(better, tile_arg + c0, arg)
+        labels[r0:r0 + n_tile] = arg
+        if metric == "cosine":
+            min_dist[r0:r0 + n_tile] = (1.0 + best).clamp(0.0, 2.0)
+        else:
+            diff = x[r0:r0 + n_tile].to(torch.float64) - centroids[arg].to(torch.float64)
+            min_dist[r0:r0 + n_tile] = (diff * diff).sum(dim=1)
+    return labels, min_dist.to(_result_dtype(x))
+
+
+def distances(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euclidean", shift=None) -> torch.Tensor:
+    """Full (N, K) float64 matrix of squared euclidean (or cosine) distances, for transform and seeding."""
+    check_metric(metric)
+    if metric == "cosine":
+        return (1.0 - unit_rows(x) @ unit_rows(centroids).T).clamp(0.0, 2.0)
+    if shift is None and x.shape[0]:
+        shift = x.to(torch.float64).mean(dim=0)
+    xs, cs = _prepared(x, metric, shift), _prepared(centroids, metric, shift)
+    d = (xs * xs).sum(1, keepdim=True) - 2.0 * (xs @ cs.T) + (cs * cs).sum(1)
+    return d.clamp_min_(0.0)
+
+
+@dataclass
+class Partials:
+    """Per-centroid weighted sums and weights as exact fixed-point limbs; adding two is exact and order-free."""
+
+    sums: torch.Tensor  # int64 (2, K, D)
+    weights: torch.Tensor  # int64 (2, K)
+    scale: fp.FixedPointScale
+
+    def __add__(self, other: "Partials") -> "Partials":
+        if self.scale != other.scale or self.sums.shape != other.sums.shape:
+            raise ValueError("partials of different fits (scale or shape differ) cannot be added")
+        return Partials(fp.normalize(self.sums + other.sums.to(self.sums.device)),
+                        fp.normalize(self.weights + other.weights.to(self.weights.device)), self.scale)
+
+    def to(self, device) -> "Partials":
+        return Partials(self.sums.to(device), self.weights.to(device), self.scale)
+
+
+def weighted_rows(x: torch.Tensor, weights) -> torch.Tensor:
+    """The float64 rows whose sums make the centroids: x times the sample weights (one IEEE product each)."""
+    rows = x.to(torch.float64)
+    return rows if weights is None else rows * weights.to(torch.float64)[:, None]
+
+
+def partial_sums(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, weights=None, *,
+                 scale: fp.FixedPointScale | None = None) -> Partials:
+    """Exact per-centroid sums of weighted rows and of weights.
+
+    Partials of the same fit (same `scale`) add to the same bits in any order and any chunking. Without `scale`,
+    one is derived from this x alone, which is only right for a single call. For spherical (cosine) k-means the
+    caller passes unit rows: the sums are metric-free.
+    """
+    rows = weighted_rows(x, weights)
+    w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if weights is None \
+        else weights.to(torch.float64)
+    if scale is None:
+        scale = _single_call_scale(rows, w)
+    labels = labels.to(device=x.device, dtype=torch.int64)
+    sums = torch.zeros((2, n_clusters, x.shape[1]), dtype=torch.int64, device=x.device)
+    counts = torch.zeros((2, n_clusters), dtype=torch.int64, device=x.device)
+    sums.index_add_(1, labels, fp.quantize(rows, scale.sum_exp))
+    counts.index_add_(1, labels, fp.quantize(w, scale.weight_exp))
+    return Partials(fp.normalize(sums), fp.normalize(counts), scale)
+
+
+def _single_call_scale(rows: torch.Tensor, w: torch.Tensor) -> fp.FixedPointScale:
+    """A scale for partials that will not be combined with others (no fit-wide bound is known)."""
+    max_x = float(rows.abs().max()) if rows.numel() else 0.0
+    max_w = float(w.abs().max()) if w.numel() else 0.0
+    return fp.FixedPointScale.from_bounds(max_x, max_w, 0.0)
+
+
+def move_points(partials: Partials, rows: torch.Tensor, row_weights: torch.Tensor,
+                from_labels: torch.Tensor, to_labels: torch.Tensor) -> Partials:
+    """Move weighted rows (as produced by `weighted_rows`) between clusters in the exact sums: the re-seeding of
+    empty clusters. A moved row leaves its old cluster and becomes the whole of its new (empty) one."""
+    sums, counts = partials.sums.clone(), partials.weights.clone()
+    q_rows = fp.quantize(rows, partials.scale.sum_exp)
+    q_w = fp.quantize(row_weights.to(torch.float64), partials.scale.weight_exp)
+    sums.index_add_(1, from_labels, -q_rows)
+    counts.index_add_(1, from_labels, -q_w)
+    sums[:, to_labels] = q_rows
+    counts[:, to_labels] = q_w
+    return Partials(fp.normalize(sums), fp.normalize(counts), partials.scale)
+
+
+def finalize(partials: Partials, *, dtype: torch.dtype = torch.float32, metric: str = "euclidean",
+             previous: torch.Tensor | None = None):
+    """Summed partials -> (centroids (K, D) in `dtype`, weights (K,) float64).
+
+    centroid = sum / weight in float64, then cast (renormalised to unit length for cosine). A cluster of zero
+    weight keeps its `previous` centroid (zeros when none is given); the caller re-seeds empty clusters first.
+    """
+    check_metric(metric)
+    sums = fp.to_float(partials.sums, partials.scale.sum_exp)
+    weights = fp.to_float(partials.weights, partials.scale.weight_exp)
+    nonempty = weights > 0
+    centers = sums / torch.where(nonempty, weights, torch.ones_like(weights))[:, None]
+    if metric == "cosine":
+        centers = unit_rows(centers)
+    fallback = torch.zeros_like(centers) if previous is None else previous.to(centers.device, torch.float64)
+    centers = torch.where(nonempty[:, None], centers, fallback)
+    return centers.to(dtype), weights
