@@ -1,0 +1,145 @@
+"""One Lloyd step on ONE device over the data it holds, and the per-fit numerics every step shares.
+
+The estimator and the Dask driver both call `lloyd_step`; it returns exact partials (fixed-point limbs), so the
+drivers only add them up. `FitNumerics` fixes, once per fit, what must be identical on every device: the centring
+shift (translation invariance of the distances) and the fixed-point grids (order-free sums).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from flashkm_dist.kernels import fixed_point as fp
+from flashkm_dist.kernels import reference
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The two kernels of a Lloyd step: reference twins on the CPU, Triton kernels on CUDA."""
+
+    name: str
+    assign: Callable
+    partial_sums: Callable
+
+
+REFERENCE = Backend("reference", reference.assign, reference.partial_sums)
+
+
+def _triton_backend():
+    try:
+        from flashkm_dist.kernels.assign import flash_assign
+        from flashkm_dist.kernels.update import sort_inverse_update
+    except ImportError:
+        return None
+    return Backend("triton", flash_assign, sort_inverse_update)
+
+
+def backend_for(device: torch.device) -> Backend:
+    """Triton kernels on CUDA devices; the reference on the CPU unless FLASHKM_TRITON=1 (with TRITON_INTERPRET=1,
+    the documented way to run the Triton path on CPU tensors in tests)."""
+    wants_triton = torch.device(device).type == "cuda" or os.environ.get("FLASHKM_TRITON") == "1"
+    return (_triton_backend() or REFERENCE) if wants_triton else REFERENCE
+
+
+@dataclass(frozen=True)
+class FitNumerics:
+    """Per-fit constants shared by every step and every device."""
+
+    metric: str
+    shift: torch.Tensor | None  # float64 (D,): data mean for euclidean, None for cosine
+    scale: fp.FixedPointScale
+    mean_variance: float  # mean per-feature variance (scikit-learn's tolerance base)
+
+
+@dataclass
+class DataBounds:
+    """Order-free facts of the data (maxima), gathered in one pass before the exact moments."""
+
+    n_samples: int
+    n_features: int
+    max_abs: float
+    max_weight: float
+
+    def __add__(self, other: "DataBounds") -> "DataBounds":
+        return DataBounds(self.n_samples + other.n_samples, self.n_features, max(self.max_abs, other.max_abs),
+                          max(self.max_weight, other.max_weight))
+
+
+def data_bounds(x: torch.Tensor, weights: torch.Tensor | None) -> DataBounds:
+    max_abs = float(x.abs().max()) if x.numel() else 0.0
+    max_w = 1.0 if weights is None else (float(weights.max()) if weights.numel() else 0.0)
+    return DataBounds(x.shape[0], x.shape[1], max_abs, max_w)
+
+
+def moment_exponents(bounds: DataBounds) -> tuple[int, int]:
+    return fp.exponent_for(bounds.max_abs), fp.exponent_for(bounds.max_abs ** 2)
+
+
+def column_moments(x: torch.Tensor, exps: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact limbs of the per-feature sums of x and x^2 (unweighted, as scikit-learn's tolerance)."""
+    x64 = x.to(torch.float64)
+    return fp.quantize(x64, exps[0]).sum(dim=1), fp.quantize(x64 * x64, exps[1]).sum(dim=1)
+
+
+def fit_numerics(bounds: DataBounds, sums: torch.Tensor, squares: torch.Tensor, *, metric: str,
+                 centroid_max_abs: float) -> FitNumerics:
+    """Shift, grids and tolerance base from the exact moments. `centroid_max_abs` bounds the initial centroids:
+    Lloyd means and re-seeded points stay inside the data's box, so |x - c|^2 <= D * (2 * M)^2 for the whole fit."""
+    n = max(bounds.n_samples, 1)
+    exps = moment_exponents(bounds)
+    mean = fp.to_float(sums, exps[0]) / n
+    variance = (fp.to_float(squares, exps[1]) / n - mean * mean).clamp_min(0.0)
+    m = max(bounds.max_abs, centroid_max_abs)
+    max_dist = 2.0 if metric == "cosine" else bounds.n_features * (2.0 * m) ** 2
+    scale = fp.FixedPointScale.from_bounds(bounds.max_abs * bounds.max_weight, bounds.max_weight,
+                                           2.0 * max_dist * bounds.max_weight)
+    shift = None if metric == "cosine" else mean
+    return FitNumerics(metric, shift, scale, float(variance.mean()) if variance.numel() else 0.0)
+
+
+@dataclass
+class StepResult:
+    """What one device contributes to an iteration; everything but labels/min_dist is exact and adds up."""
+
+    partials: reference.Partials
+    inertia: torch.Tensor  # fixed-point limbs (2,) of sum(w * min_dist)
+    n_changed: int
+    labels: torch.Tensor
+    min_dist: torch.Tensor
+
+
+def lloyd_step(x: torch.Tensor, centroids: torch.Tensor, numerics: FitNumerics, *,
+               weights: torch.Tensor | None = None, prev_labels: torch.Tensor | None = None,
+               backend: Backend = REFERENCE) -> StepResult:
+    """Assign every row to its nearest centroid and sum the rows per centroid, exactly.
+
+    For cosine, x must already hold unit rows (see `unit_rows_like`)."""
+    labels, min_dist = backend.assign(x, centroids, metric=numerics.metric, shift=numerics.shift)
+    partials = backend.partial_sums(x, labels, centroids.shape[0], weights, scale=numerics.scale)
+    inertia = exact_inertia(min_dist, weights, numerics)
+    n_changed = x.shape[0] if prev_labels is None else int((labels != prev_labels).sum())
+    return StepResult(partials, inertia, n_changed, labels, min_dist)
+
+
+def exact_inertia(min_dist: torch.Tensor, weights: torch.Tensor | None, numerics: FitNumerics) -> torch.Tensor:
+    """Fixed-point limbs (2,) of sum(w * min_dist): inertia that is the same bits for any split of the rows."""
+    weighted = min_dist.to(torch.float64)
+    if weights is not None:
+        weighted = weighted * weights.to(torch.float64)
+    return fp.exact_sum(weighted, numerics.scale.dist_exp)
+
+
+def unit_rows_like(x: torch.Tensor) -> torch.Tensor:
+    """Unit rows in x's own dtype: what spherical k-means clusters and sums."""
+    return reference.unit_rows(x).to(x.dtype)
+
+
+def numerics_for(x: torch.Tensor, weights: torch.Tensor | None, *, metric: str,
+                 centroid_max_abs: float = 0.0) -> FitNumerics:
+    """All per-fit numerics of data held in one place (the in-process fit, k-means|| candidates)."""
+    bounds = data_bounds(x, weights)
+    sums, squares = column_moments(x, moment_exponents(bounds))
+    return fit_numerics(bounds, sums, squares, metric=metric, centroid_max_abs=centroid_max_abs)

@@ -1,0 +1,79 @@
+"""Lloyd's loop with scikit-learn's semantics, over the exact steps of `engine`.
+
+Convergence as in scikit-learn: stop on a strict "no label changed", or when the summed squared centre shift is
+<= tol (already scaled by the mean feature variance); without a strict stop a last assignment makes the labels match
+the returned centres. Empty clusters take the points farthest from their centres (ties: lowest index), moved
+inside the exact sums, so re-seeding is deterministic.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from flashkm_dist.engine import REFERENCE, Backend, FitNumerics, StepResult, exact_inertia, lloyd_step
+from flashkm_dist.kernels import fixed_point as fp
+from flashkm_dist.kernels import reference
+
+
+@dataclass
+class LloydResult:
+    centers: torch.Tensor
+    labels: torch.Tensor
+    inertia: float
+    n_iter: int
+    history: list = field(default_factory=list)
+
+
+def relocate_empty_clusters(partials: reference.Partials, step: StepResult, x: torch.Tensor,
+                            weights: torch.Tensor | None) -> reference.Partials:
+    """Move the points farthest from their centres (among points of positive weight) into the empty clusters."""
+    cluster_weight = fp.to_float(partials.weights, partials.scale.weight_exp)
+    empty = torch.nonzero(cluster_weight == 0).flatten()
+    if empty.numel() == 0:
+        return partials
+    dist = step.min_dist.to(torch.float64)
+    if weights is not None:
+        dist = torch.where(weights > 0, dist, torch.full_like(dist, -1.0))
+    order = torch.sort(dist, descending=True, stable=True).indices[:empty.numel()]
+    order = order[dist[order] >= 0]
+    if order.numel() == 0:
+        return partials
+    row_w = torch.ones(order.numel(), dtype=torch.float64, device=x.device) if weights is None else weights[order]
+    rows = reference.weighted_rows(x[order], None if weights is None else row_w)
+    return reference.move_points(partials, rows, row_w, step.labels[order], empty[:order.numel()])
+
+
+def run_lloyd(x: torch.Tensor, centers: torch.Tensor, numerics: FitNumerics, *, weights=None, max_iter: int = 300,
+              tol: float = 0.0, backend: Backend = REFERENCE, verbose: bool = False, desc: str = "k-means"):
+    """Lloyd iterations from `centers` (in the compute dtype) until convergence or max_iter."""
+    history, prev_labels, strict = [], None, False
+    bar = tqdm(total=max_iter, desc=desc, disable=not verbose, leave=False)
+    for i in range(max_iter):
+        t0 = time.perf_counter()
+        step = lloyd_step(x, centers, numerics, weights=weights, prev_labels=prev_labels, backend=backend)
+        partials = relocate_empty_clusters(step.partials, step, x, weights)
+        new_centers, _ = reference.finalize(partials, dtype=centers.dtype, metric=numerics.metric,
+                                            previous=centers)
+        shift = float(((new_centers.to(torch.float64) - centers.to(torch.float64)) ** 2).sum())
+        inertia = float(fp.to_float(step.inertia, numerics.scale.dist_exp))
+        history.append({"iteration": i + 1, "inertia": inertia, "center_shift": shift,
+                        "labels_changed": step.n_changed, "seconds": time.perf_counter() - t0})
+        bar.update(1)
+        bar.set_postfix(inertia=f"{inertia:.6g}", shift=f"{shift:.3g}")
+        converged_centers, centers = centers, new_centers
+        if step.n_changed == 0:
+            strict = True
+            break
+        if shift <= tol:
+            break
+        prev_labels = step.labels
+    bar.close()
+    if strict and torch.equal(converged_centers, centers):
+        labels, inertia = step.labels, step.inertia
+    else:
+        labels, min_dist = backend.assign(x, centers, metric=numerics.metric, shift=numerics.shift)
+        inertia = exact_inertia(min_dist, weights, numerics)
+    return LloydResult(centers, labels, float(fp.to_float(inertia, numerics.scale.dist_exp)), i + 1, history)
