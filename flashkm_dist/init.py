@@ -62,32 +62,29 @@ def random_rows(x, n_clusters: int, rng, *, weights=None):
 
 def kmeans_parallel(x, n_clusters: int, rng, numerics: FitNumerics, *, weights=None, oversampling_factor=2.0,
                     tol: float = 1e-4, backend: Backend = REFERENCE, n_rounds: int = N_PARALLEL_ROUNDS):
-    """k-means||: oversampled D^2 rounds (each row kept with prob. min(1, l w d / phi)), then the candidates,
-    weighted by the mass nearest to each, are re-clustered with weighted k-means++ and Lloyd."""
+    """k-means||: a few rounds that each draw l = oversampling_factor * k rows by D^2 mass (inverse CDF, the
+    expected count of Bahmani et al.'s Bernoulli rounds, and exact under weights = repetition), then the distinct
+    candidates, weighted by the mass nearest to each, are re-clustered with weighted k-means++ and Lloyd."""
     w = _ones(x) if weights is None else weights.to(torch.float64)
     assign = lambda centers: backend.assign(x, centers, metric=numerics.metric, shift=numerics.shift)
     chosen = sample_by_mass(rng, w, 1)
     closest = assign(x[chosen])[1].to(torch.float64)
+    per_round = max(1, math.ceil(oversampling_factor * n_clusters))
     for _ in range(n_rounds):
-        potential = float((w * closest).sum())
-        if potential <= 0:
+        if float((w * closest).sum()) <= 0:
             break
-        keep_prob = (oversampling_factor * n_clusters * w * closest / potential).clamp(max=1.0)
-        u = torch.as_tensor(rng.uniform(size=x.shape[0]), dtype=torch.float64, device=x.device)
-        new = torch.nonzero(u < keep_prob).flatten()
-        if new.numel():
-            chosen = torch.cat([chosen, new])
-            closest = torch.minimum(closest, assign(x[new])[1].to(torch.float64))
-    if chosen.numel() < n_clusters:  # too few distinct candidates: top up by weight (duplicates re-seed later)
-        chosen = torch.cat([chosen, sample_by_mass(rng, w, n_clusters - chosen.numel())])
-    candidates = x[chosen]
-    if chosen.numel() == n_clusters:
-        return candidates.clone()
+        new = sample_by_mass(rng, w * closest, per_round)
+        chosen = torch.cat([chosen, new])
+        closest = torch.minimum(closest, assign(x[new])[1].to(torch.float64))
+    candidates = torch.unique(x[chosen], dim=0)  # by value, in sorted order: independent of row order/copies
+    if candidates.shape[0] < n_clusters:  # too few distinct rows: top up by weight (duplicates re-seed later)
+        candidates = torch.cat([candidates, x[sample_by_mass(rng, w, n_clusters - candidates.shape[0])]])
+    if candidates.shape[0] == n_clusters:
+        return candidates
     labels = assign(candidates)[0]
     exp = numerics.scale.weight_exp
-    mass = torch.zeros((2, chosen.numel()), dtype=torch.int64, device=x.device).index_add_(1, labels,
-                                                                                           fp.quantize(w, exp))
-    cand_weights = fp.to_float(mass, exp)
+    mass = torch.zeros((2, candidates.shape[0]), dtype=torch.int64, device=x.device)
+    cand_weights = fp.to_float(mass.index_add_(1, labels, fp.quantize(w, exp)), exp)
     cand_numerics = numerics_for(candidates, cand_weights, metric=numerics.metric)
     seeds = kmeans_plusplus(candidates, n_clusters, rng, cand_numerics, weights=cand_weights)
     return run_lloyd(candidates, seeds, cand_numerics, weights=cand_weights, max_iter=RECLUSTER_MAX_ITER,
