@@ -1,0 +1,114 @@
+"""Many independent small k-means problems on one device, one kernel launch per step for all of them.
+
+The video-generation case of the Flash-KMeans paper: x of shape (B, N, D). Every problem keeps the estimator's
+rules (exact labels, exact sums, scikit-learn's convergence per problem; a finished problem's centres freeze) while
+the assignment and the partial sums run batched: labels of problem b become b * K + label, so one sort-inverse
+update serves all B.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from sklearn.utils import check_random_state
+
+from flashkm_dist import _validation as v
+from flashkm_dist.engine import DataBounds, FitNumerics, StepResult, backend_for, fit_numerics, moment_exponents
+from flashkm_dist.init import initial_centers
+from flashkm_dist.kernels import fixed_point as fp
+from flashkm_dist.kernels import reference
+from flashkm_dist.lloyd import relocate_empty_clusters
+
+
+@dataclass
+class BatchedResult:
+    labels: torch.Tensor  # (B, N) int64
+    centroids: torch.Tensor  # (B, K, D)
+    n_iter: torch.Tensor  # (B,) int64
+    inertia: torch.Tensor  # (B,) float64
+
+
+def _problem_numerics(x: torch.Tensor, metric: str, centroid_max_abs: float) -> list[FitNumerics]:
+    """Per-problem shift and tolerance base on one shared fixed-point grid (the batch's max |x|)."""
+    b, n, d = x.shape
+    bounds = DataBounds(n, d, float(x.abs().max()) if x.numel() else 0.0, 1.0)
+    exps = moment_exponents(bounds)
+    x64 = x.to(torch.float64)
+    sums = fp.quantize(x64, exps[0]).sum(dim=2)  # (2, B, D)
+    squares = fp.quantize(x64 * x64, exps[1]).sum(dim=2)
+    return [fit_numerics(bounds, sums[:, i], squares[:, i], metric=metric, centroid_max_abs=centroid_max_abs)
+            for i in range(b)]
+
+
+def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300, tol: float = 1e-4,
+                   random_state=None, metric: str = "euclidean", oversampling_factor: float = 2.0,
+                   device=None) -> BatchedResult:
+    """k-means on each x[b] of a (B, N, D) tensor (or array). `init` as in KMeans; an array init has shape
+    (B, K, D). Returns labels (B, N), centroids (B, K, D) in x's dtype, n_iter (B,) and inertia (B,)."""
+    x = torch.as_tensor(x) if not torch.is_tensor(x) else x
+    if x.dim() != 3 or 0 in x.shape:
+        raise ValueError(f"x must have shape (B, N, D) with B, N, D >= 1, got {tuple(x.shape)}")
+    if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+        raise ValueError("x must be a finite floating-point tensor (no NaN or infinity)")
+    if device is not None:
+        x = x.to(v.parse_device(device, x.device))
+    b, n, d = x.shape
+    if not isinstance(n_clusters, int) or not 1 <= n_clusters <= n:
+        raise ValueError(f"n_clusters must be an integer in [1, n_samples={n}], got {n_clusters!r}")
+    if not isinstance(max_iter, int) or max_iter < 1 or not tol >= 0:
+        raise ValueError(f"max_iter must be an integer >= 1 and tol >= 0, got {max_iter!r}, {tol!r}")
+    reference.check_metric(metric)
+    if metric == "cosine":
+        x = reference.unit_rows(x).to(x.dtype)
+    k, backend, rng = n_clusters, backend_for(x.device), check_random_state(random_state)
+
+    seeding = _problem_numerics(x, metric, 0.0)
+    if not isinstance(init, str) and not callable(init):
+        init = torch.as_tensor(init)
+        if init.shape != (b, k, d):
+            raise ValueError(f"an init array for batched_kmeans must have shape (B, K, D) = {(b, k, d)}, "
+                             f"got {tuple(init.shape)}")
+    centers = torch.stack([
+        initial_centers(init if isinstance(init, str) or callable(init) else init[i], x[i], k, rng, seeding[i],
+                        oversampling_factor=oversampling_factor, tol=tol, backend=backend)
+        for i in range(b)])
+    numerics = _problem_numerics(x, metric, float(centers.abs().max()))
+    shift = None if metric == "cosine" else torch.stack([nm.shift for nm in numerics])
+    tols = torch.tensor([tol * nm.mean_variance for nm in numerics], dtype=torch.float64, device=x.device)
+    scale, offsets = numerics[0].scale, (torch.arange(b, device=x.device) * k)[:, None]
+
+    active = torch.ones(b, dtype=torch.bool, device=x.device)
+    strict = torch.zeros_like(active)
+    n_iter = torch.zeros(b, dtype=torch.int64, device=x.device)
+    prev = None
+    for it in range(1, max_iter + 1):
+        labels, min_dist = backend.assign(x, centers, metric=metric, shift=shift)
+        partials = backend.partial_sums(x.reshape(b * n, d), (labels + offsets).reshape(-1), b * k, scale=scale)
+        partials = _relocate_per_problem(partials, labels, min_dist, x, k)
+        new, _ = reference.finalize(partials, dtype=x.dtype, metric=metric, previous=centers.reshape(b * k, d))
+        new = new.reshape(b, k, d)
+        moved = ((new.to(torch.float64) - centers.to(torch.float64)) ** 2).sum(dim=(1, 2))
+        unchanged = torch.zeros_like(active) if prev is None else (labels == prev).all(dim=1)
+        centers = torch.where(active[:, None, None], new, centers)
+        n_iter = torch.where(active, torch.full_like(n_iter, it), n_iter)
+        strict |= active & unchanged
+        active &= ~unchanged & (moved > tols)
+        if not bool(active.any()):
+            break
+        prev = labels
+    labels, min_dist = backend.assign(x, centers, metric=metric, shift=shift)
+    inertia = fp.to_float(fp.quantize(min_dist.to(torch.float64), scale.dist_exp).sum(dim=2), scale.dist_exp)
+    return BatchedResult(labels, centers, n_iter, inertia)
+
+
+def _relocate_per_problem(partials: reference.Partials, labels, min_dist, x, k: int) -> reference.Partials:
+    """Re-seed empty clusters problem by problem (rare: only problems that have one pay for it)."""
+    weights = fp.to_float(partials.weights, partials.scale.weight_exp).reshape(-1, k)
+    for i in torch.nonzero((weights == 0).any(dim=1)).flatten().tolist():
+        part = reference.Partials(partials.sums[:, i * k:(i + 1) * k], partials.weights[:, i * k:(i + 1) * k],
+                                  partials.scale)
+        step = StepResult(part, torch.zeros(2, dtype=torch.int64), 0, labels[i], min_dist[i])
+        moved = relocate_empty_clusters(part, step, x[i], None)
+        partials.sums[:, i * k:(i + 1) * k] = moved.sums
+        partials.weights[:, i * k:(i + 1) * k] = moved.weights
+    return partials
