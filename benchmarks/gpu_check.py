@@ -1,0 +1,269 @@
+"""GPU check and benchmark of the kernels, in one process: exactness first, then timings against the peers.
+
+    python benchmarks/gpu_check.py --out results.json [--quick]
+
+1. Checks on the GPU: FlashAssign labels exact against float64 (fp32 / fp16 / bf16; offset data, near-ties,
+   duplicate centroids), sort-inverse partials bitwise equal to the reference and across chunkings, and the
+   estimator end to end (GPU fit == CPU fit, to the bit).
+2. Times with CUDA events (median after warm-up) this project, flash-kmeans 0.3.1 and fastkmeans 0.5.0 on the
+   same tensors, reports TFLOP/s against the fp16 matmul rate measured in the same run, and the time of a first
+   call for a new shape and for a new N. Writes one JSON file and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import traceback
+
+import torch
+
+from flashkm_dist import KMeans, batched_kmeans
+from flashkm_dist.engine import backend_for, lloyd_step, numerics_for
+from flashkm_dist.kernels import reference
+from flashkm_dist.kernels.assign import flash_assign
+from flashkm_dist.kernels.update import sort_inverse_update
+
+DEV = torch.device("cuda")
+
+
+def cuda_ms(fn, warmup=2, reps=7) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def matmul_tflops(dtype) -> float:
+    n = 8192
+    a = torch.randn(n, n, device=DEV, dtype=dtype)
+    b = torch.randn(n, n, device=DEV, dtype=dtype)
+    ms = cuda_ms(lambda: a @ b, warmup=3, reps=10)
+    return 2 * n ** 3 / ms / 1e9
+
+
+def blobs(n, d, k, dtype, seed=0, offset=0.0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    centers = torch.randn(k, d, device=DEV, generator=g) * 4
+    idx = torch.randint(0, k, (n,), device=DEV, generator=g)
+    x = centers[idx] + torch.randn(n, d, device=DEV, generator=g)
+    return (x + offset).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------- checks
+def contract_violations(x, c, labels, rel=1e-5):
+    """Rows whose label breaks the numerics contract against the float64 argmin (reference, exact to ~1e-14)."""
+    best, _ = reference.assign(x, c)
+    x64, c64 = x.double(), c.double()
+    mu = x64.mean(0)
+    d_lab = ((x64 - c64[labels]) ** 2).sum(1)
+    d_best = ((x64 - c64[best]) ** 2).sum(1)
+    bound = rel * (((x64 - mu) ** 2).sum(1) + ((c64[best] - mu) ** 2).sum(1))
+    return int((d_lab - d_best > bound).sum()), int((labels != best).sum())
+
+
+def check_assign_exact():
+    out = []
+    cases = [("random", 0.0, False), ("offset+300", 300.0, False), ("near-ties", 0.0, True)]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for name, offset, ties in cases:
+            n, d, k = 200_000, 128, 1024
+            x = blobs(n, d, k, dtype, seed=1, offset=offset)
+            c = x[torch.randperm(n, device=DEV)[:k]].clone()
+            if ties:  # duplicate and nearly duplicate centroids, and points on bisecting planes
+                c[1::4] = c[0::4]
+                c[2::4] = (c[0::4].float() + 1e-3).to(dtype)
+                x[: n // 4] = ((c[0].float() + c[3].float()) / 2).to(dtype)
+            labels, dist = flash_assign(x, c)
+            viol, differ = contract_violations(x, c, labels)
+            ref_d = ((x.double() - c.double()[labels]) ** 2).sum(1)
+            out.append({"dtype": str(dtype), "case": name, "n": n, "k": k, "d": d, "violations": viol,
+                        "labels_differing_from_float64_argmin": differ,
+                        "min_dist_max_rel_err": float(((dist.double() - ref_d).abs() / ref_d.clamp_min(1e-30)).max())})
+    return out
+
+
+def check_partials_bitwise():
+    x = blobs(300_000, 96, 500, torch.float16, seed=2)
+    labels = torch.randint(0, 500, (300_000,), device=DEV)
+    w = torch.rand(300_000, device=DEV, dtype=torch.float64)
+    nm = numerics_for(x, w, metric="euclidean")
+    whole = sort_inverse_update(x, labels, 500, weights=w, scale=nm.scale)
+    ref = reference.partial_sums(x, labels, 500, w, scale=nm.scale)
+    same_as_reference = torch.equal(whole.sums, ref.sums) and torch.equal(whole.weights, ref.weights)
+    chunkings_equal = True
+    for trial in range(4):
+        perm = torch.randperm(300_000, device=DEV)
+        parts = [sort_inverse_update(x[i], labels[i], 500, weights=w[i], scale=nm.scale)
+                 for i in torch.tensor_split(perm, 3 + 5 * trial)]
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        chunkings_equal &= torch.equal(total.sums, whole.sums) and torch.equal(total.weights, whole.weights)
+    return {"same_as_reference": bool(same_as_reference), "any_chunking_same_bits": bool(chunkings_equal)}
+
+
+def check_estimator_end_to_end():
+    x = blobs(100_000, 32, 64, torch.float32, seed=3, offset=50.0)
+    init = x[:64].clone()
+    t0 = time.perf_counter()
+    gpu = KMeans(64, init=init.cpu().numpy(), device="cuda", max_iter=50).fit(x)
+    gpu_s = time.perf_counter() - t0
+    cpu = KMeans(64, init=init.cpu().numpy(), device="cpu", max_iter=50).fit(x.cpu())
+    return {"centroids_bitwise_equal": bool((gpu.cluster_centers_ == cpu.cluster_centers_).all()),
+            "labels_equal": bool((gpu.labels_ == cpu.labels_).all()), "n_iter": [gpu.n_iter_, cpu.n_iter_],
+            "inertia": [gpu.inertia_, cpu.inertia_], "gpu_fit_seconds": gpu_s}
+
+
+# --------------------------------------------------------------------------------------------------- timings
+def peers():
+    found = {}
+    try:
+        from flash_kmeans.assign_euclid_triton import euclid_assign_triton
+        from flash_kmeans.kmeans_triton_impl import _euclid_iter
+        found["flash"] = (euclid_assign_triton, _euclid_iter)
+    except Exception as err:  # reported, never hidden
+        found["flash_error"] = repr(err)
+    try:
+        from fastkmeans.kmeans import _kmeans_torch_double_chunked
+        found["fast"] = _kmeans_torch_double_chunked
+    except Exception as err:
+        found["fast_error"] = repr(err)
+    return found
+
+
+def our_iteration(x, c, nm, backend):
+    """What the estimator does per iteration: exact step, finalize, shift (scalars back to the host)."""
+    step = lloyd_step(x, c, nm, backend=backend)
+    new, _ = reference.finalize(step.partials, dtype=c.dtype, previous=c)
+    return float(((new.double() - c.double()) ** 2).sum()), step.n_changed
+
+
+def time_shape(n, k, d, dtype, p, with_fast: bool):
+    x = blobs(n, d, min(k, 4096), dtype, seed=4)
+    c = x[torch.randperm(n, device=DEV)[:k]].clone()
+    nm = numerics_for(x, None, metric="euclidean")
+    backend = backend_for(DEV)
+    row = {"n": n, "k": k, "d": d, "dtype": str(dtype).removeprefix("torch.")}
+    row["ours_assign_ms"] = cuda_ms(lambda: flash_assign(x, c, shift=nm.shift))
+    row["ours_iter_ms"] = cuda_ms(lambda: our_iteration(x, c, nm, backend))
+    row["tflops_assign"] = 2 * n * k * d / row["ours_assign_ms"] / 1e9
+    if "flash" in p:
+        assign_fn, iter_fn = p["flash"]
+        xb, cb = x[None], c[None]
+        x_sq = (xb.float() ** 2).sum(-1)
+        row["flash_assign_ms"] = cuda_ms(lambda: assign_fn(xb, cb, x_sq))
+        row["flash_iter_ms"] = cuda_ms(lambda: iter_fn(xb, x_sq, cb))
+    if with_fast and "fast" in p:
+        norms = (x.float() ** 2).sum(1)
+
+        def fast(iters):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            p["fast"](x, norms, k, DEV, dtype=x.dtype if x.dtype != torch.float32 else torch.float32,
+                      max_iters=iters, tol=-1.0, chunk_size_data=n, chunk_size_centroids=k,
+                      max_points_per_centroid=None, use_triton=True)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+        fast(2)
+        row["fastkmeans_iter_ms"] = (fast(6) - fast(2)) / 4 * 1e3
+    for peer in ("flash", "fastkmeans"):
+        if f"{peer}_iter_ms" in row:
+            row[f"iter_ratio_vs_{peer}"] = row["ours_iter_ms"] / row[f"{peer}_iter_ms"]
+    return row
+
+
+def time_batched(p):
+    b, n, k, d = 32, 75_600, 1000, 128
+    x = torch.randn(b, n, d, device=DEV, dtype=torch.float16)
+    c = x[:, :k].clone()
+    row = {"b": b, "n": n, "k": k, "d": d, "dtype": "float16"}
+    row["ours_batched_10_iters_ms"] = cuda_ms(lambda: batched_kmeans(x, k, init=c, max_iter=10, tol=0.0),
+                                              warmup=1, reps=3)
+    if "flash" in p:
+        from flash_kmeans import batch_kmeans_Euclid
+        row["flash_batched_10_iters_ms"] = cuda_ms(
+            lambda: batch_kmeans_Euclid(x, k, max_iters=10, tol=0.0, init_centroids=c), warmup=1, reps=3)
+    return row
+
+
+def first_call_seconds():
+    def once(n, k, d):
+        x = torch.randn(n, d, device=DEV, dtype=torch.float16)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        flash_assign(x, x[:k].clone())
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    return {"new_shape_s": once(50_000, 777, 72), "new_n_same_k_d_s": once(61_234, 777, 72)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    props = torch.cuda.get_device_properties(DEV)
+    result = {"device": props.name, "torch": torch.__version__, "python": platform.python_version(),
+              "date": time.strftime("%Y-%m-%d")}
+    import triton
+    result["triton"] = triton.__version__
+    result["first_call"] = first_call_seconds()
+    for name, fn in [("assign_exact", check_assign_exact), ("partials", check_partials_bitwise),
+                     ("estimator", check_estimator_end_to_end)]:
+        try:
+            result[name] = fn()
+        except Exception:
+            result[name] = {"error": traceback.format_exc()}
+        print(name, json.dumps(result[name])[:2000], flush=True)
+    result["matmul_tflops"] = {"fp16": matmul_tflops(torch.float16), "tf32": None}
+    torch.backends.cuda.matmul.allow_tf32 = True
+    result["matmul_tflops"]["tf32"] = matmul_tflops(torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    p = peers()
+    result["peer_errors"] = {k: v for k, v in p.items() if k.endswith("_error")}
+    shapes = [(1 << 20, 8192, 128, torch.float16, True), (1 << 23, 1024, 128, torch.float16, False),
+              (1 << 20, 65536, 128, torch.float16, False), (1 << 20, 8192, 128, torch.float32, True),
+              (1 << 20, 4096, 64, torch.float16, False), (1 << 20, 4096, 256, torch.float16, False),
+              (1 << 20, 4096, 1024, torch.float16, False)]
+    if args.quick:
+        shapes = shapes[:1]
+    result["timings"] = []
+    for n, k, d, dtype, fast in shapes:
+        try:
+            row = time_shape(n, k, d, dtype, p, fast)
+        except Exception:
+            row = {"n": n, "k": k, "d": d, "dtype": str(dtype), "error": traceback.format_exc()}
+        result["timings"].append(row)
+        print(json.dumps(row), flush=True)
+    try:
+        result["batched"] = time_batched(p)
+    except Exception:
+        result["batched"] = {"error": traceback.format_exc()}
+    print(json.dumps(result["batched"]), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n{'shape':>28} {'ours assign':>12} {'flash assign':>12} {'ours iter':>10} {'flash iter':>10} "
+          f"{'fastkm iter':>11} {'TFLOP/s':>8}")
+    for r in result["timings"]:
+        if "error" in r:
+            print(f"{r['n']}x{r['k']}x{r['d']} {r['dtype']}: ERROR")
+            continue
+        print(f"{r['n']:>9}x{r['k']:>6}x{r['d']:>4} {r['dtype']:>7} {r['ours_assign_ms']:12.3f} "
+              f"{r.get('flash_assign_ms', float('nan')):12.3f} {r['ours_iter_ms']:10.3f} "
+              f"{r.get('flash_iter_ms', float('nan')):10.3f} {r.get('fastkmeans_iter_ms', float('nan')):11.3f} "
+              f"{r['tflops_assign']:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
