@@ -7,7 +7,12 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.utils.validation import validate_data
+
+try:  # scikit-learn >= 1.6
+    from sklearn.utils.validation import validate_data
+except ImportError:  # older releases: the same checks as an estimator method
+    def validate_data(estimator, X, **kwargs):
+        return estimator._validate_data(X, **kwargs)
 
 _DTYPES = {
     "float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,

@@ -1,0 +1,171 @@
+"""Launch parameters for the Triton kernels, derived from what the device reports, and the kernel launcher.
+
+Why derived, not tabulated: a table keyed on GPU names is wrong for the next GPU; the tile shapes only depend on a
+few numbers the driver reports (shared memory per block, L2 size, SM count, compute capability). No run-time
+autotuning either: autotuning makes the first call slow and the choice depends on timing noise.
+
+Only K-independent and N-independent quantities are compile-time (`tl.constexpr`): tile sizes, and D bucketed to a
+power of two. N, K, D themselves are runtime arguments, so a new N or K never recompiles and only a handful of
+variants (one per D bucket, dtype and mode) are ever built.
+
+`launch` runs a kernel on CUDA tensors through the normal JIT, and on CPU tensors through Triton's interpreter
+(TRITON_INTERPRET=1 set before triton is imported: the tests' conftest does it).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+_CPU_SMEM = 48 * 1024  # nominal figures for the interpreter; they only shape tiny tiles
+_SMEM_RESERVE = 8 * 1024  # what Triton keeps for reductions / barriers / layout conversions
+MAX_RESIDENT_D = 256  # above this the row tile of x is streamed in D-chunks instead of held on chip
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class DeviceTraits:
+    """The few device numbers the tile choice depends on."""
+
+    sm_count: int
+    smem_per_block: int  # bytes one program may use (opt-in maximum where the driver reports it)
+    smem_per_sm: int
+    l2_bytes: int
+    capability: tuple[int, int]
+    interpreted: bool  # CPU tensors: Triton's interpreter, tiny tiles
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_traits(index: int) -> DeviceTraits:
+    p = torch.cuda.get_device_properties(index)
+    cap = (int(getattr(p, "major", 8)), int(getattr(p, "minor", 0)))
+    smem = (getattr(p, "shared_memory_per_block_optin", 0) or getattr(p, "max_shared_memory_per_block_optin", 0)
+            or getattr(p, "shared_memory_per_block", 0) or 48 * 1024)
+    per_sm = getattr(p, "shared_memory_per_multiprocessor", 0) or getattr(p, "max_shared_memory_per_multiprocessor",
+                                                                       0) or smem
+    l2 = getattr(p, "L2_cache_size", 0) or getattr(p, "l2_cache_size", 0) or 4 * 1024 * 1024
+    sms = getattr(p, "multi_processor_count", 0) or 1
+    return DeviceTraits(int(sms), int(smem), int(per_sm), int(l2), cap, False)
+
+
+def device_traits(device) -> DeviceTraits:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return DeviceTraits(os.cpu_count() or 1, _CPU_SMEM, _CPU_SMEM, 1 << 20, (0, 0), True)
+    return _cuda_traits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class AssignConfig:
+    block_n: int  # rows of x per program
+    block_k: int  # centroids per streamed tile (its index lives in the low log2(block_k) bits of a score key)
+    block_d: int  # reduction chunk; == padded D when the x tile is resident
+    resident: bool  # x tile loaded once and kept on chip for the whole centroid stream
+    epilogue_d: int  # float64 chunk for the exact distance of the chosen centroid
+    num_warps: int
+    num_stages: int
+    interpreted: bool = False  # CPU: Triton interpreter (no inline PTX, slow custom reductions)
+
+    @property
+    def row_block_d(self) -> int:
+        """D-chunk of the row pass (fp32 work tile BLOCK_N x this; divides the padded D)."""
+        return min(self.block_d, 64)
+
+    def padded_d(self, d: int) -> int:
+        return -(-d // self.block_d) * self.block_d
+
+    def padded_k(self, k: int) -> int:
+        return -(-k // self.block_k) * self.block_k
+
+
+def assign_config(device, k: int, d: int, dtype: torch.dtype) -> AssignConfig:
+    """Tiles for FlashAssign: fp16 tensor-core products of (BLOCK_N x BLOCK_D) x (BLOCK_D x BLOCK_K) tiles.
+
+    Shared memory holds the x tile plus `num_stages` centroid tiles in flight (prefetch depth hides L2/HBM
+    latency). The budget is first half an SM's shared memory, so that two programs share each SM: the min/argmin
+    work on one program's score tile then overlaps the other's tensor-core products (within one program they are
+    serialised, and at D=128 they cost about as much as the MMA); one program per SM if that does not fit.
+    When the centroids do not fit in L2 every row block re-reads them from HBM, so taller row blocks (fewer
+    re-reads) are preferred.
+    """
+    t = device_traits(device)
+    d_bucket = max(16, next_pow2(d))
+    if t.interpreted:
+        block_d = min(d_bucket, 64)
+        return AssignConfig(32, 16, block_d, d_bucket <= 64, min(block_d, 32), 1, 1, True)
+
+    # (dtype does not enter: the streamed operands are fp16 for every input dtype, see kernels/assign.py)
+    resident = d_bucket <= MAX_RESIDENT_D
+    block_d = d_bucket if resident else 64
+    block_n = 128
+    if k * -(-d // block_d) * block_d * 2 > t.l2_bytes // 2:
+        block_n = 256  # halves the HBM re-reads of a centroid set that cannot stay in L2
+    if t.capability[0] < 8:
+        block_n = 64
+
+    def smem(block_k: int, stages: int) -> int:
+        if resident:  # one fp16 x tile + `stages` centroid tiles in flight
+            return block_n * block_d * 2 + stages * block_k * block_d * 2
+        return stages * (block_n + block_k) * block_d * 2  # x and centroid chunks both in flight
+
+    # 128-wide centroid tiles amortise the per-tile work best (sm_90 SASS: ~8.5 instructions per score against
+    # ~10.4 at 64 wide), so they come first, with at least two stages
+    if block_n == 256 or t.capability[0] < 8:
+        good = [(64, 4), (64, 3), (64, 2)]
+    else:
+        good = [(128, 3), (128, 2), (64, 4), (64, 3), (64, 2)]
+    pick = None
+    for programs_per_sm in (2, 1):
+        avail = min(t.smem_per_block, t.smem_per_sm // programs_per_sm - 1024) - _SMEM_RESERVE
+        pick = next((c for c in good if smem(*c) <= avail), None)
+        if pick:
+            break
+    if pick is None:
+        avail = t.smem_per_block - _SMEM_RESERVE
+        pick = next((c for c in ((32, 2), (16, 2), (16, 1)) if smem(*c) <= avail), (16, 1))
+    block_k, stages = pick
+    num_warps = 8 if block_n >= 128 else 4
+    return AssignConfig(block_n, block_k, block_d, resident, 32, num_warps, stages)
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    block_n: int  # positions of the sorted order per program
+    block_d: int  # feature chunk per program (a second grid axis)
+    num_warps: int
+
+
+def update_config(device, d: int, dtype: torch.dtype) -> UpdateConfig:
+    """Tiles for the sort-inverse update: memory-bound, float64/int64 registers, so small 2-D tiles."""
+    t = device_traits(device)
+    if t.interpreted:
+        return UpdateConfig(16, 16, 1)
+    block_d = min(max(16, next_pow2(d)), 64)
+    block_n = max(16, 2048 // block_d)  # 8 elements per thread at 8 warps: ~110 registers, no spills (sm_90)
+    return UpdateConfig(block_n, block_d, 8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# launching (CPU tensors -> Triton interpreter)
+
+
+def _is_cpu(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
+
+
+def launch(kernel, grid, *args, num_warps: int = 4, num_stages: int = 2, **constexprs) -> None:
+    """kernel[grid](*args, **constexprs): compiled on CUDA tensors; on CPU tensors only under Triton's
+    interpreter, which must be chosen (TRITON_INTERPRET=1) before triton is imported, as tests/conftest.py does."""
+    if _is_cpu(args):
+        from triton.runtime.interpreter import InterpretedFunction
+        if not isinstance(kernel, InterpretedFunction):
+            raise RuntimeError("Triton kernels run on CPU tensors only under the interpreter: set "
+                               "TRITON_INTERPRET=1 before triton is imported")
+        kernel[grid](*args, **constexprs)
+    else:
+        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)

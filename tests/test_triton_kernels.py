@@ -1,0 +1,444 @@
+"""Triton kernels (FlashAssign, sort-inverse update) on CPU under the Triton interpreter.
+
+Checked against `kernels.reference` and a brute-force float64 NumPy oracle. Shapes are tiny: the interpreter
+runs every tile op in NumPy. TRITON_INTERPRET=1 is set by tests/conftest.py before anything imports triton.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from flashkm_dist.kernels import fixed_point as fp
+from flashkm_dist.kernels import reference
+from flashkm_dist.kernels.assign import fast_assign, flash_assign
+from flashkm_dist.kernels.config import assign_config, update_config
+from flashkm_dist.kernels.update import sort_inverse_update
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CONTRACT = 1e-5  # DESIGN.md numerics contract
+FLOAT64_EXACT = 1e-12  # what the kernels actually achieve (float64 re-check)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# oracle
+
+
+def oracle_distances(x, c, metric="euclidean"):
+    xn, cn = x.double().numpy(), c.double().numpy()
+    if metric == "cosine":
+        def unit(a):
+            n = np.linalg.norm(a, axis=1, keepdims=True)
+            return a / np.where(n > 0, n, 1.0)
+        return 1.0 - unit(xn) @ unit(cn).T
+    return ((xn[:, None, :] - cn[None, :, :]) ** 2).sum(-1)
+
+
+def assert_exact(x, c, labels, min_dist=None, metric="euclidean"):
+    """Labels exact per the contract (and in fact to float64 precision); min_dist = distance of the label."""
+    assert labels.dtype == torch.int64 and labels.shape == x.shape[:1]
+    d = oracle_distances(x, c, metric)
+    lab = labels.numpy()
+    assert ((lab >= 0) & (lab < c.shape[0])).all()
+    rows = np.arange(x.shape[0])
+    best = d.argmin(1)
+    gap = d[rows, lab] - d[rows, best]
+    if metric == "cosine":
+        scale = np.ones(x.shape[0])
+    else:
+        xn, cn = x.double().numpy(), c.double().numpy()
+        mu = xn.mean(0)
+        scale = ((xn - mu) ** 2).sum(1) + ((cn[best] - mu) ** 2).sum(1)
+    assert (gap <= CONTRACT * scale).all(), f"contract broken on {(gap > CONTRACT * scale).sum()} rows"
+    assert (gap <= FLOAT64_EXACT * scale).all(), f"{(gap > FLOAT64_EXACT * scale).sum()} rows not float64-exact"
+    if min_dist is not None:
+        assert min_dist.dtype == torch.float32
+        want = d[rows, lab]
+        if metric == "cosine":
+            want = np.clip(want, 0.0, 2.0)
+        np.testing.assert_allclose(min_dist.double().numpy(), want.astype(np.float32), rtol=1e-6, atol=1e-30)
+
+
+def assert_matches_reference(x, c, metric="euclidean", shift=None):
+    labels, min_dist = flash_assign(x, c, metric=metric, shift=shift)
+    ref_labels, ref_dist = reference.assign(x, c, metric=metric, shift=shift)
+    assert torch.equal(labels, ref_labels)
+    torch.testing.assert_close(min_dist, ref_dist, rtol=1e-6, atol=1e-30)
+    return labels, min_dist
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# assign
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 3, 17, 200])
+def test_assign_random_equals_reference_and_oracle(dtype, d):
+    g = gen(d)
+    x = torch.randn(150, d, generator=g).to(dtype)
+    c = torch.randn(37, d, generator=g).to(dtype)  # 37: not a multiple of the centroid tile
+    labels, min_dist = assert_matches_reference(x, c)
+    assert_exact(x, c, labels, min_dist)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("offset", [300.0, 1e4])
+def test_assign_far_from_origin(dtype, offset):
+    g = gen(int(offset))
+    x = (torch.randn(120, 17, generator=g) + offset).to(dtype)
+    c = x[torch.randperm(120, generator=g)[:24]].clone()
+    labels, min_dist = flash_assign(x, c)
+    assert_exact(x, c, labels, min_dist)
+    ref_labels, _ = reference.assign(x, c)
+    d = oracle_distances(x, c)
+    clear = np.sort(d, 1)[:, 1] - d.min(1) > 1e-9 * (1 + d.min(1))  # rows without a float64-level tie
+    assert torch.equal(labels[clear], ref_labels[clear])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_assign_near_ties_are_resolved_exactly(dtype):
+    g = gen(7)
+    d, k = 17, 32
+    c = torch.randn(k, d, generator=g)
+    c[1::2] = c[0::2] + 0.05 * torch.randn(k // 2, d, generator=g)  # close pairs
+    pair = torch.randint(0, k // 2, (160,), generator=g)
+    ci, cj = c[2 * pair], c[2 * pair + 1]
+    eps = 10.0 ** torch.empty(160).uniform_(-8, -3, generator=g)
+    ortho = 0.01 * torch.randn(160, d, generator=g)
+    x = 0.5 * (ci + cj) + ortho + eps[:, None] * (ci - cj)
+    x, c = x.to(dtype), c.to(dtype)
+    fast = fast_assign(x, c)
+    assert bool(fast.flagged.any()), "near-ties should fall under the error bound"
+    unflagged = ~fast.flagged[0]
+    best = torch.from_numpy(oracle_distances(x, c).argmin(1))
+    assert torch.equal(fast.labels[0][unflagged], best[unflagged])  # the bound is sound where it claims
+    labels, min_dist = flash_assign(x, c)
+    assert_exact(x, c, labels, min_dist)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_assign_exact_ties_go_to_lowest_index(dtype):
+    g = gen(3)
+    m = torch.randint(-8, 8, (60, 5), generator=g).float()
+    v = torch.randint(-3, 4, (60, 5), generator=g).float()
+    v[v.abs().sum(1) == 0, 0] = 1.0
+    c = torch.cat([m + v, m - v])  # centroid i and i + 60 are mirror images around m[i]
+    x = m.to(dtype)  # every row exactly equidistant from its two centroids (integers: exact in every dtype)
+    c = c.to(dtype)
+    labels, min_dist = flash_assign(x, c)
+    best = torch.from_numpy(oracle_distances(x, c).argmin(1))  # numpy: first minimum
+    assert torch.equal(labels, best)
+    assert_exact(x, c, labels, min_dist)
+    # the reference agrees once its own expansion is exact (shift 0 on integers); with the default
+    # non-integer mean shift its float64 rounding may break these exact ties either way (within the contract)
+    assert torch.equal(reference.assign(x, c, shift=torch.zeros(5))[0], best)
+
+
+def test_assign_duplicate_centroids_take_lowest_index():
+    g = gen(4)
+    x = torch.randn(100, 6, generator=g)
+    c = torch.randn(20, 6, generator=g)
+    c[[7, 13, 19]] = c[2].clone()  # three copies of centroid 2 after it
+    c[5] = c[11].clone()  # an earlier copy of a later centroid
+    labels, min_dist = flash_assign(x, c)
+    assert not bool(torch.isin(labels, torch.tensor([7, 13, 19, 11])).any())
+    assert torch.equal(labels, torch.from_numpy(oracle_distances(x, c).argmin(1)))
+    assert_exact(x, c, labels, min_dist)
+    # (reference.assign may return a later copy: its float64 matmul can round identical columns differently)
+
+
+def test_assign_resolution_paths(monkeypatch):
+    """Flagged rows go through the candidate pass; rows with more than MAX_CANDIDATES possible winners (a centroid
+    present 13 times) through reference.assign. Both keep the lowest index."""
+    from flashkm_dist.kernels import assign as assign_module
+
+    seen = {"candidates": 0, "reference": 0}
+    real_exact, real_reference = assign_module._exact_among, reference.assign
+
+    def exact_spy(x_rows, *args, **kwargs):
+        seen["candidates"] += x_rows.shape[0]
+        return real_exact(x_rows, *args, **kwargs)
+
+    def reference_spy(x, *args, **kwargs):
+        seen["reference"] += x.shape[0]
+        return real_reference(x, *args, **kwargs)
+
+    monkeypatch.setattr(assign_module, "_exact_among", exact_spy)
+    monkeypatch.setattr(reference, "assign", reference_spy)
+    g = gen(17)
+    c = torch.randn(30, 6, generator=g)
+    c[10:22] = c[3].clone()
+    c[25] = c[24] + 1e-3 * torch.randn(6, generator=g)
+    x = torch.cat([c[3] + 0.01 * torch.randn(20, 6, generator=g),
+                   0.5 * (c[24] + c[25]) + 1e-7 * torch.randn(20, 6, generator=g),
+                   torch.randn(40, 6, generator=g)])
+    labels, min_dist = flash_assign(x, c)
+    assert seen["candidates"] > 0 and seen["reference"] > 0
+    assert not bool(((labels >= 10) & (labels < 22)).any())
+    assert torch.equal(labels, torch.from_numpy(oracle_distances(x, c).argmin(1)))
+    assert_exact(x, c, labels, min_dist)
+
+
+def test_assign_k1_and_k_equals_n():
+    g = gen(5)
+    x = torch.randn(90, 9, generator=g)
+    labels, min_dist = assert_matches_reference(x, x[:1].clone())
+    assert bool((labels == 0).all())
+    x[40] = x[10]  # a duplicated row: its own centroid ties with the earlier copy
+    perm = torch.randperm(90, generator=g)
+    labels, min_dist = assert_matches_reference(x, x[perm].clone())
+    assert_exact(x, x[perm], labels, min_dist)
+    assert bool((min_dist == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_assign_batched_one_launch(dtype):
+    g = gen(6)
+    x = (torch.randn(3, 70, 12, generator=g) + torch.tensor([0.0, 300.0, -50.0])[:, None, None]).to(dtype)
+    c = torch.stack([xb[torch.randperm(70, generator=g)[:19]] for xb in x]).to(dtype)
+    labels, min_dist = flash_assign(x, c)
+    ref_labels, ref_dist = reference.assign(x, c)
+    assert labels.shape == (3, 70) and min_dist.shape == (3, 70)
+    assert torch.equal(labels, ref_labels)
+    torch.testing.assert_close(min_dist, ref_dist, rtol=1e-6, atol=1e-30)
+    for b in range(3):
+        assert_exact(x[b], c[b], labels[b], min_dist[b])
+    shift = x.double().mean(1)  # explicit (B, D) shift = the default
+    labels2, _ = flash_assign(x, c, shift=shift)
+    assert torch.equal(labels2, labels)
+
+
+def test_assign_fp16_norms_beyond_fp16_range():
+    g = gen(8)
+    x = (200.0 * torch.rand(100, 17, generator=g) + 50.0).half()  # |x|^2 ~ 3e5 > 65504
+    c = x[:30].clone()
+    assert float((x.float() ** 2).sum(1).min()) > 65504
+    labels, min_dist = assert_matches_reference(x, c)
+    assert bool(torch.isfinite(min_dist).all())
+    assert_exact(x, c, labels, min_dist)
+
+
+@pytest.mark.filterwarnings("ignore:.*encountered:RuntimeWarning")  # the interpreter's NumPy sees the fp16 overflow
+def test_assign_rows_far_outside_the_centroids():
+    """Rows whose scaled coordinates overflow fp16 in the fast pass are flagged and still exact."""
+    g = gen(9)
+    x = torch.randn(80, 8, generator=g)
+    c = torch.randn(10, 8, generator=g)
+    x[::7] *= 2e3  # still finite in fp16, but 1e5-fold beyond the centroids after scaling
+    fast = fast_assign(x.half(), c.half())
+    assert bool(fast.flagged[0, ::7].all())
+    for dtype in (torch.float32, torch.float16):
+        labels, min_dist = assert_matches_reference(x.to(dtype), c.to(dtype))
+        assert_exact(x.to(dtype), c.to(dtype), labels, min_dist)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_assign_cosine(dtype):
+    g = gen(10)
+    x = torch.randn(130, 17, generator=g)
+    x[5] = 0.0  # zero row: cosine 0 to everything -> lowest index
+    x[6] = 1e3 * x[7]  # same direction, different norm
+    c = torch.randn(23, 17, generator=g)
+    x, c = x.to(dtype), c.to(dtype)
+    labels, min_dist = assert_matches_reference(x, c, metric="cosine")
+    assert int(labels[5]) == 0 and int(labels[6]) == int(labels[7])
+    assert_exact(x, c, labels, min_dist, metric="cosine")
+
+
+def test_assign_mixed_centroid_dtype_and_noncontiguous_x():
+    g = gen(11)
+    base = torch.randn(17, 90, generator=g).half()
+    x = base.T  # non-contiguous rows
+    c = torch.randn(25, 17, generator=g)  # fp32 centroids for fp16 data: rounded in the fast pass
+    labels, min_dist = flash_assign(x, c)
+    assert_exact(x, c, labels, min_dist)
+    assert torch.equal(labels, reference.assign(x, c)[0])
+
+
+def test_assign_far_shift_and_edge_shapes():
+    g = gen(12)
+    x = torch.randn(64, 5, generator=g)
+    c = torch.randn(9, 5, generator=g)
+    labels, _ = flash_assign(x, c, shift=torch.full((5,), 1e3))  # a bad shift costs re-checks, not exactness
+    assert_exact(x, c, labels)
+    empty_labels, empty_dist = flash_assign(x[:0], c)
+    assert empty_labels.shape == (0,) and empty_dist.dtype == torch.float32
+    labels64, dist64 = flash_assign(x.double(), c.double())  # float64: the reference itself
+    assert torch.equal(labels64, reference.assign(x.double(), c.double())[0]) and dist64.dtype == torch.float64
+
+
+def test_gpu_top2_reduction_matches(monkeypatch):
+    """The GPU's one-pass top-2 reduction (a custom tl.reduce, slow in the interpreter: tiny shape here) gives
+    the same stage-1 result as the interpreter's formulation."""
+    from flashkm_dist.kernels import assign as assign_module
+
+    g = gen(18)
+    x = torch.randn(40, 6, generator=g)
+    c = torch.randn(20, 6, generator=g)
+    c[11] = c[4].clone()  # an exact tie inside the reduction
+    plain = fast_assign(x, c)
+    monkeypatch.setattr(assign_module, "_FORCE_TOP2_REDUCE", True)
+    reduced = fast_assign(x, c)
+    assert torch.equal(plain.labels, reduced.labels) and torch.equal(plain.flagged, reduced.flagged)
+    assert torch.equal(plain.threshold, reduced.threshold)
+    labels, min_dist = flash_assign(x, c)
+    assert_exact(x, c, labels, min_dist)
+
+
+def test_fast_pass_flags_few_rows_on_random_data():
+    g = gen(13)
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(256, 32, generator=g).to(dtype)
+        c = torch.randn(64, 32, generator=g).to(dtype)
+        fast = fast_assign(x, c)
+        best = torch.from_numpy(oracle_distances(x, c).argmin(1))
+        assert torch.equal(fast.labels[0][~fast.flagged[0]], best[~fast.flagged[0]])
+        assert float(fast.flagged.float().mean()) < 0.1
+
+
+def _round_toward_zero_f32(v):
+    f = v.astype(np.float32)
+    return np.where(np.abs(f.astype(np.float64)) > np.abs(v), np.nextafter(f, np.float32(0)), f).astype(np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["randn", "offset", "aligned"])
+def test_error_bound_covers_a_truncating_accumulator(dtype, case):
+    """The interpreter's matmul is more accurate than tensor cores, so the bound's derivation is checked here:
+    the row pass's operands, accumulated one product at a time in fp32 rounding toward zero (worse than
+    hardware), stay within the row's stored E of the exact score for every (row, centroid)."""
+    from flashkm_dist.kernels import assign as assign_module
+
+    g = gen(21)
+    d = 40
+    if case == "randn":
+        x, c = torch.randn(120, d, generator=g), torch.randn(30, d, generator=g)
+    elif case == "offset":
+        x = torch.randn(120, d, generator=g) + 300
+        c = x[:30].clone()
+    else:  # all-positive: sum |a_i b_i| = |a||b|, rows far outside the centroids
+        x, c = torch.rand(120, d, generator=g) * 10, torch.rand(30, d, generator=g)
+    x, c = x.to(dtype), c.to(dtype)
+    p = assign_module._prepare(x[None], c[None], "euclidean", None)
+    assign_module._prepare_rows(p)  # the row pass: fp16 operands, aa and E as the kernel stores them
+    sigma = p.sigma[0].double().numpy()
+    alpha = float(p.stats[0, 0])
+    ah = p.a_fast[0, :120, :d].double().numpy()
+    aa, bound = p.rowstat[0, :120, 0].double().numpy(), p.rowstat[0, :120, 1].double().numpy()
+    cf = p.c_fast[0, :30, :d].double().numpy()  # -2 bh
+    cc = p.cc[0, :30].double().numpy()
+    a_exact, b_exact = alpha * (x.double().numpy() - sigma), alpha * (c.double().numpy() - sigma)
+    score = (b_exact ** 2).sum(1)[None, :] - 2.0 * a_exact @ b_exact.T
+    acc = (aa[:, None] + cc[None, :]).astype(np.float32).astype(np.float64)
+    for i in range(d):
+        acc = _round_toward_zero_f32(acc + ah[:, i:i + 1] * cf[None, :, i])
+    assert (np.abs(acc - aa[:, None] - score) <= bound[:, None]).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# update
+
+
+def assert_same_partials(a, b):
+    assert a.scale == b.scale
+    assert torch.equal(a.sums, b.sums), "sums differ"
+    assert torch.equal(a.weights, b.weights), "weights differ"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [1, 3, 17, 200])
+def test_update_bitwise_equals_reference(dtype, d):
+    g = gen(100 + d)
+    x = (torch.randn(140, d, generator=g) * 5).to(dtype)
+    labels = torch.randint(0, 11, (140,), generator=g)
+    weights = torch.rand(140, generator=g) * 3
+    assert_same_partials(sort_inverse_update(x, labels, 13), reference.partial_sums(x, labels, 13))
+    assert_same_partials(sort_inverse_update(x, labels, 13, weights=weights),
+                         reference.partial_sums(x, labels, 13, weights))
+    if d <= 17:
+        assert_same_partials(sort_inverse_update(x, labels, 13, weights),  # positional, like the reference
+                             reference.partial_sums(x, labels, 13, weights))
+
+
+def test_update_round_half_even_ties_and_signs():
+    scale = fp.FixedPointScale(sum_exp=1, weight_exp=2, dist_exp=0)
+    vals = torch.tensor([0.25, 0.75, 1.25, -0.25, -0.75, -1.25, 2.75, -3.25, 0.0, -0.0, 1e6 + 0.25, 3.0])
+    x = vals.reshape(-1, 1).repeat(1, 3)
+    x[:, 1] *= -1
+    labels = torch.tensor([0, 1, 0, 1, 2, 2, 0, 3, 3, 1, 0, 2])
+    weights = torch.tensor([0.125, 0.375, 1.0, 2.0, 0.625, 1.5, 1.0, 0.875, 1.0, 1.0, 1.0, 0.5])
+    for w in (None, weights):
+        assert_same_partials(sort_inverse_update(x, labels, 4, weights=w, scale=scale),
+                             reference.partial_sums(x, labels, 4, w, scale=scale))
+
+
+def test_update_order_free_across_permutations_and_chunks():
+    g = gen(14)
+    x = (torch.randn(300, 7, generator=g) * 40).half()
+    labels = torch.randint(0, 9, (300,), generator=g)
+    weights = torch.rand(300, generator=g)
+    scale = fp.FixedPointScale.from_bounds(float(reference.weighted_rows(x, weights).abs().max()) * 4, 2.0, 0.0)
+    whole = sort_inverse_update(x, labels, 12, weights=weights, scale=scale)
+    assert_same_partials(whole, reference.partial_sums(x, labels, 12, weights, scale=scale))
+    for trial in range(2):
+        perm = torch.randperm(300, generator=g)
+        assert_same_partials(sort_inverse_update(x[perm], labels[perm], 12, weights=weights[perm], scale=scale),
+                             whole)
+        cuts = sorted(torch.randint(1, 300, (3,), generator=g).tolist())
+        total = None
+        for lo, hi in zip([0] + cuts, cuts + [300]):
+            part = sort_inverse_update(x[perm[lo:hi]], labels[perm[lo:hi]], 12, weights=weights[perm[lo:hi]],
+                                       scale=scale)
+            total = part if total is None else total + part
+        assert_same_partials(total, whole)
+
+
+def test_update_empty_clusters_and_one_big_cluster():
+    g = gen(15)
+    x = torch.randn(250, 5, generator=g)
+    one = torch.full((250,), 3)
+    p = sort_inverse_update(x, one, 8)  # a single run across every program boundary
+    assert_same_partials(p, reference.partial_sums(x, one, 8))
+    assert bool((p.weights[:, [0, 1, 2, 4, 5, 6, 7]] == 0).all())
+    sparse = torch.randint(0, 3, (250,), generator=g) * 3  # clusters 1, 2, 4, 5, ... stay empty
+    assert_same_partials(sort_inverse_update(x, sparse, 9), reference.partial_sums(x, sparse, 9))
+    assert_same_partials(sort_inverse_update(x[:0], sparse[:0], 9), reference.partial_sums(x[:0], sparse[:0], 9))
+
+
+def test_update_batched():
+    g = gen(16)
+    x = torch.randn(3, 60, 6, generator=g).half()
+    labels = torch.randint(0, 5, (3, 60), generator=g)
+    weights = torch.rand(3, 60, generator=g)
+    p = sort_inverse_update(x, labels, 5, weights=weights)
+    assert p.sums.shape == (2, 3, 5, 6) and p.weights.shape == (2, 3, 5)
+    for b in range(3):
+        r = reference.partial_sums(x[b], labels[b], 5, weights[b], scale=p.scale)
+        assert torch.equal(p.sums[:, b], r.sums) and torch.equal(p.weights[:, b], r.weights)
+
+
+def test_update_errors_like_reference():
+    x = torch.randn(20, 3) * 100
+    labels = torch.randint(0, 4, (20,))
+    tight = fp.FixedPointScale(sum_exp=50, weight_exp=0, dist_exp=0)
+    with pytest.raises(OverflowError):
+        reference.partial_sums(x, labels, 4, scale=tight)
+    with pytest.raises(OverflowError):
+        sort_inverse_update(x, labels, 4, scale=tight)
+    with pytest.raises(IndexError):
+        sort_inverse_update(x, labels + 4, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config and launching
+
+
+def test_configs_are_small_on_cpu_and_bucket_d():
+    cfg = assign_config("cpu", 37, 200, torch.float16)
+    assert not cfg.resident and cfg.padded_d(200) == 256 and cfg.padded_k(37) == 48
+    assert assign_config("cpu", 5, 17, torch.float32).block_d == 32
+    assert assign_config("cpu", 5000, 17, torch.float32) == assign_config("cpu", 7, 20, torch.float32)
+    assert update_config("cpu", 3, torch.float32).block_d >= 16
