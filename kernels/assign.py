@@ -44,7 +44,7 @@ MAX_CANDIDATES = 8  # a flagged row with more possible winners than this goes to
 _FAR = 1.0e38  # score of padded centroid columns: finite, so margins stay finite (K = 1 works)
 _ALPHA_TARGET_EXP = 10  # alpha * max|c - s| lands in [2**9, 2**10): rows up to 64x farther still fit fp16
 _COSINE_ALPHA = 2.0 ** 12  # unit rows: coordinates <= 1 -> <= 4096
-_EXACT_CHUNK = 4096  # flagged rows per float64 candidate check
+_EXACT_ELEMENTS = 1 << 25  # float64 elements (rows x candidates x D) per exact candidate check: 256 MiB
 _FORCE_TOP2_REDUCE = False  # tests: run the GPU's one-pass top-2 reduction in the interpreter too
 
 
@@ -430,10 +430,11 @@ def _exact_among(x_rows: torch.Tensor, cands: torch.Tensor, counts: torch.Tensor
                  cosine: bool):
     """float64 argmin over each row's candidate list (ascending indices: ties -> lowest index)."""
     labels, dists = [], []
-    for r0 in range(0, x_rows.shape[0], _EXACT_CHUNK):
-        xr = x_rows[r0:r0 + _EXACT_CHUNK].to(torch.float64)
-        cr = cands[r0:r0 + _EXACT_CHUNK].long()
-        valid = torch.arange(cr.shape[1], device=cr.device)[None, :] < counts[r0:r0 + _EXACT_CHUNK, None]
+    chunk = max(1024, _EXACT_ELEMENTS // max(1, cands.shape[1] * x_rows.shape[1]))
+    for r0 in range(0, x_rows.shape[0], chunk):
+        xr = x_rows[r0:r0 + chunk].to(torch.float64)
+        cr = cands[r0:r0 + chunk].long()
+        valid = torch.arange(cr.shape[1], device=cr.device)[None, :] < counts[r0:r0 + chunk, None]
         cvec = centroids[cr.clamp_min(0)]  # (R, M, D) float64 (unit rows for cosine)
         if cosine:
             score = -(reference.unit_rows(xr)[:, None, :] * cvec).sum(dim=2)
