@@ -96,10 +96,38 @@ def sweep(x, c, nm):
     return {"derived": dataclasses.asdict(base), "best": ok[:6], "all": results}
 
 
+def update_sweep():
+    """Sort-inverse update time against the number of programs and the tile height."""
+    from flashkm_dist.kernels import update as U
+    out = []
+    for n, k in ((1 << 20, 8192), (1 << 23, 1024)):
+        x = blobs(n, 128, 1024, torch.float16)
+        labels = torch.randint(0, k, (n,), device=DEV)
+        nm = numerics_for(x, None, metric="euclidean")
+        base = C.update_config(DEV, 128, x.dtype)
+        sms = C.device_traits(DEV).sm_count
+        for per_sm, block_n in itertools.product((4, 16, 64), (16, 32, 64)):
+            cfg = dataclasses.replace(base, programs=per_sm * sms, block_n=block_n)
+            U.update_config = lambda *a, _cfg=cfg, **kw: _cfg
+            ms = cuda_ms(lambda: sort_inverse_update(x, labels, k, scale=nm.scale), 1, 3)
+            out.append({"n": n, "k": k, "programs_per_sm": per_sm, "block_n": block_n, "ms": ms})
+        U.update_config = C.update_config
+        out.append({"n": n, "k": k, "derived": dataclasses.asdict(base),
+                    "ms": cuda_ms(lambda: sort_inverse_update(x, labels, k, scale=nm.scale), 1, 3)})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--update-sweep", action="store_true", help="only sweep the update kernel's launch")
     args = ap.parse_args()
+    if args.update_sweep:
+        res = update_sweep()
+        print(json.dumps(res, indent=0))
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        return
     result = {}
     for name, shape in [("1M_8192_fp16", (1 << 20, 8192, 128, torch.float16)),
                         ("8M_1024_fp16", (1 << 23, 1024, 128, torch.float16)),

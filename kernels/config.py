@@ -148,7 +148,7 @@ def update_config(device, d: int, dtype: torch.dtype) -> UpdateConfig:
         return UpdateConfig(16, 16, 1, 4)
     block_d = min(max(16, next_pow2(d)), 64)
     block_n = max(16, 2048 // block_d)  # 8 elements per thread at 8 warps: ~110 registers, no spills (sm_90)
-    return UpdateConfig(block_n, block_d, 8, 4 * t.sm_count)
+    return UpdateConfig(block_n, block_d, 8, 16 * t.sm_count)
 
 
 # ----------------------------------------------------------------------------------------------------------------

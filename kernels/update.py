@@ -89,10 +89,10 @@ def _segment_sums_kernel(
         nxt = lab_next[:, None] * D + offs_d[None, :]
         end_mask = run_end[:, None] & d_mask[None, :]
         over_mask = hands_over[:, None] & d_mask[None, :]
-        tl.atomic_add(sums_ptr + own, prefix_hi, mask=end_mask)
-        tl.atomic_add(sums_ptr + kd + own, prefix_lo, mask=end_mask)
-        tl.atomic_add(sums_ptr + nxt, -prefix_hi, mask=over_mask)
-        tl.atomic_add(sums_ptr + kd + nxt, -prefix_lo, mask=over_mask)
+        tl.atomic_add(sums_ptr + own, prefix_hi, mask=end_mask, sem="relaxed")
+        tl.atomic_add(sums_ptr + kd + own, prefix_lo, mask=end_mask, sem="relaxed")
+        tl.atomic_add(sums_ptr + nxt, -prefix_hi, mask=over_mask, sem="relaxed")
+        tl.atomic_add(sums_ptr + kd + nxt, -prefix_lo, mask=over_mask, sem="relaxed")
         carry_hi += tl.sum(q_hi, 0)
         carry_lo += tl.sum(q_lo, 0)
 
@@ -104,10 +104,10 @@ def _segment_sums_kernel(
             qw_lo = qwi & LIMB_MASK
             pw_hi = wcarry_hi + tl.cumsum(qw_hi, 0)
             pw_lo = wcarry_lo + tl.cumsum(qw_lo, 0)
-            tl.atomic_add(counts_ptr + lab, pw_hi, mask=run_end)
-            tl.atomic_add(counts_ptr + n_clusters + lab, pw_lo, mask=run_end)
-            tl.atomic_add(counts_ptr + lab_next, -pw_hi, mask=hands_over)
-            tl.atomic_add(counts_ptr + n_clusters + lab_next, -pw_lo, mask=hands_over)
+            tl.atomic_add(counts_ptr + lab, pw_hi, mask=run_end, sem="relaxed")
+            tl.atomic_add(counts_ptr + n_clusters + lab, pw_lo, mask=run_end, sem="relaxed")
+            tl.atomic_add(counts_ptr + lab_next, -pw_hi, mask=hands_over, sem="relaxed")
+            tl.atomic_add(counts_ptr + n_clusters + lab_next, -pw_lo, mask=hands_over, sem="relaxed")
             wcarry_hi += tl.sum(qw_hi, 0)
             wcarry_lo += tl.sum(qw_lo, 0)
     tl.store(overflow_ptr + pid_n * tl.num_programs(1) + pid_d, bad)
