@@ -1,12 +1,11 @@
 """Sort-inverse update: exact per-centroid sums of rows and weights, bitwise equal to `reference.partial_sums`.
 
 Why sort: scattering every point into its centroid (atomics per point) serialises on popular centroids and, with
-floats, is order-dependent. After argsort(labels) the points of one cluster form a contiguous run; each program
-walks a long contiguous range of the sorted order, quantises its rows to the fit's fixed-point grid exactly as the
-reference does (float64 x * float64 w, times 2**exp, round half to even, two 26-bit limbs), prefix-sums the limbs
-on chip in int64 (carried from tile to tile), and writes only at run ends: + prefix at the run's own label, - prefix at the next run's label
-(a telescoping sum, exact in integers). Runs crossing program boundaries meet through int64 atomics, which are
-order-free, so the result does not depend on scheduling, chunking or the sort's tie order.
+floats, is order-dependent. After argsort(labels) the points of one cluster form a contiguous run. The runs are cut
+into chunks; each program reduces one chunk on chip, quantising its rows to the fit's fixed-point grid exactly as the
+reference does (float64 x * float64 w, times 2**exp, round half to even, two 26-bit limbs), and touches global
+memory once: an int64 atomic add per limb and feature at the chunk's end. Integer addition is order-free, so the
+result does not depend on scheduling, chunking or the sort's tie order.
 """
 from __future__ import annotations
 
@@ -32,43 +31,45 @@ def _round_half_even(v):
     return tl.where(up, f + 1.0, f)
 
 
-@triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
-def _segment_sums_kernel(
-    x_ptr, stride_xn, stride_xd, w_ptr, perm_ptr, sorted_ptr, scales_ptr,
+@triton.jit
+def _limbs(v, scale):
+    """Fixed-point limbs of v * scale as exact float64 integers: q = round-half-even(v * scale), hi = floor(q / 2**26),
+    lo = q - hi * 2**26 in [0, 2**26) (the int64 split q >> 26, q & (2**26 - 1), without integer work)."""
+    q = _round_half_even(v * scale)
+    hi = tl.floor(q * 1.4901161193847656e-08)  # 2**-26, exact
+    return q, hi, q - hi * 67108864.0
+
+
+@triton.jit
+def _cluster_sums_kernel(
+    x_ptr, stride_xn, stride_xd, w_ptr, perm_ptr, chunk_label_ptr, chunk_start_ptr, chunk_stop_ptr, scales_ptr,
     sums_ptr, counts_ptr, overflow_ptr,
-    n_rows, rows_per_program, D, n_clusters,
+    D, n_clusters,
     HAS_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program walks a long contiguous range of the sorted order in BLOCK_N-row tiles, carrying its running
-    prefix of limbs from tile to tile, so that global memory is touched only where a run of equal labels ends
-    (a few times per program) instead of at every tile."""
-    LIMB_BITS: tl.constexpr = 26
-    LIMB_MASK: tl.constexpr = (1 << 26) - 1
+    """One program reduces one chunk (at most 2**26 rows) of one cluster's run in the sorted order and touches
+    global memory once, at the end. Limb sums are kept as float64 integers: each limb is below 2**26 in magnitude,
+    so up to 2**26 of them add exactly in any order (< 2**52), and integer work is left to the one flush."""
     LIMIT: tl.constexpr = 4503599627370496.0  # 2**52
-    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
-    start = pid_n * rows_per_program
-    stop = tl.minimum(start + rows_per_program, n_rows)
+    lab = tl.load(chunk_label_ptr + pid_c).to(tl.int64)
+    start = tl.load(chunk_start_ptr + pid_c)
+    stop = tl.load(chunk_stop_ptr + pid_c)
     idx = tl.arange(0, BLOCK_N)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    kd = n_clusters * D
     sum_scale = tl.load(scales_ptr)
-    carry_hi = tl.zeros([BLOCK_D], dtype=tl.int64)
-    carry_lo = tl.zeros([BLOCK_D], dtype=tl.int64)
-    wcarry_hi = tl.sum(tl.zeros([BLOCK_N], dtype=tl.int64), 0)
-    wcarry_lo = tl.sum(tl.zeros([BLOCK_N], dtype=tl.int64), 0)
-    bad = tl.sum(tl.zeros([BLOCK_N], dtype=tl.int32), 0)
+    weight_scale = tl.load(scales_ptr + 1)
+    acc_hi = tl.zeros([BLOCK_D], dtype=tl.float64)
+    acc_lo = tl.zeros([BLOCK_D], dtype=tl.float64)
+    w_hi = tl.zeros([BLOCK_N], dtype=tl.float64)
+    w_lo = tl.zeros([BLOCK_N], dtype=tl.float64)
+    worst = tl.zeros([BLOCK_D], dtype=tl.float64)
     for t0 in range(start, stop, BLOCK_N):
         pos = t0 + idx
         valid = pos < stop
-        lab = tl.load(sorted_ptr + pos, mask=valid, other=-1).to(tl.int64)
-        lab_next = tl.load(sorted_ptr + pos + 1, mask=(pos + 1) < n_rows, other=-1).to(tl.int64)
         row = tl.load(perm_ptr + pos, mask=valid, other=0).to(tl.int64)
-        range_last = pos == stop - 1
-        run_end = valid & ((lab_next != lab) | range_last)
-        hands_over = run_end & ~range_last  # the next run starts in this range: it must not see our prefix
-
         if HAS_WEIGHTS:
             w = tl.load(w_ptr + row, mask=valid, other=0.0).to(tl.float64)
         else:
@@ -78,39 +79,34 @@ def _segment_sums_kernel(
                      other=0.0).to(tl.float64)
         if HAS_WEIGHTS:
             xv = xv * w[:, None]  # reference.weighted_rows: one IEEE product
-        qf = _round_half_even(xv * sum_scale)
-        bad = tl.maximum(bad, tl.max(tl.max(tl.where(tl.abs(qf) < LIMIT, 0, 1), 1), 0))
-        q = tl.where(m, qf, 0.0).to(tl.int64)
-        q_hi = q >> LIMB_BITS
-        q_lo = q & LIMB_MASK
-        prefix_hi = carry_hi[None, :] + tl.cumsum(q_hi, 0)
-        prefix_lo = carry_lo[None, :] + tl.cumsum(q_lo, 0)
-        own = lab[:, None] * D + offs_d[None, :]
-        nxt = lab_next[:, None] * D + offs_d[None, :]
-        end_mask = run_end[:, None] & d_mask[None, :]
-        over_mask = hands_over[:, None] & d_mask[None, :]
-        tl.atomic_add(sums_ptr + own, prefix_hi, mask=end_mask, sem="relaxed")
-        tl.atomic_add(sums_ptr + kd + own, prefix_lo, mask=end_mask, sem="relaxed")
-        tl.atomic_add(sums_ptr + nxt, -prefix_hi, mask=over_mask, sem="relaxed")
-        tl.atomic_add(sums_ptr + kd + nxt, -prefix_lo, mask=over_mask, sem="relaxed")
-        carry_hi += tl.sum(q_hi, 0)
-        carry_lo += tl.sum(q_lo, 0)
-
+        q, hi, lo = _limbs(xv, sum_scale)
+        worst = tl.maximum(worst, tl.max(tl.abs(q), 0))
+        acc_hi += tl.sum(hi, 0)
+        acc_lo += tl.sum(lo, 0)
         if pid_d == 0:  # the weights, once per row
-            qw = _round_half_even(w * tl.load(scales_ptr + 1))
-            bad = tl.maximum(bad, tl.max(tl.where(tl.abs(qw) < LIMIT, 0, 1), 0))
-            qwi = tl.where(valid, qw, 0.0).to(tl.int64)
-            qw_hi = qwi >> LIMB_BITS
-            qw_lo = qwi & LIMB_MASK
-            pw_hi = wcarry_hi + tl.cumsum(qw_hi, 0)
-            pw_lo = wcarry_lo + tl.cumsum(qw_lo, 0)
-            tl.atomic_add(counts_ptr + lab, pw_hi, mask=run_end, sem="relaxed")
-            tl.atomic_add(counts_ptr + n_clusters + lab, pw_lo, mask=run_end, sem="relaxed")
-            tl.atomic_add(counts_ptr + lab_next, -pw_hi, mask=hands_over, sem="relaxed")
-            tl.atomic_add(counts_ptr + n_clusters + lab_next, -pw_lo, mask=hands_over, sem="relaxed")
-            wcarry_hi += tl.sum(qw_hi, 0)
-            wcarry_lo += tl.sum(qw_lo, 0)
-    tl.store(overflow_ptr + pid_n * tl.num_programs(1) + pid_d, bad)
+            qw, whi, wlo = _limbs(w, weight_scale)
+            worst = tl.maximum(worst, tl.max(tl.abs(qw), 0))
+            w_hi += whi
+            w_lo += wlo
+    tl.atomic_add(sums_ptr + lab * D + offs_d, acc_hi.to(tl.int64), mask=d_mask, sem="relaxed")
+    tl.atomic_add(sums_ptr + n_clusters * D + lab * D + offs_d, acc_lo.to(tl.int64), mask=d_mask, sem="relaxed")
+    if pid_d == 0:
+        tl.atomic_add(counts_ptr + lab, tl.sum(w_hi, 0).to(tl.int64), sem="relaxed")
+        tl.atomic_add(counts_ptr + n_clusters + lab, tl.sum(w_lo, 0).to(tl.int64), sem="relaxed")
+    tl.store(overflow_ptr + pid_c * tl.num_programs(1) + pid_d, tl.max(tl.where(worst < LIMIT, 0, 1), 0))
+
+
+def _chunks(sorted_labels: torch.Tensor, total: int, rows: int):
+    """(label, start, stop) of every chunk: each cluster's run in the sorted order, cut into pieces of <= rows."""
+    counts = torch.bincount(sorted_labels, minlength=total)
+    offsets = torch.cumsum(counts, 0) - counts
+    per = (counts + rows - 1) // rows
+    n_chunks = int(per.sum())
+    label = torch.repeat_interleave(torch.arange(total, device=counts.device), per, output_size=n_chunks)
+    first = torch.cumsum(per, 0) - per
+    start = offsets[label] + (torch.arange(n_chunks, device=counts.device) - first[label]) * rows
+    stop = torch.minimum(start + rows, offsets[label] + counts[label])
+    return label, start, stop
 
 
 def _scale_for(x2: torch.Tensor, weights) -> fp.FixedPointScale:
@@ -163,16 +159,17 @@ def sort_inverse_update(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, 
             raise IndexError(f"labels must lie in [0, {n_clusters}), got range [{lo_hi[0]}, {lo_hi[1]}]")
         cfg = update_config(x.device, d, x.dtype)
         d_blocks = triton.cdiv(d, cfg.block_d)
-        # enough long programs to fill the device a few times over; each touches memory per run end only
-        rows_per_program = triton.cdiv(triton.cdiv(n, max(1, cfg.programs // d_blocks)), cfg.block_n) * cfg.block_n
-        grid = (triton.cdiv(n, rows_per_program), d_blocks)
+        # chunks long enough to amortise their one flush, short enough to give every SM several programs
+        rows = min(1 << 26, max(cfg.block_n, triton.cdiv(n * d_blocks, cfg.programs)))
+        label, start, stop = _chunks(sorted_labels, total, rows)
+        grid = (label.shape[0], d_blocks)
         overflow = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
         scales = torch.tensor([2.0 ** scale.sum_exp, 2.0 ** scale.weight_exp], dtype=torch.float64,
                               device=x.device)
         w_arg = weights if weights is not None else scales  # unused pointer when HAS_WEIGHTS is False
-        launch(_segment_sums_kernel, grid,
-               x2, x2.stride(0), x2.stride(1), w_arg, perm, sorted_labels, scales,
-               sums, counts, overflow, n, rows_per_program, d, total,
+        launch(_cluster_sums_kernel, grid,
+               x2, x2.stride(0), x2.stride(1), w_arg, perm, label, start, stop, scales,
+               sums, counts, overflow, d, total,
                HAS_WEIGHTS=weights is not None, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                num_warps=cfg.num_warps)
         if bool(overflow.any()):
