@@ -377,17 +377,23 @@ def _run_kernel(p: _Prepared, a_fast, rowstat, n: int, *, collect: bool, labels,
     b, n_pad, d_pad = a_fast.shape
     cfg = p.cfg
     x = p.x
-    launch(_assign_kernel, (n_pad // cfg.block_n, b),
+    block_n = _collect_block_n(cfg) if collect else cfg.block_n
+    launch(_assign_kernel, (n_pad // block_n, b),
            x, x.stride(0), x.stride(1), x.stride(2), a_fast, rowstat,
            p.c_fast, p.cc, p.c_dist, p.c_dist.stride(0), p.c_dist.stride(1), p.c_dist.stride(2),
            labels, dist, flag, thr, cand, count,
            n, n_pad, x.shape[2], p.c_fast.shape[1], d_pad,
            COSINE=p.cosine, COLLECT=collect, MAX_CAND=MAX_CANDIDATES,
            # (collect: narrow centroid tiles, its per-tile scan needs shared memory; padding stays a multiple)
-           BLOCK_N=cfg.block_n, BLOCK_K=min(cfg.block_k, 32) if collect else cfg.block_k, BLOCK_D=cfg.block_d,
+           BLOCK_N=block_n, BLOCK_K=min(cfg.block_k, 32) if collect else cfg.block_k, BLOCK_D=cfg.block_d,
            RESIDENT=cfg.resident, EPI_D=cfg.epilogue_d, LOP3=not cfg.interpreted,
            TOP2_REDUCE=not cfg.interpreted or _FORCE_TOP2_REDUCE,
-           num_warps=cfg.num_warps, num_stages=2 if collect else cfg.num_stages)
+           num_warps=4 if collect else cfg.num_warps, num_stages=2 if collect else cfg.num_stages)
+
+
+def _collect_block_n(cfg: AssignConfig) -> int:
+    """Short row tiles for the collect pass: it sees only the few flagged rows, and more programs fill the GPU."""
+    return min(cfg.block_n, 64)
 
 
 def _fast_pass(p: _Prepared) -> FastAssignment:
@@ -460,7 +466,7 @@ def _resolve(p: _Prepared, fast: FastAssignment) -> None:
     starts = torch.cumsum(per_batch, 0) - per_batch
     pos = torch.arange(idx.shape[0], device=dev) - starts[bi]
     f_max = int(per_batch.max())
-    f_pad = triton.cdiv(f_max, p.cfg.block_n) * p.cfg.block_n
+    f_pad = triton.cdiv(f_max, _collect_block_n(p.cfg)) * _collect_block_n(p.cfg)
     # the flagged rows' prepared operands and aa, bit for bit those of stage 1 (the threshold relies on it)
     af = torch.zeros((bsz, f_pad, p.a_fast.shape[2]), dtype=torch.float16, device=dev)
     af[bi, pos] = p.a_fast[bi, ni]

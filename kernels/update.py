@@ -17,7 +17,7 @@ from . import fixed_point as fp
 from . import reference
 from .config import launch, update_config
 
-_LIMIT = float(2 ** fp.VALUE_BITS)
+_FP32_EXACT = (torch.float16, torch.bfloat16, torch.float32)  # input an fp32 product by 2**exp keeps exact
 
 
 @triton.jit
@@ -41,11 +41,24 @@ def _limbs(v, scale):
 
 
 @triton.jit
+def _limbs_fp32(v, scale):
+    """The same integer q as `_limbs` for unweighted fp16/bf16/fp32 input, in fp32 arithmetic (much cheaper than
+    float64 on GPUs): v * scale is a power-of-two scaling, exact; q = round(v * scale) keeps at most 24 significant
+    bits. The split is by truncation, hi = trunc(q / 2**26) and lo = q - hi * 2**26 = sign(q) (|q| mod 2**26):
+    lo spans the bits of q below 2**26 (at most 24 of them), so it is exact in fp32. The limbs differ from the
+    int64 split for negative q but sum to the same integer, which is all `normalize` and the totals depend on."""
+    q = _round_half_even(v * scale)
+    t = q * 1.4901161193847656e-08  # 2**-26, exact
+    hi = tl.where(t >= 0.0, tl.floor(t), -tl.floor(-t))
+    return q, hi, q - hi * 67108864.0
+
+
+@triton.jit
 def _cluster_sums_kernel(
     x_ptr, stride_xn, stride_xd, w_ptr, perm_ptr, chunk_label_ptr, chunk_start_ptr, chunk_stop_ptr, scales_ptr,
     sums_ptr, counts_ptr, overflow_ptr,
     D, n_clusters,
-    HAS_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr, FP32_LIMBS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program reduces one chunk (at most 2**26 rows) of one cluster's run in the sorted order and touches
     global memory once, at the end. Limb sums are kept as float64 integers: each limb is below 2**26 in magnitude,
@@ -76,13 +89,20 @@ def _cluster_sums_kernel(
             w = tl.where(valid, 1.0, 0.0).to(tl.float64)
         m = valid[:, None] & d_mask[None, :]
         xv = tl.load(x_ptr + row[:, None] * stride_xn + offs_d[None, :].to(tl.int64) * stride_xd, mask=m,
-                     other=0.0).to(tl.float64)
-        if HAS_WEIGHTS:
-            xv = xv * w[:, None]  # reference.weighted_rows: one IEEE product
-        q, hi, lo = _limbs(xv, sum_scale)
-        worst = tl.maximum(worst, tl.max(tl.abs(q), 0))
-        acc_hi += tl.sum(hi, 0)
-        acc_lo += tl.sum(lo, 0)
+                     other=0.0)
+        if FP32_LIMBS:
+            q, hi, lo = _limbs_fp32(xv.to(tl.float32), sum_scale.to(tl.float32))
+            worst = tl.maximum(worst, tl.max(tl.abs(q), 0).to(tl.float64))
+            acc_hi += tl.sum(hi.to(tl.float64), 0)
+            acc_lo += tl.sum(lo.to(tl.float64), 0)
+        else:
+            xv = xv.to(tl.float64)
+            if HAS_WEIGHTS:
+                xv = xv * w[:, None]  # reference.weighted_rows: one IEEE product
+            q, hi, lo = _limbs(xv, sum_scale)
+            worst = tl.maximum(worst, tl.max(tl.abs(q), 0))
+            acc_hi += tl.sum(hi, 0)
+            acc_lo += tl.sum(lo, 0)
         if pid_d == 0:  # the weights, once per row
             qw, whi, wlo = _limbs(w, weight_scale)
             worst = tl.maximum(worst, tl.max(tl.abs(qw), 0))
@@ -171,6 +191,7 @@ def sort_inverse_update(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, 
                x2, x2.stride(0), x2.stride(1), w_arg, perm, label, start, stop, scales,
                sums, counts, overflow, d, total,
                HAS_WEIGHTS=weights is not None, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+               FP32_LIMBS=weights is None and x.dtype in _FP32_EXACT and -126 <= scale.sum_exp <= 126,
                num_warps=cfg.num_warps)
         if bool(overflow.any()):
             raise OverflowError(

@@ -375,6 +375,19 @@ def test_update_round_half_even_ties_and_signs():
                              reference.partial_sums(x, labels, 4, w, scale=scale))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_update_fp32_limbs_match_the_int64_split_at_full_range(dtype):
+    # unweighted fp16/bf16/fp32 input takes the fp32 limb path: q up to 2**51, both signs, tiny and huge values
+    g = gen(31)
+    x = (torch.randn(200, 5, generator=g) * torch.logspace(-6, 3, 200)[:, None]).to(dtype)
+    x[0, 0] = -float(x.abs().max()) * 0.999
+    labels = torch.randint(0, 3, (200,), generator=g)
+    scale = fp.FixedPointScale.from_bounds(float(x.abs().max()), 1.0, 1.0)
+    assert scale.sum_exp > 26
+    assert_same_partials(sort_inverse_update(x, labels, 3, scale=scale),
+                         reference.partial_sums(x, labels, 3, scale=scale))
+
+
 def test_update_order_free_across_permutations_and_chunks():
     g = gen(14)
     x = (torch.randn(300, 7, generator=g) * 40).half()
