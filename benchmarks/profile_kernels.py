@@ -105,12 +105,16 @@ def update_sweep():
         labels = torch.randint(0, k, (n,), device=DEV)
         nm = numerics_for(x, None, metric="euclidean")
         base = C.update_config(DEV, 128, x.dtype)
-        sms = C.device_traits(DEV).sm_count
-        for per_sm, block_n in itertools.product((4, 16, 64), (16, 32, 64)):
-            cfg = dataclasses.replace(base, programs=per_sm * sms, block_n=block_n)
+        for tiles, block_n, block_d, warps in itertools.product((1, 4, 16), (64, 128, 256), (64, 128), (4, 8)):
+            cfg = dataclasses.replace(base, tiles_per_chunk=tiles, block_n=block_n, block_d=block_d,
+                                      num_warps=warps)
             U.update_config = lambda *a, _cfg=cfg, **kw: _cfg
-            ms = cuda_ms(lambda: sort_inverse_update(x, labels, k, scale=nm.scale), 1, 3)
-            out.append({"n": n, "k": k, "programs_per_sm": per_sm, "block_n": block_n, "ms": ms})
+            try:
+                ms = cuda_ms(lambda: sort_inverse_update(x, labels, k, scale=nm.scale), 1, 3)
+            except Exception as err:
+                ms = repr(err)[:100]
+            out.append({"n": n, "k": k, "tiles": tiles, "block_n": block_n, "block_d": block_d, "warps": warps,
+                        "ms": ms})
         U.update_config = C.update_config
         out.append({"n": n, "k": k, "derived": dataclasses.asdict(base),
                     "ms": cuda_ms(lambda: sort_inverse_update(x, labels, k, scale=nm.scale), 1, 3)})
@@ -124,7 +128,8 @@ def main():
     args = ap.parse_args()
     if args.update_sweep:
         res = update_sweep()
-        print(json.dumps(res, indent=0))
+        for r in res:
+            print(json.dumps(r))
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
         return

@@ -138,17 +138,17 @@ class UpdateConfig:
     block_n: int  # positions of the sorted order per tile (a program walks many tiles)
     block_d: int  # feature chunk per program (a second grid axis)
     num_warps: int
-    programs: int  # programs to launch in all (rows are split evenly among them)
+    tiles_per_chunk: int  # a program reduces at most this many tiles of one cluster's run, then flushes once
 
 
 def update_config(device, d: int, dtype: torch.dtype) -> UpdateConfig:
     """Tiles for the sort-inverse update: memory-bound, float64/int64 registers, so small 2-D tiles."""
     t = device_traits(device)
     if t.interpreted:
-        return UpdateConfig(16, 16, 1, 4)
+        return UpdateConfig(16, 16, 1, 2)
     block_d = min(max(16, next_pow2(d)), 64)
     block_n = max(16, 2048 // block_d)  # 8 elements per thread at 8 warps: ~110 registers, no spills (sm_90)
-    return UpdateConfig(block_n, block_d, 8, 16 * t.sm_count)
+    return UpdateConfig(block_n, block_d, 8, 4)
 
 
 # ----------------------------------------------------------------------------------------------------------------

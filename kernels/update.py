@@ -179,8 +179,9 @@ def sort_inverse_update(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, 
             raise IndexError(f"labels must lie in [0, {n_clusters}), got range [{lo_hi[0]}, {lo_hi[1]}]")
         cfg = update_config(x.device, d, x.dtype)
         d_blocks = triton.cdiv(d, cfg.block_d)
-        # chunks long enough to amortise their one flush, short enough to give every SM several programs
-        rows = min(1 << 26, max(cfg.block_n, triton.cdiv(n * d_blocks, cfg.programs)))
+        # short chunks: many independent programs hide the latency of the gathered rows (a long loop per
+        # program cannot), at the price of one flush of atomics per chunk
+        rows = min(1 << 26, cfg.block_n * cfg.tiles_per_chunk)
         label, start, stop = _chunks(sorted_labels, total, rows)
         grid = (label.shape[0], d_blocks)
         overflow = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
