@@ -139,16 +139,19 @@ class UpdateConfig:
     block_d: int  # feature chunk per program (a second grid axis)
     num_warps: int
     tiles_per_chunk: int  # a program reduces at most this many tiles of one cluster's run, then flushes once
+    # (<= 31: the fp32 path accumulates per element in int32, below tiles * 2**26)
 
 
 def update_config(device, d: int, dtype: torch.dtype) -> UpdateConfig:
-    """Tiles for the sort-inverse update: memory-bound, float64/int64 registers, so small 2-D tiles."""
+    """Tiles for the sort-inverse update. It gathers rows, so it is latency-bound: many small programs in flight
+    (4 warps, 4096-element tiles, one chunk of 16 tiles each) beat long loops; per-element register accumulators
+    keep cross-thread reductions to one per program. (H200 sweep, benchmarks/profile_kernels.py --update-sweep:
+    64 x 64 tiles, 4 warps, 16 tiles per chunk was best at D=128 for N=1M, K=8192 and N=8M, K=1024.)"""
     t = device_traits(device)
     if t.interpreted:
         return UpdateConfig(16, 16, 1, 2)
     block_d = min(max(16, next_pow2(d)), 64)
-    block_n = max(16, 2048 // block_d)  # 8 elements per thread at 8 warps: ~110 registers, no spills (sm_90)
-    return UpdateConfig(block_n, block_d, 8, 4)
+    return UpdateConfig(4096 // block_d, block_d, 4, 16)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -74,11 +74,17 @@ def _cluster_sums_kernel(
     d_mask = offs_d < D
     sum_scale = tl.load(scales_ptr)
     weight_scale = tl.load(scales_ptr + 1)
-    acc_hi = tl.zeros([BLOCK_D], dtype=tl.float64)
-    acc_lo = tl.zeros([BLOCK_D], dtype=tl.float64)
+    # per-element accumulators, reduced across rows once at the end (a per-tile cross-thread reduction costs more
+    # than the arithmetic): int32 for the fp32 path (< tiles * 2**26 < 2**31), float64 integers otherwise
+    if FP32_LIMBS:
+        acc_hi = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.int32)
+        acc_lo = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.int32)
+    else:
+        acc_hi = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float64)
+        acc_lo = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float64)
     w_hi = tl.zeros([BLOCK_N], dtype=tl.float64)
     w_lo = tl.zeros([BLOCK_N], dtype=tl.float64)
-    worst = tl.zeros([BLOCK_D], dtype=tl.float64)
+    worst = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for t0 in range(start, stop, BLOCK_N):
         pos = t0 + idx
         valid = pos < stop
@@ -92,28 +98,30 @@ def _cluster_sums_kernel(
                      other=0.0)
         if FP32_LIMBS:
             q, hi, lo = _limbs_fp32(xv.to(tl.float32), sum_scale.to(tl.float32))
-            worst = tl.maximum(worst, tl.max(tl.abs(q), 0).to(tl.float64))
-            acc_hi += tl.sum(hi.to(tl.float64), 0)
-            acc_lo += tl.sum(lo.to(tl.float64), 0)
+            worst = tl.maximum(worst, tl.abs(q))
+            acc_hi += hi.to(tl.int32)
+            acc_lo += lo.to(tl.int32)
         else:
             xv = xv.to(tl.float64)
             if HAS_WEIGHTS:
                 xv = xv * w[:, None]  # reference.weighted_rows: one IEEE product
             q, hi, lo = _limbs(xv, sum_scale)
-            worst = tl.maximum(worst, tl.max(tl.abs(q), 0))
-            acc_hi += tl.sum(hi, 0)
-            acc_lo += tl.sum(lo, 0)
+            worst = tl.maximum(worst, tl.abs(q).to(tl.float32))  # (rounds up to 2**52 at the limit: still bad)
+            acc_hi += hi
+            acc_lo += lo
         if pid_d == 0:  # the weights, once per row
             qw, whi, wlo = _limbs(w, weight_scale)
-            worst = tl.maximum(worst, tl.max(tl.abs(qw), 0))
+            worst = tl.maximum(worst, tl.abs(qw).to(tl.float32)[:, None])
             w_hi += whi
             w_lo += wlo
-    tl.atomic_add(sums_ptr + lab * D + offs_d, acc_hi.to(tl.int64), mask=d_mask, sem="relaxed")
-    tl.atomic_add(sums_ptr + n_clusters * D + lab * D + offs_d, acc_lo.to(tl.int64), mask=d_mask, sem="relaxed")
+    flush_hi = tl.sum(acc_hi.to(tl.int64), 0)
+    flush_lo = tl.sum(acc_lo.to(tl.int64), 0)
+    tl.atomic_add(sums_ptr + lab * D + offs_d, flush_hi, mask=d_mask, sem="relaxed")
+    tl.atomic_add(sums_ptr + n_clusters * D + lab * D + offs_d, flush_lo, mask=d_mask, sem="relaxed")
     if pid_d == 0:
         tl.atomic_add(counts_ptr + lab, tl.sum(w_hi, 0).to(tl.int64), sem="relaxed")
         tl.atomic_add(counts_ptr + n_clusters + lab, tl.sum(w_lo, 0).to(tl.int64), sem="relaxed")
-    tl.store(overflow_ptr + pid_c * tl.num_programs(1) + pid_d, tl.max(tl.where(worst < LIMIT, 0, 1), 0))
+    tl.store(overflow_ptr + pid_c * tl.num_programs(1) + pid_d, tl.max(tl.max(tl.where(worst < LIMIT, 0, 1), 1), 0))
 
 
 def _chunks(sorted_labels: torch.Tensor, total: int, rows: int):
