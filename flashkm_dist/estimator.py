@@ -21,6 +21,7 @@ from flashkm_dist.engine import (backend_for, column_moments, data_bounds, fit_n
 from flashkm_dist.init import initial_centers
 from flashkm_dist.kernels import reference
 from flashkm_dist.lloyd import run_lloyd
+from flashkm_dist.streaming import Block, Engine
 
 INIT_METHODS = ("k-means++", "k-means||", "random")
 SAVE_FORMAT = 1
@@ -109,8 +110,9 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                                       oversampling_factor=self.oversampling_factor, tol=self.tol, backend=backend)
             numerics = fit_numerics(bounds, sums, squares, metric=self.metric,
                                     centroid_max_abs=float(centers.abs().max()))
-            result = run_lloyd(x, centers, numerics, weights=weights, max_iter=self.max_iter,
-                               tol=self.tol * numerics.mean_variance, backend=backend, verbose=bool(self.verbose),
+            engine = Engine(x.device, dtype=x.dtype, backend=backend)
+            result = run_lloyd(engine, [Block(x, weights)], centers, numerics, max_iter=self.max_iter,
+                               tol=self.tol * numerics.mean_variance, verbose=bool(self.verbose),
                                desc=f"k-means run {run + 1}/{n_init}")
             if best is None or result.inertia < best.inertia:
                 best = result

@@ -15,6 +15,7 @@ from flashkm_dist.engine import REFERENCE, Backend, FitNumerics, numerics_for
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
 from flashkm_dist.lloyd import run_lloyd
+from flashkm_dist.streaming import Block, Engine
 
 N_PARALLEL_ROUNDS = 5  # Bahmani et al.: about five oversampled rounds suffice in practice
 RECLUSTER_MAX_ITER = 100
@@ -87,8 +88,9 @@ def kmeans_parallel(x, n_clusters: int, rng, numerics: FitNumerics, *, weights=N
     cand_weights = fp.to_float(mass.index_add_(1, labels, fp.quantize(w, exp)), exp)
     cand_numerics = numerics_for(candidates, cand_weights, metric=numerics.metric)
     seeds = kmeans_plusplus(candidates, n_clusters, rng, cand_numerics, weights=cand_weights)
-    return run_lloyd(candidates, seeds, cand_numerics, weights=cand_weights, max_iter=RECLUSTER_MAX_ITER,
-                     tol=tol * cand_numerics.mean_variance, backend=backend).centers
+    engine = Engine(candidates.device, dtype=candidates.dtype, backend=backend)
+    return run_lloyd(engine, [Block(candidates, cand_weights)], seeds, cand_numerics, max_iter=RECLUSTER_MAX_ITER,
+                     tol=tol * cand_numerics.mean_variance).centers
 
 
 def check_init_array(centers, n_clusters: int, n_features: int) -> np.ndarray:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flashkm_dist.engine import REFERENCE, Backend, FitNumerics, StepResult, exact_inertia, lloyd_step
+from flashkm_dist.engine import FitNumerics, StepResult
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
 
@@ -46,15 +47,35 @@ def relocate_empty_clusters(partials: reference.Partials, step: StepResult, x: t
     return reference.move_points(partials, rows, row_w, step.labels[order], empty[:order.numel()])
 
 
-def run_lloyd(x: torch.Tensor, centers: torch.Tensor, numerics: FitNumerics, *, weights=None, max_iter: int = 300,
-              tol: float = 0.0, backend: Backend = REFERENCE, verbose: bool = False, desc: str = "k-means"):
-    """Lloyd iterations from `centers` (in the compute dtype) until convergence or max_iter."""
-    history, prev_labels, strict = [], None, False
+def reseed_empty_clusters(engine, blocks, centers: torch.Tensor, numerics: FitNumerics,
+                          partials: reference.Partials) -> reference.Partials:
+    """Empty clusters take the rows farthest from their centres (found by an extra pass, only when needed)."""
+    cluster_weight = fp.to_float(partials.weights, partials.scale.weight_exp)
+    empty = torch.nonzero(cluster_weight == 0).flatten()
+    if empty.numel() == 0:
+        return partials
+    rows, weights, labels = engine.farthest(blocks, centers, numerics, empty.numel())
+    if rows.shape[0] == 0:
+        return partials
+    dev = partials.sums.device
+    return reference.move_points(partials, rows.to(dev), weights.to(dev), labels.to(dev), empty[:rows.shape[0]])
+
+
+def _joined(labels: list):
+    if all(torch.is_tensor(l) for l in labels):
+        return torch.cat(labels) if len(labels) > 1 else labels[0]
+    return np.concatenate([l.cpu().numpy() if torch.is_tensor(l) else l for l in labels])
+
+
+def run_lloyd(engine, blocks, centers: torch.Tensor, numerics: FitNumerics, *, max_iter: int = 300,
+              tol: float = 0.0, verbose: bool = False, desc: str = "k-means") -> LloydResult:
+    """Lloyd iterations of `engine` over `blocks` from `centers` (compute dtype) until convergence or max_iter."""
+    history, strict = [], False
     bar = tqdm(total=max_iter, desc=desc, disable=not verbose, leave=False)
     for i in range(max_iter):
         t0 = time.perf_counter()
-        step = lloyd_step(x, centers, numerics, weights=weights, prev_labels=prev_labels, backend=backend)
-        partials = relocate_empty_clusters(step.partials, step, x, weights)
+        step = engine.step(blocks, centers, numerics)
+        partials = reseed_empty_clusters(engine, blocks, centers, numerics, step.partials)
         new_centers, _ = reference.finalize(partials, dtype=centers.dtype, metric=numerics.metric,
                                             previous=centers)
         shift = float(((new_centers.to(torch.float64) - centers.to(torch.float64)) ** 2).sum())
@@ -69,11 +90,9 @@ def run_lloyd(x: torch.Tensor, centers: torch.Tensor, numerics: FitNumerics, *, 
             break
         if shift <= tol:
             break
-        prev_labels = step.labels
     bar.close()
-    if strict and torch.equal(converged_centers, centers):
-        labels, inertia = step.labels, step.inertia
-    else:
-        labels, min_dist = backend.assign(x, centers, metric=numerics.metric, shift=numerics.shift)
-        inertia = exact_inertia(min_dist, weights, numerics)
-    return LloydResult(centers, labels, float(fp.to_float(inertia, numerics.scale.dist_exp)), i + 1, history)
+    if not (strict and torch.equal(converged_centers, centers)):
+        step = engine.step(blocks, centers, numerics)  # labels (and inertia) of the returned centres
+    return LloydResult(centers, _joined(engine.labels(blocks)), float(fp.to_float(step.inertia,
+                                                                                   numerics.scale.dist_exp)),
+                       i + 1, history)

@@ -67,5 +67,5 @@ def to_float(limbs: torch.Tensor, exp: int) -> torch.Tensor:
 
 
 def exact_sum(values: torch.Tensor, exp: int) -> torch.Tensor:
-    """Limbs (2,) of the exact sum of quantised values (any shape)."""
-    return quantize(values.reshape(-1), exp).sum(dim=1)
+    """Normalised limbs (2,) of the exact sum of quantised values (any shape): one canonical form per integer."""
+    return normalize(quantize(values.reshape(-1), exp).sum(dim=1))

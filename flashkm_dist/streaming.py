@@ -1,0 +1,274 @@
+"""The per-device engine over partitions: chunked host->device streaming, the GPU as a cache, OOM back-off.
+
+One `Engine` serves one device. A Lloyd step over its blocks (NumPy / CPU or pinned torch on the host; torch on
+the device) returns exact partials, inertia and the number of labels changed; labels stay with the engine (host
+blocks: a host array per block, written chunk by chunk; device blocks: a device tensor). Host rows are copied in
+chunks through two pinned staging buffers on a copy stream, so the copy of chunk i+1 overlaps the kernels of chunk
+i. Rows that fit in the cache budget are kept on the device after their first copy and never streamed again.
+Because the sums are exact, the chunk size, the cache size and the split into blocks never change a bit of the
+result, and an out-of-memory error can simply halve the chunk and run the step again.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from flashkm_dist.engine import Backend, FitNumerics, backend_for, exact_inertia, unit_rows_like
+from flashkm_dist.kernels import fixed_point as fp
+from flashkm_dist.kernels import reference
+
+CHUNK_BYTES = 256 << 20  # one staging buffer
+CACHE_FRACTION = 0.8  # of the free device memory, for 'auto'
+
+
+@dataclass
+class Block:
+    """One partition. `key` names it across steps (cache entries, previous labels); default: its position."""
+
+    data: object
+    weights: torch.Tensor | None = None
+    key: object = None
+
+
+@dataclass
+class EngineStep:
+    """What one device contributes to an iteration: all exact, so steps of several devices simply add up."""
+
+    partials: reference.Partials
+    inertia: torch.Tensor  # limbs (2,)
+    n_changed: int
+
+
+@dataclass
+class _Chunk:
+    index: int  # block position in the step's list
+    start: int
+    x: torch.Tensor  # rows on the engine's device, compute dtype
+    weights: torch.Tensor | None
+
+
+def _as_tensor(data) -> torch.Tensor:
+    if torch.is_tensor(data):
+        return data
+    if type(data).__module__.split(".")[0] == "cupy":
+        return torch.from_dlpack(data)
+    arr = np.asarray(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only arrays are never written to
+        return torch.from_numpy(arr if all(s >= 0 for s in arr.strides) else np.ascontiguousarray(arr))
+
+
+@dataclass
+class Engine:
+    """Lloyd steps of one device over the blocks it holds.
+
+    chunk_rows: rows per streamed chunk (default: a 256 MiB staging buffer). cache_bytes: device memory kept for
+    resident copies of host rows ('auto': 80 % of what is free when the first step starts; 0: stream everything).
+    """
+
+    device: torch.device | str = "cpu"
+    dtype: torch.dtype = torch.float32
+    backend: Backend | None = None
+    chunk_rows: int | None = None
+    cache_bytes: int | str = "auto"
+    unit_rows: bool = False  # scale rows to unit length on the device (cosine over raw rows)
+    _labels: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
+    _cache_used: int = 0
+    _streams: tuple | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.device = torch.device(self.device)
+        self.backend = self.backend or backend_for(self.device)
+
+    # ------------------------------------------------------------------------------------------- public steps
+    def step(self, blocks, centroids: torch.Tensor, numerics: FitNumerics) -> EngineStep:
+        """Assign every row, sum rows per centroid exactly, remember the labels; restarts on CUDA OOM."""
+        while True:
+            try:
+                return self._step(blocks, centroids.to(self.device), numerics)
+            except torch.OutOfMemoryError:
+                self._back_off()
+
+    def farthest(self, blocks, centroids: torch.Tensor, numerics: FitNumerics, n: int):
+        """The n rows of positive weight farthest from their centres (ties: earliest block, then row): weighted
+        rows (float64), weights and labels, for the deterministic re-seeding of empty clusters."""
+        best = None
+        for chunk in self._chunks(blocks):
+            labels, dist = self.backend.assign(chunk.x, centroids.to(self.device), metric=numerics.metric,
+                                               shift=numerics.shift)
+            dist = dist.to(torch.float64)
+            if chunk.weights is not None:
+                dist = torch.where(chunk.weights > 0, dist, torch.full_like(dist, -1.0))
+            order = torch.sort(dist, descending=True, stable=True).indices[:n]
+            order = order[dist[order] >= 0]
+            w = None if chunk.weights is None else chunk.weights[order]
+            found = (dist[order].cpu(), reference.weighted_rows(chunk.x[order], w).cpu(),
+                     (torch.ones(order.numel(), dtype=torch.float64) if w is None else w.cpu()), labels[order].cpu())
+            best = found if best is None else tuple(torch.cat([a, b]) for a, b in zip(best, found))
+            keep = torch.sort(best[0], descending=True, stable=True).indices[:n]  # stable: earlier chunks first
+            best = tuple(t[keep] for t in best)
+        return best[1:]
+
+    def labels(self, blocks) -> list:
+        """Labels of the last step of every block: NumPy for blocks streamed from the host, a tensor on the device
+        for blocks computed in place (empty blocks: an empty array)."""
+        return [self._labels.get(self._key(b, i), np.empty(0, dtype=np.int64)) for i, b in enumerate(blocks)]
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _key(self, block: Block, position: int):
+        return position if block.key is None else block.key
+
+    def _step(self, blocks, centroids, numerics) -> EngineStep:
+        k, d = centroids.shape
+        sums = torch.zeros((2, k, d), dtype=torch.int64, device=self.device)
+        counts = torch.zeros((2, k), dtype=torch.int64, device=self.device)
+        inertia = torch.zeros(2, dtype=torch.int64, device=self.device)
+        changed = 0
+        pending = []  # labels on their way back to host arrays
+        for chunk in self._chunks(blocks):
+            labels, dist = self.backend.assign(chunk.x, centroids, metric=numerics.metric, shift=numerics.shift)
+            part = self.backend.partial_sums(chunk.x, labels, k, chunk.weights, scale=numerics.scale)
+            sums += part.sums
+            counts += part.weights
+            inertia += exact_inertia(dist, chunk.weights, numerics)
+            changed += self._remember(blocks, chunk, labels, pending)
+        changed += sum(self._retire(p) for p in pending)
+        return EngineStep(reference.Partials(fp.normalize(sums), fp.normalize(counts), numerics.scale),
+                          fp.normalize(inertia[:, None])[:, 0], changed)
+
+    def _remember(self, blocks, chunk: _Chunk, labels: torch.Tensor, pending: list) -> int:
+        """Keep this chunk's labels; return the number changed (host arrays: counted when the copy lands)."""
+        block = blocks[chunk.index]
+        key = self._key(block, chunk.index)
+        data = _as_tensor(block.data)
+        n = len(labels)
+        if data.device == self.device:  # device (or CPU-engine) block: labels stay a tensor on the device
+            prev = self._labels.get(key)
+            if prev is None or prev.shape[0] != data.shape[0]:
+                prev = self._labels[key] = torch.full((data.shape[0],), -1, dtype=torch.int64, device=self.device)
+            seg = prev[chunk.start:chunk.start + n]
+            changed = int((seg != labels).sum())
+            seg.copy_(labels)
+            return changed
+        host = self._labels.get(key)
+        if host is None or host.shape[0] != data.shape[0]:
+            host = self._labels[key] = np.full(data.shape[0], -1, dtype=np.int64)
+        staging = torch.empty(n, dtype=torch.int64, pin_memory=True)
+        staging.copy_(labels, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        pending.append((event, staging, host, chunk.start))
+        return self._retire(pending.pop(0)) if len(pending) > 2 else 0
+
+    @staticmethod
+    def _retire(item) -> int:
+        event, staging, host, start = item
+        event.synchronize()
+        new = staging.numpy()
+        seg = host[start:start + len(new)]
+        changed = int(np.count_nonzero(seg != new))
+        seg[:] = new
+        return changed
+
+    def _rows_per_chunk(self, row_bytes: int) -> int:
+        if self.chunk_rows is None:
+            self.chunk_rows = max(1, CHUNK_BYTES // max(1, row_bytes))
+        return self.chunk_rows
+
+    def _back_off(self) -> None:
+        """Out of device memory: give the cache back first, then halve the chunk."""
+        if self._cache:
+            self._cache.clear()
+            self._cache_used = 0
+            self.cache_bytes = 0 if self.cache_bytes == "auto" else int(self.cache_bytes) // 2
+        elif (self.chunk_rows or 0) > 1:
+            self.chunk_rows = max(1, self.chunk_rows // 2)
+        else:
+            raise torch.OutOfMemoryError("out of device memory even with one-row chunks and no cache")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _cache_budget(self) -> int:
+        if self.cache_bytes == "auto":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            self.cache_bytes = int(free * CACHE_FRACTION) - 4 * CHUNK_BYTES
+        return max(0, int(self.cache_bytes))
+
+    def _chunks(self, blocks):
+        """Every block's rows in chunks, on this device in the compute dtype (unit rows for cosine)."""
+        for index, block in enumerate(blocks):
+            data = _as_tensor(block.data)
+            if data.dim() != 2 or data.shape[0] == 0:
+                if data.dim() != 2:
+                    raise ValueError(f"block {index} must be 2-D, got shape {tuple(data.shape)}")
+                continue
+            weights = None if block.weights is None else torch.as_tensor(block.weights, dtype=torch.float64)
+            rows = self._rows_per_chunk(data.shape[1] * data.element_size())
+            if data.device == self.device or self.device.type == "cpu":
+                for start in range(0, data.shape[0], rows):
+                    x = data[start:start + rows].to(self.device, self.dtype)
+                    w = None if weights is None else weights[start:start + rows].to(self.device)
+                    yield _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w)
+            else:
+                yield from self._streamed(index, self._key(block, index), data, weights, rows)
+
+    def _streamed(self, index, key, data: torch.Tensor, weights, rows: int):
+        """Host rows to the device: cached rows first-hand, the rest through double-buffered pinned staging
+        on a copy stream (the copy of chunk i+1 is queued before chunk i is handed out for compute)."""
+        if self._streams is None:
+            self._streams = (torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device))
+        copy_stream, compute = self._streams
+        cached = self._cache.get((key, self.dtype))
+        n_cached = 0 if cached is None else cached.shape[0]
+        if cached is None and self._cache_budget() - self._cache_used >= data.shape[1] * self.dtype.itemsize:
+            room = (self._cache_budget() - self._cache_used) // (data.shape[1] * self.dtype.itemsize)
+            cached = torch.empty((min(room, data.shape[0]), data.shape[1]), dtype=self.dtype, device=self.device)
+            self._cache[(key, self.dtype)] = cached
+            self._cache_used += cached.numel() * cached.element_size()
+            fill = True
+        else:
+            fill = False
+        starts = list(range(0, data.shape[0], rows))
+        pinned = data.is_pinned()
+        staging, landed, used = [None, None], [None, None], [None, None]
+
+        def queue_copy(i):
+            start = starts[i]
+            if not fill and start + rows <= n_cached:
+                return None
+            slot = i % 2
+            src = data[start:start + rows]
+            if not pinned:
+                if staging[slot] is None or staging[slot].shape != src.shape:
+                    staging[slot] = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+                if used[slot] is not None:
+                    used[slot].synchronize()  # the previous copy out of this buffer is done
+                staging[slot].copy_(src)
+                src = staging[slot]
+            with torch.cuda.stream(copy_stream):
+                dev = src.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(copy_stream)
+            used[slot] = event
+            landed[slot] = (dev, event)
+            return slot
+
+        slot = queue_copy(0)
+        for i, start in enumerate(starts):
+            next_slot = queue_copy(i + 1) if i + 1 < len(starts) else None
+            if slot is None:
+                x = cached[start:start + rows]
+            else:
+                dev, event = landed[slot]
+                compute.wait_event(event)
+                dev.record_stream(compute)
+                x = dev.to(self.dtype)
+                if fill and start < cached.shape[0]:
+                    cached[start:start + rows] = x[:cached.shape[0] - start]
+            w = None if weights is None else weights[start:start + rows].to(self.device, non_blocking=True)
+            yield _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w)
+            slot = next_slot

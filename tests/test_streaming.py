@@ -1,0 +1,122 @@
+"""The per-device engine: bitwise-identical partials for any chunking and split, labels kept, OOM back-off."""
+import numpy as np
+import pytest
+import torch
+
+from flashkm_dist.engine import REFERENCE, Backend, lloyd_step, numerics_for
+from flashkm_dist.kernels import reference
+from flashkm_dist.lloyd import relocate_empty_clusters
+from flashkm_dist.streaming import Block, Engine
+
+
+def problem(n=500, d=7, k=9, seed=0):
+    rng = np.random.RandomState(seed)
+    x = (rng.standard_normal((n, d)) * 3 + 100).astype(np.float32)
+    w = rng.uniform(0, 2, n)
+    c = torch.as_tensor(x[rng.choice(n, k, replace=False)])
+    return x, w, c
+
+
+def split(x, w, cuts):
+    edges = [0, *cuts, len(x)]
+    return [Block(x[a:b], None if w is None else torch.as_tensor(w[a:b]), key=("blk", i))
+            for i, (a, b) in enumerate(zip(edges, edges[1:]))]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_same_bits_for_any_chunk_size_and_split(weighted, metric):
+    x, w, c = problem()
+    w = w if weighted else None
+    xt = torch.as_tensor(x)
+    xm = xt if metric == "euclidean" else reference.unit_rows(xt).float()
+    wt = None if w is None else torch.as_tensor(w)
+    nm = numerics_for(xm, wt, metric=metric)
+    cm = c if metric == "euclidean" else reference.unit_rows(c).float()
+    whole = lloyd_step(xm, cm, nm, weights=wt)
+    for chunk_rows, cuts in [(None, []), (1, [250]), (37, [1, 2, 499]), (64, [100, 100, 300]), (500, [7])]:
+        engine = Engine("cpu", chunk_rows=chunk_rows, unit_rows=metric == "cosine")
+        got = engine.step(split(x, w, cuts), cm, nm)
+        assert torch.equal(got.partials.sums, whole.partials.sums)
+        assert torch.equal(got.partials.weights, whole.partials.weights)
+        assert torch.equal(got.inertia, whole.inertia)
+        assert got.n_changed == len(x)
+        labels = torch.cat([torch.as_tensor(l) for l in engine.labels(split(x, w, cuts))])
+        assert torch.equal(labels, whole.labels)
+        again = engine.step(split(x, w, cuts), cm, nm)
+        assert again.n_changed == 0
+
+
+def test_labels_changed_are_counted_per_block():
+    x, _, c = problem()
+    nm = numerics_for(torch.as_tensor(x), None, metric="euclidean")
+    engine = Engine("cpu", chunk_rows=50)
+    blocks = split(x, None, [200])
+    engine.step(blocks, c, nm)
+    moved = c.clone()
+    moved[0] += 50.0
+    expected = int((reference.assign(torch.as_tensor(x), moved, shift=nm.shift)[0]
+                    != reference.assign(torch.as_tensor(x), c, shift=nm.shift)[0]).sum())
+    assert engine.step(blocks, moved, nm).n_changed == expected > 0
+
+
+def test_out_of_memory_halves_the_chunk_and_gives_the_same_bits():
+    x, w, c = problem()
+    nm = numerics_for(torch.as_tensor(x), torch.as_tensor(w), metric="euclidean")
+    sizes = []
+
+    def assign(chunk, centroids, **kw):
+        sizes.append(chunk.shape[0])
+        if chunk.shape[0] > 60:
+            raise torch.OutOfMemoryError("injected: chunk too large")
+        return reference.assign(chunk, centroids, **kw)
+
+    flaky = Backend("flaky", assign, reference.partial_sums)
+    engine = Engine("cpu", backend=flaky, chunk_rows=500)
+    got = engine.step(split(x, w, []), c, nm)
+    clean = Engine("cpu").step(split(x, w, []), c, nm)
+    assert engine.chunk_rows == 31 and max(sizes[-17:]) <= 60  # 500 -> 250 -> 125 -> 62 -> 31
+    assert torch.equal(got.partials.sums, clean.partials.sums) and torch.equal(got.inertia, clean.inertia)
+
+    def always(chunk, centroids, **kw):
+        raise torch.OutOfMemoryError("injected")
+
+    with pytest.raises(torch.OutOfMemoryError, match="one-row chunks"):
+        Engine("cpu", backend=Backend("oom", always, reference.partial_sums), chunk_rows=4).step(
+            split(x, w, []), c, nm)
+
+
+def test_host_rows_are_used_in_place_without_copies():
+    x, _, c = problem()
+    base, end = x.ctypes.data, x.ctypes.data + x.nbytes
+    seen = []
+
+    def assign(chunk, centroids, **kw):
+        seen.append(chunk.data_ptr())
+        return reference.assign(chunk, centroids, **kw)
+
+    nm = numerics_for(torch.as_tensor(x), None, metric="euclidean")
+    Engine("cpu", backend=Backend("spy", assign, reference.partial_sums), chunk_rows=100).step(
+        [Block(x)], c, nm)
+    assert len(seen) == 5 and all(base <= p < end for p in seen)
+
+
+def test_farthest_matches_the_in_process_reseeding_choice():
+    x, w, c = problem(seed=3)
+    xt, wt = torch.as_tensor(x), torch.as_tensor(w)
+    wt[::3] = 0.0
+    nm = numerics_for(xt, wt, metric="euclidean")
+    step = lloyd_step(xt, c, nm, weights=wt)
+    empty_partials = reference.Partials(step.partials.sums.clone(), step.partials.weights.clone(), nm.scale)
+    empty_partials.weights[:, :4] = 0  # pretend four clusters are empty
+    moved = relocate_empty_clusters(empty_partials, step, xt, wt)
+    rows, weights, labels = Engine("cpu", chunk_rows=33).farthest(split(x, wt.numpy(), [123, 400]), c, nm, 4)
+    direct = reference.move_points(empty_partials, rows, weights, labels, torch.arange(4))
+    assert torch.equal(direct.sums, moved.sums) and torch.equal(direct.weights, moved.weights)
+
+
+def test_bad_block_is_named():
+    _, _, c = problem()
+    nm = numerics_for(c, None, metric="euclidean")
+    with pytest.raises(ValueError, match="block 0 must be 2-D"):
+        Engine("cpu").step([Block(np.zeros(5, dtype=np.float32))], c, nm)
