@@ -1,0 +1,112 @@
+"""Engine check on one GPU: host-pinned data streamed in chunks, with and without the device cache, against
+flash-kmeans' `kmeans_largeN` on the same data in the same process.
+
+    python benchmarks/engine_check.py --out engine.json [--log2n 24] [--k 8192] [--d 128]
+
+Checks that the partials are bitwise equal whatever the cache and chunk sizes (and equal to one device-resident
+block), then times Lloyd steps: streaming only, the first cached step and later cached steps, the H2D bandwidth
+of this host measured in the same run, the copy time hidden behind compute, and the peak device memory.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import torch
+
+from flashkm_dist.engine import numerics_for
+from flashkm_dist.kernels.fixed_point import FixedPointScale
+from flashkm_dist.streaming import Block, Engine
+
+DEV = torch.device("cuda")
+
+
+def timed(fn, reps):
+    out = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def h2d_gbps(x):
+    chunk = x[: min(x.shape[0], (1 << 30) // (x.shape[1] * x.element_size()))]
+    dev = torch.empty(chunk.shape, dtype=chunk.dtype, device=DEV)
+    secs = statistics.median(timed(lambda: dev.copy_(chunk, non_blocking=True), 5))
+    return chunk.numel() * chunk.element_size() / secs / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--log2n", type=int, default=24)
+    ap.add_argument("--k", type=int, default=8192)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=3)
+    args = ap.parse_args()
+    n, k, d = 1 << args.log2n, args.k, args.d
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(k, d, generator=g) * 4
+    x = torch.empty((n, d), dtype=torch.float32).pin_memory()
+    step_rows = 1 << 22
+    for s in range(0, n, step_rows):  # blobs, generated in pieces to keep host memory flat
+        m = min(step_rows, n - s)
+        x[s:s + m] = centers[torch.randint(0, k, (m,), generator=g)] + torch.randn(m, d, generator=g)
+    init = x[torch.randperm(n, generator=g)[:k]].to(DEV)
+    result = {"device": torch.cuda.get_device_name(), "n": n, "k": k, "d": d, "dtype": "float32",
+              "host_bytes": x.numel() * 4, "h2d_GBps": h2d_gbps(x)}
+    result["pcie_floor_s"] = result["host_bytes"] / result["h2d_GBps"] / 1e9
+
+    # shift and tolerance from a sample; the fixed-point grids from a bound on every row (max |x| of all of x)
+    max_abs = float(x.abs().max())
+    nm = dataclasses.replace(numerics_for(x[:1 << 20].to(DEV), None, metric="euclidean"),
+                             scale=FixedPointScale.from_bounds(max_abs, 1.0, 2.0 * d * (2.0 * max_abs) ** 2))
+    blocks = [Block(x[i:i + n // 4], key=i) for i in range(0, n, n // 4)]
+
+    streaming = Engine(DEV, cache_bytes=0)
+    torch.cuda.reset_peak_memory_stats()
+    first = streaming.step(blocks, init, nm)
+    result["streaming_step_s"] = statistics.median(timed(lambda: streaming.step(blocks, init, nm), args.iters))
+    result["streaming_peak_device_GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
+
+    cached = Engine(DEV, chunk_rows=1 << 19)
+    torch.cuda.reset_peak_memory_stats()
+    result["cached_first_step_s"] = timed(lambda: cached.step(blocks, init, nm), 1)[0]
+    result["cached_step_s"] = statistics.median(timed(lambda: cached.step(blocks, init, nm), args.iters))
+    result["cached_peak_device_GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    result["cache_GiB"] = cached._cache_used / 2 ** 30
+    again = cached.step(blocks, init, nm)
+    result["bitwise_equal_cache_vs_streaming"] = bool(torch.equal(again.partials.sums, first.partials.sums)
+                                                      and torch.equal(again.inertia, first.inertia))
+    compute_only = result["cached_step_s"] if result["cache_GiB"] * 2 ** 30 >= result["host_bytes"] else None
+    if compute_only:
+        copy = result["pcie_floor_s"]
+        hidden = max(0.0, compute_only + copy - result["streaming_step_s"])
+        result["overlap_efficiency"] = min(1.0, hidden / copy)
+    del cached
+    torch.cuda.empty_cache()
+
+    try:
+        from flash_kmeans import kmeans_largeN
+        kmeans_largeN(x, k, max_iters=1, init_centroids=init.clone(), device=DEV)  # warm-up / compile
+        one = statistics.median(timed(lambda: kmeans_largeN(x, k, max_iters=1, init_centroids=init.clone(),
+                                                            device=DEV), 2))
+        three = statistics.median(timed(lambda: kmeans_largeN(x, k, max_iters=3, init_centroids=init.clone(),
+                                                              device=DEV), 2))
+        result["flash_largeN_iter_s"] = (three - one) / 2
+        result["cached_vs_flash"] = result["cached_step_s"] / result["flash_largeN_iter_s"]
+    except Exception as err:
+        result["flash_error"] = repr(err)
+    print(json.dumps(result, indent=1))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
