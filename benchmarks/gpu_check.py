@@ -120,9 +120,18 @@ def check_estimator_end_to_end():
     gpu = KMeans(64, init=init.cpu().numpy(), device="cuda", max_iter=50).fit(x)
     gpu_s = time.perf_counter() - t0
     cpu = KMeans(64, init=init.cpu().numpy(), device="cpu", max_iter=50).fit(x.cpu())
-    return {"centroids_bitwise_equal": bool((gpu.cluster_centers_ == cpu.cluster_centers_).all()),
-            "labels_equal": bool((gpu.labels_ == cpu.labels_).all()), "n_iter": [gpu.n_iter_, cpu.n_iter_],
-            "inertia": [gpu.inertia_, cpu.inertia_], "gpu_fit_seconds": gpu_s}
+    out = {"centroids_bitwise_equal": bool((gpu.cluster_centers_ == cpu.cluster_centers_).all()),
+           "labels_equal": bool((gpu.labels_ == cpu.labels_).all()), "n_iter": [gpu.n_iter_, cpu.n_iter_],
+           "inertia": [gpu.inertia_, cpu.inertia_], "gpu_fit_seconds": gpu_s}
+    # NumPy input on the GPU streams from the host through the engine: same bits as the device-resident fit
+    for init_kind in ("k-means||", "array"):
+        start = init.cpu().numpy() if init_kind == "array" else init_kind
+        resident = KMeans(64, init=start, device="cuda", max_iter=50, random_state=0).fit(x)
+        streamed = KMeans(64, init=start, device="cuda", max_iter=50, random_state=0).fit(x.cpu().numpy())
+        out[f"streamed_equals_resident_{init_kind}"] = bool(
+            (resident.cluster_centers_ == streamed.cluster_centers_).all()
+            and (resident.labels_ == streamed.labels_).all() and resident.n_iter_ == streamed.n_iter_)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- timings

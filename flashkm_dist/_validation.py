@@ -87,8 +87,9 @@ def _numpy_to_tensor(arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
-def to_tensor(estimator, X, *, reset: bool, device, dtype):
-    """Validated 2-D tensor on the compute device in the compute dtype, and the input's kind for the outputs."""
+def to_tensor(estimator, X, *, reset: bool, device, dtype, keep_on_host: bool = False):
+    """Validated 2-D tensor in the compute dtype, on the compute device (or, with keep_on_host, left on the host
+    for the engine to stream), the input's kind for the outputs, and the compute device."""
     kind = array_kind(X)
     if kind == "cupy":
         X = torch.from_dlpack(X)
@@ -99,7 +100,10 @@ def to_tensor(estimator, X, *, reset: bool, device, dtype):
     else:
         t = _check_tensor(X, estimator, reset)
     target = parse_dtype(dtype) or (t.dtype if t.dtype in FLOAT_DTYPES else torch.float64)
-    return t.to(device=parse_device(device, t.device), dtype=target), kind
+    dev = parse_device(device, t.device)
+    if keep_on_host and t.device.type == "cpu":
+        return t.to(dtype=target), kind, dev
+    return t.to(device=dev, dtype=target), kind, dev
 
 
 def check_sample_weight(sample_weight, n_samples: int, device) -> torch.Tensor | None:

@@ -18,6 +18,8 @@ from flashkm_dist.init import initial_centers
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
 from flashkm_dist.lloyd import relocate_empty_clusters
+from flashkm_dist.points import Points
+from flashkm_dist.streaming import Block, Engine
 
 
 @dataclass
@@ -68,9 +70,10 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
         if init.shape != (b, k, d):
             raise ValueError(f"an init array for batched_kmeans must have shape (B, K, D) = {(b, k, d)}, "
                              f"got {tuple(init.shape)}")
+    engine = Engine(x.device, dtype=x.dtype, backend=backend)
     centers = torch.stack([
-        initial_centers(init if isinstance(init, str) or callable(init) else init[i], x[i], k, rng, seeding[i],
-                        oversampling_factor=oversampling_factor, tol=tol, backend=backend)
+        initial_centers(init if isinstance(init, str) or callable(init) else init[i], Points(engine, [Block(x[i])]),
+                        k, rng, seeding[i], oversampling_factor=oversampling_factor, tol=tol)
         for i in range(b)])
     numerics = _problem_numerics(x, metric, float(centers.abs().max()))
     shift = None if metric == "cosine" else torch.stack([nm.shift for nm in numerics])

@@ -16,11 +16,11 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from flashkm_dist import _validation as v
-from flashkm_dist.engine import (backend_for, column_moments, data_bounds, fit_numerics, moment_exponents,
-                                 unit_rows_like)
+from flashkm_dist.engine import backend_for, unit_rows_like
 from flashkm_dist.init import initial_centers
 from flashkm_dist.kernels import reference
 from flashkm_dist.lloyd import run_lloyd
+from flashkm_dist.points import Points
 from flashkm_dist.streaming import Block, Engine
 
 INIT_METHODS = ("k-means++", "k-means||", "random")
@@ -88,30 +88,33 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             return 1
         return self.n_init
 
-    def _tensor(self, X, *, reset: bool):
-        dtype = self.dtype if reset else self._compute_dtype
-        x, kind = v.to_tensor(self, X, reset=reset, device=self.device, dtype=dtype)
+    def _tensor(self, X):
+        """X for predict/transform/score: checked against the fit, on the compute device in the fit's dtype."""
+        x, kind, _ = v.to_tensor(self, X, reset=False, device=self.device, dtype=self._compute_dtype)
         return (unit_rows_like(x) if self.metric == "cosine" else x), kind
 
     # ----------------------------------------------------------------------------------------------- fit
     def fit(self, X, y=None, sample_weight=None):
-        """Compute the clustering. ``sample_weight`` acts exactly like repeating rows."""
-        x, _ = self._tensor(X, reset=True)
+        """Compute the clustering. ``sample_weight`` acts exactly like repeating rows. Data on the host with a
+        GPU device stays on the host and streams through the engine (cached on the GPU as far as it fits)."""
+        x, _, device = v.to_tensor(self, X, reset=True, device=self.device, dtype=self.dtype, keep_on_host=True)
         n_init = self._check_params(x.shape[0])
         weights = v.check_sample_weight(sample_weight, x.shape[0], x.device)
-        backend = backend_for(x.device)
+        streamed = x.device != device
+        if self.metric == "cosine" and not streamed:
+            x = unit_rows_like(x)
+        engine = Engine(device, dtype=x.dtype, backend=backend_for(device),
+                        unit_rows=self.metric == "cosine" and streamed)
+        points = Points(engine, [Block(x, weights)])
         rng = check_random_state(self.random_state)
-        bounds = data_bounds(x, weights)
-        sums, squares = column_moments(x, moment_exponents(bounds))
-        seeding = fit_numerics(bounds, sums, squares, metric=self.metric, centroid_max_abs=0.0)
+        seeding = points.numerics(self.metric)
         best = None
         for run in range(n_init):
-            centers = initial_centers(self.init, x, self.n_clusters, rng, seeding, weights=weights,
-                                      oversampling_factor=self.oversampling_factor, tol=self.tol, backend=backend)
-            numerics = fit_numerics(bounds, sums, squares, metric=self.metric,
-                                    centroid_max_abs=float(centers.abs().max()))
-            engine = Engine(x.device, dtype=x.dtype, backend=backend)
-            result = run_lloyd(engine, [Block(x, weights)], centers, numerics, max_iter=self.max_iter,
+            centers = initial_centers(self.init, points, self.n_clusters, rng, seeding,
+                                      oversampling_factor=self.oversampling_factor, tol=self.tol)
+            numerics = points.numerics(self.metric, centroid_max_abs=float(centers.abs().max()))
+            engine.forget_labels()
+            result = run_lloyd(engine, points.blocks, centers, numerics, max_iter=self.max_iter,
                                tol=self.tol * numerics.mean_variance, verbose=bool(self.verbose),
                                desc=f"k-means run {run + 1}/{n_init}")
             if best is None or result.inertia < best.inertia:
@@ -119,7 +122,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         self._compute_dtype = str(x.dtype).removeprefix("torch.")
         self._shift = None if seeding.shift is None else seeding.shift.cpu().numpy()
         self.cluster_centers_ = _numpy(best.centers)
-        self.labels_ = best.labels.cpu().numpy()
+        self.labels_ = best.labels.cpu().numpy() if torch.is_tensor(best.labels) else best.labels
         self.inertia_, self.n_iter_, self.history_ = best.inertia, best.n_iter, best.history
         distinct = len(np.unique(self.labels_))
         if distinct < self.n_clusters:
@@ -131,7 +134,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     # ----------------------------------------------------------------------------------------------- use
     def _fitted_parts(self, X):
         check_is_fitted(self)
-        x, kind = self._tensor(X, reset=False)
+        x, kind = self._tensor(X)
         centers = torch.as_tensor(self.cluster_centers_).to(device=x.device, dtype=x.dtype)
         shift = None if self._shift is None else torch.as_tensor(self._shift, device=x.device)
         return x, kind, centers, shift

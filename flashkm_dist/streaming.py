@@ -87,9 +87,35 @@ class Engine:
     # ------------------------------------------------------------------------------------------- public steps
     def step(self, blocks, centroids: torch.Tensor, numerics: FitNumerics) -> EngineStep:
         """Assign every row, sum rows per centroid exactly, remember the labels; restarts on CUDA OOM."""
+        return self._retrying(lambda: self._step(blocks, centroids.to(self.device), numerics))
+
+    def map_chunks(self, blocks, fn) -> list:
+        """[fn(x, weights) for every chunk, in block and row order]: one pass over the data (seeding, statistics)."""
+        return self._retrying(lambda: [fn(c.x, c.weights) for c in self._chunks(blocks)])
+
+    def gather(self, blocks, index: torch.Tensor) -> torch.Tensor:
+        """Rows at global positions (blocks in order, rows within them) on this device in the compute dtype."""
+        index = torch.as_tensor(index, dtype=torch.int64).cpu()
+        sizes = torch.tensor([_as_tensor(b.data).shape[0] for b in blocks], dtype=torch.int64)
+        starts = torch.cumsum(sizes, 0) - sizes
+        which = torch.searchsorted(starts, index, right=True) - 1
+        parts = []
+        for i in range(len(blocks)):
+            mask = which == i
+            if bool(mask.any()):
+                data = _as_tensor(blocks[i].data)
+                local = (index[mask] - starts[i]).to(data.device)
+                parts.append((torch.nonzero(mask).flatten(), data[local].to(self.device, self.dtype)))
+        d = _as_tensor(blocks[0].data).shape[1]
+        rows = torch.empty((index.numel(), d), dtype=self.dtype, device=self.device)
+        for pos, vals in parts:
+            rows[pos.to(self.device)] = vals
+        return unit_rows_like(rows) if self.unit_rows else rows
+
+    def _retrying(self, fn):
         while True:
             try:
-                return self._step(blocks, centroids.to(self.device), numerics)
+                return fn()
             except torch.OutOfMemoryError:
                 self._back_off()
 
@@ -111,7 +137,15 @@ class Engine:
             best = found if best is None else tuple(torch.cat([a, b]) for a, b in zip(best, found))
             keep = torch.sort(best[0], descending=True, stable=True).indices[:n]  # stable: earlier chunks first
             best = tuple(t[keep] for t in best)
+        if best is None:
+            d = _as_tensor(blocks[0].data).shape[1] if blocks else 0
+            return (torch.empty((0, d), dtype=torch.float64), torch.empty(0, dtype=torch.float64),
+                    torch.empty(0, dtype=torch.int64))
         return best[1:]
+
+    def forget_labels(self) -> None:
+        """Start a new run: the next step counts every label as changed (as scikit-learn's first iteration)."""
+        self._labels.clear()
 
     def labels(self, blocks) -> list:
         """Labels of the last step of every block: NumPy for blocks streamed from the host, a tensor on the device
