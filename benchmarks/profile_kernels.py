@@ -1,14 +1,20 @@
 """Where the kernel time goes: per-kernel CUDA times of one assign and one Lloyd step, the share of rows the
-margin test flags, and a sweep of FlashAssign launch configurations (to check the derived choice).
+margin test flags (and how the resolve pass's tiers split them), the time of each piece of FlashAssign, a sweep
+of the resolve pass's launch configuration, and optionally of the streaming kernel's (--sweep-main).
 
-    python benchmarks/profile_kernels.py --out profile.json
+    python benchmarks/profile_kernels.py --out profile.json [--old kernels/_old_assign.py] [--sweep-main]
+
+--old names a previous version of kernels/assign.py placed inside kernels/ (e.g. `git show REV:kernels/assign.py
+> kernels/_old_assign.py`): its flash_assign is timed on the same tensors, in the same process.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import itertools
 import json
+import os
 import traceback
 
 import torch
@@ -57,25 +63,103 @@ def kernel_table(fn, top=12):
     return rows[:top]
 
 
-def case(n, k, d, dtype):
+def pieces(x, c, nm):
+    """CUDA time of each piece of one flash_assign (run one after the other, each repeated)."""
+    p = A._prepare(x[None], c[None], "euclidean", nm.shift)
+    fast = A._fast_pass(p)
+    saved = fast.counts.clone()
+
+    def resolve_only():
+        fast.counts.copy_(saved)
+        A._resolve_launch(p, fast)
+
+    def resolve():
+        fast.counts.copy_(saved)
+        A._resolve(p, fast)
+
+    return {"prepare_ms": cuda_ms(lambda: A._prepare(x[None], c[None], "euclidean", nm.shift)),
+            "row_pass_ms": cuda_ms(lambda: A._prepare_rows(p)),
+            "row_and_main_ms": cuda_ms(lambda: A._fast_pass(p)),
+            "resolve_pass_ms": cuda_ms(resolve_only),
+            "resolve_and_brute_ms": cuda_ms(resolve)}
+
+
+def tiers(x, c, nm):
+    """How many rows each path of the resolve pass sees."""
+    p = A._prepare(x[None], c[None], "euclidean", nm.shift)
+    fast = A._fast_pass(p)
+    A._resolve(p, fast)
+    flagged, brute, widened, _ = fast.counts.sum(0).tolist()
+    return {"flagged_fraction": flagged / x.shape[0], "wide_tile_rows": widened, "brute_rows": brute}
+
+
+def resolve_sweep(x, c, nm, combos):
+    """Resolve pass time against its launch configuration (the flagged rows of this case)."""
+    p = A._prepare(x[None], c[None], "euclidean", nm.shift)
+    fast = A._fast_pass(p)
+    saved = fast.counts.clone()
+    base = p.cfg
+    sms = C.device_traits(DEV).sm_count
+    results = []
+    for bn, bk, w, s, per_sm in combos:
+        p.cfg = dataclasses.replace(base, resolve=C.ResolveConfig(bn, bk, w, s, per_sm * sms))
+
+        def run():
+            fast.counts.copy_(saved)
+            A._resolve_launch(p, fast)
+        row = {"block_n": bn, "block_k": bk, "warps": w, "stages": s, "programs_per_sm": per_sm}
+        try:
+            row["ms"] = cuda_ms(run, 2, 7)
+        except Exception as err:
+            row["error"] = repr(err)[:200]
+        results.append(row)
+    p.cfg = base
+    ok = sorted([r for r in results if "ms" in r], key=lambda r: r["ms"])
+    return {"derived": dataclasses.asdict(base.resolve), "best": ok[:5], "all": results}
+
+
+def rows_sweep(x, c, nm):
+    """Row pass time against its launch configuration."""
+    p = A._prepare(x[None], c[None], "euclidean", nm.shift)
+    base = p.cfg
+    results = []
+    for bn, bd, w, s in itertools.product((32, 64, 128), (64, 128), (2, 4, 8), (1, 2)):
+        p.cfg = dataclasses.replace(base, rows_block_n=bn, rows_block_d=bd, rows_warps=w, rows_stages=s)
+        row = {"block_n": bn, "block_d": bd, "warps": w, "stages": s}
+        try:
+            row["ms"] = cuda_ms(lambda: A._prepare_rows(p), 1, 5)
+        except Exception as err:
+            row["error"] = repr(err)[:200]
+        results.append(row)
+    p.cfg = base
+    ok = sorted([r for r in results if "ms" in r], key=lambda r: r["ms"])
+    return {"derived": [base.rows_block_n or base.block_n, base.row_block_d, base.rows_warps or base.num_warps,
+                        base.rows_stages], "best": ok[:6], "all": results}
+
+
+# (block_n, block_k, warps, stages, programs per SM); the first is repeated last to show the noise
+RESOLVE_COMBOS = [(64, 128, 4, 2, 2), (64, 128, 4, 2, 4), (128, 128, 4, 2, 2), (64, 64, 4, 3, 4),
+                  (128, 64, 4, 2, 2), (64, 128, 8, 2, 2), (64, 128, 4, 2, 2)]
+
+
+def case(n, k, d, dtype, old=None):
     x = blobs(n, d, min(k, 4096), dtype)
     c = x[torch.randperm(n, device=DEV)[:k]].clone()
     nm = numerics_for(x, None, metric="euclidean")
     out = {"shape": [n, k, d, str(dtype)]}
     p = A._prepare(x[None], c[None], "euclidean", nm.shift)
-    fast = A._fast_pass(p)
-    out["flagged_fraction"] = float(fast.flagged.float().mean())
     out["config"] = dataclasses.asdict(p.cfg)
+    labels, dist = A.flash_assign(x, c, shift=nm.shift)
+    if old is not None:
+        old_labels, old_dist = old.flash_assign(x, c, shift=nm.shift)
+        out["same_as_old"] = bool(torch.equal(labels, old_labels) and torch.equal(dist, old_dist))
+        out["old_assign_ms"] = cuda_ms(lambda: old.flash_assign(x, c, shift=nm.shift))
     out["assign_ms"] = cuda_ms(lambda: A.flash_assign(x, c, shift=nm.shift))
-    out["fast_pass_ms"] = cuda_ms(lambda: A._fast_pass(A._prepare(x[None], c[None], "euclidean", nm.shift)))
-    out["prepare_ms"] = cuda_ms(lambda: A._prepare(x[None], c[None], "euclidean", nm.shift))
-    out["row_pass_ms"] = cuda_ms(lambda: A._prepare_rows(p))
-    labels = fast.labels[0]
+    out.update(tiers(x, c, nm))
+    out.update(pieces(x, c, nm))
     out["update_ms"] = cuda_ms(lambda: sort_inverse_update(x, labels, k, scale=nm.scale))
-    out["sort_ms"] = cuda_ms(lambda: torch.sort(labels.to(torch.int32)))
     out["step_ms"] = cuda_ms(lambda: lloyd_step(x, c, nm, backend=backend_for(DEV)))
     out["assign_kernels"] = kernel_table(lambda: A.flash_assign(x, c, shift=nm.shift))
-    out["step_kernels"] = kernel_table(lambda: lloyd_step(x, c, nm, backend=backend_for(DEV)))
     return out, x, c, nm
 
 
@@ -125,7 +209,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--update-sweep", action="store_true", help="only sweep the update kernel's launch")
+    ap.add_argument("--sweep-main", action="store_true", help="also sweep the streaming kernel's launch")
+    ap.add_argument("--no-resolve-sweep", action="store_true")
+    ap.add_argument("--rows-sweep", action="store_true", help="sweep the row pass's launch (on N=8M)")
+    ap.add_argument("--old", help="a previous assign.py inside kernels/, timed on the same tensors")
     args = ap.parse_args()
+    old = None
+    if args.old:
+        old = importlib.import_module("flashkm_dist.kernels." + os.path.splitext(os.path.basename(args.old))[0])
     if args.update_sweep:
         res = update_sweep()
         for r in res:
@@ -138,9 +229,13 @@ def main():
                         ("8M_1024_fp16", (1 << 23, 1024, 128, torch.float16)),
                         ("1M_8192_fp32", (1 << 20, 8192, 128, torch.float32))]:
         try:
-            out, x, c, nm = case(*shape)
-            if name == "1M_8192_fp16":
+            out, x, c, nm = case(*shape, old=old)
+            if name == "1M_8192_fp16" and args.sweep_main:
                 out["sweep"] = sweep(x, c, nm)
+            if name in ("1M_8192_fp16", "1M_8192_fp32") and not args.no_resolve_sweep:
+                out["resolve_sweep"] = resolve_sweep(x, c, nm, RESOLVE_COMBOS)
+            if name == "8M_1024_fp16" and args.rows_sweep:
+                out["rows_sweep"] = rows_sweep(x, c, nm)
             result[name] = out
         except Exception:
             result[name] = {"error": traceback.format_exc()}

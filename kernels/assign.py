@@ -1,14 +1,20 @@
 """FlashAssign: nearest centroid of every row in one streaming pass, exact per the numerics contract.
 
-A row pass turns x into centred, power-of-two scaled fp16 operands plus two numbers per row (|a|^2 and the error
-bound E). Then one program owns BLOCK_N rows and streams all centroids through shared memory in BLOCK_K tiles;
-the N x K distance matrix never exists. Scores come from fp16 tensor-core products with fp32 accumulation (the
-fastest path on H100/H200, for every input dtype); the exact float64 distance of the chosen centroid is computed
-from the original x at the end. Each row keeps its best and second-best score; the provable per-row bound
-(below) decides whether the fast label is certainly the exact argmin. The few rows where it is not are resolved
-exactly: a second pass of the same kernel collects every centroid that could still win, and those candidates
-are compared in float64 (or, if there are too many, the row goes to `reference.assign`). Labels are therefore the exact float64 argmin up to float64 rounding (~1e-16), far
-inside the contract, and ties go to the lowest index.
+Two small kernels prepare the centroid side (shift s, scale alpha, fp16 operands and their bounds; no host
+synchronisation). A row pass turns x into centred, power-of-two scaled fp16 operands plus two numbers per row
+(|a|^2 and the error bound E). Then one program owns BLOCK_N rows and streams all centroids through shared memory
+in BLOCK_K tiles; the N x K distance matrix never exists. Scores come from fp16 tensor-core products with fp32
+accumulation (the fastest path on H100/H200, for every input dtype); the exact float64 distance of the chosen
+centroid is computed from the original x at the end. Each row keeps its best and second-best score; the provable
+per-row bound (below) decides whether the fast label is certainly the exact argmin. The few rows where it is not
+(`flagged`) are appended to a list on the device and resolved exactly by the resolve pass (`_resolve_kernel`,
+persistent programs over the list): it streams the centroids again for those rows and keeps every centroid under
+the row's threshold (a superset of the centroids that can still win), at most two per centroid tile as
+candidate slots (a tile with more hits is remembered and checked whole); the float64 argmin over those is the
+label. The rare rows it cannot settle (more than MAX_CANDIDATES candidates, wide hits in two tiles, a NaN bound)
+go to float64 brute force over all centroids (`_brute_kernel`). No step waits for the host. Labels are therefore
+the exact float64 argmin up to float64 rounding (~1e-16), far inside the contract, and ties go to the lowest
+index.
 
 Why it is exact (everything in units scaled by alpha = 2**e, exact):
   a = alpha (x - s), b_c = alpha (c - s) exactly, with s the kernel's shift (fp32, from the data mean: a shift
@@ -27,7 +33,8 @@ Why it is exact (everything in units scaled by alpha = 2**e, exact):
   log2(BLOCK_K) mantissa bits (|key - d| < BLOCK_K 2**-23 |key| =: T|key|). If
       (t2 - t1) - T (|t1| + |t2|) > 2 E
   then S(label) < S(c) for every other c: the label is the unique exact argmin. Otherwise every c that can still
-  win has d(c) - aa <= t1 + T|t1| - aa + 2E (the row's `threshold`), which the collect pass uses.
+  win has d(c) - aa <= t1 + T|t1| - aa + 2E (the row's `threshold`), which the resolve pass uses: its own scores
+  d'(c) of the same operands obey the same bound, so d'(c) - aa <= threshold for every c that can still win.
 """
 from __future__ import annotations
 
@@ -40,11 +47,10 @@ import triton.language as tl
 from . import reference
 from .config import AssignConfig, assign_config, launch
 
-MAX_CANDIDATES = 8  # a flagged row with more possible winners than this goes to reference.assign
+MAX_CANDIDATES = 8  # a flagged row with more possible winners than this goes to float64 brute force
 _FAR = 1.0e38  # score of padded centroid columns: finite, so margins stay finite (K = 1 works)
 _ALPHA_TARGET_EXP = 10  # alpha * max|c - s| lands in [2**9, 2**10): rows up to 64x farther still fit fp16
 _COSINE_ALPHA = 2.0 ** 12  # unit rows: coordinates <= 1 -> <= 4096
-_EXACT_ELEMENTS = 1 << 25  # float64 elements (rows x candidates x D) per exact candidate check: 256 MiB
 _FORCE_TOP2_REDUCE = False  # tests: run the GPU's one-pass top-2 reduction in the interpreter too
 
 
@@ -67,6 +73,33 @@ def _centred_tile(x_ptr, row_off, offs_d, D, stride_xd, shift_ptr, row_scale, ro
 def _top2_combine(a1, a2, b1, b2):
     """(smallest, second smallest) of two pairs: 3 min/max per score in a sequential reduction."""
     return tl.minimum(a1, b1), tl.minimum(tl.maximum(a1, b1), tl.minimum(a2, b2))
+
+
+@triton.jit
+def _resident_rows(a_rows, offs_d, aa, RESIDENT: tl.constexpr):
+    """The row tile kept on chip for the whole centroid stream (unused placeholder when D is streamed)."""
+    if RESIDENT:
+        return tl.load(a_rows + offs_d[None, :])
+    else:
+        return aa
+
+
+@triton.jit
+def _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, k0, offs_k, offs_d, d_pad,
+                 BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr):
+    """aa + |b|^2 - 2 a.b for one BLOCK_K tile of centroids: fp16 tensor-core products, fp32 accumulation."""
+    cc = tl.load(cc_ptr + k0 + offs_k)
+    acc = aa[:, None] + cc[None, :]
+    c_rows = cf_ptr + (k0 + offs_k)[:, None].to(tl.int64) * d_pad
+    if RESIDENT:
+        c = tl.load(c_rows + offs_d[None, :])
+        acc = tl.dot(a_fast, tl.trans(c), acc)
+    else:
+        for d0 in range(0, d_pad, BLOCK_D):
+            a_chunk = tl.load(a_rows + d0 + offs_d[None, :])
+            c = tl.load(c_rows + d0 + offs_d[None, :])
+            acc = tl.dot(a_chunk, tl.trans(c), acc)
+    return acc
 
 
 @triton.jit
@@ -151,14 +184,15 @@ def _rows_kernel(
 def _assign_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd, a_ptr, rowstat_ptr,
     cf_ptr, cc_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
-    labels_ptr, dist_ptr, flag_ptr, thr_ptr, cand_ptr, count_ptr,
+    labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr,
     n_rows, n_pad, D, k_pad, d_pad,
-    COSINE: tl.constexpr, COLLECT: tl.constexpr, MAX_CAND: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
-    EPI_D: tl.constexpr, LOP3: tl.constexpr, TOP2_REDUCE: tl.constexpr,
+    COSINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    RESIDENT: tl.constexpr, EPI_D: tl.constexpr, LOP3: tl.constexpr, TOP2_REDUCE: tl.constexpr,
 ):
     """Streaming pass: scores of BLOCK_N prepared rows against every centroid tile, running best/second key per
-    row (or, COLLECT, every centroid under the row's threshold), then the margin test and the exact distance."""
+    row, then the margin test, the exact distance of the label, and the flagged rows appended to the batch's
+    list (`list_ptr[b, :count[b, 0]]`, batch stride n_pad, in no particular order; count is (B, 4)) for the
+    resolve pass."""
     U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -173,95 +207,428 @@ def _assign_kernel(
     cc_ptr += pid_b.to(tl.int64) * k_pad
     aa = tl.load(rowstat_ptr + a_off * 2)
 
-    if COLLECT:
-        thr = tl.load(thr_ptr + out_off, mask=row_mask, other=-float("inf"))
-    if RESIDENT:
-        a_fast = tl.load(a_rows + offs_d[None, :])
+    a_fast = _resident_rows(a_rows, offs_d, aa, RESIDENT)
     best = tl.full([BLOCK_N], 3.0e38, tl.float32)
     second = tl.full([BLOCK_N], 3.0e38, tl.float32)
     best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
-    count = tl.zeros([BLOCK_N], dtype=tl.int32)
 
     for k0 in range(0, k_pad, BLOCK_K):
-        cc = tl.load(cc_ptr + k0 + offs_k)
-        acc = aa[:, None] + cc[None, :]
-        c_rows = cf_ptr + (k0 + offs_k)[:, None].to(tl.int64) * d_pad
-        if RESIDENT:
-            c = tl.load(c_rows + offs_d[None, :])
-            acc = tl.dot(a_fast, tl.trans(c), acc)
-        else:
-            for d0 in range(0, d_pad, BLOCK_D):
-                a_chunk = tl.load(a_rows + d0 + offs_d[None, :])
-                c = tl.load(c_rows + d0 + offs_d[None, :])
-                acc = tl.dot(a_chunk, tl.trans(c), acc)
-        if COLLECT:
-            # every centroid that may still beat the stage-1 label: d - aa <= threshold (rounding allowed for)
-            rel = (acc - aa[:, None]) - 2.0 * U * (tl.abs(acc) + aa[:, None])
-            hit = (rel <= thr[:, None]) & row_mask[:, None]
-            h = hit.to(tl.int32)
-            pos = count[:, None] + tl.cumsum(h, 1) - h
-            tl.store(cand_ptr + out_off[:, None] * MAX_CAND + pos, (k0 + offs_k)[None, :] + 0 * pos,
-                     mask=hit & (pos < MAX_CAND))
-            count += tl.sum(h, 1)
-        else:
-            # key = score with its in-tile index in the low mantissa bits: one min gives value and argmin
-            key = _score_keys(acc, offs_k, BLOCK_K, LOP3)
-            if TOP2_REDUCE:  # one pass (3 min/max per score); the interpreter runs custom combines slowly
-                t1, t2 = tl.reduce((key, tl.full(key.shape, 3.0e38, tl.float32)), 1, _top2_combine)
-            else:  # keys are distinct (distinct index bits), so dropping the minimum leaves the second
-                t1 = tl.min(key, 1)
-                t2 = tl.min(tl.where(key == t1[:, None], 3.0e38, key), 1)
-            i1 = (t1.to(tl.int32, bitcast=True) & (BLOCK_K - 1)) + k0
-            better = t1 < best  # strict: an earlier tile keeps a tie (and the tie shows as a zero margin)
-            second = tl.where(better, tl.minimum(best, t2), tl.minimum(second, t1))
-            best_idx = tl.where(better, i1, best_idx)
-            best = tl.where(better, t1, best)
+        acc = _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, k0, offs_k, offs_d, d_pad, BLOCK_D, RESIDENT)
+        # key = score with its in-tile index in the low mantissa bits: one min gives value and argmin
+        key = _score_keys(acc, offs_k, BLOCK_K, LOP3)
+        if TOP2_REDUCE:  # one pass (3 min/max per score); the interpreter runs custom combines slowly
+            t1, t2 = tl.reduce((key, tl.full(key.shape, 3.0e38, tl.float32)), 1, _top2_combine)
+        else:  # keys are distinct (distinct index bits), so dropping the minimum leaves the second
+            t1 = tl.min(key, 1)
+            t2 = tl.min(tl.where(key == t1[:, None], 3.0e38, key), 1)
+        i1 = (t1.to(tl.int32, bitcast=True) & (BLOCK_K - 1)) + k0
+        better = t1 < best  # strict: an earlier tile keeps a tie (and the tie shows as a zero margin)
+        second = tl.where(better, tl.minimum(best, t2), tl.minimum(second, t1))
+        best_idx = tl.where(better, i1, best_idx)
+        best = tl.where(better, t1, best)
 
-    if COLLECT:
-        tl.store(count_ptr + out_off, count, mask=row_mask)
-    else:
-        bound = 2.0 * tl.load(rowstat_ptr + a_off * 2 + 1) * (1.0 + 1.52587890625e-05)
-        trunc = BLOCK_K * 1.1920928955078125e-07 + 2.384185791015625e-07
-        gap = (second - best) * (1.0 - 2.384185791015625e-07) - trunc * (tl.abs(best) + tl.abs(second)) - 1e-36
-        exact = gap > bound  # False for NaN / inf bounds: such rows are re-checked
-        thr_out = best + trunc * tl.abs(best) - aa + bound
-        thr_out += 4.0 * U * (tl.abs(best) + aa + bound) + bound * 0.00390625 + 1e-30
-        # a non-finite bound (fp16 overflow, inf/NaN input) says nothing about candidates: NaN sends the row to
-        # reference.assign (no centroid passes a NaN threshold)
-        thr_out = tl.where(bound <= 3.0e38, thr_out, float("nan"))
-        tl.store(labels_ptr + out_off, best_idx.to(tl.int64), mask=row_mask)
-        tl.store(flag_ptr + out_off, (~exact).to(tl.int8), mask=row_mask)
-        tl.store(thr_ptr + out_off, thr_out, mask=row_mask)
+    bound = 2.0 * tl.load(rowstat_ptr + a_off * 2 + 1) * (1.0 + 1.52587890625e-05)
+    trunc = BLOCK_K * 1.1920928955078125e-07 + 2.384185791015625e-07
+    gap = (second - best) * (1.0 - 2.384185791015625e-07) - trunc * (tl.abs(best) + tl.abs(second)) - 1e-36
+    exact = gap > bound  # False for NaN / inf bounds: such rows are re-checked
+    thr_out = best + trunc * tl.abs(best) - aa + bound
+    thr_out += 4.0 * U * (tl.abs(best) + aa + bound) + bound * 0.00390625 + 1e-30
+    # a non-finite bound (fp16 overflow, inf/NaN input) says nothing about candidates: NaN sends the row to
+    # float64 brute force (no centroid passes a NaN threshold)
+    thr_out = tl.where(bound <= 3.0e38, thr_out, float("nan"))
+    tl.store(labels_ptr + out_off, best_idx.to(tl.int64), mask=row_mask)
+    tl.store(flag_ptr + out_off, (~exact).to(tl.int8), mask=row_mask)
+    tl.store(thr_ptr + out_off, thr_out, mask=row_mask)
+    # the flagged rows, appended to the batch's list: one atomic per program reserves their slots
+    fl = (~exact) & row_mask
+    fi = fl.to(tl.int32)
+    n_fl = tl.sum(fi, 0)
+    base = tl.atomic_add(count_ptr + pid_b * 4, n_fl, mask=n_fl > 0)
+    tl.store(list_ptr + pid_b.to(tl.int64) * n_pad + base + tl.cumsum(fi, 0) - fi, rows, mask=fl)
 
-        # exact float64 distance to the chosen centroid, as reference.assign computes it
-        row_off = pid_b.to(tl.int64) * stride_xb + rows.to(tl.int64) * stride_xn
+    # exact float64 distance to the chosen centroid, as reference.assign computes it
+    row_off = pid_b.to(tl.int64) * stride_xb + rows.to(tl.int64) * stride_xn
+    inv_norm = _inv_norm(x_ptr, row_off, stride_xd, D, row_mask, COSINE, BLOCK_N, EPI_D)
+    c_off = pid_b.to(tl.int64) * stride_cdb + best_idx.to(tl.int64) * stride_cdk
+    total = _exact_score(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdd, D, row_mask, inv_norm,
+                         COSINE, BLOCK_N, EPI_D)
+    if COSINE:
+        total = _cosine_dist(total)
+    tl.store(dist_ptr + out_off, total.to(tl.float32), mask=row_mask)
+
+
+@triton.jit
+def _inv_norm(x_ptr, row_off, stride_xd, D, row_mask, COSINE: tl.constexpr, BLOCK_N: tl.constexpr,
+              EPI_D: tl.constexpr):
+    """float64 1/|x| per row for cosine (1 for a zero row), 1 for euclidean."""
+    inv_norm = tl.zeros([BLOCK_N], dtype=tl.float64) + 1.0
+    if COSINE:
         offs_e = tl.arange(0, EPI_D)
-        c_off = pid_b.to(tl.int64) * stride_cdb + best_idx.to(tl.int64) * stride_cdk
-        total = tl.zeros([BLOCK_N], dtype=tl.float64)
-        inv_norm = tl.zeros([BLOCK_N], dtype=tl.float64) + 1.0
-        if COSINE:
-            nsq = tl.zeros([BLOCK_N], dtype=tl.float64)
-            for d0 in range(0, D, EPI_D):
-                m = row_mask[:, None] & ((d0 + offs_e) < D)[None, :]
-                xv = tl.load(x_ptr + row_off[:, None] + (d0 + offs_e)[None, :].to(tl.int64) * stride_xd,
-                             mask=m, other=0.0).to(tl.float64)
-                nsq += tl.sum(xv * xv, 1)
-            norm = tl.sqrt(nsq)
-            inv_norm = 1.0 / tl.where(norm > 0.0, norm, 1.0)  # (reference divides each element: ~1 ulp apart)
+        nsq = tl.zeros([BLOCK_N], dtype=tl.float64)
         for d0 in range(0, D, EPI_D):
             m = row_mask[:, None] & ((d0 + offs_e) < D)[None, :]
             xv = tl.load(x_ptr + row_off[:, None] + (d0 + offs_e)[None, :].to(tl.int64) * stride_xd,
                          mask=m, other=0.0).to(tl.float64)
-            cv = tl.load(cd_ptr + c_off[:, None] + (d0 + offs_e)[None, :].to(tl.int64) * stride_cdd,
-                         mask=m, other=0.0).to(tl.float64)
-            if COSINE:
-                total += tl.sum((xv * inv_norm[:, None]) * cv, 1)
-            else:
-                diff = xv - cv
-                total += tl.sum(diff * diff, 1)
+            nsq += tl.sum(xv * xv, 1)
+        norm = tl.sqrt(nsq)
+        inv_norm = 1.0 / tl.where(norm > 0.0, norm, 1.0)  # (reference divides each element: ~1 ulp apart)
+    return inv_norm
+
+
+@triton.jit
+def _cosine_dist(score):
+    """1 - cos from the score -cos, clamped to [0, 2] like reference.assign (NaN stays NaN)."""
+    return tl.where(score == score, tl.minimum(tl.maximum(1.0 + score, 0.0), 2.0), score)
+
+
+@triton.jit
+def _exact_score(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdd, D, row_mask, inv_norm,
+                 COSINE: tl.constexpr, BLOCK_N: tl.constexpr, EPI_D: tl.constexpr):
+    """float64 score of each row against the centroid row at c_off: |x - c|^2, or -cos (unit c) for cosine."""
+    offs_e = tl.arange(0, EPI_D)
+    total = tl.zeros([BLOCK_N], dtype=tl.float64)
+    for d0 in range(0, D, EPI_D):
+        m = row_mask[:, None] & ((d0 + offs_e) < D)[None, :]
+        xv = tl.load(x_ptr + row_off[:, None] + (d0 + offs_e)[None, :].to(tl.int64) * stride_xd,
+                     mask=m, other=0.0).to(tl.float64)
+        cv = tl.load(cd_ptr + c_off[:, None] + (d0 + offs_e)[None, :].to(tl.int64) * stride_cdd,
+                     mask=m, other=0.0).to(tl.float64)
         if COSINE:
-            total = tl.minimum(tl.maximum(1.0 - total, 0.0), 2.0)
-        tl.store(dist_ptr + out_off, total.to(tl.float32), mask=row_mask)
+            total -= tl.sum((xv * inv_norm[:, None]) * cv, 1)
+        else:
+            diff = xv - cv
+            total += tl.sum(diff * diff, 1)
+    return total
+
+
+@triton.jit
+def _take(best, best_idx, score, idx, use):
+    """Running float64 argmin with ties to the lowest index (candidates come in any order)."""
+    take = use & ((score < best) | ((score == best) & (idx < best_idx)))
+    return tl.where(take, score, best), tl.where(take, idx, best_idx)
+
+
+@triton.jit
+def _exact_score4(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdk, stride_cdd, D, row_mask, idx, K, inv_norm,
+                  COSINE: tl.constexpr, BLOCK_N: tl.constexpr, EPI_D: tl.constexpr):
+    """`_exact_score` of centroids idx .. idx + 3 (rows at c_off + u stride_cdk; those >= K masked) in one pass."""
+    offs_e = tl.arange(0, EPI_D)
+    t0 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    t1 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    t2 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    t3 = tl.zeros([BLOCK_N], dtype=tl.float64)
+    for d0 in range(0, D, EPI_D):
+        dm = ((d0 + offs_e) < D)[None, :]
+        m = row_mask[:, None] & dm
+        col = (d0 + offs_e)[None, :].to(tl.int64) * stride_cdd
+        xv = tl.load(x_ptr + row_off[:, None] + (d0 + offs_e)[None, :].to(tl.int64) * stride_xd,
+                     mask=m, other=0.0).to(tl.float64)
+        c0 = tl.load(cd_ptr + c_off[:, None] + col, mask=m & (idx < K)[:, None], other=0.0).to(tl.float64)
+        c1 = tl.load(cd_ptr + c_off[:, None] + stride_cdk + col, mask=m & (idx + 1 < K)[:, None],
+                     other=0.0).to(tl.float64)
+        c2 = tl.load(cd_ptr + c_off[:, None] + 2 * stride_cdk + col, mask=m & (idx + 2 < K)[:, None],
+                     other=0.0).to(tl.float64)
+        c3 = tl.load(cd_ptr + c_off[:, None] + 3 * stride_cdk + col, mask=m & (idx + 3 < K)[:, None],
+                     other=0.0).to(tl.float64)
+        if COSINE:
+            xu = xv * inv_norm[:, None]
+            t0 -= tl.sum(xu * c0, 1)
+            t1 -= tl.sum(xu * c1, 1)
+            t2 -= tl.sum(xu * c2, 1)
+            t3 -= tl.sum(xu * c3, 1)
+        else:
+            t0 += tl.sum((xv - c0) * (xv - c0), 1)
+            t1 += tl.sum((xv - c1) * (xv - c1), 1)
+            t2 += tl.sum((xv - c2) * (xv - c2), 1)
+            t3 += tl.sum((xv - c3) * (xv - c3), 1)
+    return t0, t1, t2, t3
+
+
+@triton.jit(do_not_specialize=["stride_xb", "n_rows"])
+def _resolve_kernel(
+    x_ptr, stride_xb, stride_xn, stride_xd, a_ptr, rowstat_ptr, thr_ptr,
+    cf_ptr, cc_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
+    labels_ptr, dist_ptr, list_ptr, count_ptr, rest_ptr,
+    n_rows, n_pad, D, K, k_pad, d_pad, stride_list,
+    COSINE: tl.constexpr, MAX_CAND: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
+    EPI_D: tl.constexpr, LOP3: tl.constexpr, TOP2_REDUCE: tl.constexpr,
+):
+    """Makes the flagged rows exact, in place. Persistent: the programs of batch b walk the tiles of BLOCK_N rows
+    of its list (`list_ptr[b, :count[b, 0]]`, batch stride stride_list; count is (B, 4)). For each row it
+    streams every centroid tile again and keeps every centroid under the row's threshold (`hit`: a superset of
+    the centroids that can still win): per tile, the two lowest keys among the hits go to the row's candidate
+    slots; a tile with more than two hits is remembered instead (the row's first such tile). Then the float64
+    argmin (ties -> lowest index) over the slots, plus every centroid of the remembered tile, is the label.
+    Rows this cannot settle (no candidate, more than MAX_CAND in the slots, or two tiles with more than two hits)
+    are appended to the batch's `rest` list (`rest_ptr[b, :count[b, 1]]`) for `_brute_kernel`; count[b, 2]
+    counts the rows settled through a remembered tile."""
+    U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
+    BIG: tl.constexpr = 3.0e38
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    pid_b = tl.program_id(1)
+    n_flag = tl.load(count_ptr + pid_b * 4)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, MAX_CAND)
+    cf_ptr += pid_b.to(tl.int64) * k_pad * d_pad
+    cc_ptr += pid_b.to(tl.int64) * k_pad
+    list_ptr += pid_b.to(tl.int64) * stride_list
+    for tile in range(pid, tl.cdiv(n_flag, BLOCK_N), nprog):
+        slot = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid = slot < n_flag
+        rows = tl.load(list_ptr + slot, mask=valid, other=0)
+        out_off = pid_b.to(tl.int64) * n_rows + rows
+        a_off = pid_b.to(tl.int64) * n_pad + rows
+        a_rows = a_ptr + a_off[:, None] * d_pad
+        aa = tl.load(rowstat_ptr + a_off * 2)
+        thr = tl.load(thr_ptr + out_off, mask=valid, other=float("nan"))
+        # hit <=> acc <= lim, with lim >= aa + thr exactly (so every centroid with d - aa <= thr is a hit); a
+        # NaN or huge limit hits nothing (padded centroid columns score about 1e38) and sends the row on
+        s = aa + thr
+        lim = s + 4.0 * U * tl.abs(s) + 1e-30
+        lim = tl.where(lim < 1.0e37, lim, float("nan"))
+        a_fast = _resident_rows(a_rows, offs_d, aa, RESIDENT)
+        cand = tl.zeros([BLOCK_N, MAX_CAND], dtype=tl.int32)
+        count = tl.zeros([BLOCK_N], dtype=tl.int32)
+        n_wide = tl.zeros([BLOCK_N], dtype=tl.int32)  # tiles with more than two hits
+        wide_k0 = tl.zeros([BLOCK_N], dtype=tl.int32)  # the first of them
+        for k0 in range(0, k_pad, BLOCK_K):
+            acc = _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, k0, offs_k, offs_d, d_pad, BLOCK_D, RESIDENT)
+            hit = acc <= lim[:, None]
+            key = tl.where(hit, _score_keys(acc, offs_k, BLOCK_K, LOP3), BIG)
+            if TOP2_REDUCE:
+                t1, t2 = tl.reduce((key, tl.full(key.shape, BIG, tl.float32)), 1, _top2_combine)
+            else:
+                t1 = tl.min(key, 1)
+                t2 = tl.min(tl.where(key == t1[:, None], BIG, key), 1)
+            n_hit = tl.sum(hit.to(tl.int32), 1)
+            i1 = (t1.to(tl.int32, bitcast=True) & (BLOCK_K - 1)) + k0
+            i2 = (t2.to(tl.int32, bitcast=True) & (BLOCK_K - 1)) + k0
+            # slots count, count + 1 take i1, i2 (what lands at or beyond the final count is never read)
+            # (a (BLOCK_N, MAX_CAND) tile; eight per-row vectors measured slower on H200)
+            cand = tl.where(offs_m[None, :] == count[:, None], i1[:, None],
+                            tl.where(offs_m[None, :] == count[:, None] + 1, i2[:, None], cand))
+            wide = n_hit > 2
+            wide_k0 = tl.where(wide & (n_wide == 0), k0, wide_k0)
+            n_wide += wide.to(tl.int32)
+            count += tl.where(wide, 0, n_hit)
+        settle = valid & (count <= MAX_CAND) & (((n_wide == 0) & (count >= 1)) | (n_wide == 1))
+        widened = settle & (n_wide == 1)
+
+        # float64 argmin among the candidates; ties go to the lowest index (slots are not in index order)
+        row_off = pid_b.to(tl.int64) * stride_xb + rows.to(tl.int64) * stride_xn
+        inv_norm = _inv_norm(x_ptr, row_off, stride_xd, D, settle, COSINE, BLOCK_N, EPI_D)
+        best = tl.full([BLOCK_N], float("inf"), tl.float64)
+        best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+        n_slots = tl.max(tl.where(settle, count, 0), 0)
+        for j in range(0, n_slots):
+            idx = tl.sum(tl.where(offs_m[None, :] == j, cand, 0), 1)
+            use = settle & (j < count)
+            c_off = pid_b.to(tl.int64) * stride_cdb + idx.to(tl.int64) * stride_cdk
+            score = _exact_score(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdd, D, use, inv_norm,
+                                 COSINE, BLOCK_N, EPI_D)
+            best, best_idx = _take(best, best_idx, score, idx, use)
+        # every centroid of the remembered tile (a superset of its hits: non-hits cannot win)
+        # (four centroids per step, in one pass over D: their loads are in flight together)
+        n_widened = tl.sum(widened.to(tl.int32), 0)
+        for j in range(0, tl.where(n_widened > 0, BLOCK_K, 0), 4):
+            idx = wide_k0 + j
+            c_off = pid_b.to(tl.int64) * stride_cdb + idx.to(tl.int64) * stride_cdk
+            e0, e1, e2, e3 = _exact_score4(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdk, stride_cdd, D,
+                                           widened, idx, K, inv_norm, COSINE, BLOCK_N, EPI_D)
+            best, best_idx = _take(best, best_idx, e0, idx, widened & (idx < K))
+            best, best_idx = _take(best, best_idx, e1, idx + 1, widened & (idx + 1 < K))
+            best, best_idx = _take(best, best_idx, e2, idx + 2, widened & (idx + 2 < K))
+            best, best_idx = _take(best, best_idx, e3, idx + 3, widened & (idx + 3 < K))
+        tl.atomic_add(count_ptr + pid_b * 4 + 2, n_widened, mask=n_widened > 0)
+        if COSINE:
+            best = _cosine_dist(best)
+        tl.store(labels_ptr + out_off, best_idx.to(tl.int64), mask=settle)
+        tl.store(dist_ptr + out_off, best.to(tl.float32), mask=settle)
+        # the rest, appended to the batch's second list
+        rest = valid & ~settle
+        ri = rest.to(tl.int32)
+        n_rest = tl.sum(ri, 0)
+        base = tl.atomic_add(count_ptr + pid_b * 4 + 1, n_rest, mask=n_rest > 0)
+        tl.store(rest_ptr + pid_b.to(tl.int64) * stride_list + base + tl.cumsum(ri, 0) - ri, rows, mask=rest)
+
+
+@triton.jit(do_not_specialize=["stride_xb", "n_rows"])
+def _brute_kernel(
+    x_ptr, stride_xb, stride_xn, stride_xd, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
+    labels_ptr, dist_ptr, list_ptr, count_ptr, n_rows, K, D, stride_list,
+    COSINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_D: tl.constexpr,
+):
+    """Last tier (rows with more than MAX_CAND possible winners: duplicated centroids, or no usable bound): the
+    float64 score of every centroid, straight from the difference (no expansion, so exact ties stay ties), the
+    first minimum wins. Persistent over `list_ptr[b, :count[b, 0]]` like `_resolve_kernel`. A NaN score never
+    wins; a row without any finite score keeps centroid 0 (its NaN / inf distance)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    pid_b = tl.program_id(1)
+    n_list = tl.load(count_ptr + pid_b * 4)
+    list_ptr += pid_b.to(tl.int64) * stride_list
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in range(pid, tl.cdiv(n_list, BLOCK_N), nprog):
+        slot = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid = slot < n_list
+        rows = tl.load(list_ptr + slot, mask=valid, other=0)
+        row_off = pid_b.to(tl.int64) * stride_xb + rows.to(tl.int64) * stride_xn
+        out_off = pid_b.to(tl.int64) * n_rows + rows
+        inv_norm = _inv_norm(x_ptr, row_off, stride_xd, D, valid, COSINE, BLOCK_N, EPI_D)
+        best = tl.full([BLOCK_N], float("inf"), tl.float64)
+        best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            k_mask = ks < K
+            c_off = pid_b.to(tl.int64) * stride_cdb + ks.to(tl.int64) * stride_cdk
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float64)
+            for d in range(0, D):
+                xv = tl.load(x_ptr + row_off + d * stride_xd, mask=valid, other=0.0).to(tl.float64)
+                cv = tl.load(cd_ptr + c_off + d * stride_cdd, mask=k_mask, other=0.0).to(tl.float64)
+                if COSINE:
+                    acc -= (xv * inv_norm)[:, None] * cv[None, :]
+                else:
+                    diff = xv[:, None] - cv[None, :]
+                    acc += diff * diff
+            acc = tl.where(k_mask[None, :] & (acc == acc), acc, float("inf"))
+            t = tl.min(acc, 1)
+            ti = tl.min(tl.where(acc == t[:, None], ks[None, :], 2147483647), 1)
+            better = t < best  # strict: an earlier tile keeps a tie
+            best_idx = tl.where(better, ti, best_idx)
+            best = tl.where(better, t, best)
+        first = _exact_score(x_ptr, row_off, stride_xd, cd_ptr, pid_b.to(tl.int64) * stride_cdb + 0 * row_off,
+                             stride_cdd, D, valid, inv_norm, COSINE, BLOCK_N, EPI_D)
+        best = tl.where(best < float("inf"), best, first)
+        if COSINE:
+            best = _cosine_dist(best)
+        tl.store(labels_ptr + out_off, best_idx.to(tl.int64), mask=valid)
+        tl.store(dist_ptr + out_off, best.to(tl.float32), mask=valid)
+
+
+@triton.jit
+def _range_kernel(c_ptr, stride_cb, stride_ck, stride_cd, mu_ptr, spread_ptr, out_ptr, K, D,
+                  SPREAD: tl.constexpr, MODE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """SPREAD: out[b, d] >= max_k |c[b, k, d] - mu[b, d]| (the centroids' spread around the mean); otherwise
+    out[b] >= max_{k,d} |c[b, k, d] - s[b, d]|, s the kernel's shift (`_shift_of`). fp32 bits, rounded up,
+    atomic max into zeros."""
+    pid_k = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = ds < D
+    m = (ks < K)[:, None] & d_mask[None, :]
+    c = tl.load(c_ptr + pid_b.to(tl.int64) * stride_cb + ks[:, None].to(tl.int64) * stride_ck
+                + ds[None, :].to(tl.int64) * stride_cd, mask=m, other=0.0).to(tl.float64)
+    mu = tl.load(mu_ptr + pid_b * D + ds, mask=d_mask, other=0.0)
+    if SPREAD:
+        v = tl.max(tl.where(m, tl.abs(c - mu[None, :]), 0.0), 0)
+        v32 = tl.abs((v * (1.0 + 2.0 ** -20)).to(tl.float32))  # (abs: a NaN must compare high as int bits)
+        tl.atomic_max(out_ptr + pid_b * D + ds, v32.to(tl.int32, bitcast=True), mask=d_mask)
+    else:
+        spread = tl.load(spread_ptr + pid_b * D + ds, mask=d_mask, other=0).to(tl.float32, bitcast=True)
+        s = _shift_of(mu, spread.to(tl.float64), MODE).to(tl.float64)
+        v = tl.max(tl.max(tl.where(m, tl.abs(c - s[None, :]), 0.0), 1), 0)
+        v32 = tl.abs((v * (1.0 + 2.0 ** -20)).to(tl.float32))
+        tl.atomic_max(out_ptr + pid_b, v32.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _shift_of(mu, spread, MODE: tl.constexpr):
+    """The kernel's fp32 shift s per (b, d) from the float64 mean mu. Any s is exact; this one keeps fp16 input
+    exact after centring. MODE 0 (fp32 x): fp32(mu). MODE 1 / 2 (fp16 / bf16 x): mu on x's own grid (x - s then
+    exact by Sterbenz near mu; fp32(mu) if that overflows), or 0 where |mu| <= spread, the centroids' spread
+    around mu (no cancellation to avoid, and x - 0 is exact)."""
+    if MODE == 0:
+        s = mu.to(tl.float32)
+    else:
+        if MODE == 1:
+            snapped = mu.to(tl.float32).to(tl.float16).to(tl.float32)
+        else:
+            snapped = mu.to(tl.float32).to(tl.bfloat16).to(tl.float32)
+        snapped = tl.where(tl.abs(snapped) < float("inf"), snapped, mu.to(tl.float32))
+        s = tl.where(tl.abs(mu) <= spread, 0.0, snapped)
+    return s
+
+
+@triton.jit
+def _centroid_kernel(c_ptr, stride_cb, stride_ck, stride_cd, mu_ptr, spread_ptr, range_ptr, sigma_ptr, stats_ptr,
+                     cf_ptr, cc_ptr, K, D, k_pad, d_pad,
+                     MODE: tl.constexpr, COSINE: tl.constexpr, FAR: tl.constexpr, TARGET_EXP: tl.constexpr,
+                     COS_ALPHA: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The centroid side of `_prepare` for one tile of BLOCK_K centroids: b = alpha (c - s) in float64,
+    c_fast = -2 fp16(b) and cc = fp32(|b|^2) (zero / FAR padding included), and the batch's bounds Bh, Eb, Bsq
+    (fp32, rounded up) by atomic max into stats (int32 bits, zero-initialised); program 0 stores alpha and s.
+    Every program derives s and alpha itself from mu, spread and range (same inputs, same values). Cosine: c is the
+    float64 unit rows, s = 0, alpha = COS_ALPHA, cc = COS_ALPHA**2."""
+    pid_k = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    if COSINE:
+        alpha = tl.full([], COS_ALPHA, tl.float64)
+    else:
+        # alpha = 2**(TARGET_EXP - e), m = f 2**e, f in [0.5, 1), m >= max |c - s| (NaN: alpha 1)
+        m = tl.load(range_ptr + pid_b).to(tl.float32, bitcast=True).to(tl.float64)
+        e = ((m.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1022
+        ex = tl.where(m > 0.0, TARGET_EXP - e, 0)
+        ex = tl.minimum(tl.maximum(ex, -120), 120)
+        alpha = ((ex + 1023) << 52).to(tl.float64, bitcast=True)
+    if pid_k == 0:
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + offs_d
+            d_mask = ds < D
+            if COSINE:
+                s = tl.zeros([BLOCK_D], dtype=tl.float32)
+            else:
+                mu = tl.load(mu_ptr + pid_b * D + ds, mask=d_mask, other=0.0)
+                spread = tl.load(spread_ptr + pid_b * D + ds, mask=d_mask, other=0).to(tl.float32, bitcast=True)
+                s = _shift_of(mu, spread.to(tl.float64), MODE)
+            tl.store(sigma_ptr + pid_b * D + ds, s, mask=d_mask)
+
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = ks < K
+    bb = tl.zeros([BLOCK_K], dtype=tl.float64)
+    eb = tl.zeros([BLOCK_K], dtype=tl.float64)
+    hh = tl.zeros([BLOCK_K], dtype=tl.float64)
+    cf_rows = cf_ptr + (pid_b.to(tl.int64) * k_pad + ks)[:, None] * d_pad
+    for d0 in range(0, d_pad, BLOCK_D):
+        ds = d0 + offs_d
+        d_mask = ds < D
+        m2 = k_mask[:, None] & d_mask[None, :]
+        c = tl.load(c_ptr + pid_b.to(tl.int64) * stride_cb + ks[:, None].to(tl.int64) * stride_ck
+                    + ds[None, :].to(tl.int64) * stride_cd, mask=m2, other=0.0).to(tl.float64)
+        if COSINE:
+            b = c * alpha
+        else:
+            mu = tl.load(mu_ptr + pid_b * D + ds, mask=d_mask, other=0.0)
+            spread = tl.load(spread_ptr + pid_b * D + ds, mask=d_mask, other=0).to(tl.float32, bitcast=True)
+            s = _shift_of(mu, spread.to(tl.float64), MODE).to(tl.float64)
+            b = tl.where(m2, (c - s[None, :]) * alpha, 0.0)
+        bh = b.to(tl.float32).to(tl.float16)
+        bh64 = bh.to(tl.float64)
+        bb += tl.sum(b * b, 1)
+        eb += tl.sum((b - bh64) * (b - bh64), 1)
+        hh += tl.sum(bh64 * bh64, 1)
+        tl.store(cf_rows + ds[None, :], bh * -2.0)
+    cc = bb.to(tl.float32)
+    if COSINE:
+        cc = tl.zeros([BLOCK_K], dtype=tl.float32) + COS_ALPHA * COS_ALPHA
+    tl.store(cc_ptr + pid_b.to(tl.int64) * k_pad + ks, tl.where(k_mask, cc, FAR))
+    # per-centroid upper bounds, rounded up to fp32; abs: a NaN compares high as int bits
+    e_b = tl.sqrt(eb) * (1.0 + 2.0 ** -40) + 2.0 ** -50 * tl.sqrt(bb)
+    b_hat = (tl.sqrt(hh) * (1.0 + 2.0 ** -20)).to(tl.float32)
+    e_b = (e_b * (1.0 + 2.0 ** -20)).to(tl.float32)
+    b_hat = tl.max(tl.where(k_mask, tl.abs(b_hat), 0.0), 0)
+    e_b = tl.max(tl.where(k_mask, tl.abs(e_b), 0.0), 0)
+    b_sq = tl.max(tl.where(k_mask, tl.abs(cc), 0.0), 0)
+    tl.atomic_max(stats_ptr + pid_b * 4 + 1, b_hat.to(tl.int32, bitcast=True))
+    tl.atomic_max(stats_ptr + pid_b * 4 + 2, e_b.to(tl.int32, bitcast=True))
+    tl.atomic_max(stats_ptr + pid_b * 4 + 3, b_sq.to(tl.int32, bitcast=True))
+    if pid_k == 0:
+        tl.store(stats_ptr + pid_b * 4, alpha.to(tl.float32).to(tl.int32, bitcast=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,44 +655,41 @@ class _Prepared:
 
 @dataclass
 class FastAssignment:
-    """Stage-1 result: labels exact wherever `flagged` is False."""
+    """Stage-1 result: labels exact wherever `flag` is 0."""
 
     labels: torch.Tensor  # int64 (B, N)
     min_dist: torch.Tensor  # float32 (B, N), exact for the returned label
-    flagged: torch.Tensor  # bool (B, N): margin under the error bound
-    threshold: torch.Tensor  # float32 (B, N): collect-pass threshold on d - aa
+    flag: torch.Tensor  # int8 (B, N): 1 where the margin is under the error bound
+    threshold: torch.Tensor  # float32 (B, N): resolve-pass threshold on d - aa
+    lists: torch.Tensor  # int32 (2, B, N): [0, b, :counts[b, 0]] the flagged rows, [1, b, :counts[b, 1]] the
+    #                      rows the resolve pass left to brute force (in no particular order)
+    counts: torch.Tensor  # int32 (B, 4): rows flagged, rows left to brute force, rows settled through a wide tile
 
-
-def _round_up_f32(v: torch.Tensor) -> torch.Tensor:
-    return (v.to(torch.float64) * (1.0 + 2.0 ** -20)).to(torch.float32)
-
-
-def _kernel_shift(x: torch.Tensor, centroids64: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """fp32 shift s per (b, d). Any s is exact; this one keeps fp16 input exact after centring: for fp16/bf16 x
-    s is mu on x's own grid (x - s then exact by Sterbenz near mu), or 0 where mu is inside the spread of the
-    centroids (no cancellation to avoid, and x - 0 is exact)."""
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return mu.to(torch.float32)
-    spread = (centroids64 - mu[:, None, :]).abs().amax(dim=1)
-    snapped = mu.to(x.dtype).to(torch.float64)
-    snapped = torch.where(torch.isfinite(snapped), snapped, mu)
-    return torch.where(mu.abs() <= spread, torch.zeros_like(mu), snapped).to(torch.float32)
+    @property
+    def flagged(self) -> torch.Tensor:
+        return self.flag.bool()
 
 
 def _prepare(x: torch.Tensor, centroids: torch.Tensor, metric: str, shift) -> _Prepared:
+    """The centroid side: shift, scale, fp16 operands and their bounds (two or three small kernels, no host
+    synchronisation)."""
     b, n, d = x.shape
     k = centroids.shape[1]
     dev = x.device
     cfg = assign_config(dev, k, d, x.dtype)
     cosine = metric == "cosine"
-    c64 = centroids.to(torch.float64)
+    k_pad, d_pad = cfg.padded_k(k), cfg.padded_d(d)
+    words = torch.zeros(b * 5 + b * d, dtype=torch.int32, device=dev)
+    stats_bits, rng, spread = words[:b * 4].view(b, 4), words[b * 4:b * 5], words[b * 5:].view(b, d)
+    sigma = torch.empty((b, d), dtype=torch.float32, device=dev)
+    c_fast = torch.empty((b, k_pad, d_pad), dtype=torch.float16, device=dev)
+    cc = torch.empty((b, k_pad), dtype=torch.float32, device=dev)
+    block_d = cfg.row_block_d
+    block_k = min(cfg.block_k, 32)  # divides k_pad
     if cosine:
         shift64 = None
-        sigma = torch.zeros((b, d), dtype=torch.float32, device=dev)
-        alpha = torch.full((b,), _COSINE_ALPHA, dtype=torch.float64, device=dev)
-        c_dist = reference.unit_rows(c64)
-        b64 = c_dist * _COSINE_ALPHA
-        cc64 = torch.full((b, k), _COSINE_ALPHA ** 2, dtype=torch.float64, device=dev)
+        c_dist = reference.unit_rows(centroids.to(torch.float64))
+        mu, mode = sigma, 0  # (unused)
     else:
         if shift is None:
             shift64 = x.mean(dim=1, dtype=torch.float64) if n else torch.zeros((b, d), dtype=torch.float64,
@@ -333,29 +697,22 @@ def _prepare(x: torch.Tensor, centroids: torch.Tensor, metric: str, shift) -> _P
         else:
             shift64 = torch.as_tensor(shift, dtype=torch.float64, device=dev)
             shift64 = shift64.expand(b, d) if shift64.dim() == 1 else shift64.reshape(b, d)
-        sigma = _kernel_shift(x, c64, shift64)
-        centred = c64 - sigma.to(torch.float64)[:, None, :]
-        m = centred.abs().amax(dim=(1, 2))
-        _, e = torch.frexp(m)  # m = f 2**e, f in [0.5, 1)
-        exp = torch.where(m > 0, _ALPHA_TARGET_EXP - e, torch.zeros_like(e)).clamp(-120, 120)
-        alpha = torch.pow(2.0, exp.to(torch.float64))
-        b64 = centred * alpha[:, None, None]
-        cc64 = (b64 * b64).sum(dim=2)
+        mu = shift64.contiguous()
+        mode = {torch.float16: 1, torch.bfloat16: 2}.get(x.dtype, 0)
         c_dist = centroids
-    b_fast = b64.to(torch.float16)
-    bh64 = b_fast.to(torch.float64)
-    e_b = torch.linalg.vector_norm(b64 - bh64, dim=2).amax(dim=1) * (1 + 2.0 ** -40) \
-        + 2.0 ** -50 * torch.linalg.vector_norm(b64, dim=2).amax(dim=1)
-    b_hat = torch.linalg.vector_norm(bh64, dim=2).amax(dim=1)
-    cc = cc64.to(torch.float32)
-    stats = torch.stack([alpha.to(torch.float32), _round_up_f32(b_hat), _round_up_f32(e_b),
-                         cc.amax(dim=1)], dim=1).contiguous()
-    k_pad, d_pad = cfg.padded_k(k), cfg.padded_d(d)
-    c_fast = torch.zeros((b, k_pad, d_pad), dtype=torch.float16, device=dev)
-    c_fast[:, :k, :d] = b_fast * -2.0
-    cc_pad = torch.full((b, k_pad), _FAR, dtype=torch.float32, device=dev)
-    cc_pad[:, :k] = cc
-    return _Prepared(cfg, cosine, x, centroids, shift64, c_fast, cc_pad, sigma.contiguous(), stats, c_dist)
+        grid = (triton.cdiv(k, 64), triton.cdiv(d, block_d), b)
+        c = centroids
+        for spread_pass in ((True, False) if mode else (False,)):  # the spread decides the fp16 / bf16 shift
+            launch(_range_kernel, grid, c, c.stride(0), c.stride(1), c.stride(2), mu, spread,
+                   spread if spread_pass else rng, k, d, SPREAD=spread_pass, MODE=mode, BLOCK_K=64,
+                   BLOCK_D=block_d, num_warps=4)
+    c = c_dist
+    launch(_centroid_kernel, (k_pad // block_k, b),
+           c, c.stride(0), c.stride(1), c.stride(2), mu, spread, rng, sigma, stats_bits, c_fast, cc, k, d, k_pad,
+           d_pad, MODE=mode, COSINE=cosine, FAR=_FAR, TARGET_EXP=_ALPHA_TARGET_EXP, COS_ALPHA=_COSINE_ALPHA,
+           BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+    return _Prepared(cfg, cosine, x, centroids, shift64, c_fast, cc, sigma, stats_bits.view(torch.float32),
+                     c_dist)
 
 
 def _prepare_rows(p: _Prepared) -> None:
@@ -363,51 +720,77 @@ def _prepare_rows(p: _Prepared) -> None:
     b, n, d = p.x.shape
     cfg = p.cfg
     n_pad = triton.cdiv(n, cfg.block_n) * cfg.block_n
+    block_n = min(cfg.rows_block_n or cfg.block_n, cfg.block_n)  # divides n_pad (powers of two)
     d_pad = p.c_fast.shape[2]
     p.a_fast = torch.empty((b, n_pad, d_pad), dtype=torch.float16, device=p.x.device)
     p.rowstat = torch.empty((b, n_pad, 2), dtype=torch.float32, device=p.x.device)
     x = p.x
-    launch(_rows_kernel, (n_pad // cfg.block_n, b),
+    launch(_rows_kernel, (n_pad // block_n, b),
            x, x.stride(0), x.stride(1), x.stride(2), p.sigma, p.stats, p.a_fast, p.rowstat,
-           n, n_pad, d, d_pad, COSINE=p.cosine, BLOCK_N=cfg.block_n, BLOCK_D=cfg.row_block_d,
-           num_warps=cfg.num_warps, num_stages=2)
-
-
-def _run_kernel(p: _Prepared, a_fast, rowstat, n: int, *, collect: bool, labels, dist, flag, thr, cand, count):
-    b, n_pad, d_pad = a_fast.shape
-    cfg = p.cfg
-    x = p.x
-    block_n = _collect_block_n(cfg) if collect else cfg.block_n
-    launch(_assign_kernel, (n_pad // block_n, b),
-           x, x.stride(0), x.stride(1), x.stride(2), a_fast, rowstat,
-           p.c_fast, p.cc, p.c_dist, p.c_dist.stride(0), p.c_dist.stride(1), p.c_dist.stride(2),
-           labels, dist, flag, thr, cand, count,
-           n, n_pad, x.shape[2], p.c_fast.shape[1], d_pad,
-           COSINE=p.cosine, COLLECT=collect, MAX_CAND=MAX_CANDIDATES,
-           # (collect: narrow centroid tiles, its per-tile scan needs shared memory; padding stays a multiple)
-           BLOCK_N=block_n, BLOCK_K=min(cfg.block_k, 32) if collect else cfg.block_k, BLOCK_D=cfg.block_d,
-           RESIDENT=cfg.resident, EPI_D=cfg.epilogue_d, LOP3=not cfg.interpreted,
-           TOP2_REDUCE=not cfg.interpreted or _FORCE_TOP2_REDUCE,
-           num_warps=4 if collect else cfg.num_warps, num_stages=2 if collect else cfg.num_stages)
-
-
-def _collect_block_n(cfg: AssignConfig) -> int:
-    """Short row tiles for the collect pass: it sees only the few flagged rows, and more programs fill the GPU."""
-    return min(cfg.block_n, 64)
+           n, n_pad, d, d_pad, COSINE=p.cosine, BLOCK_N=block_n, BLOCK_D=cfg.row_block_d,
+           num_warps=cfg.rows_warps or cfg.num_warps, num_stages=cfg.rows_stages)
 
 
 def _fast_pass(p: _Prepared) -> FastAssignment:
+    """The row pass and the streaming pass: no host synchronisation."""
     b, n, _ = p.x.shape
     dev = p.x.device
+    cfg = p.cfg
     _prepare_rows(p)
-    labels = torch.empty((b, n), dtype=torch.int64, device=dev)
-    dist = torch.empty((b, n), dtype=torch.float32, device=dev)
-    flag = torch.empty((b, n), dtype=torch.int8, device=dev)
-    thr = torch.empty((b, n), dtype=torch.float32, device=dev)
-    dummy = torch.empty(1, dtype=torch.int32, device=dev)
-    _run_kernel(p, p.a_fast, p.rowstat, n, collect=False, labels=labels, dist=dist, flag=flag, thr=thr,
-                cand=dummy, count=dummy)
-    return FastAssignment(labels, dist, flag.bool(), thr)
+    n_pad, d_pad = p.a_fast.shape[1], p.a_fast.shape[2]
+    fast = FastAssignment(torch.empty((b, n), dtype=torch.int64, device=dev),
+                          torch.empty((b, n), dtype=torch.float32, device=dev),
+                          torch.empty((b, n), dtype=torch.int8, device=dev),
+                          torch.empty((b, n), dtype=torch.float32, device=dev),
+                          # (rows padded to n_pad: strides and alignment independent of N, no recompiles)
+                          torch.empty((2, b, n_pad), dtype=torch.int32, device=dev),
+                          torch.zeros((b, 4), dtype=torch.int32, device=dev))
+    x, cd = p.x, p.c_dist
+    launch(_assign_kernel, (n_pad // cfg.block_n, b),
+           x, x.stride(0), x.stride(1), x.stride(2), p.a_fast, p.rowstat,
+           p.c_fast, p.cc, cd, cd.stride(0), cd.stride(1), cd.stride(2),
+           fast.labels, fast.min_dist, fast.flag, fast.threshold, fast.lists[0], fast.counts,
+           n, n_pad, x.shape[2], p.c_fast.shape[1], d_pad,
+           COSINE=p.cosine, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+           RESIDENT=cfg.resident, EPI_D=cfg.epilogue_d, LOP3=not cfg.interpreted,
+           TOP2_REDUCE=not cfg.interpreted or _FORCE_TOP2_REDUCE,
+           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return fast
+
+
+def _resolve_launch(p: _Prepared, fast: FastAssignment) -> None:
+    """The resolve pass over fast.lists[0]; sizes come from the device (persistent programs): no host sync."""
+    b, n, _ = p.x.shape
+    cfg = p.cfg
+    r = cfg.resolve
+    n_pad, d_pad = p.a_fast.shape[1], p.a_fast.shape[2]
+    programs = max(1, min(triton.cdiv(n, r.block_n), r.programs))
+    x, cd, lists = p.x, p.c_dist, fast.lists
+    launch(_resolve_kernel, (programs, b),
+           x, x.stride(0), x.stride(1), x.stride(2), p.a_fast, p.rowstat, fast.threshold,
+           p.c_fast, p.cc, cd, cd.stride(0), cd.stride(1), cd.stride(2),
+           fast.labels, fast.min_dist, lists[0], fast.counts, lists[1],
+           n, n_pad, x.shape[2], cd.shape[1], p.c_fast.shape[1], d_pad, lists.stride(1),
+           COSINE=p.cosine, MAX_CAND=MAX_CANDIDATES,
+           # (centroid tiles no wider than the streaming pass's: the padding of K stays a multiple)
+           BLOCK_N=r.block_n, BLOCK_K=min(r.block_k, cfg.block_k), BLOCK_D=cfg.block_d,
+           RESIDENT=cfg.resident, EPI_D=cfg.epilogue_d, LOP3=not cfg.interpreted,
+           TOP2_REDUCE=not cfg.interpreted or _FORCE_TOP2_REDUCE,
+           num_warps=r.num_warps, num_stages=r.num_stages)
+
+
+def _brute_launch(p: _Prepared, fast: FastAssignment) -> None:
+    """Last tier: float64 brute force over fast.lists[1] (usually empty: the launch finds nothing to do)."""
+    b, n, d = p.x.shape
+    cfg = p.cfg
+    block_n = cfg.resolve.block_n
+    programs = max(1, min(triton.cdiv(n, block_n), cfg.resolve.programs))
+    x, cd, lists = p.x, p.c_dist, fast.lists
+    launch(_brute_kernel, (programs, b),
+           x, x.stride(0), x.stride(1), x.stride(2), cd, cd.stride(0), cd.stride(1), cd.stride(2),
+           fast.labels, fast.min_dist, lists[1], fast.counts[:, 1:], n, cd.shape[1], d, lists.stride(1),
+           COSINE=p.cosine, BLOCK_N=block_n, BLOCK_K=16 if cfg.interpreted else 32, EPI_D=cfg.epilogue_d,
+           num_warps=4)
 
 
 def _as_batched(x: torch.Tensor, centroids: torch.Tensor):
@@ -432,74 +815,13 @@ def fast_assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "eucl
     return _fast_pass(_prepare(xb, cb, metric, shift))
 
 
-def _exact_among(x_rows: torch.Tensor, cands: torch.Tensor, counts: torch.Tensor, centroids: torch.Tensor,
-                 cosine: bool):
-    """float64 argmin over each row's candidate list (ascending indices: ties -> lowest index)."""
-    labels, dists = [], []
-    chunk = max(1024, _EXACT_ELEMENTS // max(1, cands.shape[1] * x_rows.shape[1]))
-    for r0 in range(0, x_rows.shape[0], chunk):
-        xr = x_rows[r0:r0 + chunk].to(torch.float64)
-        cr = cands[r0:r0 + chunk].long()
-        valid = torch.arange(cr.shape[1], device=cr.device)[None, :] < counts[r0:r0 + chunk, None]
-        cvec = centroids[cr.clamp_min(0)]  # (R, M, D) float64 (unit rows for cosine)
-        if cosine:
-            score = -(reference.unit_rows(xr)[:, None, :] * cvec).sum(dim=2)
-        else:
-            diff = xr[:, None, :] - cvec
-            score = (diff * diff).sum(dim=2)
-        score = torch.where(valid, score, torch.full_like(score, float("inf")))
-        best, arg = score.min(dim=1)
-        labels.append(cr.gather(1, arg[:, None])[:, 0])
-        dists.append((1.0 + best).clamp(0.0, 2.0) if cosine else best)
-    return torch.cat(labels), torch.cat(dists)
-
-
 def _resolve(p: _Prepared, fast: FastAssignment) -> None:
-    """Make the flagged rows exact, in place: collect pass, float64 among candidates, reference as last resort."""
-    idx = fast.flagged.nonzero()
-    if idx.shape[0] == 0:
-        return
-    bsz, _, d = p.x.shape
-    dev = p.x.device
-    bi, ni = idx[:, 0], idx[:, 1]
-    per_batch = torch.bincount(bi, minlength=bsz)
-    starts = torch.cumsum(per_batch, 0) - per_batch
-    pos = torch.arange(idx.shape[0], device=dev) - starts[bi]
-    f_max = int(per_batch.max())
-    f_pad = triton.cdiv(f_max, _collect_block_n(p.cfg)) * _collect_block_n(p.cfg)
-    # the flagged rows' prepared operands and aa, bit for bit those of stage 1 (the threshold relies on it)
-    af = torch.zeros((bsz, f_pad, p.a_fast.shape[2]), dtype=torch.float16, device=dev)
-    af[bi, pos] = p.a_fast[bi, ni]
-    rs = torch.zeros((bsz, f_pad, 2), dtype=torch.float32, device=dev)
-    rs[bi, pos] = p.rowstat[bi, ni]
-    thr = torch.full((bsz, f_max), -float("inf"), dtype=torch.float32, device=dev)
-    thr[bi, pos] = fast.threshold[bi, ni]
-    cand = torch.full((bsz, f_max, MAX_CANDIDATES), -1, dtype=torch.int32, device=dev)
-    count = torch.zeros((bsz, f_max), dtype=torch.int32, device=dev)
-    dummy = torch.empty(1, dtype=torch.int32, device=dev)
-    _run_kernel(p, af, rs, f_max, collect=True, labels=dummy, dist=dummy, flag=dummy, thr=thr, cand=cand,
-                count=count)
-
-    cnt = count[bi, pos]
-    ok = (cnt >= 1) & (cnt <= MAX_CANDIDATES)
-    used = max(1, int(cnt.clamp(max=MAX_CANDIDATES).max()))  # usually 2 or 3 of the MAX_CANDIDATES slots
-    centroid_rows = p.c_dist.to(torch.float64) if p.cosine else p.centroids.to(torch.float64)
-    if bool(ok.any()):
-        sel = ok.nonzero()[:, 0]
-        flat_cands = cand[bi[sel], pos[sel], :used].long() + (bi[sel] * p.centroids.shape[1])[:, None]
-        lab, dist = _exact_among(p.x[bi[sel], ni[sel]], flat_cands, cnt[sel],
-                                 centroid_rows.reshape(-1, d), p.cosine)
-        fast.labels[bi[sel], ni[sel]] = lab - bi[sel] * p.centroids.shape[1]
-        fast.min_dist[bi[sel], ni[sel]] = dist.to(torch.float32)
-    if not bool(ok.all()):
-        rest = (~ok).nonzero()[:, 0]
-        for b in torch.unique(bi[rest]).tolist():
-            rows = ni[rest][bi[rest] == b]
-            shift = None if p.shift64 is None else p.shift64[b]
-            lab, dist = reference.assign(p.x[b, rows], p.centroids[b], metric="cosine" if p.cosine else "euclidean",
-                                         shift=shift)
-            fast.labels[b, rows] = lab
-            fast.min_dist[b, rows] = dist.to(torch.float32)
+    """Make the flagged rows exact, in place, with no host synchronisation: the resolve pass (candidates under
+    the threshold, float64 argmin among them), then float64 brute force for the rows it leaves (more than
+    MAX_CANDIDATES candidates, or wide hits in two centroid tiles: duplicated centroids). The brute-force launch
+    is made every time; with nothing listed it returns at once."""
+    _resolve_launch(p, fast)
+    _brute_launch(p, fast)
 
 
 def flash_assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euclidean", shift=None):

@@ -119,6 +119,33 @@ def test_assign_near_ties_are_resolved_exactly(dtype):
     assert_exact(x, c, labels, min_dist)
 
 
+def test_assign_batched_near_ties_resolved_per_batch():
+    """Batched input with many flagged rows per batch (each batch's own list, different lengths): every batch's
+    labels are exact, including rows the fast pass got wrong."""
+    g = gen(23)
+    d, k, n = 9, 24, 90
+    xs, cs = [], []
+    for b in range(3):
+        c = torch.randn(k, d, generator=g)
+        c[1::2] = c[0::2] + 0.05 * torch.randn(k // 2, d, generator=g)
+        pair = torch.randint(0, k // 2, (n,), generator=g)
+        ci, cj = c[2 * pair], c[2 * pair + 1]
+        eps = 10.0 ** torch.empty(n).uniform_(-8, -3 + b, generator=g)
+        x = 0.5 * (ci + cj) + 0.01 * torch.randn(n, d, generator=g) + eps[:, None] * (ci - cj)
+        xs.append(x)
+        cs.append(c)
+    x, c = torch.stack(xs), torch.stack(cs)
+    fast = fast_assign(x, c)
+    assert int(fast.flagged.sum()) > 60 and len(set(fast.flagged.sum(1).tolist())) > 1
+    labels, min_dist = flash_assign(x, c)
+    wrong_before = 0
+    for b in range(3):
+        best = torch.from_numpy(oracle_distances(x[b], c[b]).argmin(1))
+        wrong_before += int((fast.labels[b] != best).sum())
+        assert_exact(x[b], c[b], labels[b], min_dist[b])
+    assert wrong_before > 0  # the resolve pass had something to fix
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_assign_exact_ties_go_to_lowest_index(dtype):
     g = gen(3)
@@ -150,36 +177,70 @@ def test_assign_duplicate_centroids_take_lowest_index():
     # (reference.assign may return a later copy: its float64 matmul can round identical columns differently)
 
 
-def test_assign_resolution_paths(monkeypatch):
-    """Flagged rows go through the candidate pass; rows with more than MAX_CANDIDATES possible winners (a centroid
-    present 13 times) through reference.assign. Both keep the lowest index."""
+def test_assign_resolution_tiers(monkeypatch):
+    """Flagged rows go through the resolve pass: its candidate slots (at most two per centroid tile) settle a close
+    pair, a float64 check of one whole centroid tile three copies of one centroid in that tile, and float64
+    brute force a centroid present 13 times (wide hits in two tiles). Every path keeps the lowest index."""
     from flashkm_dist.kernels import assign as assign_module
 
-    seen = {"candidates": 0, "reference": 0}
-    real_exact, real_reference = assign_module._exact_among, reference.assign
+    seen = []
+    real_resolve = assign_module._resolve
 
-    def exact_spy(x_rows, *args, **kwargs):
-        seen["candidates"] += x_rows.shape[0]
-        return real_exact(x_rows, *args, **kwargs)
+    def resolve_spy(p, fast):
+        real_resolve(p, fast)
+        seen.append(fast.counts.sum(0).tolist())
 
-    def reference_spy(x, *args, **kwargs):
-        seen["reference"] += x.shape[0]
-        return real_reference(x, *args, **kwargs)
-
-    monkeypatch.setattr(assign_module, "_exact_among", exact_spy)
-    monkeypatch.setattr(reference, "assign", reference_spy)
+    monkeypatch.setattr(assign_module, "_resolve", resolve_spy)
     g = gen(17)
     c = torch.randn(30, 6, generator=g)
     c[10:22] = c[3].clone()
     c[25] = c[24] + 1e-3 * torch.randn(6, generator=g)
+    c[27] = c[26].clone()
+    c[28] = c[26].clone()
     x = torch.cat([c[3] + 0.01 * torch.randn(20, 6, generator=g),
                    0.5 * (c[24] + c[25]) + 1e-7 * torch.randn(20, 6, generator=g),
+                   c[26] + 0.01 * torch.randn(20, 6, generator=g),
                    torch.randn(40, 6, generator=g)])
     labels, min_dist = flash_assign(x, c)
-    assert seen["candidates"] > 0 and seen["reference"] > 0
+    flagged, brute, widened, _ = seen[0]
+    assert flagged >= 60 and widened >= 20 and brute >= 20 and flagged - widened - brute >= 20, seen
     assert not bool(((labels >= 10) & (labels < 22)).any())
+    assert not bool(((labels == 27) | (labels == 28)).any())
     assert torch.equal(labels, torch.from_numpy(oracle_distances(x, c).argmin(1)))
     assert_exact(x, c, labels, min_dist)
+
+
+def test_assign_brute_force_tier_nan_and_cosine():
+    """The last tier on its own: every row through float64 brute force (no usable bound), euclidean and cosine;
+    a NaN row keeps centroid 0 and a NaN distance, a NaN centroid never wins."""
+    from flashkm_dist.kernels import assign as assign_module
+
+    g = gen(19)
+    x = torch.randn(50, 7, generator=g)
+    c = torch.randn(21, 7, generator=g)
+    c[9] = c[4].clone()
+    x[3] = c[4]
+    c[11] = float("nan")
+    x[5] = float("nan")
+    for metric in ("euclidean", "cosine"):
+        p = assign_module._prepare(x[None], c[None], metric, None)
+        fast = assign_module._fast_pass(p)
+        fast.lists[1, 0, :50] = torch.arange(50, dtype=torch.int32)
+        fast.counts[0, 1] = 50
+        assign_module._brute_launch(p, fast)
+        labels, dist = fast.labels[0], fast.min_dist[0]
+        assert int(labels[5]) == 0 and bool(torch.isnan(dist[5]))
+        keep = torch.ones(50, dtype=torch.bool)
+        keep[5] = False
+        c_ok = c.clone()
+        c_ok[11] = 0.0
+        d = oracle_distances(x[keep], c_ok, metric)
+        d[:, 11] = np.inf  # the NaN centroid
+        assert torch.equal(labels[keep], torch.from_numpy(d.argmin(1)))
+        assert int(labels[3]) == 4 and abs(float(dist[3])) < 1e-6
+        want = d[np.arange(49), labels[keep].numpy()]
+        np.testing.assert_allclose(dist[keep].double().numpy(), np.clip(want, 0, 2) if metric == "cosine" else want,
+                                   rtol=1e-6, atol=1e-6)
 
 
 def test_assign_k1_and_k_equals_n():
