@@ -13,11 +13,11 @@ import torch
 from sklearn.utils import check_random_state
 
 from flashkm_dist import _validation as v
-from flashkm_dist.engine import DataBounds, FitNumerics, StepResult, backend_for, fit_numerics, moment_exponents
+from flashkm_dist.engine import DataBounds, FitNumerics, backend_for, fit_numerics, moment_exponents
 from flashkm_dist.init import initial_centers
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
-from flashkm_dist.lloyd import relocate_empty_clusters
+from flashkm_dist.lloyd import reseed_empty_clusters
 from flashkm_dist.points import Points
 from flashkm_dist.streaming import Block, Engine
 
@@ -85,9 +85,9 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
     n_iter = torch.zeros(b, dtype=torch.int64, device=x.device)
     prev = None
     for it in range(1, max_iter + 1):
-        labels, min_dist = backend.assign(x, centers, metric=metric, shift=shift)
+        labels, _ = backend.assign(x, centers, metric=metric, shift=shift)
         partials = backend.partial_sums(x.reshape(b * n, d), (labels + offsets).reshape(-1), b * k, scale=scale)
-        partials = _relocate_per_problem(partials, labels, min_dist, x, k)
+        partials = _relocate_per_problem(partials, engine, x, centers, numerics, k)
         new, _ = reference.finalize(partials, dtype=x.dtype, metric=metric, previous=centers.reshape(b * k, d))
         new = new.reshape(b, k, d)
         moved = ((new.to(torch.float64) - centers.to(torch.float64)) ** 2).sum(dim=(1, 2))
@@ -104,14 +104,13 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
     return BatchedResult(labels, centers, n_iter, inertia)
 
 
-def _relocate_per_problem(partials: reference.Partials, labels, min_dist, x, k: int) -> reference.Partials:
+def _relocate_per_problem(partials: reference.Partials, engine: Engine, x, centers, numerics, k: int):
     """Re-seed empty clusters problem by problem (rare: only problems that have one pay for it)."""
     weights = fp.to_float(partials.weights, partials.scale.weight_exp).reshape(-1, k)
     for i in torch.nonzero((weights == 0).any(dim=1)).flatten().tolist():
         part = reference.Partials(partials.sums[:, i * k:(i + 1) * k], partials.weights[:, i * k:(i + 1) * k],
                                   partials.scale)
-        step = StepResult(part, torch.zeros(2, dtype=torch.int64), 0, labels[i], min_dist[i])
-        moved = relocate_empty_clusters(part, step, x[i], None)
+        moved = reseed_empty_clusters(engine, [Block(x[i])], centers[i], numerics[i], part)
         partials.sums[:, i * k:(i + 1) * k] = moved.sums
         partials.weights[:, i * k:(i + 1) * k] = moved.weights
     return partials

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flashkm_dist.engine import FitNumerics, StepResult
+from flashkm_dist.engine import FitNumerics
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
 
@@ -26,25 +26,6 @@ class LloydResult:
     inertia: float
     n_iter: int
     history: list = field(default_factory=list)
-
-
-def relocate_empty_clusters(partials: reference.Partials, step: StepResult, x: torch.Tensor,
-                            weights: torch.Tensor | None) -> reference.Partials:
-    """Move the points farthest from their centres (among points of positive weight) into the empty clusters."""
-    cluster_weight = fp.to_float(partials.weights, partials.scale.weight_exp)
-    empty = torch.nonzero(cluster_weight == 0).flatten()
-    if empty.numel() == 0:
-        return partials
-    dist = step.min_dist.to(torch.float64)
-    if weights is not None:
-        dist = torch.where(weights > 0, dist, torch.full_like(dist, -1.0))
-    order = torch.sort(dist, descending=True, stable=True).indices[:empty.numel()]
-    order = order[dist[order] >= 0]
-    if order.numel() == 0:
-        return partials
-    row_w = torch.ones(order.numel(), dtype=torch.float64, device=x.device) if weights is None else weights[order]
-    rows = reference.weighted_rows(x[order], None if weights is None else row_w)
-    return reference.move_points(partials, rows, row_w, step.labels[order], empty[:order.numel()])
 
 
 def reseed_empty_clusters(engine, blocks, centers: torch.Tensor, numerics: FitNumerics,

@@ -5,7 +5,6 @@ import torch
 
 from flashkm_dist.engine import REFERENCE, Backend, lloyd_step, numerics_for
 from flashkm_dist.kernels import reference
-from flashkm_dist.lloyd import relocate_empty_clusters
 from flashkm_dist.streaming import Block, Engine
 
 
@@ -109,7 +108,10 @@ def test_farthest_matches_the_in_process_reseeding_choice():
     step = lloyd_step(xt, c, nm, weights=wt)
     empty_partials = reference.Partials(step.partials.sums.clone(), step.partials.weights.clone(), nm.scale)
     empty_partials.weights[:, :4] = 0  # pretend four clusters are empty
-    moved = relocate_empty_clusters(empty_partials, step, xt, wt)
+    dist = torch.where(wt > 0, step.min_dist.double(), torch.full_like(wt, -1.0))
+    far = torch.sort(dist, descending=True, stable=True).indices[:4]  # farthest, ties to the lowest index
+    moved = reference.move_points(empty_partials, reference.weighted_rows(xt[far], wt[far]), wt[far],
+                                  step.labels[far], torch.arange(4))
     rows, weights, labels = Engine("cpu", chunk_rows=33).farthest(split(x, wt.numpy(), [123, 400]), c, nm, 4)
     direct = reference.move_points(empty_partials, rows, weights, labels, torch.arange(4))
     assert torch.equal(direct.sums, moved.sums) and torch.equal(direct.weights, moved.weights)
