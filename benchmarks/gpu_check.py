@@ -21,10 +21,11 @@ import traceback
 import torch
 
 from flashkm_dist import KMeans, batched_kmeans
-from flashkm_dist.engine import backend_for, lloyd_step, numerics_for
+from flashkm_dist.engine import backend_for, numerics_for
 from flashkm_dist.kernels import reference
 from flashkm_dist.kernels.assign import flash_assign
 from flashkm_dist.kernels.update import sort_inverse_update
+from flashkm_dist.streaming import Block, Engine
 
 DEV = torch.device("cuda")
 
@@ -151,9 +152,10 @@ def peers():
     return found
 
 
-def our_iteration(x, c, nm, backend):
-    """What the estimator does per iteration: exact step, finalize, shift (scalars back to the host)."""
-    step = lloyd_step(x, c, nm, backend=backend)
+def our_iteration(engine, blocks, c, nm):
+    """What the estimator does per iteration: the engine's exact step (labels kept, changes counted), finalize,
+    the centre shift (scalars back to the host)."""
+    step = engine.step(blocks, c, nm)
     new, _ = reference.finalize(step.partials, dtype=c.dtype, previous=c)
     return float(((new.double() - c.double()) ** 2).sum()), step.n_changed
 
@@ -165,7 +167,8 @@ def time_shape(n, k, d, dtype, p, with_fast: bool):
     backend = backend_for(DEV)
     row = {"n": n, "k": k, "d": d, "dtype": str(dtype).removeprefix("torch.")}
     row["ours_assign_ms"] = cuda_ms(lambda: flash_assign(x, c, shift=nm.shift))
-    row["ours_iter_ms"] = cuda_ms(lambda: our_iteration(x, c, nm, backend))
+    engine, blocks = Engine(DEV, dtype=x.dtype, backend=backend), [Block(x)]
+    row["ours_iter_ms"] = cuda_ms(lambda: our_iteration(engine, blocks, c, nm))
     row["tflops_assign"] = 2 * n * k * d / row["ours_assign_ms"] / 1e9
     if "flash" in p:
         assign_fn, iter_fn = p["flash"]
