@@ -78,10 +78,13 @@ class Engine:
     _labels: dict = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
     _cache_used: int = 0
+    _last_rows: int = 0  # rows of the largest chunk of the current pass (what an OOM back-off halves)
     _streams: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.device = torch.device(self.device)
+        if self.device.type == "cuda" and self.device.index is None:  # 'cuda' must compare equal to 'cuda:0'
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.backend = self.backend or backend_for(self.device)
 
     # ------------------------------------------------------------------------------------------- public steps
@@ -114,6 +117,7 @@ class Engine:
 
     def _retrying(self, fn):
         while True:
+            self._last_rows = 0
             try:
                 return fn()
             except torch.OutOfMemoryError:
@@ -161,7 +165,7 @@ class Engine:
         sums = torch.zeros((2, k, d), dtype=torch.int64, device=self.device)
         counts = torch.zeros((2, k), dtype=torch.int64, device=self.device)
         inertia = torch.zeros(2, dtype=torch.int64, device=self.device)
-        changed = 0
+        changed = torch.zeros((), dtype=torch.int64, device=self.device)  # no host sync per chunk
         pending = []  # labels on their way back to host arrays
         for chunk in self._chunks(blocks):
             labels, dist = self.backend.assign(chunk.x, centroids, metric=numerics.metric, shift=numerics.shift)
@@ -170,12 +174,13 @@ class Engine:
             counts += part.weights
             inertia += exact_inertia(dist, chunk.weights, numerics)
             changed += self._remember(blocks, chunk, labels, pending)
-        changed += sum(self._retire(p) for p in pending)
+        changed = int(changed) + sum(self._retire(p) for p in pending)
         return EngineStep(reference.Partials(fp.normalize(sums), fp.normalize(counts), numerics.scale),
                           fp.normalize(inertia[:, None])[:, 0], changed)
 
     def _remember(self, blocks, chunk: _Chunk, labels: torch.Tensor, pending: list) -> int:
-        """Keep this chunk's labels; return the number changed (host arrays: counted when the copy lands)."""
+        """Keep this chunk's labels; return the number changed (a device count for device blocks; for host arrays
+        counted when the copy lands)."""
         block = blocks[chunk.index]
         key = self._key(block, chunk.index)
         data = _as_tensor(block.data)
@@ -185,7 +190,7 @@ class Engine:
             if prev is None or prev.shape[0] != data.shape[0]:
                 prev = self._labels[key] = torch.full((data.shape[0],), -1, dtype=torch.int64, device=self.device)
             seg = prev[chunk.start:chunk.start + n]
-            changed = int((seg != labels).sum())
+            changed = (seg != labels).sum()
             seg.copy_(labels)
             return changed
         host = self._labels.get(key)
@@ -219,8 +224,8 @@ class Engine:
             self._cache.clear()
             self._cache_used = 0
             self.cache_bytes = 0 if self.cache_bytes == "auto" else int(self.cache_bytes) // 2
-        elif (self.chunk_rows or 0) > 1:
-            self.chunk_rows = max(1, self.chunk_rows // 2)
+        elif self._last_rows > 1:
+            self.chunk_rows = max(1, self._last_rows // 2)
         else:
             raise torch.OutOfMemoryError("out of device memory even with one-row chunks and no cache")
         if self.device.type == "cuda":
@@ -241,13 +246,16 @@ class Engine:
                     raise ValueError(f"block {index} must be 2-D, got shape {tuple(data.shape)}")
                 continue
             weights = None if block.weights is None else torch.as_tensor(block.weights, dtype=torch.float64)
-            rows = self._rows_per_chunk(data.shape[1] * data.element_size())
             if data.device == self.device or self.device.type == "cpu":
+                rows = self.chunk_rows or data.shape[0]  # in place: whole blocks unless told (or backed off)
+                self._last_rows = max(self._last_rows, min(rows, data.shape[0]))
                 for start in range(0, data.shape[0], rows):
                     x = data[start:start + rows].to(self.device, self.dtype)
                     w = None if weights is None else weights[start:start + rows].to(self.device)
                     yield _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w)
             else:
+                rows = self._rows_per_chunk(data.shape[1] * data.element_size())
+                self._last_rows = max(self._last_rows, min(rows, data.shape[0]))
                 yield from self._streamed(index, self._key(block, index), data, weights, rows)
 
     def _streamed(self, index, key, data: torch.Tensor, weights, rows: int):
