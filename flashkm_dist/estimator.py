@@ -122,7 +122,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         self._compute_dtype = str(x.dtype).removeprefix("torch.")
         self._shift = None if seeding.shift is None else seeding.shift.cpu().numpy()
         self.cluster_centers_ = _numpy(best.centers)
-        self.labels_ = best.labels.cpu().numpy() if torch.is_tensor(best.labels) else best.labels
+        self.labels_ = best.labels.cpu().numpy()
         self.inertia_, self.n_iter_, self.history_ = best.inertia, best.n_iter, best.history
         distinct = len(np.unique(self.labels_))
         if distinct < self.n_clusters:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -42,10 +41,8 @@ def reseed_empty_clusters(engine, blocks, centers: torch.Tensor, numerics: FitNu
     return reference.move_points(partials, rows.to(dev), weights.to(dev), labels.to(dev), empty[:rows.shape[0]])
 
 
-def _joined(labels: list):
-    if all(torch.is_tensor(l) for l in labels):
-        return torch.cat(labels) if len(labels) > 1 else labels[0]
-    return np.concatenate([l.cpu().numpy() if torch.is_tensor(l) else l for l in labels])
+def _joined(labels: list) -> torch.Tensor:
+    return labels[0] if len(labels) == 1 else torch.cat([l.to(labels[0].device) for l in labels])
 
 
 def run_lloyd(engine, blocks, centers: torch.Tensor, numerics: FitNumerics, *, max_iter: int = 300,

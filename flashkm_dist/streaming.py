@@ -152,9 +152,9 @@ class Engine:
         self._labels.clear()
 
     def labels(self, blocks) -> list:
-        """Labels of the last step of every block: NumPy for blocks streamed from the host, a tensor on the device
-        for blocks computed in place (empty blocks: an empty array)."""
-        return [self._labels.get(self._key(b, i), np.empty(0, dtype=np.int64)) for i, b in enumerate(blocks)]
+        """Labels (int64 tensors) of the last step of every block: on the host for blocks streamed from the host,
+        on the device for blocks computed in place (empty blocks: empty)."""
+        return [self._labels.get(self._key(b, i), torch.empty(0, dtype=torch.int64)) for i, b in enumerate(blocks)]
 
     # ------------------------------------------------------------------------------------------- internals
     def _key(self, block: Block, position: int):
@@ -166,51 +166,33 @@ class Engine:
         counts = torch.zeros((2, k), dtype=torch.int64, device=self.device)
         inertia = torch.zeros(2, dtype=torch.int64, device=self.device)
         changed = torch.zeros((), dtype=torch.int64, device=self.device)  # no host sync per chunk
-        pending = []  # labels on their way back to host arrays
         for chunk in self._chunks(blocks):
             labels, dist = self.backend.assign(chunk.x, centroids, metric=numerics.metric, shift=numerics.shift)
             part = self.backend.partial_sums(chunk.x, labels, k, chunk.weights, scale=numerics.scale)
             sums += part.sums
             counts += part.weights
             inertia += exact_inertia(dist, chunk.weights, numerics)
-            changed += self._remember(blocks, chunk, labels, pending)
-        changed = int(changed) + sum(self._retire(p) for p in pending)
+            changed += self._remember(blocks, chunk, labels)
+        changed = int(changed)  # (waits for the stream: host labels have landed too)
         return EngineStep(reference.Partials(fp.normalize(sums), fp.normalize(counts), numerics.scale),
                           fp.normalize(inertia[:, None])[:, 0], changed)
 
-    def _remember(self, blocks, chunk: _Chunk, labels: torch.Tensor, pending: list) -> int:
-        """Keep this chunk's labels; return the number changed (a device count for device blocks; for host arrays
-        counted when the copy lands)."""
+    def _remember(self, blocks, chunk: _Chunk, labels: torch.Tensor) -> torch.Tensor:
+        """Keep this chunk's labels and count (on the device, no host sync) how many changed. Device blocks keep
+        a device tensor; host blocks a pinned host tensor, read back to the device for the comparison and then
+        overwritten, both copies queued in order on the compute stream."""
         block = blocks[chunk.index]
         key = self._key(block, chunk.index)
         data = _as_tensor(block.data)
-        n = len(labels)
-        if data.device == self.device:  # device (or CPU-engine) block: labels stay a tensor on the device
-            prev = self._labels.get(key)
-            if prev is None or prev.shape[0] != data.shape[0]:
-                prev = self._labels[key] = torch.full((data.shape[0],), -1, dtype=torch.int64, device=self.device)
-            seg = prev[chunk.start:chunk.start + n]
-            changed = (seg != labels).sum()
-            seg.copy_(labels)
-            return changed
-        host = self._labels.get(key)
-        if host is None or host.shape[0] != data.shape[0]:
-            host = self._labels[key] = np.full(data.shape[0], -1, dtype=np.int64)
-        staging = torch.empty(n, dtype=torch.int64, pin_memory=True)
-        staging.copy_(labels, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        pending.append((event, staging, host, chunk.start))
-        return self._retire(pending.pop(0)) if len(pending) > 2 else 0
-
-    @staticmethod
-    def _retire(item) -> int:
-        event, staging, host, start = item
-        event.synchronize()
-        new = staging.numpy()
-        seg = host[start:start + len(new)]
-        changed = int(np.count_nonzero(seg != new))
-        seg[:] = new
+        in_place = data.device == self.device
+        store = self._labels.get(key)
+        if store is None or store.shape[0] != data.shape[0]:
+            store = torch.full((data.shape[0],), -1, dtype=torch.int64, device=self.device if in_place else "cpu",
+                               pin_memory=not in_place and self.device.type == "cuda")
+            self._labels[key] = store
+        seg = store[chunk.start:chunk.start + len(labels)]
+        changed = (seg.to(self.device, non_blocking=True) != labels).sum()
+        seg.copy_(labels, non_blocking=True)
         return changed
 
     def _rows_per_chunk(self, row_bytes: int) -> int:
