@@ -3,9 +3,8 @@
 One `Engine` serves one device. A Lloyd step over its blocks (NumPy / CPU or pinned torch on the host; torch on
 the device) returns exact partials, inertia and the number of labels changed; labels stay with the engine (host
 blocks: a pinned host tensor per block, written chunk by chunk on the compute stream; device blocks: a device
-tensor). Host rows are copied in
-chunks through two pinned staging buffers on a copy stream, so the copy of chunk i+1 overlaps the kernels of chunk
-i. Rows that fit in the cache budget are kept on the device after their first copy and never streamed again.
+tensor). Host rows are copied in chunks through two pinned staging buffers on a copy stream, so the copy of chunk
+i+1 overlaps the kernels of chunk i. Rows that fit in the cache budget are kept on the device after their first copy and never streamed again.
 Because the sums are exact, the chunk size, the cache size and the split into blocks never change a bit of the
 result, and an out-of-memory error can simply halve the chunk and run the step again.
 """
