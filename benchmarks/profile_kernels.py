@@ -20,7 +20,8 @@ import traceback
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from flashkm_dist.engine import REFERENCE, backend_for, lloyd_step, numerics_for
+from flashkm_dist.engine import backend_for, numerics_for
+from flashkm_dist.streaming import Block, Engine
 from flashkm_dist.kernels import assign as A
 from flashkm_dist.kernels import config as C
 from flashkm_dist.kernels.update import sort_inverse_update
@@ -158,7 +159,8 @@ def case(n, k, d, dtype, old=None):
     out.update(tiers(x, c, nm))
     out.update(pieces(x, c, nm))
     out["update_ms"] = cuda_ms(lambda: sort_inverse_update(x, labels, k, scale=nm.scale))
-    out["step_ms"] = cuda_ms(lambda: lloyd_step(x, c, nm, backend=backend_for(DEV)))
+    engine = Engine(DEV, dtype=x.dtype, backend=backend_for(DEV))
+    out["step_ms"] = cuda_ms(lambda: engine.step([Block(x)], c, nm))
     out["assign_kernels"] = kernel_table(lambda: A.flash_assign(x, c, shift=nm.shift))
     return out, x, c, nm
 

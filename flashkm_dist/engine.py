@@ -1,8 +1,8 @@
-"""One Lloyd step on ONE device over the data it holds, and the per-fit numerics every step shares.
+"""The kernels' backends and the per-fit numerics every Lloyd step shares, on every device.
 
-The estimator and the Dask driver both call `lloyd_step`; it returns exact partials (fixed-point limbs), so the
-drivers only add them up. `FitNumerics` fixes, once per fit, what must be identical on every device: the centring
-shift (translation invariance of the distances) and the fixed-point grids (order-free sums).
+`FitNumerics` fixes, once per fit, what must be identical on every device: the centring shift (translation
+invariance of the distances) and the fixed-point grids (order-free sums), so partials from any device, chunk or
+worker add to the same bits. The per-device engine that runs the steps is `streaming.Engine`.
 """
 from __future__ import annotations
 
@@ -98,30 +98,6 @@ def fit_numerics(bounds: DataBounds, sums: torch.Tensor, squares: torch.Tensor, 
                                            2.0 * max_dist * bounds.max_weight)
     shift = None if metric == "cosine" else mean
     return FitNumerics(metric, shift, scale, float(variance.mean()) if variance.numel() else 0.0)
-
-
-@dataclass
-class StepResult:
-    """What one device contributes to an iteration; everything but labels/min_dist is exact and adds up."""
-
-    partials: reference.Partials
-    inertia: torch.Tensor  # fixed-point limbs (2,) of sum(w * min_dist)
-    n_changed: int
-    labels: torch.Tensor
-    min_dist: torch.Tensor
-
-
-def lloyd_step(x: torch.Tensor, centroids: torch.Tensor, numerics: FitNumerics, *,
-               weights: torch.Tensor | None = None, prev_labels: torch.Tensor | None = None,
-               backend: Backend = REFERENCE) -> StepResult:
-    """Assign every row to its nearest centroid and sum the rows per centroid, exactly.
-
-    For cosine, x must already hold unit rows (see `unit_rows_like`)."""
-    labels, min_dist = backend.assign(x, centroids, metric=numerics.metric, shift=numerics.shift)
-    partials = backend.partial_sums(x, labels, centroids.shape[0], weights, scale=numerics.scale)
-    inertia = exact_inertia(min_dist, weights, numerics)
-    n_changed = x.shape[0] if prev_labels is None else int((labels != prev_labels).sum())
-    return StepResult(partials, inertia, n_changed, labels, min_dist)
 
 
 def exact_inertia(min_dist: torch.Tensor, weights: torch.Tensor | None, numerics: FitNumerics) -> torch.Tensor:

@@ -3,9 +3,16 @@ import numpy as np
 import pytest
 import torch
 
-from flashkm_dist.engine import REFERENCE, Backend, lloyd_step, numerics_for
+from flashkm_dist.engine import Backend, exact_inertia, numerics_for
 from flashkm_dist.kernels import reference
 from flashkm_dist.streaming import Block, Engine
+
+
+def whole_step(x, c, nm, w=None):
+    """One Lloyd step over all rows at once with the reference kernels: what every chunking must reproduce."""
+    labels, dist = reference.assign(x, c, metric=nm.metric, shift=nm.shift)
+    return (reference.partial_sums(x, labels, c.shape[0], w, scale=nm.scale), exact_inertia(dist, w, nm), labels,
+            dist)
 
 
 def problem(n=500, d=7, k=9, seed=0):
@@ -32,16 +39,16 @@ def test_same_bits_for_any_chunk_size_and_split(weighted, metric):
     wt = None if w is None else torch.as_tensor(w)
     nm = numerics_for(xm, wt, metric=metric)
     cm = c if metric == "euclidean" else reference.unit_rows(c).float()
-    whole = lloyd_step(xm, cm, nm, weights=wt)
+    whole_partials, whole_inertia, whole_labels, _ = whole_step(xm, cm, nm, wt)
     for chunk_rows, cuts in [(None, []), (1, [250]), (37, [1, 2, 499]), (64, [100, 100, 300]), (500, [7])]:
         engine = Engine("cpu", chunk_rows=chunk_rows, unit_rows=metric == "cosine")
         got = engine.step(split(x, w, cuts), cm, nm)
-        assert torch.equal(got.partials.sums, whole.partials.sums)
-        assert torch.equal(got.partials.weights, whole.partials.weights)
-        assert torch.equal(got.inertia, whole.inertia)
+        assert torch.equal(got.partials.sums, whole_partials.sums)
+        assert torch.equal(got.partials.weights, whole_partials.weights)
+        assert torch.equal(got.inertia, whole_inertia)
         assert got.n_changed == len(x)
         labels = torch.cat([torch.as_tensor(l) for l in engine.labels(split(x, w, cuts))])
-        assert torch.equal(labels, whole.labels)
+        assert torch.equal(labels, whole_labels)
         again = engine.step(split(x, w, cuts), cm, nm)
         assert again.n_changed == 0
 
@@ -105,15 +112,15 @@ def test_farthest_matches_the_in_process_reseeding_choice():
     xt, wt = torch.as_tensor(x), torch.as_tensor(w)
     wt[::3] = 0.0
     nm = numerics_for(xt, wt, metric="euclidean")
-    step = lloyd_step(xt, c, nm, weights=wt)
-    empty_partials = reference.Partials(step.partials.sums.clone(), step.partials.weights.clone(), nm.scale)
+    partials, _, labels, min_dist = whole_step(xt, c, nm, wt)
+    empty_partials = reference.Partials(partials.sums.clone(), partials.weights.clone(), nm.scale)
     empty_partials.weights[:, :4] = 0  # pretend four clusters are empty
-    dist = torch.where(wt > 0, step.min_dist.double(), torch.full_like(wt, -1.0))
+    dist = torch.where(wt > 0, min_dist.double(), torch.full_like(wt, -1.0))
     far = torch.sort(dist, descending=True, stable=True).indices[:4]  # farthest, ties to the lowest index
     moved = reference.move_points(empty_partials, reference.weighted_rows(xt[far], wt[far]), wt[far],
-                                  step.labels[far], torch.arange(4))
-    rows, weights, labels = Engine("cpu", chunk_rows=33).farthest(split(x, wt.numpy(), [123, 400]), c, nm, 4)
-    direct = reference.move_points(empty_partials, rows, weights, labels, torch.arange(4))
+                                  labels[far], torch.arange(4))
+    rows, weights, far_labels = Engine("cpu", chunk_rows=33).farthest(split(x, wt.numpy(), [123, 400]), c, nm, 4)
+    direct = reference.move_points(empty_partials, rows, weights, far_labels, torch.arange(4))
     assert torch.equal(direct.sums, moved.sums) and torch.equal(direct.weights, moved.weights)
 
 
