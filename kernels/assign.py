@@ -258,6 +258,14 @@ def _assign_kernel(
 
 
 @triton.jit
+def _rows64(ptr, row_off, stride_d, d0, offs_e, D, row_mask):
+    """float64 columns [d0, d0 + EPI_D) of the rows at row_off (zeros outside the data)."""
+    m = row_mask[:, None] & ((d0 + offs_e) < D)[None, :]
+    return tl.load(ptr + row_off[:, None] + (d0 + offs_e)[None, :].to(tl.int64) * stride_d, mask=m,
+                   other=0.0).to(tl.float64)
+
+
+@triton.jit
 def _inv_norm(x_ptr, row_off, stride_xd, D, row_mask, COSINE: tl.constexpr, BLOCK_N: tl.constexpr,
               EPI_D: tl.constexpr):
     """float64 1/|x| per row for cosine (1 for a zero row), 1 for euclidean."""
@@ -266,9 +274,7 @@ def _inv_norm(x_ptr, row_off, stride_xd, D, row_mask, COSINE: tl.constexpr, BLOC
         offs_e = tl.arange(0, EPI_D)
         nsq = tl.zeros([BLOCK_N], dtype=tl.float64)
         for d0 in range(0, D, EPI_D):
-            m = row_mask[:, None] & ((d0 + offs_e) < D)[None, :]
-            xv = tl.load(x_ptr + row_off[:, None] + (d0 + offs_e)[None, :].to(tl.int64) * stride_xd,
-                         mask=m, other=0.0).to(tl.float64)
+            xv = _rows64(x_ptr, row_off, stride_xd, d0, offs_e, D, row_mask)
             nsq += tl.sum(xv * xv, 1)
         norm = tl.sqrt(nsq)
         inv_norm = 1.0 / tl.where(norm > 0.0, norm, 1.0)  # (reference divides each element: ~1 ulp apart)
@@ -288,11 +294,8 @@ def _exact_score(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdd, D, row_ma
     offs_e = tl.arange(0, EPI_D)
     total = tl.zeros([BLOCK_N], dtype=tl.float64)
     for d0 in range(0, D, EPI_D):
-        m = row_mask[:, None] & ((d0 + offs_e) < D)[None, :]
-        xv = tl.load(x_ptr + row_off[:, None] + (d0 + offs_e)[None, :].to(tl.int64) * stride_xd,
-                     mask=m, other=0.0).to(tl.float64)
-        cv = tl.load(cd_ptr + c_off[:, None] + (d0 + offs_e)[None, :].to(tl.int64) * stride_cdd,
-                     mask=m, other=0.0).to(tl.float64)
+        xv = _rows64(x_ptr, row_off, stride_xd, d0, offs_e, D, row_mask)
+        cv = _rows64(cd_ptr, c_off, stride_cdd, d0, offs_e, D, row_mask)
         if COSINE:
             total -= tl.sum((xv * inv_norm[:, None]) * cv, 1)
         else:
