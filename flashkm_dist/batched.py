@@ -18,7 +18,7 @@ from flashkm_dist.init import initial_centers
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
 from flashkm_dist.lloyd import reseed_empty_clusters
-from flashkm_dist.points import Points
+from flashkm_dist.points import local_points
 from flashkm_dist.streaming import Block, Engine
 
 
@@ -72,7 +72,7 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
                              f"got {tuple(init.shape)}")
     engine = Engine(x.device, dtype=x.dtype, backend=backend)
     centers = torch.stack([
-        initial_centers(init if isinstance(init, str) or callable(init) else init[i], Points(engine, [Block(x[i])]),
+        initial_centers(init if isinstance(init, str) or callable(init) else init[i], local_points(engine, [Block(x[i])]),
                         k, rng, seeding[i], oversampling_factor=oversampling_factor, tol=tol)
         for i in range(b)])
     numerics = _problem_numerics(x, metric, float(centers.abs().max()))

@@ -20,7 +20,7 @@ from flashkm_dist.engine import backend_for, unit_rows_like
 from flashkm_dist.init import initial_centers
 from flashkm_dist.kernels import reference
 from flashkm_dist.lloyd import run_lloyd
-from flashkm_dist.points import Points
+from flashkm_dist.points import local_points
 from flashkm_dist.streaming import Block, Engine
 
 INIT_METHODS = ("k-means++", "k-means||", "random")
@@ -105,7 +105,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             x = unit_rows_like(x)
         engine = Engine(device, dtype=x.dtype, backend=backend_for(device),
                         unit_rows=self.metric == "cosine" and streamed)
-        points = Points(engine, [Block(x, weights)])
+        points = local_points(engine, [Block(x, weights)])
         rng = check_random_state(self.random_state)
         seeding = points.numerics(self.metric)
         best = None
@@ -114,7 +114,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                                       oversampling_factor=self.oversampling_factor, tol=self.tol)
             numerics = points.numerics(self.metric, centroid_max_abs=float(centers.abs().max()))
             engine.forget_labels()
-            result = run_lloyd(engine, points.blocks, centers, numerics, max_iter=self.max_iter,
+            result = run_lloyd(engine, points.shards.blocks, centers, numerics, max_iter=self.max_iter,
                                tol=self.tol * numerics.mean_variance, verbose=bool(self.verbose),
                                desc=f"k-means run {run + 1}/{n_init}")
             if best is None or result.inertia < best.inertia:

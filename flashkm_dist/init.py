@@ -13,44 +13,35 @@ import numpy as np
 import torch
 
 from flashkm_dist.engine import FitNumerics
-from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
 from flashkm_dist.lloyd import run_lloyd
-from flashkm_dist.points import Points
+from flashkm_dist.points import Points, local_points
 from flashkm_dist.streaming import Block, Engine
 
 N_PARALLEL_ROUNDS = 5  # Bahmani et al.: about five oversampled rounds suffice in practice
 RECLUSTER_MAX_ITER = 100
 
 
-def sample_by_mass(rng: np.random.RandomState, mass: torch.Tensor, n: int) -> torch.Tensor:
-    """n row indices drawn with probability proportional to `mass` (float64, >= 0), by inverse CDF."""
-    cum = torch.cumsum(mass.to(torch.float64), 0)
-    u = torch.as_tensor(rng.uniform(size=n) * float(cum[-1]), dtype=torch.float64, device=mass.device)
-    return torch.searchsorted(cum, u, right=True).clamp_(max=mass.shape[0] - 1)
-
-
 def kmeans_plusplus(points: Points, n_clusters: int, rng, numerics: FitNumerics, *, n_local_trials=None):
-    """scikit-learn's greedy k-means++: each new centre is the best of 2 + log(k) D^2-sampled candidates."""
-    w = points.mass()
+    """scikit-learn's greedy k-means++: each new centre is the best of 2 + log(k) D^2-sampled candidates (best:
+    the lowest exact potential, ties to the first candidate)."""
     trials = n_local_trials or 2 + int(math.log(n_clusters))
-    chosen = [int(sample_by_mass(rng, w, 1)[0])]
-    closest = points.distances(points.rows(chosen), numerics.metric)[:, 0]
+    chosen = [int(points.sample(rng, 1, "weight", numerics)[0])]
+    points.start_closest(points.rows(chosen), numerics, "exact", reset=True)
     for _ in range(1, n_clusters):
-        candidates = sample_by_mass(rng, w * closest, trials)
-        d = torch.minimum(closest[:, None], points.distances(points.rows(candidates), numerics.metric))
-        best = int(torch.argmin((d * w[:, None]).sum(dim=0)))
+        candidates = points.sample(rng, trials, "closest", numerics)
+        best = int(torch.argmin(points.trial(points.rows(candidates), numerics)))
         chosen.append(int(candidates[best]))
-        closest = d[:, best]
+        points.commit(best, numerics)
     return points.rows(chosen)
 
 
 def random_rows(points: Points, n_clusters: int, rng):
     """scikit-learn's 'random': distinct rows, uniformly or with probability proportional to the weight."""
-    if points.weights is None:
+    if not points.weighted:
         idx = rng.permutation(points.n_samples)[:n_clusters]
     else:
-        p = points.weights.cpu().numpy()
+        p = points.weight_vector().numpy()
         if np.count_nonzero(p) < n_clusters:
             raise ValueError(f"init='random' needs at least n_clusters={n_clusters} samples of positive weight, "
                              f"got {np.count_nonzero(p)}")
@@ -62,32 +53,43 @@ def kmeans_parallel(points: Points, n_clusters: int, rng, numerics: FitNumerics,
                     tol: float = 1e-4, n_rounds: int = N_PARALLEL_ROUNDS):
     """k-means||: a few rounds that each draw l = oversampling_factor * k rows by D^2 mass (inverse CDF, the
     expected count of Bahmani et al.'s Bernoulli rounds, and exact under weights = repetition), then the distinct
-    candidates, weighted by the mass nearest to each, are re-clustered with weighted k-means++ and Lloyd."""
-    w = points.mass()
-    chosen = sample_by_mass(rng, w, 1)
-    closest = points.nearest(points.rows(chosen), numerics)[1]
+    candidates, weighted by the mass nearest to each, are re-clustered with weighted k-means++ and Lloyd where
+    the shards compute (only candidates move)."""
+    chosen = points.sample(rng, 1, "weight", numerics)
+    points.start_closest(points.rows(chosen), numerics, "assign", reset=True)
     per_round = max(1, math.ceil(oversampling_factor * n_clusters))
     for _ in range(n_rounds):
-        if float((w * closest).sum()) <= 0:
+        if points.closest_total(numerics) <= 0:
             break
-        new = sample_by_mass(rng, w * closest, per_round)
+        new = points.sample(rng, per_round, "closest", numerics)
         chosen = torch.cat([chosen, new])
-        closest = torch.minimum(closest, points.nearest(points.rows(new), numerics)[1])
+        points.start_closest(points.rows(new), numerics, "assign")
     candidates = torch.unique(points.rows(chosen), dim=0)  # by value, sorted: independent of row order/copies
     if candidates.shape[0] < n_clusters:  # too few distinct rows: top up by weight (duplicates re-seed later)
-        candidates = torch.cat([candidates, points.rows(sample_by_mass(rng, w, n_clusters - candidates.shape[0]))])
+        extra = points.rows(points.sample(rng, n_clusters - candidates.shape[0], "weight", numerics))
+        candidates = torch.cat([candidates, extra])
     if candidates.shape[0] == n_clusters:
         return candidates
-    labels = points.nearest(candidates, numerics)[0]
-    exp = numerics.scale.weight_exp
-    mass = torch.zeros((2, candidates.shape[0]), dtype=torch.int64, device=w.device)
-    cand_weights = fp.to_float(mass.index_add_(1, labels, fp.quantize(w, exp)), exp)
-    engine = Engine(candidates.device, dtype=candidates.dtype, backend=points.engine.backend)
-    local = Points(engine, [Block(candidates, cand_weights)])
-    cand_numerics = local.numerics(numerics.metric)
+    weights = points.nearest_mass(candidates, numerics)
+    centers, state = points.shards.run_here(recluster, candidates, weights, n_clusters, rng.get_state(),
+                                            numerics.metric, tol)
+    rng.set_state(state)
+    return centers.to(candidates.device)
+
+
+def recluster(candidates: torch.Tensor, weights: torch.Tensor, n_clusters: int, rng_state, metric: str,
+              tol: float, *, device) -> tuple[torch.Tensor, tuple]:
+    """k-means||'s last stage on one device: weighted k-means++ then Lloyd over the candidates. The random state
+    travels in and out, so running it on a worker draws exactly what running it here would."""
+    rng = np.random.RandomState()
+    rng.set_state(rng_state)
+    engine = Engine(device, dtype=candidates.dtype)
+    local = local_points(engine, [Block(candidates.to(engine.device), weights.to(engine.device))])
+    cand_numerics = local.numerics(metric)
     seeds = kmeans_plusplus(local, n_clusters, rng, cand_numerics)
-    return run_lloyd(engine, local.blocks, seeds, cand_numerics, max_iter=RECLUSTER_MAX_ITER,
-                     tol=tol * cand_numerics.mean_variance).centers
+    result = run_lloyd(engine, local.shards.blocks, seeds, cand_numerics, max_iter=RECLUSTER_MAX_ITER,
+                       tol=tol * cand_numerics.mean_variance)
+    return result.centers, rng.get_state()
 
 
 def check_init_array(centers, n_clusters: int, n_features: int) -> np.ndarray:
@@ -103,8 +105,8 @@ def check_init_array(centers, n_clusters: int, n_features: int) -> np.ndarray:
 
 def initial_centers(init, points: Points, n_clusters: int, rng, numerics: FitNumerics, *,
                     oversampling_factor=2.0, tol=1e-4) -> torch.Tensor:
-    """Centres in the engine's compute dtype and device (unit rows for cosine) for any supported `init`.
-    A callable receives the rows as a float64 NumPy array (it runs on the client, like scikit-learn's)."""
+    """Centres in the compute dtype on the client's device (unit rows for cosine) for any supported `init`.
+    A callable receives `points.as_array()` (in process: the rows as float64 NumPy; on Dask: the Dask array)."""
     if isinstance(init, str) and init == "k-means++":
         centers = kmeans_plusplus(points, n_clusters, rng, numerics)
     elif isinstance(init, str) and init == "k-means||":
@@ -114,9 +116,8 @@ def initial_centers(init, points: Points, n_clusters: int, rng, numerics: FitNum
         centers = random_rows(points, n_clusters, rng)
     else:
         if callable(init):
-            everything = points.rows(torch.arange(points.n_samples))
-            init = init(everything.cpu().to(torch.float64).numpy(), n_clusters, random_state=rng)
-        centers = torch.as_tensor(check_init_array(init, n_clusters, points.n_features), device=points.engine.device)
+            init = init(points.as_array(), n_clusters, random_state=rng)
+        centers = torch.as_tensor(check_init_array(init, n_clusters, points.n_features), device=points.shards.device)
     if numerics.metric == "cosine":
         centers = reference.unit_rows(centers)
-    return centers.to(points.engine.dtype)
+    return centers.to(points.shards.dtype)

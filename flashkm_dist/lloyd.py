@@ -30,15 +30,25 @@ class LloydResult:
 def reseed_empty_clusters(engine, blocks, centers: torch.Tensor, numerics: FitNumerics,
                           partials: reference.Partials) -> reference.Partials:
     """Empty clusters take the rows farthest from their centres (found by an extra pass, only when needed)."""
-    cluster_weight = fp.to_float(partials.weights, partials.scale.weight_exp)
-    empty = torch.nonzero(cluster_weight == 0).flatten()
+    empty = empty_clusters(partials)
     if empty.numel() == 0:
         return partials
-    rows, weights, labels = engine.farthest(blocks, centers, numerics, empty.numel())
-    if rows.shape[0] == 0:
+    return move_to_empty(partials, engine.farthest(blocks, centers, numerics, empty.numel()))
+
+
+def empty_clusters(partials: reference.Partials) -> torch.Tensor:
+    return torch.nonzero(fp.to_float(partials.weights, partials.scale.weight_exp) == 0).flatten()
+
+
+def move_to_empty(partials: reference.Partials, far) -> reference.Partials:
+    """The farthest rows (a `streaming.Farthest`) become the empty clusters, in order, inside the exact sums."""
+    empty = empty_clusters(partials)
+    n = min(empty.numel(), far.rows.shape[0])
+    if n == 0:
         return partials
     dev = partials.sums.device
-    return reference.move_points(partials, rows.to(dev), weights.to(dev), labels.to(dev), empty[:rows.shape[0]])
+    return reference.move_points(partials, far.rows[:n].to(dev), far.weights[:n].to(dev), far.labels[:n].to(dev),
+                                 empty[:n])
 
 
 def _joined(labels: list) -> torch.Tensor:

@@ -11,7 +11,7 @@ result, and an out-of-memory error can simply halve the chunk and run the step a
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -40,6 +40,34 @@ class EngineStep:
     partials: reference.Partials
     inertia: torch.Tensor  # limbs (2,)
     n_changed: int
+
+
+@dataclass
+class Farthest:
+    """Candidates for empty clusters: distance to their centre, global position, weighted rows (float64),
+    weights and labels. Merging keeps the n farthest, ties to the lower position, so any split of the rows over
+    chunks, blocks or workers picks the same rows."""
+
+    dist: torch.Tensor
+    position: torch.Tensor
+    rows: torch.Tensor
+    weights: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def none(cls, n_features: int) -> "Farthest":
+        f64 = torch.float64
+        return cls(torch.empty(0, dtype=f64), torch.empty(0, dtype=torch.int64), torch.empty((0, n_features), dtype=f64),
+                   torch.empty(0, dtype=f64), torch.empty(0, dtype=torch.int64))
+
+    @classmethod
+    def merge(cls, parts: list, n: int) -> "Farthest":
+        fields = [torch.cat([getattr(p, name) for p in parts]) for name in ("dist", "position", "rows", "weights",
+                                                                            "labels")]
+        by_position = torch.sort(fields[1], stable=True).indices
+        fields = [f[by_position] for f in fields]
+        keep = torch.sort(fields[0], descending=True, stable=True).indices[:n]
+        return cls(*(f[keep] for f in fields))
 
 
 @dataclass
@@ -90,7 +118,13 @@ class Engine:
     # ------------------------------------------------------------------------------------------- public steps
     def step(self, blocks, centroids: torch.Tensor, numerics: FitNumerics) -> EngineStep:
         """Assign every row, sum rows per centroid exactly, remember the labels; restarts on CUDA OOM."""
-        return self._retrying(lambda: self._step(blocks, centroids.to(self.device), numerics))
+        return self._retrying(lambda: self._step(blocks, centroids.to(self.device), self.local(numerics)))
+
+    def local(self, numerics: FitNumerics) -> FitNumerics:
+        """The fit's numerics with the shift on this device (the client may hold it elsewhere)."""
+        if numerics.shift is None or numerics.shift.device == self.device:
+            return numerics
+        return replace(numerics, shift=numerics.shift.to(self.device))
 
     def map_chunks(self, blocks, fn) -> list:
         """[fn(x, weights) for every chunk, in block and row order]: one pass over the data (seeding, statistics)."""
@@ -123,10 +157,15 @@ class Engine:
             except torch.OutOfMemoryError:
                 self._back_off()
 
-    def farthest(self, blocks, centroids: torch.Tensor, numerics: FitNumerics, n: int):
-        """The n rows of positive weight farthest from their centres (ties: earliest block, then row): weighted
-        rows (float64), weights and labels, for the deterministic re-seeding of empty clusters."""
-        best = None
+    def farthest(self, blocks, centroids: torch.Tensor, numerics: FitNumerics, n: int, offsets=None) -> Farthest:
+        """The n rows of positive weight farthest from their centres (ties: the lower position, i.e. earlier
+        block, then row), for the deterministic re-seeding of empty clusters. `offsets`: the first position of
+        every block (default: the blocks laid end to end)."""
+        if offsets is None:
+            sizes = [_as_tensor(b.data).shape[0] for b in blocks]
+            offsets = [sum(sizes[:i]) for i in range(len(blocks))]
+        best = Farthest.none(_as_tensor(blocks[0].data).shape[1] if blocks else 0)
+        numerics = self.local(numerics)
         for chunk in self._chunks(blocks):
             labels, dist = self.backend.assign(chunk.x, centroids.to(self.device), metric=numerics.metric,
                                                shift=numerics.shift)
@@ -136,20 +175,20 @@ class Engine:
             order = torch.sort(dist, descending=True, stable=True).indices[:n]
             order = order[dist[order] >= 0]
             w = None if chunk.weights is None else chunk.weights[order]
-            found = (dist[order].cpu(), reference.weighted_rows(chunk.x[order], w).cpu(),
-                     (torch.ones(order.numel(), dtype=torch.float64) if w is None else w.cpu()), labels[order].cpu())
-            best = found if best is None else tuple(torch.cat([a, b]) for a, b in zip(best, found))
-            keep = torch.sort(best[0], descending=True, stable=True).indices[:n]  # stable: earlier chunks first
-            best = tuple(t[keep] for t in best)
-        if best is None:
-            d = _as_tensor(blocks[0].data).shape[1] if blocks else 0
-            return (torch.empty((0, d), dtype=torch.float64), torch.empty(0, dtype=torch.float64),
-                    torch.empty(0, dtype=torch.int64))
-        return best[1:]
+            found = Farthest(dist[order].cpu(), (order + offsets[chunk.index] + chunk.start).cpu(),
+                             reference.weighted_rows(chunk.x[order], w).cpu(),
+                             torch.ones(order.numel(), dtype=torch.float64) if w is None else w.cpu(),
+                             labels[order].cpu())
+            best = Farthest.merge([best, found], n)
+        return best
 
     def forget_labels(self) -> None:
         """Start a new run: the next step counts every label as changed (as scikit-learn's first iteration)."""
         self._labels.clear()
+
+    def has_labels(self, blocks) -> bool:
+        """Whether every block has labels from an earlier step (a label-change count against them is meaningful)."""
+        return all(self._key(b, i) in self._labels or _as_tensor(b.data).shape[0] == 0 for i, b in enumerate(blocks))
 
     def labels(self, blocks) -> list:
         """Labels (int64 tensors) of the last step of every block: on the host for blocks streamed from the host,

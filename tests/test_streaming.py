@@ -119,8 +119,9 @@ def test_farthest_matches_the_in_process_reseeding_choice():
     far = torch.sort(dist, descending=True, stable=True).indices[:4]  # farthest, ties to the lowest index
     moved = reference.move_points(empty_partials, reference.weighted_rows(xt[far], wt[far]), wt[far],
                                   labels[far], torch.arange(4))
-    rows, weights, far_labels = Engine("cpu", chunk_rows=33).farthest(split(x, wt.numpy(), [123, 400]), c, nm, 4)
-    direct = reference.move_points(empty_partials, rows, weights, far_labels, torch.arange(4))
+    found = Engine("cpu", chunk_rows=33).farthest(split(x, wt.numpy(), [123, 400]), c, nm, 4)
+    assert torch.equal(found.position, far)
+    direct = reference.move_points(empty_partials, found.rows, found.weights, found.labels, torch.arange(4))
     assert torch.equal(direct.sums, moved.sums) and torch.equal(direct.weights, moved.weights)
 
 
