@@ -16,6 +16,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from flashkm_dist import _validation as v
+from flashkm_dist.dask import is_dask_array
 from flashkm_dist.engine import backend_for, unit_rows_like
 from flashkm_dist.init import initial_centers
 from flashkm_dist.kernels import reference
@@ -41,7 +42,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, n_clusters=8, *, init="k-means++", n_init="auto", max_iter=300, tol=1e-4, verbose=0,
-                 random_state=None, metric="euclidean", device="auto", dtype=None, oversampling_factor=2.0):
+                 random_state=None, metric="euclidean", device="auto", dtype=None, oversampling_factor=2.0,
+                 checkpoint=None, resume=False):
         self.n_clusters = n_clusters
         self.init = init
         self.n_init = n_init
@@ -53,6 +55,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         self.device = device
         self.dtype = dtype
         self.oversampling_factor = oversampling_factor
+        self.checkpoint = checkpoint
+        self.resume = resume
 
     # ----------------------------------------------------------------------------------------------- checks
     def _check_params(self, n_samples: int) -> int:
@@ -94,9 +98,17 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         return (unit_rows_like(x) if self.metric == "cosine" else x), kind
 
     # ----------------------------------------------------------------------------------------------- fit
-    def fit(self, X, y=None, sample_weight=None):
+    def fit(self, X, y=None, sample_weight=None, *, client=None):
         """Compute the clustering. ``sample_weight`` acts exactly like repeating rows. Data on the host with a
-        GPU device stays on the host and streams through the engine (cached on the GPU as far as it fits)."""
+        GPU device stays on the host and streams through the engine (cached on the GPU as far as it fits).
+
+        A Dask array X is clustered on the Dask cluster (``client`` or the current ``distributed.Client``) with
+        the same bits as in process; ``labels_`` is then a lazy Dask array and ``checkpoint``/``resume`` apply.
+        """
+        if is_dask_array(X):
+            return self._fit_dask(X, sample_weight, client)
+        if self.checkpoint is not None or self.resume:
+            raise ValueError("checkpoint/resume apply to fits of Dask arrays (distributed fits) only")
         x, _, device = v.to_tensor(self, X, reset=True, device=self.device, dtype=self.dtype, keep_on_host=True)
         n_init = self._check_params(x.shape[0])
         weights = v.check_sample_weight(sample_weight, x.shape[0], x.device)
@@ -131,6 +143,16 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                           stacklevel=2)
         return self
 
+    def _fit_dask(self, X, sample_weight, client):
+        from flashkm_dist.dask import driver, outputs
+        best, seeding, dtype, X = driver.fit(self, X, sample_weight, client)
+        self._compute_dtype = str(dtype).removeprefix("torch.")
+        self._shift = None if seeding.shift is None else seeding.shift.cpu().numpy()
+        self.cluster_centers_ = _numpy(best.centers)
+        self.inertia_, self.n_iter_, self.history_ = best.inertia, best.n_iter, best.history
+        self.labels_ = outputs.predict(self, X)
+        return self
+
     # ----------------------------------------------------------------------------------------------- use
     def _fitted_parts(self, X):
         check_is_fitted(self)
@@ -142,24 +164,40 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     def predict(self, X):
         """Index of the nearest centre (exact per the numerics contract); same array type as X (NumPy for
         array-likes, torch on X's device, CuPy)."""
+        if is_dask_array(X):
+            from flashkm_dist.dask import outputs
+            check_is_fitted(self)
+            return outputs.predict(self, X)
         x, kind, centers, shift = self._fitted_parts(X)
         labels, _ = backend_for(x.device).assign(x, centers, metric=self.metric, shift=shift)
         return _as_kind(labels, kind)
 
     def transform(self, X):
         """Distances to every centre: euclidean (not squared, as scikit-learn) or cosine distance 1 - cos.
-        float64 for float64 data, float32 otherwise."""
+        float64 for float64 data, float32 otherwise. Lazy for Dask arrays."""
+        if is_dask_array(X):
+            from flashkm_dist.dask import outputs
+            check_is_fitted(self)
+            return outputs.transform(self, X)
         x, kind, centers, shift = self._fitted_parts(X)
         d = reference.distances(x, centers, metric=self.metric, shift=shift)
         if self.metric == "euclidean":
             d = d.sqrt()
         return _as_kind(d.to(torch.float64 if x.dtype == torch.float64 else torch.float32), kind)
 
-    def fit_transform(self, X, y=None, sample_weight=None):
-        return self.fit(X, sample_weight=sample_weight).transform(X)
+    def fit_transform(self, X, y=None, sample_weight=None, *, client=None):
+        return self.fit(X, sample_weight=sample_weight, client=client).transform(X)
+
+    def fit_predict(self, X, y=None, sample_weight=None, *, client=None):
+        """Labels of X after fitting (lazy for Dask arrays)."""
+        return self.fit(X, sample_weight=sample_weight, client=client).labels_
 
     def score(self, X, y=None, sample_weight=None):
         """Opposite of the (weighted) sum of squared distances to the nearest centre."""
+        if is_dask_array(X):
+            from flashkm_dist.dask import outputs
+            check_is_fitted(self)
+            return outputs.score(self, X, sample_weight)
         x, _, centers, shift = self._fitted_parts(X)
         _, min_dist = backend_for(x.device).assign(x, centers, metric=self.metric, shift=shift)
         weights = v.check_sample_weight(sample_weight, x.shape[0], x.device)

@@ -51,6 +51,12 @@ def move_to_empty(partials: reference.Partials, far) -> reference.Partials:
                                  empty[:n])
 
 
+def next_centers(partials: reference.Partials, centers: torch.Tensor, metric: str) -> tuple[torch.Tensor, float]:
+    """The Lloyd update (empty clusters already re-seeded) and the summed squared shift from `centers`."""
+    new, _ = reference.finalize(partials, dtype=centers.dtype, metric=metric, previous=centers)
+    return new, float(((new.to(torch.float64) - centers.to(torch.float64)) ** 2).sum())
+
+
 def _joined(labels: list) -> torch.Tensor:
     return labels[0] if len(labels) == 1 else torch.cat([l.to(labels[0].device) for l in labels])
 
@@ -64,9 +70,7 @@ def run_lloyd(engine, blocks, centers: torch.Tensor, numerics: FitNumerics, *, m
         t0 = time.perf_counter()
         step = engine.step(blocks, centers, numerics)
         partials = reseed_empty_clusters(engine, blocks, centers, numerics, step.partials)
-        new_centers, _ = reference.finalize(partials, dtype=centers.dtype, metric=numerics.metric,
-                                            previous=centers)
-        shift = float(((new_centers.to(torch.float64) - centers.to(torch.float64)) ** 2).sum())
+        new_centers, shift = next_centers(partials, centers, numerics.metric)
         inertia = float(fp.to_float(step.inertia, numerics.scale.dist_exp))
         history.append({"iteration": i + 1, "inertia": inertia, "center_shift": shift,
                         "labels_changed": step.n_changed, "seconds": time.perf_counter() - t0})

@@ -1,0 +1,131 @@
+"""The rows of a persisted Dask array as shards: one per worker holding blocks, driven by tasks.
+
+Placement only: which worker holds which block (asked of the scheduler, refreshed when workers come or go), and
+tasks pinned there (loosely, so a task whose worker died runs elsewhere instead of waiting forever). No numerics.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from dask.core import flatten
+from distributed import futures_of, wait
+
+from flashkm_dist.dask import worker
+
+
+@dataclass
+class Iteration:
+    """The futures of one Lloyd iteration: per-worker steps, the reduction (next centres) and its scalars."""
+
+    steps: list
+    update: object
+    scalars: object
+
+    def cancel(self, client) -> None:
+        client.cancel([*self.steps, self.update, self.scalars])
+
+
+class DaskShards:
+    """Blocks of `x` (persisted, one column chunk) and optional weights (a Dask array with x's row chunks)."""
+
+    def __init__(self, client, x, weights, spec: worker.ShardSpec, dtype: torch.dtype):
+        self.client, self.spec, self.array = client, spec, x
+        self.dtype, self.device = dtype, torch.device("cpu")
+        self.n_features = int(x.shape[1])
+        self.weighted = weights is not None
+        self.sizes = [int(n) for n in x.chunks[0]]
+        self._names = itertools.count()
+        by_key = {f.key: f for f in futures_of(x)}
+        self.futures = [by_key[k] for k in flatten(x.__dask_keys__())]
+        if weights is not None:
+            w_by_key = {f.key: f for f in futures_of(weights)}
+            w_futures = [w_by_key[k] for k in flatten(weights.__dask_keys__())]
+            holders = client.who_has(self.futures)
+            self.futures = [client.submit(worker.pair, xf, wf, key=self._key("block", i), workers=holders[xf.key]
+                                          or None, allow_other_workers=True, pure=False)
+                            for i, (xf, wf) in enumerate(zip(self.futures, w_futures))]
+            wait(self.futures)
+        self.place()
+
+    def _key(self, name: str, part) -> str:
+        return f"flashkm-{name}-{next(self._names)}-{part}-{self.spec.token}"
+
+    # ------------------------------------------------------------------------------------------ placement
+    def place(self) -> None:
+        """Blocks by holder (the first worker the scheduler names); blocks held nowhere (lost, being recomputed)
+        go to the worker with the fewest rows."""
+        self._workers = set(self.client.scheduler_info(n_workers=-1)["workers"])
+        holders = self.client.who_has(self.futures)
+        owner = [next((a for a in holders.get(f.key, ()) if a in self._workers), None) for f in self.futures]
+        addresses = sorted({a for a in owner if a is not None}) or sorted(self._workers)[:1]
+        load = {a: sum(n for n, o in zip(self.sizes, owner) if o == a) for a in addresses}
+        for i, a in enumerate(owner):
+            if a is None:
+                owner[i] = min(addresses, key=lambda addr: (load[addr], addr))
+                load[owner[i]] += self.sizes[i]
+        self.addresses = addresses
+        self.shard_ids = list(range(len(addresses)))
+        self._blocks = {s: [i for i, o in enumerate(owner) if o == a] for s, a in enumerate(addresses)}
+        self.starts = list(itertools.accumulate([0, *self.sizes[:-1]]))
+
+    def refresh(self) -> bool:
+        """Re-place when the set of workers changed (one died, one joined); True if it did."""
+        if set(self.client.scheduler_info(n_workers=-1)["workers"]) == self._workers:
+            return False
+        self.place()
+        return True
+
+    def blocks_of(self, shard: int) -> list[int]:
+        return self._blocks[shard]
+
+    def _submit(self, fn, shard: int, name: str, *args):
+        ids = self._blocks[shard]
+        return self.client.submit(fn, *args, *[self.futures[i] for i in ids], key=self._key(name, shard),
+                                  workers=[self.addresses[shard]], allow_other_workers=True, pure=False)
+
+    # ------------------------------------------------------------------------------------------ seeding
+    def run(self, method: str, calls: dict) -> dict:
+        futures = {}
+        for s, (ids, args) in calls.items():
+            futures[s] = self.client.submit(worker.call_shard, self.spec, method, ids, args,
+                                            *[self.futures[i] for i in ids], key=self._key(method, s),
+                                            workers=[self.addresses[s]], allow_other_workers=True, pure=False)
+        return dict(zip(futures, self.client.gather(list(futures.values()))))
+
+    def run_here(self, fn, *args):
+        return self.client.submit(worker.run_here, self.spec, fn, args, key=self._key("recluster", 0),
+                                  workers=self.addresses[:1], allow_other_workers=True, pure=False).result()
+
+    def as_array(self):
+        return self.array
+
+    # ------------------------------------------------------------------------------------------ Lloyd
+    def submit_step(self, numerics, centers, previous) -> Iteration:
+        """Queue one iteration: a step per worker with `centers` (a future of a `worker.Update`), their exact
+        reduction and its scalars. `previous`: the centres of the step before (None: a new run)."""
+        prev_key = None if previous is None else previous.key
+        steps = [self._submit(worker.step, s, "step", self.spec, numerics, self._blocks[s], centers, centers.key,
+                              previous, prev_key) for s in self.shard_ids if self._blocks[s]]
+        update = self.client.submit(worker.reduce, numerics, centers, *steps, key=self._key("reduce", 0),
+                                    pure=False)
+        return Iteration(steps, update, self._scalars(update))
+
+    def submit_reseed(self, it: Iteration, numerics, centers, n_empty: int) -> Iteration:
+        """Redo an iteration's update with its empty clusters taken by the farthest rows of every worker."""
+        far = [self._submit(worker.farthest, s, "farthest", self.spec, numerics, self._blocks[s],
+                            [self.starts[i] for i in self._blocks[s]], centers, n_empty)
+               for s in self.shard_ids if self._blocks[s]]
+        update = self.client.submit(worker.reseed, numerics, centers, len(it.steps), *it.steps, *far,
+                                    key=self._key("reseed", 0), pure=False)
+        return Iteration(it.steps, update, self._scalars(update))
+
+    def _scalars(self, update):
+        return self.client.submit(worker.scalars, update, key=self._key("scalars", 0), pure=False)
+
+    def scatter(self, centers: torch.Tensor):
+        return self.client.scatter(worker.Update(centers.cpu()), hash=False)
+
+    def forget(self) -> None:
+        self.client.run(worker.forget, self.spec.token)

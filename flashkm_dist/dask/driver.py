@@ -1,0 +1,182 @@
+"""The distributed fit: placement, seeding and Lloyd on a Dask cluster, with checkpoints.
+
+The driver places and reduces; it holds no numerics of its own. Seeding is `init` over `Points` whose shards are
+the workers; a Lloyd iteration is a step task per worker, an exact reduction task and a scalars task. The next
+iteration is queued before the client waits for this one's scalars (centres stay futures), so the client's round
+trip hides behind the workers' compute; the queued step is exactly the final assignment when the fit stops.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.utils import check_random_state
+from tqdm.auto import tqdm
+
+from flashkm_dist import _validation as v
+from flashkm_dist.dask import checkpoint as ckpt
+from flashkm_dist.dask import worker
+from flashkm_dist.dask.cluster import DaskShards
+from flashkm_dist.init import initial_centers
+from flashkm_dist.points import Points
+
+MAX_INIT_ATTEMPTS = 3  # a worker lost while seeding restarts the seeding from the same random state
+ITERATION_HOOKS: list = []  # callables(iteration) run after each iteration's scalars arrive (tests, instrumentation)
+
+
+def get_client(client=None):
+    if client is not None:
+        return client
+    from distributed import get_client as current
+    try:
+        return current()
+    except ValueError:
+        raise ValueError("fitting a Dask array needs a distributed.Client: create one (Client(), "
+                         "Client(LocalCluster()), Client(scheduler_file=...)) or pass client=") from None
+
+
+def prepare(X, sample_weight, dtype):
+    """Validate and persist X (one column chunk, known row chunks) and the weights aligned to its chunks."""
+    import dask.array as da
+    if X.ndim != 2:
+        raise ValueError(f"Expected a 2-D Dask array, got {X.ndim} dimension(s) (shape {X.shape})")
+    if X.dtype.kind not in "fiub":
+        raise ValueError(f"X must have a real numeric dtype, got {X.dtype}")
+    if np.isnan(X.shape[1]) or X.shape[1] < 1:
+        raise ValueError(f"X must have a known number of features >= 1, got shape {X.shape}")
+    compute = v.parse_dtype(dtype) or (v.parse_dtype(X.dtype.name) if X.dtype.kind == "f" else torch.float64)
+    if X.numblocks[1] != 1:
+        X = X.rechunk({1: -1})
+    X = X.persist()
+    if any(np.isnan(n) for n in X.chunks[0]):
+        X.compute_chunk_sizes()
+    weights = None
+    if sample_weight is not None:
+        w = sample_weight if isinstance(sample_weight, da.Array) else da.from_array(np.asarray(sample_weight))
+        if w.ndim != 1 or (not np.isnan(w.shape[0]) and w.shape[0] != X.shape[0]):
+            raise ValueError(f"sample_weight must be 1-D with one entry per sample ({X.shape[0]}), got shape "
+                             f"{w.shape}")
+        weights = w.astype(np.float64).rechunk((X.chunks[0],)).persist()
+        bad_finite, negative, positive = da.compute(~da.isfinite(weights).all(), (weights < 0).any(),
+                                                    (weights > 0).any())
+        if bad_finite:
+            raise ValueError("sample_weight contains NaN or infinity")
+        if negative:
+            raise ValueError("sample_weight must be non-negative")
+        if not positive:
+            raise ValueError("sample_weight must have at least one positive entry (all weights are zero)")
+    return X, weights, compute
+
+
+@dataclass
+class RunResult:
+    centers: torch.Tensor
+    inertia: float
+    n_iter: int
+    history: list = field(default_factory=list)
+
+
+def _seed(init, points: Points, model, rng, seeding, shards: DaskShards):
+    """Initial centres; a worker lost meanwhile (its seeding state with it) restarts from the same draws."""
+    state = rng.get_state()
+    for attempt in range(MAX_INIT_ATTEMPTS):
+        try:
+            return initial_centers(init, points, model.n_clusters, rng, seeding,
+                                   oversampling_factor=model.oversampling_factor, tol=model.tol)
+        except Exception as err:  # noqa: BLE001 - only retried when the cluster changed under us
+            if not shards.refresh() and not isinstance(err, KeyError) or attempt == MAX_INIT_ATTEMPTS - 1:
+                raise
+            rng.set_state(state)
+
+
+def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int, tol: float, verbose: bool,
+          desc: str, resume: ckpt.Resume | None = None, on_iteration=None) -> RunResult:
+    """Lloyd iterations on the cluster with scikit-learn's stopping rules (see `lloyd.run_lloyd`)."""
+    client = shards.client
+    history = [] if resume is None else list(resume.history)
+    start = 1 if resume is None else resume.iteration + 1
+    current = shards.scatter(centers)
+    previous = None if resume is None or resume.previous is None else shards.scatter(resume.previous)
+    it = shards.submit_step(numerics, current, previous)
+    bar = tqdm(total=max_iter, initial=start - 1, desc=desc, disable=not verbose, leave=False)
+    strict, s, i = False, None, start - 1
+    for i in range(start, max_iter + 1):
+        t0 = time.perf_counter()
+        following = shards.submit_step(numerics, it.update, current)  # speculative; the final step if we stop
+        s = it.scalars.result()
+        if s["n_empty"]:
+            following.cancel(client)
+            it = shards.submit_reseed(it, numerics, current, s["n_empty"])
+            s = it.scalars.result()
+            following = shards.submit_step(numerics, it.update, current)
+        history.append({"iteration": i, "inertia": s["inertia"], "center_shift": s["shift"],
+                        "labels_changed": s["n_changed"], "seconds": time.perf_counter() - t0})
+        bar.update(1)
+        bar.set_postfix(inertia=f"{s['inertia']:.6g}", shift=f"{s['shift']:.3g}")
+        strict = s["n_changed"] == 0
+        done = strict or s["shift"] <= tol or i == max_iter
+        if on_iteration is not None:
+            on_iteration(i, it.update, current, history)
+        for hook in ITERATION_HOOKS:
+            hook(i)
+        if done:
+            break
+        if shards.refresh():  # a worker came or went: queue the next iteration on the new placement
+            following.cancel(client)
+            following = shards.submit_step(numerics, it.update, current)
+        previous, current, it = current, it.update, following
+    bar.close()
+    final = it.update.result().centers
+    if strict and s["shift"] == 0.0:  # no label changed and the centres did not move: this step's inertia
+        inertia = s["inertia"]
+        following.cancel(client)
+    else:
+        inertia = following.scalars.result()["inertia"]
+    return RunResult(final, inertia, i, history)
+
+
+def fit(model, X, sample_weight=None, client=None):
+    """Fit `model` (a flashkm_dist.KMeans) on the Dask array X; sets its attributes. See the module docstring."""
+    client = get_client(client)
+    if model.checkpoint is None and model.resume:
+        raise ValueError("resume=True needs checkpoint= (the file to resume from)")
+    X, weights, dtype = prepare(X, sample_weight, model.dtype)
+    n_init = model._check_params(int(X.shape[0]))
+    model.n_features_in_ = int(X.shape[1])
+    spec = worker.ShardSpec(uuid.uuid4().hex, model.device, str(dtype).removeprefix("torch."),
+                            model.metric == "cosine")
+    shards = DaskShards(client, X, weights, spec, dtype)
+    try:
+        points = Points(shards)
+        rng = check_random_state(model.random_state)
+        seeding = points.numerics(model.metric)
+        fingerprint = ckpt.fingerprint(model, X, dtype, seeding)
+        saved = ckpt.read(model.checkpoint, fingerprint) if model.resume else None
+        best = None if saved is None else saved.best
+        first_run = 0 if saved is None else saved.run
+        if saved is not None:
+            rng.set_state(saved.rng_state)
+        for run in range(first_run, n_init):
+            resume = saved if saved is not None and run == saved.run and saved.iteration > 0 else None
+            if resume is None:
+                centers = _seed(model.init, points, model, rng, seeding, shards)
+                max_abs = float(centers.abs().max())
+            else:
+                centers, max_abs = resume.centers, resume.centroid_max_abs
+            numerics = points.numerics(model.metric, centroid_max_abs=max_abs)
+            writer = None if model.checkpoint is None else ckpt.Writer(model.checkpoint, fingerprint, run,
+                                                                       rng.get_state(), max_abs, best)
+            result = lloyd(shards, centers, numerics, max_iter=model.max_iter, tol=model.tol * numerics.mean_variance,
+                           verbose=bool(model.verbose), desc=f"k-means run {run + 1}/{n_init}", resume=resume,
+                           on_iteration=writer)
+            if best is None or result.inertia < best.inertia:
+                best = result
+            if writer is not None:
+                writer.run_done(best, n_init)
+    finally:
+        shards.forget()
+    return best, seeding, dtype, X

@@ -1,0 +1,210 @@
+"""What runs inside Dask workers: a per-worker shard registry and the task functions of a distributed fit.
+
+Each worker keeps one `Shard` per fit (its engine, device cache, remembered labels, seeding state), keyed by
+(worker address, fit token). That state only saves time: a task that finds none (new worker, moved block, restarted
+process) rebuilds it, so losing it can never change a result. Results leave a task on the host, as plain tensors.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, fields, is_dataclass
+
+import numpy as np
+import torch
+
+from flashkm_dist.engine import FitNumerics, backend_for, unit_rows_like
+from flashkm_dist.kernels import fixed_point as fp
+from flashkm_dist.kernels import reference
+from flashkm_dist.lloyd import empty_clusters, move_to_empty, next_centers
+from flashkm_dist.shard import Shard
+from flashkm_dist.streaming import Block, Engine, Farthest
+
+_SHARDS: dict = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How every worker builds its shard for one fit."""
+
+    token: str
+    device: str  # 'auto' (the worker's GPU if it has one), 'cpu', 'cuda'
+    dtype: str  # compute dtype name
+    unit_rows: bool  # cosine: rows are scaled to unit length on the worker
+    chunk_rows: int | None = None
+    cache_bytes: int | str = "auto"
+
+
+@dataclass
+class Update:
+    """A reduction's result: the next centres and the scalars the client waits for."""
+
+    centers: torch.Tensor
+    scalars: dict | None = None
+
+
+def worker_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} was asked but worker {_address()} has no CUDA device; use "
+                           "device='auto' to let CPU workers compute on their CPU (same results)")
+    return torch.device(device)
+
+
+def _address() -> str:
+    try:
+        from distributed import get_worker
+        return get_worker().address
+    except (ImportError, ValueError):
+        return "local"
+
+
+def shard_for(spec: ShardSpec) -> Shard:
+    key = (_address(), spec.token)
+    with _REGISTRY_LOCK:
+        shard = _SHARDS.get(key)
+        if shard is None:
+            engine = Engine(worker_device(spec.device), dtype=getattr(torch, spec.dtype), unit_rows=spec.unit_rows,
+                            chunk_rows=spec.chunk_rows, cache_bytes=spec.cache_bytes)
+            shard = _SHARDS[key] = Shard(engine)
+    return shard
+
+
+def forget(token: str) -> int:
+    """Drop this worker's state of a fit (run on every worker when the fit ends); returns entries dropped."""
+    with _REGISTRY_LOCK:
+        gone = [k for k in _SHARDS if k[1] == token]
+        for k in gone:
+            del _SHARDS[k]
+    return len(gone)
+
+
+def to_host(value):
+    """Tensors (also inside lists, tuples, dicts and dataclasses) moved to the host for the trip to the client."""
+    if torch.is_tensor(value):
+        return value.cpu()
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_host(v) for v in value)
+    if isinstance(value, dict):
+        return {k: to_host(v) for k, v in value.items()}
+    if is_dataclass(value) and not isinstance(value, type):
+        return type(value)(**{f.name: to_host(getattr(value, f.name)) for f in fields(value)})
+    return value
+
+
+def as_blocks(ids, datas) -> list[Block]:
+    """Task arguments -> blocks: a block is its rows, or (rows, weights) for a weighted fit."""
+    return [Block(d[0], torch.as_tensor(d[1], dtype=torch.float64), key=i) if isinstance(d, tuple)
+            else Block(d, None, key=i) for i, d in zip(ids, datas)]
+
+
+def pair(x, w):
+    """One block's rows and weights, kept together on the worker that holds the rows."""
+    return (x, np.asarray(w, dtype=np.float64))
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+def call_shard(spec: ShardSpec, method: str, ids: list, args: tuple, *datas):
+    """Seeding and statistics: one `Shard` method over this worker's blocks."""
+    shard = shard_for(spec)
+    with shard.lock:
+        return to_host(getattr(shard, method)(as_blocks(ids, datas), *args))
+
+
+def run_here(spec: ShardSpec, fn, args: tuple):
+    return to_host(fn(*args, device=worker_device(spec.device)))
+
+
+def step(spec: ShardSpec, numerics: FitNumerics, ids: list, centers: Update, version: str,
+         previous: Update | None, previous_version: str | None, *datas):
+    """One Lloyd step over this worker's blocks (see `Shard.step` for the label-change count)."""
+    shard = shard_for(spec)
+    with shard.lock:
+        result = shard.step(as_blocks(ids, datas), centers.centers, numerics, version, previous_version,
+                            None if previous is None else previous.centers)
+    return to_host(result)
+
+
+def farthest(spec: ShardSpec, numerics: FitNumerics, ids: list, starts: list, centers: Update, n: int, *datas):
+    shard = shard_for(spec)
+    with shard.lock:
+        return shard.farthest(as_blocks(ids, datas), centers.centers, numerics, n, starts)
+
+
+def _combined(steps: list, scale: fp.FixedPointScale):
+    sums = fp.normalize(sum(s.partials.sums for s in steps))
+    weights = fp.normalize(sum(s.partials.weights for s in steps))
+    inertia = fp.normalize(sum(s.inertia for s in steps)[:, None])[:, 0]
+    return reference.Partials(sums, weights, scale), inertia, sum(s.n_changed for s in steps)
+
+
+def reduce(numerics: FitNumerics, centers: Update, *steps) -> Update:
+    """Exact all-reduce of the workers' partials and the Lloyd update. Empty clusters are only counted here; the
+    client then asks the workers for their farthest rows and `reseed` redoes the update with them."""
+    partials, inertia, changed = _combined(list(steps), numerics.scale)
+    new, shift = next_centers(partials, centers.centers, numerics.metric)
+    return Update(new, {"n_changed": int(changed), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
+                        "shift": shift, "n_empty": int(empty_clusters(partials).numel())})
+
+
+def reseed(numerics: FitNumerics, centers: Update, n_steps: int, *parts) -> Update:
+    """The update of an iteration with empty clusters: they take the farthest rows of all workers."""
+    steps, found = list(parts[:n_steps]), list(parts[n_steps:])
+    partials, inertia, changed = _combined(steps, numerics.scale)
+    n_empty = int(empty_clusters(partials).numel())
+    partials = move_to_empty(partials, Farthest.merge(found, n_empty))
+    new, shift = next_centers(partials, centers.centers, numerics.metric)
+    return Update(new, {"n_changed": int(changed), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
+                        "shift": shift, "n_empty": 0})
+
+
+def scalars(update: Update) -> dict:
+    return update.scalars
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def _block_tensor(x, dtype: str, metric: str, device: str):
+    """A chunk of X as the fit computed on it: on the worker's device, in the compute dtype, unit rows for
+    cosine; plus how to hand results back (CuPy for CuPy chunks, NumPy otherwise)."""
+    is_cupy = type(x).__module__.split(".")[0] == "cupy"
+    t = torch.from_dlpack(x) if is_cupy else torch.from_numpy(np.ascontiguousarray(x))
+    dev = t.device if is_cupy else worker_device(device)
+    t = t.to(dev, getattr(torch, dtype))
+    return (unit_rows_like(t) if metric == "cosine" else t), is_cupy
+
+
+def _back(t: torch.Tensor, is_cupy: bool):
+    if is_cupy:
+        import cupy
+        return cupy.from_dlpack(t.contiguous())
+    return t.cpu().numpy()
+
+
+def predict_block(x, centers: np.ndarray, shift, metric: str, dtype: str, device: str):
+    t, is_cupy = _block_tensor(x, dtype, metric, device)
+    c = torch.as_tensor(centers).to(t.device, t.dtype)
+    s = None if shift is None else torch.as_tensor(shift).to(t.device)
+    labels, _ = backend_for(t.device).assign(t, c, metric=metric, shift=s) if t.shape[0] else (
+        torch.empty(0, dtype=torch.int64, device=t.device), None)
+    return _back(labels.to(torch.int64), is_cupy)
+
+
+def transform_block(x, centers: np.ndarray, shift, metric: str, dtype: str, device: str):
+    t, is_cupy = _block_tensor(x, dtype, metric, device)
+    c = torch.as_tensor(centers).to(t.device, t.dtype)
+    s = None if shift is None else torch.as_tensor(shift).to(t.device)
+    d = reference.distances(t, c, metric=metric, shift=s)
+    if metric == "euclidean":
+        d = d.sqrt()
+    return _back(d.to(torch.float64 if t.dtype == torch.float64 else torch.float32), is_cupy)
+
+
+def min_dist_block(x, centers: np.ndarray, shift, metric: str, dtype: str, device: str):
+    """float64 distance of every row to its nearest centre (score)."""
+    t, _ = _block_tensor(x, dtype, metric, device)
+    c = torch.as_tensor(centers).to(t.device, t.dtype)
+    s = None if shift is None else torch.as_tensor(shift).to(t.device)
+    if t.shape[0] == 0:
+        return np.zeros(0, dtype=np.float64)
+    return backend_for(t.device).assign(t, c, metric=metric, shift=s)[1].to(torch.float64).cpu().numpy()
