@@ -64,8 +64,13 @@ class DataBounds:
     max_weight: float
 
     def __add__(self, other: "DataBounds") -> "DataBounds":
-        return DataBounds(self.n_samples + other.n_samples, self.n_features, max(self.max_abs, other.max_abs),
-                          max(self.max_weight, other.max_weight))
+        return DataBounds(self.n_samples + other.n_samples, self.n_features, _max(self.max_abs, other.max_abs),
+                          _max(self.max_weight, other.max_weight))
+
+
+def _max(a: float, b: float) -> float:
+    """max that keeps a NaN (Python's max(0.0, nan) is 0.0), so bad data is reported instead of hidden."""
+    return a if a != a or a >= b else b
 
 
 def data_bounds(x: torch.Tensor, weights: torch.Tensor | None) -> DataBounds:

@@ -1,0 +1,196 @@
+"""The distributed fit on a real `distributed.LocalCluster` (worker processes): same bits as in process."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import dask.array as da
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster, get_task_stream
+from dask.utils import key_split
+from sklearn.datasets import make_blobs
+
+from flashkm_dist import KMeans
+from flashkm_dist.dask import driver
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _cluster(n_workers: int) -> LocalCluster:
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                        silence_logs=40)
+
+
+@pytest.fixture(scope="module")
+def client():
+    with _cluster(3) as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    X, _ = make_blobs(2400, 5, centers=9, cluster_std=2.5, random_state=3)
+    return X
+
+
+def assert_same_fit(a: KMeans, b: KMeans) -> None:
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    assert a.cluster_centers_.dtype == b.cluster_centers_.dtype
+    assert a.inertia_ == b.inertia_ and a.n_iter_ == b.n_iter_
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in a.history_]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in b.history_]
+    labels_a = a.labels_.compute() if hasattr(a.labels_, "compute") else a.labels_
+    labels_b = b.labels_.compute() if hasattr(b.labels_, "compute") else b.labels_
+    np.testing.assert_array_equal(labels_a, labels_b)
+
+
+@pytest.mark.parametrize("init", ["k-means++", "k-means||", "random"])
+def test_same_bits_as_in_process_for_every_init(client, blobs, init):
+    params = dict(n_clusters=9, init=init, random_state=0, n_init=2)
+    assert_same_fit(KMeans(**params).fit(da.from_array(blobs, chunks=500)), KMeans(**params).fit(blobs))
+
+
+@pytest.mark.parametrize("chunks", [2400, 331, ((0, 1, 1000, 0, 1, 1398), (5,))])
+def test_same_bits_for_any_chunking_weighted_and_float32(client, blobs, chunks):
+    X = blobs.astype(np.float32)
+    w = np.random.RandomState(1).randint(0, 4, size=len(X)).astype(np.float64)
+    params = dict(n_clusters=9, init="k-means||", random_state=2, tol=0.0)
+    ref = KMeans(**params).fit(X, sample_weight=w)
+    got = KMeans(**params).fit(da.from_array(X, chunks=chunks), sample_weight=w)
+    assert_same_fit(got, ref)
+    assert got.cluster_centers_.dtype == np.float32
+
+
+def test_cosine_and_empty_cluster_reseeding_match(client, blobs):
+    init = blobs[:9].copy()
+    init[2], init[6] = 1e4, -1e4  # two centres that no point picks: the re-seeding path
+    for metric in ["euclidean", "cosine"]:
+        params = dict(n_clusters=9, init=init, metric=metric, max_iter=50)
+        ref = KMeans(**params).fit(blobs)
+        assert_same_fit(KMeans(**params).fit(da.from_array(blobs, chunks=700)), ref)
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_same_bits_on_one_and_two_workers(blobs, n_workers):
+    params = dict(n_clusters=9, init="k-means++", random_state=5, max_iter=20)
+    ref = KMeans(**params).fit(blobs)
+    with _cluster(n_workers) as cluster, Client(cluster) as c:
+        assert_same_fit(KMeans(**params).fit(da.from_array(blobs, chunks=300), client=c), ref)
+
+
+def test_worker_killed_mid_fit_gives_the_same_bits(client, blobs):
+    X, _ = make_blobs(3000, 4, centers=30, cluster_std=4.0, random_state=9)  # many iterations
+    params = dict(n_clusters=30, init="random", n_init=1, random_state=4, tol=0.0, max_iter=40)
+    ref = KMeans(**params).fit(X)
+    assert ref.n_iter_ > 4
+    pids = client.run(os.getpid)
+    victim = sorted(pids)[-1]
+    killed = []
+
+    def kill(iteration):
+        if iteration == 2 and not killed:
+            os.kill(pids[victim], signal.SIGKILL)
+            killed.append(iteration)
+
+    driver.ITERATION_HOOKS.append(kill)
+    try:
+        got = KMeans(**params).fit(da.from_array(X, chunks=250))
+    finally:
+        driver.ITERATION_HOOKS.remove(kill)
+    assert killed == [2]
+    assert_same_fit(got, ref)
+    client.wait_for_workers(3, timeout=60)
+
+
+def test_checkpoint_resume_on_a_new_client_reaches_the_same_bits(blobs, tmp_path):
+    X, _ = make_blobs(3000, 4, centers=30, cluster_std=4.0, random_state=9)
+    path = tmp_path / "fit.npz"
+    params = dict(n_clusters=30, init="k-means||", n_init=2, random_state=7, tol=0.0, max_iter=40)
+    ref = KMeans(**params).fit(X)
+
+    class Interrupted(Exception):
+        pass
+
+    def crash(iteration):
+        if iteration == 3:
+            raise Interrupted
+
+    with _cluster(2) as cluster, Client(cluster) as c:
+        driver.ITERATION_HOOKS.append(crash)
+        try:
+            with pytest.raises(Interrupted):
+                KMeans(**params, checkpoint=path).fit(da.from_array(X, chunks=400), client=c)
+        finally:
+            driver.ITERATION_HOOKS.remove(crash)
+    assert path.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".flashkm-")]
+    with _cluster(3) as cluster, Client(cluster) as c:
+        resumed = KMeans(**params, checkpoint=path, resume=True).fit(da.from_array(X, chunks=700), client=c)
+        assert_same_fit(resumed, ref)
+        finished = KMeans(**params, checkpoint=path, resume=True).fit(da.from_array(X, chunks=700), client=c)
+        assert_same_fit(finished, ref)  # a finished checkpoint returns the fit without iterating
+        with pytest.raises(ValueError, match="different fit.*n_clusters"):
+            KMeans(**{**params, "n_clusters": 29}, checkpoint=path, resume=True).fit(
+                da.from_array(X, chunks=700), client=c)
+
+
+def test_outputs_are_lazy_with_the_input_chunks(client, blobs):
+    X = da.from_array(blobs, chunks=(700, 5))
+    km = KMeans(9, random_state=0).fit(X)
+    ref = KMeans(9, random_state=0).fit(blobs)
+    for lazy in (km.labels_, km.predict(X), km.fit_predict(X)):
+        assert isinstance(lazy, da.Array) and lazy.chunks == (X.chunks[0],) and lazy.dtype == np.int64
+        np.testing.assert_array_equal(lazy.compute(), ref.labels_)
+    dist = km.transform(X)
+    assert isinstance(dist, da.Array) and dist.chunks == (X.chunks[0], (9,))
+    np.testing.assert_array_equal(dist.compute(), ref.transform(blobs))
+    assert km.score(X) == pytest.approx(ref.score(blobs), rel=1e-12)
+    assert isinstance(km.cluster_centers_, np.ndarray)
+
+
+def test_task_names_on_the_dashboard(client, blobs):
+    with get_task_stream(client) as stream:
+        KMeans(9, random_state=0, max_iter=3).fit(da.from_array(blobs, chunks=600))
+    names = {key_split(t["key"]) for t in stream.data}
+    assert {"flashkm-step", "flashkm-reduce", "flashkm-scalars"} <= names
+
+
+def test_edges_tiny_chunks_more_workers_than_blocks_unknown_sizes(client, blobs):
+    ref = KMeans(3, random_state=0).fit(blobs[:10])
+    one_block = da.from_array(blobs[:10], chunks=10)  # 1 block, 3 workers
+    assert_same_fit(KMeans(3, random_state=0).fit(one_block), ref)
+    ones = da.from_array(blobs[:10], chunks=1)  # 1-row chunks
+    assert_same_fit(KMeans(3, random_state=0).fit(ones), ref)
+    unknown = da.from_array(blobs[:10], chunks=4)
+    unknown = unknown[unknown[:, 0] > -np.inf]  # boolean indexing: chunk sizes unknown (nan)
+    assert np.isnan(unknown.shape[0])
+    assert_same_fit(KMeans(3, random_state=0).fit(unknown), ref)
+
+
+def test_clear_errors(client, blobs):
+    X = da.from_array(blobs, chunks=600)
+    with pytest.raises(ValueError, match="n_samples=2400 should be >= n_clusters=3000"):
+        KMeans(3000).fit(X)
+    with pytest.raises(ValueError, match="non-negative"):
+        KMeans(3).fit(X, sample_weight=-np.ones(len(blobs)))
+    with pytest.raises(ValueError, match="one entry per sample"):
+        KMeans(3).fit(X, sample_weight=np.ones(5))
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        KMeans(3).fit(da.from_array(np.full((10, 2), np.nan), chunks=5))
+    with pytest.raises(ValueError, match="2-D"):
+        KMeans(3).fit(da.ones(10, chunks=5))
+    with pytest.raises(RuntimeError, match="has no CUDA device"):
+        KMeans(3, device="cuda").fit(X)
+    km = KMeans(3, random_state=0).fit(X)
+    with pytest.raises(ValueError, match="expecting 5 features"):
+        km.predict(da.ones((4, 3), chunks=2))
+    with pytest.raises(ValueError, match="checkpoint/resume apply to fits of Dask arrays"):
+        KMeans(3, checkpoint="x.npz").fit(blobs)
+
+
+def test_no_client_is_a_clear_error():
+    code = "import dask.array as da; from flashkm_dist import KMeans; KMeans(2).fit(da.ones((4, 2), chunks=2))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "needs a distributed.Client" in done.stderr
