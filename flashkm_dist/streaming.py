@@ -10,6 +10,8 @@ result, and an out-of-memory error can simply halve the chunk and run the step a
 """
 from __future__ import annotations
 
+import os
+import time
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -40,6 +42,7 @@ class EngineStep:
     partials: reference.Partials
     inertia: torch.Tensor  # limbs (2,)
     n_changed: int
+    seconds: float = 0.0  # wall time of the step on this device (it ends synchronised)
 
 
 @dataclass
@@ -114,11 +117,16 @@ class Engine:
         if self.device.type == "cuda" and self.device.index is None:  # 'cuda' must compare equal to 'cuda:0'
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.backend = self.backend or backend_for(self.device)
+        if self.cache_bytes == "auto" and os.environ.get("FLASHKM_CACHE_BYTES"):  # e.g. 0 on Dask workers
+            self.cache_bytes = int(os.environ["FLASHKM_CACHE_BYTES"])
 
     # ------------------------------------------------------------------------------------------- public steps
     def step(self, blocks, centroids: torch.Tensor, numerics: FitNumerics) -> EngineStep:
         """Assign every row, sum rows per centroid exactly, remember the labels; restarts on CUDA OOM."""
-        return self._retrying(lambda: self._step(blocks, centroids.to(self.device), self.local(numerics)))
+        start = time.perf_counter()
+        result = self._retrying(lambda: self._step(blocks, centroids.to(self.device), self.local(numerics)))
+        result.seconds = time.perf_counter() - start
+        return result
 
     def local(self, numerics: FitNumerics) -> FitNumerics:
         """The fit's numerics with the shift on this device (the client may hold it elsewhere)."""

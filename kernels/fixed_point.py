@@ -69,3 +69,17 @@ def to_float(limbs: torch.Tensor, exp: int) -> torch.Tensor:
 def exact_sum(values: torch.Tensor, exp: int) -> torch.Tensor:
     """Normalised limbs (2,) of the exact sum of quantised values (any shape): one canonical form per integer."""
     return normalize(quantize(values.reshape(-1), exp).sum(dim=1))
+
+
+def join(limbs: torch.Tensor) -> torch.Tensor | None:
+    """Limbs (2, ...) -> the exact integers as one int64 array (half the bytes to send), or None when a value
+    might not fit in int64."""
+    limbs = normalize(limbs)
+    if limbs.numel() and not bool((limbs[0].abs() < (1 << (62 - LIMB_BITS))).all()):
+        return None
+    return limbs[0] * (1 << LIMB_BITS) + limbs[1]
+
+
+def split(values: torch.Tensor) -> torch.Tensor:
+    """The inverse of `join`: int64 integers -> normalised limbs (2, ...)."""
+    return torch.stack([values >> LIMB_BITS, values & _LIMB_MASK])

@@ -172,3 +172,13 @@ def test_move_points_and_cosine_finalize():
     assert torch.allclose(centers, torch.tensor([[0.5, 0.5], [3.0, 4.0]], dtype=torch.float64))
     unit, _ = R.finalize(p, dtype=torch.float64, metric="cosine")
     assert torch.allclose(unit.norm(dim=1), torch.ones(2, dtype=torch.float64))
+
+
+def test_join_and_split_are_exact_inverses_or_refuse():
+    from flashkm_dist.kernels import fixed_point as fp
+    rng = torch.Generator().manual_seed(0)
+    q = torch.randint(-(1 << 52), 1 << 52, (3, 7), generator=rng, dtype=torch.int64)
+    limbs = fp.normalize(torch.stack([q >> 26, q & ((1 << 26) - 1)]) * 1000)  # sums of 1000 such values
+    joined = fp.join(limbs)
+    assert torch.equal(joined, q * 1000) and torch.equal(fp.split(joined), limbs)
+    assert fp.join(torch.stack([torch.tensor([1 << 40]), torch.tensor([0])])) is None  # 2**66 does not fit

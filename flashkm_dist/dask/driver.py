@@ -114,7 +114,8 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
             s = it.scalars.result()
             following = shards.submit_step(numerics, it.update, current)
         history.append({"iteration": i, "inertia": s["inertia"], "center_shift": s["shift"],
-                        "labels_changed": s["n_changed"], "seconds": time.perf_counter() - t0})
+                        "labels_changed": s["n_changed"], "seconds": time.perf_counter() - t0,
+                        "slowest_worker_seconds": s["slowest_worker_seconds"]})
         bar.update(1)
         bar.set_postfix(inertia=f"{s['inertia']:.6g}", shift=f"{s['shift']:.3g}")
         strict = s["n_changed"] == 0

@@ -123,6 +123,9 @@ def step(spec: ShardSpec, numerics: FitNumerics, ids: list, centers: Update, ver
     with shard.lock:
         result = shard.step(as_blocks(ids, datas), centers.centers, numerics, version, previous_version,
                             None if previous is None else previous.centers)
+        joined = fp.join(result.partials.sums)  # one int64 per value when it fits: half the bytes to the reducer
+        if joined is not None:
+            result.partials = reference.Partials(joined, result.partials.weights, result.partials.scale)
     return to_host(result)
 
 
@@ -133,7 +136,8 @@ def farthest(spec: ShardSpec, numerics: FitNumerics, ids: list, starts: list, ce
 
 
 def _combined(steps: list, scale: fp.FixedPointScale):
-    sums = fp.normalize(sum(s.partials.sums for s in steps))
+    sums = fp.normalize(sum(fp.split(s.partials.sums) if s.partials.sums.dim() == 2 else s.partials.sums
+                            for s in steps))
     weights = fp.normalize(sum(s.partials.weights for s in steps))
     inertia = fp.normalize(sum(s.inertia for s in steps)[:, None])[:, 0]
     return reference.Partials(sums, weights, scale), inertia, sum(s.n_changed for s in steps)
@@ -145,7 +149,8 @@ def reduce(numerics: FitNumerics, centers: Update, *steps) -> Update:
     partials, inertia, changed = _combined(list(steps), numerics.scale)
     new, shift = next_centers(partials, centers.centers, numerics.metric)
     return Update(new, {"n_changed": int(changed), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
-                        "shift": shift, "n_empty": int(empty_clusters(partials).numel())})
+                        "shift": shift, "n_empty": int(empty_clusters(partials).numel()),
+                        "slowest_worker_seconds": max(s.seconds for s in steps)})
 
 
 def reseed(numerics: FitNumerics, centers: Update, n_steps: int, *parts) -> Update:
@@ -156,7 +161,7 @@ def reseed(numerics: FitNumerics, centers: Update, n_steps: int, *parts) -> Upda
     partials = move_to_empty(partials, Farthest.merge(found, n_empty))
     new, shift = next_centers(partials, centers.centers, numerics.metric)
     return Update(new, {"n_changed": int(changed), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
-                        "shift": shift, "n_empty": 0})
+                        "shift": shift, "n_empty": 0, "slowest_worker_seconds": max(s.seconds for s in steps)})
 
 
 def scalars(update: Update) -> dict:

@@ -1,0 +1,193 @@
+"""Distributed fit on one multi-GPU host: strong scaling over Dask-CUDA workers, Dask overhead, out-of-core.
+
+    python benchmarks/dask_scaling.py --out dask.json [--log2n 26] [--k 8192] [--d 128] [--workers 1,2,4]
+    python benchmarks/dask_scaling.py --out smoke.json --cpu-smoke     # tiny, CPU workers (checks the script)
+
+Data (fp16, N x D standard normal) is generated on the workers, block by block from the block index, so every
+worker count clusters the same rows. Per worker count: a `LocalCUDACluster` with one worker per GPU, the data as
+CuPy blocks resident on the GPUs, `max_iter` Lloyd iterations from the same initial centres (tol=0). Reported:
+median client-side iteration time (from the fit's history, after the warm-up iterations), the slowest worker's step
+time in the same iterations, the Dask overhead (their difference), speed-up and strong-scaling efficiency. Then,
+on all GPUs: host-resident NumPy blocks streamed every iteration (cache off) and cached, and flash-kmeans'
+`kmeans_largeN` on the same host data over the same GPUs, in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+WARMUP_ITERS = 2
+
+
+def make_block(block_id=None, *, rows: int, d: int, seed: int, on_gpu: bool, host: bool):
+    """One block of the data set, a function of its index only."""
+    if on_gpu:
+        import cupy
+        x = cupy.random.RandomState(seed + block_id[0]).standard_normal((rows, d), dtype=cupy.float32)
+        x = x.astype(cupy.float16)
+        return cupy.asnumpy(x) if host else x
+    return np.random.RandomState(seed + block_id[0]).standard_normal((rows, d)).astype(np.float16)
+
+
+def dataset(n: int, d: int, n_blocks: int, *, on_gpu: bool, host: bool, seed: int = 0):
+    import dask.array as da
+    rows = n // n_blocks
+    meta = np.empty((0, 0), dtype=np.float16)
+    if on_gpu and not host:
+        import cupy
+        meta = cupy.empty((0, 0), dtype=cupy.float16)
+    return da.map_blocks(make_block, rows=rows, d=d, seed=seed, on_gpu=on_gpu, host=host,
+                         chunks=((rows,) * n_blocks, (d,)), dtype=np.float16, meta=meta, name="flashkm-data")
+
+
+def timed_fit(client, X, init: np.ndarray, iters: int) -> dict:
+    from distributed import wait
+
+    from flashkm_dist import KMeans
+    X = X.persist()
+    wait(X)
+    t0 = time.perf_counter()
+    km = KMeans(init.shape[0], init=init, max_iter=iters, tol=0.0).fit(X, client=client)
+    total = time.perf_counter() - t0
+    hist = km.history_[WARMUP_ITERS:] or km.history_
+    it = statistics.median(h["seconds"] for h in hist)
+    worker = statistics.median(h["slowest_worker_seconds"] for h in hist)
+    over = statistics.median(h["seconds"] - h["slowest_worker_seconds"] for h in hist)
+    return {"iteration_s": it, "slowest_worker_step_s": worker, "dask_overhead_s": over, "fit_s": total,
+            "n_iter": km.n_iter_, "inertia": km.inertia_,
+            "iterations": [{k: h[k] for k in ("seconds", "slowest_worker_seconds", "labels_changed")}
+                           for h in km.history_]}
+
+
+def exactness(client, cpu: bool) -> dict:
+    """The distributed fit (CuPy blocks on the GPUs, and NumPy blocks) against the in-process fit of the same rows
+    in this process: centres, inertia and labels must be the same bits."""
+    import torch
+
+    from flashkm_dist import KMeans
+    out = {}
+    X = dataset(1 << 17, 32, 12, on_gpu=not cpu, host=False)
+    rows = X.compute()
+    rows = rows if isinstance(rows, np.ndarray) else rows.get()
+    for init in ("k-means||", "k-means++"):
+        params = dict(n_clusters=64, init=init, random_state=0, max_iter=30)
+        ref = KMeans(**params, device="cuda" if torch.cuda.is_available() else "cpu").fit(rows)
+        for kind, data in (("device_blocks", X), ("host_blocks", dataset(1 << 17, 32, 12, on_gpu=not cpu,
+                                                                          host=True))):
+            got = KMeans(**params).fit(data, client=client)
+            labels = got.labels_.compute()
+            labels = labels if isinstance(labels, np.ndarray) else labels.get()
+            out[f"{init}/{kind}"] = {
+                "centers_equal": bool(np.array_equal(got.cluster_centers_, ref.cluster_centers_)),
+                "inertia_equal": got.inertia_ == ref.inertia_, "n_iter": [got.n_iter_, ref.n_iter_],
+                "labels_equal": bool(np.array_equal(labels, ref.labels_))}
+    return out
+
+
+def cluster(n_workers: int, cpu: bool):
+    if cpu:
+        from distributed import LocalCluster
+        return LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0")
+    from dask_cuda import LocalCUDACluster
+    return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(n_workers)), n_workers=n_workers,
+                            threads_per_worker=2, dashboard_address=":0")
+
+
+def flash_largeN(n: int, d: int, n_blocks: int, init: np.ndarray, iters: int) -> dict:
+    """flash-kmeans' multi-GPU out-of-core loop on the same rows, pinned on the host, all visible GPUs."""
+    import torch
+    from flash_kmeans import kmeans_largeN
+    rows = n // n_blocks
+    x = torch.empty((rows * n_blocks, d), dtype=torch.float16, pin_memory=True)
+    for b in range(n_blocks):
+        x[b * rows:(b + 1) * rows] = torch.as_tensor(make_block((b, 0), rows=rows, d=d, seed=0, on_gpu=True,
+                                                                host=True))
+    c = torch.as_tensor(init, dtype=torch.float16)
+
+    def run(n_iter):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        kmeans_largeN(x, c.shape[0], max_iters=n_iter, init_centroids=c.clone(), device=None)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    run(1)  # compile
+    one, more = run(1), run(1 + iters)
+    return {"iteration_s": (more - one) / iters, "gpus": torch.cuda.device_count()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--log2n", type=int, default=26)
+    ap.add_argument("--k", type=int, default=8192)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--blocks-per-worker", type=int, default=8)
+    ap.add_argument("--cpu-smoke", action="store_true")
+    args = ap.parse_args()
+    from distributed import Client
+    cpu = args.cpu_smoke
+    n, d, k = (1 << 14, 16, 32) if cpu else (1 << args.log2n, args.d, args.k)
+    workers = [int(w) for w in args.workers.split(",")]
+    n_blocks = max(workers) * args.blocks_per_worker
+    init = make_block((10_000, 0), rows=k, d=d, seed=0, on_gpu=not cpu, host=True)
+    import dask
+    import distributed
+    result = {"n": n, "d": d, "k": k, "dtype": "float16", "n_blocks": n_blocks, "iters": args.iters,
+              "warmup_iters_excluded": WARMUP_ITERS, "python": sys.version.split()[0], "host": platform.node(),
+              "dask": dask.__version__, "distributed": distributed.__version__, "resident": {}}
+    try:
+        import torch
+        result["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            result["device"] = torch.cuda.get_device_name(0)
+            result["gpus"] = torch.cuda.device_count()
+    except ImportError:
+        pass
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    for w in workers:  # strong scaling, data resident on the GPUs
+        with cluster(w, cpu) as lc, Client(lc) as client:
+            if w == workers[-1]:
+                result["exactness"] = exactness(client, cpu)
+                print("exactness", result["exactness"], flush=True)
+            X = dataset(n, d, n_blocks, on_gpu=not cpu, host=cpu)
+            result["resident"][w] = timed_fit(client, X, init, args.iters)
+            print(w, "workers:", {k_: v for k_, v in result["resident"][w].items() if k_ != "iterations"},
+                  flush=True)
+        save()
+    base = result["resident"][workers[0]]["iteration_s"] * workers[0]
+    result["strong_scaling_efficiency"] = {w: base / (w * r["iteration_s"]) for w, r in result["resident"].items()}
+    w = max(workers)
+    for mode, cache in (("host_streamed", "0"), ("host_cached", "")):  # NumPy blocks in worker host memory
+        os.environ["FLASHKM_CACHE_BYTES"] = cache
+        with cluster(w, cpu) as lc, Client(lc) as client:
+            X = dataset(n, d, n_blocks, on_gpu=not cpu, host=True)
+            result[mode] = {"workers": w, **timed_fit(client, X, init, args.iters)}
+            print(mode, {k_: v for k_, v in result[mode].items() if k_ != "iterations"}, flush=True)
+        save()
+    os.environ.pop("FLASHKM_CACHE_BYTES", None)
+    if not cpu:
+        try:
+            result["flash_kmeans_largeN"] = flash_largeN(n, d, n_blocks, init, min(args.iters, 3))
+        except Exception as err:  # noqa: BLE001 - the peer's failure is reported, not fatal
+            result["flash_kmeans_largeN"] = {"error": repr(err)}
+        print("flash largeN", result["flash_kmeans_largeN"], flush=True)
+    save()
+    print(json.dumps({k_: v for k_, v in result.items() if k_ not in ("resident",)}, indent=1, default=str)[:3000])
+
+
+if __name__ == "__main__":
+    main()
