@@ -52,9 +52,12 @@ def move_to_empty(partials: reference.Partials, far) -> reference.Partials:
 
 
 def next_centers(partials: reference.Partials, centers: torch.Tensor, metric: str) -> tuple[torch.Tensor, float]:
-    """The Lloyd update (empty clusters already re-seeded) and the summed squared shift from `centers`."""
-    new, _ = reference.finalize(partials, dtype=centers.dtype, metric=metric, previous=centers)
-    return new, float(((new.to(torch.float64) - centers.to(torch.float64)) ** 2).sum())
+    """The Lloyd update (empty clusters already re-seeded) and the summed squared shift from `centers`, computed
+    on the partials' device; both are elementwise or exact sums, so any device gives the same bits."""
+    new, _ = reference.finalize(partials, dtype=centers.dtype, metric=metric, previous=centers.to(partials.sums.device))
+    moved = (new.to(torch.float64) - centers.to(new.device, torch.float64)) ** 2
+    exp = fp.exponent_for(float(moved.max())) if moved.numel() else 0
+    return new, float(fp.to_float(fp.exact_sum(moved, exp), exp))  # an exact sum: the same on any device
 
 
 def _joined(labels: list) -> torch.Tensor:

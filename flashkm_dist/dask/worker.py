@@ -135,10 +135,19 @@ def farthest(spec: ShardSpec, numerics: FitNumerics, ids: list, starts: list, ce
         return shard.farthest(as_blocks(ids, datas), centers.centers, numerics, n, starts)
 
 
-def _combined(steps: list, scale: fp.FixedPointScale):
-    sums = fp.normalize(sum(fp.split(s.partials.sums) if s.partials.sums.dim() == 2 else s.partials.sums
-                            for s in steps))
-    weights = fp.normalize(sum(s.partials.weights for s in steps))
+def _reduce_device(metric: str) -> torch.device:
+    """The reducer's GPU when it has one: integer sums and the euclidean update are exact or elementwise, so they
+    give the same bits anywhere. Cosine renormalises with a float reduction, kept on the CPU everywhere."""
+    return torch.device("cuda" if metric == "euclidean" and torch.cuda.is_available() else "cpu")
+
+
+def _combined(steps: list, scale: fp.FixedPointScale, device: torch.device):
+    def limbs(s):
+        sums = s.partials.sums.to(device, non_blocking=True)
+        return fp.split(sums) if sums.dim() == 2 else sums
+
+    sums = fp.normalize(sum(limbs(s) for s in steps))
+    weights = fp.normalize(sum(s.partials.weights.to(device) for s in steps))
     inertia = fp.normalize(sum(s.inertia for s in steps)[:, None])[:, 0]
     return reference.Partials(sums, weights, scale), inertia, sum(s.n_changed for s in steps)
 
@@ -146,9 +155,9 @@ def _combined(steps: list, scale: fp.FixedPointScale):
 def reduce(numerics: FitNumerics, centers: Update, *steps) -> Update:
     """Exact all-reduce of the workers' partials and the Lloyd update. Empty clusters are only counted here; the
     client then asks the workers for their farthest rows and `reseed` redoes the update with them."""
-    partials, inertia, changed = _combined(list(steps), numerics.scale)
+    partials, inertia, changed = _combined(list(steps), numerics.scale, _reduce_device(numerics.metric))
     new, shift = next_centers(partials, centers.centers, numerics.metric)
-    return Update(new, {"n_changed": int(changed), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
+    return Update(new.cpu(), {"n_changed": int(changed), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
                         "shift": shift, "n_empty": int(empty_clusters(partials).numel()),
                         "slowest_worker_seconds": max(s.seconds for s in steps)})
 
@@ -156,11 +165,11 @@ def reduce(numerics: FitNumerics, centers: Update, *steps) -> Update:
 def reseed(numerics: FitNumerics, centers: Update, n_steps: int, *parts) -> Update:
     """The update of an iteration with empty clusters: they take the farthest rows of all workers."""
     steps, found = list(parts[:n_steps]), list(parts[n_steps:])
-    partials, inertia, changed = _combined(steps, numerics.scale)
+    partials, inertia, changed = _combined(steps, numerics.scale, _reduce_device(numerics.metric))
     n_empty = int(empty_clusters(partials).numel())
     partials = move_to_empty(partials, Farthest.merge(found, n_empty))
     new, shift = next_centers(partials, centers.centers, numerics.metric)
-    return Update(new, {"n_changed": int(changed), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
+    return Update(new.cpu(), {"n_changed": int(changed), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
                         "shift": shift, "n_empty": 0, "slowest_worker_seconds": max(s.seconds for s in steps)})
 
 
