@@ -35,12 +35,49 @@ class ShardSpec:
     cache_bytes: int | str = "auto"
 
 
+def _wire(t: torch.Tensor) -> tuple:
+    """A host tensor as a NumPy array (Dask ships those without copies; pickled tensors are slow), plus its dtype."""
+    t = t.detach().cpu()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy(), str(t.dtype).removeprefix("torch.")
+
+
+def _unwire(wired: tuple) -> torch.Tensor:
+    arr, dtype = wired
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
 @dataclass
 class Update:
     """A reduction's result: the next centres and the scalars the client waits for."""
 
     centers: torch.Tensor
     scalars: dict | None = None
+
+    def __getstate__(self):
+        return {"centers": _wire(self.centers), "scalars": self.scalars}
+
+    def __setstate__(self, state):
+        self.centers, self.scalars = _unwire(state["centers"]), state["scalars"]
+
+
+@dataclass
+class StepResult:
+    """One worker's step on the wire: exact partials as NumPy integers (sums joined to one int64 per value when
+    they fit: half the bytes to the reducer)."""
+
+    sums: np.ndarray  # int64 (K, D) joined, or limbs (2, K, D)
+    weights: np.ndarray  # limbs (2, K)
+    inertia: np.ndarray  # limbs (2,)
+    n_changed: int
+    seconds: float
+
+    @classmethod
+    def of(cls, result) -> "StepResult":
+        sums = result.partials.sums
+        joined = fp.join(sums)
+        return cls((sums if joined is None else joined).cpu().numpy(), result.partials.weights.cpu().numpy(),
+                   result.inertia.cpu().numpy(), int(result.n_changed), float(result.seconds))
 
 
 def worker_device(device: str) -> torch.device:
@@ -123,10 +160,7 @@ def step(spec: ShardSpec, numerics: FitNumerics, ids: list, centers: Update, ver
     with shard.lock:
         result = shard.step(as_blocks(ids, datas), centers.centers, numerics, version, previous_version,
                             None if previous is None else previous.centers)
-        joined = fp.join(result.partials.sums)  # one int64 per value when it fits: half the bytes to the reducer
-        if joined is not None:
-            result.partials = reference.Partials(joined, result.partials.weights, result.partials.scale)
-    return to_host(result)
+    return StepResult.of(result)
 
 
 def farthest(spec: ShardSpec, numerics: FitNumerics, ids: list, starts: list, centers: Update, n: int, *datas):
@@ -143,12 +177,12 @@ def _reduce_device(metric: str) -> torch.device:
 
 def _combined(steps: list, scale: fp.FixedPointScale, device: torch.device):
     def limbs(s):
-        sums = s.partials.sums.to(device, non_blocking=True)
+        sums = torch.from_numpy(s.sums).to(device)
         return fp.split(sums) if sums.dim() == 2 else sums
 
     sums = fp.normalize(sum(limbs(s) for s in steps))
-    weights = fp.normalize(sum(s.partials.weights.to(device) for s in steps))
-    inertia = fp.normalize(sum(s.inertia for s in steps)[:, None])[:, 0]
+    weights = fp.normalize(sum(torch.from_numpy(s.weights).to(device) for s in steps))
+    inertia = fp.normalize(sum(torch.from_numpy(s.inertia) for s in steps)[:, None])[:, 0]
     return reference.Partials(sums, weights, scale), inertia, sum(s.n_changed for s in steps)
 
 
