@@ -7,7 +7,8 @@ Data (fp16, N x D standard normal) is generated on the workers, block by block f
 worker count clusters the same rows. Per worker count: a `LocalCUDACluster` with one worker per GPU, the data as
 CuPy blocks resident on the GPUs, `max_iter` Lloyd iterations from the same initial centres (tol=0). Reported:
 median client-side iteration time (from the fit's history, after the warm-up iterations), the slowest worker's step
-time in the same iterations, the Dask overhead (their difference), speed-up and strong-scaling efficiency. Then,
+time in the same iterations, the Dask overhead (their difference), speed-up and strong-scaling efficiency, with the
+default Dask reduction and with allreduce='nccl' (workers all-reduce among themselves). Then,
 on all GPUs: host-resident NumPy blocks streamed every iteration (cache off) and cached, and flash-kmeans'
 `kmeans_largeN` on the same host data over the same GPUs, in this process.
 """
@@ -47,14 +48,14 @@ def dataset(n: int, d: int, n_blocks: int, *, on_gpu: bool, host: bool, seed: in
                          chunks=((rows,) * n_blocks, (d,)), dtype=np.float16, meta=meta, name="flashkm-data")
 
 
-def timed_fit(client, X, init: np.ndarray, iters: int) -> dict:
+def timed_fit(client, X, init: np.ndarray, iters: int, allreduce: str = "dask") -> dict:
     from distributed import wait
 
     from flashkm_dist import KMeans
     X = X.persist()
     wait(X)
     t0 = time.perf_counter()
-    km = KMeans(init.shape[0], init=init, max_iter=iters, tol=0.0).fit(X, client=client)
+    km = KMeans(init.shape[0], init=init, max_iter=iters, tol=0.0, allreduce=allreduce).fit(X, client=client)
     total = time.perf_counter() - t0
     hist = km.history_[WARMUP_ITERS:] or km.history_
     it = statistics.median(h["seconds"] for h in hist)
@@ -163,13 +164,17 @@ def main():
             if w == workers[-1]:
                 result["exactness"] = exactness(client, cpu)
                 print("exactness", result["exactness"], flush=True)
-            X = dataset(n, d, n_blocks, on_gpu=not cpu, host=cpu)
-            result["resident"][w] = timed_fit(client, X, init, args.iters)
-            print(w, "workers:", {k_: v for k_, v in result["resident"][w].items() if k_ != "iterations"},
-                  flush=True)
+            X = dataset(n, d, n_blocks, on_gpu=not cpu, host=cpu).persist()
+            for mode, allreduce in (("resident", "dask"), ("resident_nccl", "nccl")):
+                result.setdefault(mode, {})[w] = timed_fit(client, X, init, args.iters, allreduce)
+                print(w, "workers", mode, {k_: v for k_, v in result[mode][w].items() if k_ != "iterations"},
+                      flush=True)
+            del X
         save()
-    base = result["resident"][workers[0]]["iteration_s"] * workers[0]
-    result["strong_scaling_efficiency"] = {w: base / (w * r["iteration_s"]) for w, r in result["resident"].items()}
+    for mode in ("resident", "resident_nccl"):
+        base = result[mode][workers[0]]["iteration_s"] * workers[0]
+        result[f"strong_scaling_efficiency_{mode}"] = {w: base / (w * r["iteration_s"])
+                                                       for w, r in result[mode].items()}
     w = max(workers)
     for mode, cache in (("host_streamed", "0"), ("host_cached", "")):  # NumPy blocks in worker host memory
         os.environ["FLASHKM_CACHE_BYTES"] = cache
@@ -186,7 +191,8 @@ def main():
             result["flash_kmeans_largeN"] = {"error": repr(err)}
         print("flash largeN", result["flash_kmeans_largeN"], flush=True)
     save()
-    print(json.dumps({k_: v for k_, v in result.items() if k_ not in ("resident",)}, indent=1, default=str)[:3000])
+    print(json.dumps({k_: v for k_, v in result.items() if not k_.startswith("resident")}, indent=1,
+                     default=str)[:3000])
 
 
 if __name__ == "__main__":

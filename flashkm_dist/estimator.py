@@ -36,6 +36,11 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     distance 1 - cos), ``device`` ('auto', 'cpu', 'cuda', 'cuda:N') and ``dtype`` (compute dtype: float16,
     bfloat16, float32 or float64; default the input's float dtype, integers as float64).
 
+    For Dask arrays (fitted on the Dask cluster, same bits as in process): ``checkpoint`` (a .npz path written
+    each iteration), ``resume`` (continue from it) and ``allreduce`` ('dask': reduction tasks, survives a lost
+    worker; 'nccl': the workers all-reduce among themselves with torch.distributed, NCCL on GPU workers and Gloo
+    on CPU workers, for the lowest per-iteration overhead, but a lost worker fails the fit).
+
     Attributes: ``cluster_centers_`` (NumPy; float32 for bfloat16), ``labels_`` (NumPy int64), ``inertia_``,
     ``n_iter_``, ``n_features_in_`` and ``history_`` (per iteration of the kept run: inertia of the centres it
     started from, squared centre shift, labels changed, seconds).
@@ -43,7 +48,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
 
     def __init__(self, n_clusters=8, *, init="k-means++", n_init="auto", max_iter=300, tol=1e-4, verbose=0,
                  random_state=None, metric="euclidean", device="auto", dtype=None, oversampling_factor=2.0,
-                 checkpoint=None, resume=False):
+                 checkpoint=None, resume=False, allreduce="dask"):
         self.n_clusters = n_clusters
         self.init = init
         self.n_init = n_init
@@ -57,6 +62,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         self.oversampling_factor = oversampling_factor
         self.checkpoint = checkpoint
         self.resume = resume
+        self.allreduce = allreduce
 
     # ----------------------------------------------------------------------------------------------- checks
     def _check_params(self, n_samples: int) -> int:
@@ -145,7 +151,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
 
     def _fit_dask(self, X, sample_weight, client):
         from flashkm_dist.dask import driver, outputs
-        best, seeding, dtype, X = driver.fit(self, X, sample_weight, client)
+        best, seeding, dtype, X = driver.fit(self, X, sample_weight, client, self.allreduce)
         self._compute_dtype = str(dtype).removeprefix("torch.")
         self._shift = None if seeding.shift is None else seeding.shift.cpu().numpy()
         self.cluster_centers_ = _numpy(best.centers)

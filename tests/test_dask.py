@@ -196,3 +196,20 @@ def test_no_client_is_a_clear_error():
     code = "import dask.array as da; from flashkm_dist import KMeans; KMeans(2).fit(da.ones((4, 2), chunks=2))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "needs a distributed.Client" in done.stderr
+
+
+@pytest.mark.parametrize("init", ["k-means||", "array-with-empty"])
+def test_collective_allreduce_gives_the_same_bits(client, blobs, init):
+    """allreduce='nccl' runs the torch.distributed collective path (Gloo between these CPU workers)."""
+    start = init
+    if init == "array-with-empty":
+        start = blobs[:9].copy()
+        start[4] = 1e4  # an empty cluster: re-seeded through the all-gather of farthest rows
+    params = dict(n_clusters=9, init=start, random_state=0, n_init=1, max_iter=40)
+    ref = KMeans(**params).fit(blobs)
+    got = KMeans(**params, allreduce="nccl").fit(da.from_array(blobs, chunks=500))
+    assert_same_fit(got, ref)
+    again = KMeans(**params, allreduce="nccl").fit(da.from_array(blobs, chunks=333))  # the group is re-made
+    assert_same_fit(again, ref)
+    with pytest.raises(ValueError, match="allreduce must be"):
+        KMeans(3, allreduce="mpi").fit(da.from_array(blobs, chunks=500))

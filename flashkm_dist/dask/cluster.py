@@ -12,7 +12,7 @@ import torch
 from dask.core import flatten
 from distributed import futures_of, wait
 
-from flashkm_dist.dask import worker
+from flashkm_dist.dask import collective, worker
 
 
 @dataclass
@@ -126,6 +126,31 @@ class DaskShards:
 
     def scatter(self, centers: torch.Tensor):
         return self.client.scatter(worker.Update(centers.cpu()), hash=False)
+
+    # ------------------------------------------------------------------------------------------ collective
+    def start_collective(self) -> str:
+        """One torch.distributed group over the workers holding blocks (rank: position in `addresses`)."""
+        first = self.addresses[0]
+        port = self.client.run(collective.free_port, workers=[first])[first]
+        host = first.split("://")[-1].rsplit(":", 1)[0]
+        backends = self.client.run(collective.join, self.addresses, f"tcp://{host}:{port}", workers=self.addresses)
+        return next(iter(backends.values()))
+
+    def stop_collective(self) -> None:
+        self.client.run(collective.leave, workers=self.addresses)
+
+    def submit_collective(self, numerics, version, previous, initial, after) -> list:
+        """A step task on every worker; each runs after that worker's task of the step before (`after`)."""
+        if set(self.client.scheduler_info(n_workers=-1)["workers"]) != self._workers:
+            raise RuntimeError("a worker left or joined during an allreduce='nccl' fit; collectives cannot recover "
+                               "from that: refit, or use the default allreduce='dask', which does")
+        return [self._submit(collective.step, s, "step", self.spec, numerics, self._blocks[s],
+                             [self.starts[i] for i in self._blocks[s]], version, previous, initial,
+                             None if after is None else after[s]) for s in self.shard_ids]
+
+    def collective_centers(self, version):
+        return self.client.submit(collective.centers_of, self.spec, version, key=self._key("centers", 0),
+                                  workers=self.addresses[:1], pure=False)
 
     def forget(self) -> None:
         self.client.run(worker.forget, self.spec.token)

@@ -140,8 +140,49 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
     return RunResult(final, inertia, i, history)
 
 
-def fit(model, X, sample_weight=None, client=None):
-    """Fit `model` (a flashkm_dist.KMeans) on the Dask array X; sets its attributes. See the module docstring."""
+def lloyd_collective(shards: DaskShards, centers: torch.Tensor, numerics, *, run: int, max_iter: int, tol: float,
+                     verbose: bool, desc: str, resume: ckpt.Resume | None = None, on_iteration=None) -> RunResult:
+    """`lloyd` with the workers all-reducing among themselves: the same stopping rules and bits, only scalars
+    through Dask. The queued next step is never cancelled (a half-started collective would hang): when the fit
+    stops it is the final assignment."""
+    client = shards.client
+    history = [] if resume is None else list(resume.history)
+    start = 1 if resume is None else resume.iteration + 1
+    initial = (shards.scatter(centers), None if resume is None or resume.previous is None
+               else shards.scatter(resume.previous))
+    steps = shards.submit_collective(numerics, (run, start), (run, start - 1) if resume else None, initial, None)
+    bar = tqdm(total=max_iter, initial=start - 1, desc=desc, disable=not verbose, leave=False)
+    strict, s, i = False, None, start - 1
+    for i in range(start, max_iter + 1):
+        t0 = time.perf_counter()
+        following = shards.submit_collective(numerics, (run, i + 1), (run, i), None, steps)
+        results = client.gather(steps)
+        s = results[0]
+        history.append({"iteration": i, "inertia": s["inertia"], "center_shift": s["shift"],
+                        "labels_changed": s["n_changed"], "seconds": time.perf_counter() - t0,
+                        "slowest_worker_seconds": max(r["seconds"] for r in results)})
+        bar.update(1)
+        bar.set_postfix(inertia=f"{s['inertia']:.6g}", shift=f"{s['shift']:.3g}")
+        strict = s["n_changed"] == 0
+        if on_iteration is not None:
+            on_iteration(i, shards.collective_centers((run, i + 1)), shards.collective_centers((run, i)), history)
+        for hook in ITERATION_HOOKS:
+            hook(i)
+        if strict or s["shift"] <= tol or i == max_iter:
+            break
+        steps = following
+    bar.close()
+    last = client.gather(following)[0]  # always let the queued step finish (see above)
+    final = shards.collective_centers((run, i + 1)).result().centers
+    inertia = s["inertia"] if strict and s["shift"] == 0.0 else last["inertia"]
+    return RunResult(final, inertia, i, history)
+
+
+def fit(model, X, sample_weight=None, client=None, allreduce: str = "dask"):
+    """Fit `model` (a flashkm_dist.KMeans) on the Dask array X. See the module docstring. `allreduce`: 'dask'
+    (reduction tasks; survives lost workers) or 'nccl' (workers all-reduce among themselves; see `collective`)."""
+    if allreduce not in ("dask", "nccl"):
+        raise ValueError(f"allreduce must be 'dask' or 'nccl', got {allreduce!r}")
     client = get_client(client)
     if model.checkpoint is None and model.resume:
         raise ValueError("resume=True needs checkpoint= (the file to resume from)")
@@ -151,7 +192,10 @@ def fit(model, X, sample_weight=None, client=None):
     spec = worker.ShardSpec(uuid.uuid4().hex, model.device, str(dtype).removeprefix("torch."),
                             model.metric == "cosine")
     shards = DaskShards(client, X, weights, spec, dtype)
+    collective = allreduce == "nccl"
     try:
+        if collective:
+            shards.start_collective()
         points = Points(shards)
         rng = check_random_state(model.random_state)
         seeding = points.numerics(model.metric)
@@ -171,13 +215,18 @@ def fit(model, X, sample_weight=None, client=None):
             numerics = points.numerics(model.metric, centroid_max_abs=max_abs)
             writer = None if model.checkpoint is None else ckpt.Writer(model.checkpoint, fingerprint, run,
                                                                        rng.get_state(), max_abs, best)
-            result = lloyd(shards, centers, numerics, max_iter=model.max_iter, tol=model.tol * numerics.mean_variance,
-                           verbose=bool(model.verbose), desc=f"k-means run {run + 1}/{n_init}", resume=resume,
-                           on_iteration=writer)
+            kwargs = dict(max_iter=model.max_iter, tol=model.tol * numerics.mean_variance, verbose=bool(model.verbose),
+                          desc=f"k-means run {run + 1}/{n_init}", resume=resume, on_iteration=writer)
+            if collective:
+                result = lloyd_collective(shards, centers, numerics, run=run, **kwargs)
+            else:
+                result = lloyd(shards, centers, numerics, **kwargs)
             if best is None or result.inertia < best.inertia:
                 best = result
             if writer is not None:
                 writer.run_done(best, n_init)
     finally:
+        if collective:
+            shards.stop_collective()
         shards.forget()
     return best, seeding, dtype, X
