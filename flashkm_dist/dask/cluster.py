@@ -133,8 +133,10 @@ class DaskShards:
         first = self.addresses[0]
         port = self.client.run(collective.free_port, workers=[first])[first]
         host = first.split("://")[-1].rsplit(":", 1)[0]
-        backends = self.client.run(collective.join, self.addresses, f"tcp://{host}:{port}", workers=self.addresses)
-        return next(iter(backends.values()))
+        gpus = self.client.run(collective.has_gpu, workers=self.addresses)
+        backend = "nccl" if all(gpus.values()) else "gloo"
+        self.client.run(collective.join, self.addresses, f"tcp://{host}:{port}", backend, workers=self.addresses)
+        return backend
 
     def stop_collective(self) -> None:
         self.client.run(collective.leave, workers=self.addresses)

@@ -30,12 +30,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def join(addresses: list, init_method: str, dask_worker=None) -> str:
-    """Run (by `Client.run`) on every worker of the fit at once: one group, rank = position in `addresses`."""
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def join(addresses: list, init_method: str, backend: str, dask_worker=None) -> str:
+    """Run (by `Client.run`) on every worker of the fit at once: one group, rank = position in `addresses`.
+    `backend`: NCCL when every worker has a GPU, else Gloo for all (a CPU worker beside GPU workers)."""
     if dist.is_initialized():
         raise RuntimeError(f"worker {dask_worker.address} is already in a torch.distributed group (another "
                            "allreduce='nccl' fit running?)")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=addresses.index(dask_worker.address),
                             world_size=len(addresses), timeout=TIMEOUT)
     return backend
@@ -74,6 +78,8 @@ def step(spec, numerics, ids: list, starts: list, version, previous, initial, af
         k, d = centers.shape
         flat = torch.cat([result.partials.sums.reshape(-1), result.partials.weights.reshape(-1),
                           result.inertia.reshape(-1), torch.tensor([result.n_changed], device=dev)]).to(dev)
+        if dist.get_backend() == "gloo":
+            flat = flat.cpu()
         dist.all_reduce(flat)
         sums, weights = flat[:2 * k * d].view(2, k, d), flat[2 * k * d:2 * k * d + 2 * k].view(2, k)
         partials = reference.Partials(fp.normalize(sums), fp.normalize(weights), numerics.scale)
