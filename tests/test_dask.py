@@ -213,3 +213,28 @@ def test_collective_allreduce_gives_the_same_bits(client, blobs, init):
     assert_same_fit(again, ref)
     with pytest.raises(ValueError, match="allreduce must be"):
         KMeans(3, allreduce="mpi").fit(da.from_array(blobs, chunks=500))
+
+
+def test_collective_resumes_a_checkpoint_and_writes_its_own(blobs, tmp_path):
+    X, _ = make_blobs(3000, 4, centers=30, cluster_std=4.0, random_state=9)
+    path = tmp_path / "fit.npz"
+    params = dict(n_clusters=30, init="k-means||", n_init=1, random_state=7, tol=0.0, max_iter=40)
+    ref = KMeans(**params).fit(X)
+
+    def crash(iteration):
+        if iteration == 3:
+            raise KeyboardInterrupt
+
+    with _cluster(2) as cluster, Client(cluster) as c:
+        driver.ITERATION_HOOKS.append(crash)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                KMeans(**params, checkpoint=path).fit(da.from_array(X, chunks=400), client=c)
+        finally:
+            driver.ITERATION_HOOKS.remove(crash)
+        resumed = KMeans(**params, checkpoint=path, resume=True, allreduce="nccl").fit(
+            da.from_array(X, chunks=700), client=c)
+        assert_same_fit(resumed, ref)
+        again = KMeans(**params, checkpoint=path, resume=True, allreduce="nccl").fit(
+            da.from_array(X, chunks=700), client=c)  # the collective run wrote the finished state
+        assert_same_fit(again, ref)

@@ -88,10 +88,12 @@ class Writer:
                 arrays[key] = _array(t)
         _write(self.path, meta, arrays)
 
-    def __call__(self, iteration: int, update, current, history) -> None:
-        client = update.client
-        new, old = client.gather([update, current])
-        self._save(self.run, iteration, new.centers, old.centers, history, self.best)
+    def __call__(self, iteration: int, new, current, history) -> None:
+        """After an iteration: `new` centres (the next step's) and `current` ones, as tensors, or as futures of
+        `Update`s (the Dask reduction keeps them on the workers until asked)."""
+        if hasattr(new, "key"):
+            new, current = (u.centers for u in new.client.gather([new, current]))
+        self._save(self.run, iteration, new, current, history, self.best)
 
     def run_done(self, best, n_init: int) -> None:
         self._save(self.run + 1, 0, None, None, [], best)

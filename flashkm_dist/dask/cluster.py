@@ -141,18 +141,12 @@ class DaskShards:
     def stop_collective(self) -> None:
         self.client.run(collective.leave, workers=self.addresses)
 
-    def submit_collective(self, numerics, version, previous, initial, after) -> list:
-        """A step task on every worker; each runs after that worker's task of the step before (`after`)."""
-        if set(self.client.scheduler_info(n_workers=-1)["workers"]) != self._workers:
-            raise RuntimeError("a worker left or joined during an allreduce='nccl' fit; collectives cannot recover "
-                               "from that: refit, or use the default allreduce='dask', which does")
-        return [self._submit(collective.step, s, "step", self.spec, numerics, self._blocks[s],
-                             [self.starts[i] for i in self._blocks[s]], version, previous, initial,
-                             None if after is None else after[s]) for s in self.shard_ids]
-
-    def collective_centers(self, version):
-        return self.client.submit(collective.centers_of, self.spec, version, key=self._key("centers", 0),
-                                  workers=self.addresses[:1], pure=False)
+    def submit_run(self, numerics, run: int, start: int, initial, previous, max_iter: int, tol: float, past: list,
+                   writer, channel: str) -> list:
+        """One task per worker that runs a whole Lloyd run in lock-step with the others (`collective.run_loop`)."""
+        return [self._submit(collective.run_loop, s, "run", self.spec, numerics, self._blocks[s],
+                             [self.starts[i] for i in self._blocks[s]], run, start, initial, previous, max_iter,
+                             tol, past, writer if s == 0 else None, channel) for s in self.shard_ids]
 
     def forget(self) -> None:
         self.client.run(worker.forget, self.spec.token)

@@ -9,6 +9,7 @@ path refuses a change of workers; the default Dask reduction is the one that rec
 from __future__ import annotations
 
 import socket
+import time
 from datetime import timedelta
 
 import torch
@@ -50,46 +51,62 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def _store(shard, version, centers: torch.Tensor) -> None:
-    kept = shard.__dict__.setdefault("collective_centers", {})
-    kept[version] = centers
-    for old in sorted(kept)[:-_KEEP]:
-        del kept[old]
-
-
-def centers_of(spec, version) -> worker.Update:
-    return worker.Update(worker.shard_for(spec).collective_centers[version].cpu())
-
-
-def step(spec, numerics, ids: list, starts: list, version, previous, initial, after, *datas) -> dict:
+def _iterate(shard, blocks, starts, centers, numerics, version, previous, previous_centers):
     """One iteration on this worker: local step, all-reduce, re-seeding of empty clusters (all-gather of the
-    farthest rows), the update. `initial`: the run's first centres (and the previous ones, when resuming)."""
+    farthest rows), the update. Every worker returns the same scalars and centres."""
+    result = shard.step(blocks, centers, numerics, version, previous, previous_centers)
+    dev = shard.engine.device
+    k, d = centers.shape
+    flat = torch.cat([result.partials.sums.reshape(-1), result.partials.weights.reshape(-1),
+                      result.inertia.reshape(-1), torch.tensor([result.n_changed], device=dev)]).to(dev)
+    slowest = torch.tensor([result.seconds], dtype=torch.float64, device=dev)
+    if dist.get_backend() == "gloo":
+        flat, slowest = flat.cpu(), slowest.cpu()
+    dist.all_reduce(flat)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    sums, weights = flat[:2 * k * d].view(2, k, d), flat[2 * k * d:2 * k * d + 2 * k].view(2, k)
+    partials = reference.Partials(fp.normalize(sums), fp.normalize(weights), numerics.scale)
+    inertia = fp.normalize(flat[-3:-1][:, None])[:, 0]
+    n_empty = int(empty_clusters(partials).numel())
+    if n_empty:
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, shard.farthest(blocks, centers, numerics, n_empty, starts))
+        partials = move_to_empty(partials, Farthest.merge(found, n_empty))
+    new, shift = next_centers(partials, centers, numerics.metric)
+    return {"n_changed": int(flat[-1]), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
+            "center_shift": shift, "slowest_worker_seconds": float(slowest[0])}, new.to(dev)
+
+
+def run_loop(spec, numerics, ids: list, starts: list, run: int, start: int, initial, previous, max_iter: int,
+             tol: float, past: list, writer, channel: str, *datas) -> dict:
+    """A whole Lloyd run on this worker, in step with the others: they all see the same scalars, so they all
+    stop at the same iteration. Rank 0 logs each iteration as an event (progress) and writes the checkpoint."""
+    from distributed import get_worker
     shard = worker.shard_for(spec)
+    rank = dist.get_rank()
     with shard.lock:
-        if initial is not None:
-            _store(shard, version, initial[0].centers)
-            if previous is not None and initial[1] is not None:
-                _store(shard, previous, initial[1].centers)
-        kept = shard.collective_centers
-        centers = kept[version].to(shard.engine.device)
         blocks = worker.as_blocks(ids, datas)
-        result = shard.step(blocks, centers, numerics, version, previous, kept.get(previous))
         dev = shard.engine.device
-        k, d = centers.shape
-        flat = torch.cat([result.partials.sums.reshape(-1), result.partials.weights.reshape(-1),
-                          result.inertia.reshape(-1), torch.tensor([result.n_changed], device=dev)]).to(dev)
-        if dist.get_backend() == "gloo":
-            flat = flat.cpu()
-        dist.all_reduce(flat)
-        sums, weights = flat[:2 * k * d].view(2, k, d), flat[2 * k * d:2 * k * d + 2 * k].view(2, k)
-        partials = reference.Partials(fp.normalize(sums), fp.normalize(weights), numerics.scale)
-        inertia = fp.normalize(flat[-3:-1][:, None])[:, 0]
-        n_empty = int(empty_clusters(partials).numel())
-        if n_empty:
-            found = [None] * dist.get_world_size()
-            dist.all_gather_object(found, shard.farthest(blocks, centers, numerics, n_empty, starts))
-            partials = move_to_empty(partials, Farthest.merge(found, n_empty))
-        new, shift = next_centers(partials, centers, numerics.metric)
-        _store(shard, (version[0], version[1] + 1), new)
-        return {"n_changed": int(flat[-1]), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
-                "shift": shift, "n_empty": n_empty, "seconds": result.seconds}
+        centers = initial.centers.to(dev)
+        prev_centers = None if previous is None else previous.centers.to(dev)
+        prev_version = None if previous is None else (run, start - 1)
+        history = list(past)  # the iterations before a resume
+        strict, s, i, new = False, None, start - 1, centers
+        for i in range(start, max_iter + 1):
+            t0 = time.perf_counter()
+            s, new = _iterate(shard, blocks, starts, centers, numerics, (run, i), prev_version, prev_centers)
+            history.append({"iteration": i, "inertia": s["inertia"], "center_shift": s["center_shift"],
+                            "labels_changed": s["n_changed"], "seconds": time.perf_counter() - t0,
+                            "slowest_worker_seconds": s["slowest_worker_seconds"]})
+            if rank == 0:
+                if writer is not None:
+                    writer(i, new, centers, history)
+                get_worker().log_event(channel, history[-1])  # fire and forget: the client's progress bar
+            strict = s["n_changed"] == 0
+            if strict or s["center_shift"] <= tol or i == max_iter:
+                break
+            prev_centers, prev_version, centers = centers, (run, i), new
+        inertia = s["inertia"]
+        if not (strict and s["center_shift"] == 0.0):  # the final assignment, to the returned centres
+            inertia = _iterate(shard, blocks, starts, new, numerics, (run, i + 1), (run, i), centers)[0]["inertia"]
+    return {"centers": worker.Update(new.cpu()), "inertia": inertia, "n_iter": i, "history": history}

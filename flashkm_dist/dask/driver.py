@@ -142,40 +142,37 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
 
 def lloyd_collective(shards: DaskShards, centers: torch.Tensor, numerics, *, run: int, max_iter: int, tol: float,
                      verbose: bool, desc: str, resume: ckpt.Resume | None = None, on_iteration=None) -> RunResult:
-    """`lloyd` with the workers all-reducing among themselves: the same stopping rules and bits, only scalars
-    through Dask. The queued next step is never cancelled (a half-started collective would hang): when the fit
-    stops it is the final assignment."""
+    """`lloyd` with the workers all-reducing among themselves: one task per worker runs the whole run (they stop
+    together, as they all see the same scalars), so no Dask round trip sits between iterations. The client follows
+    the progress that rank 0 publishes and only waits for the run's end; a failed task ends the wait."""
     client = shards.client
-    history = [] if resume is None else list(resume.history)
     start = 1 if resume is None else resume.iteration + 1
-    initial = (shards.scatter(centers), None if resume is None or resume.previous is None
-               else shards.scatter(resume.previous))
-    steps = shards.submit_collective(numerics, (run, start), (run, start - 1) if resume else None, initial, None)
+    channel = shards._key("progress", run)
+    events: list = []
+    client.subscribe_topic(channel, lambda event: events.append(event[1]))
+    previous = None if resume is None or resume.previous is None else shards.scatter(resume.previous)
+    past = [] if resume is None else list(resume.history)
+    tasks = shards.submit_run(numerics, run, start, shards.scatter(centers), previous, max_iter, tol, past,
+                              on_iteration, channel)
     bar = tqdm(total=max_iter, initial=start - 1, desc=desc, disable=not verbose, leave=False)
-    strict, s, i = False, None, start - 1
-    for i in range(start, max_iter + 1):
-        t0 = time.perf_counter()
-        following = shards.submit_collective(numerics, (run, i + 1), (run, i), None, steps)
-        results = client.gather(steps)
-        s = results[0]
-        history.append({"iteration": i, "inertia": s["inertia"], "center_shift": s["shift"],
-                        "labels_changed": s["n_changed"], "seconds": time.perf_counter() - t0,
-                        "slowest_worker_seconds": max(r["seconds"] for r in results)})
-        bar.update(1)
-        bar.set_postfix(inertia=f"{s['inertia']:.6g}", shift=f"{s['shift']:.3g}")
-        strict = s["n_changed"] == 0
-        if on_iteration is not None:
-            on_iteration(i, shards.collective_centers((run, i + 1)), shards.collective_centers((run, i)), history)
-        for hook in ITERATION_HOOKS:
-            hook(i)
-        if strict or s["shift"] <= tol or i == max_iter:
-            break
-        steps = following
-    bar.close()
-    last = client.gather(following)[0]  # always let the queued step finish (see above)
-    final = shards.collective_centers((run, i + 1)).result().centers
-    inertia = s["inertia"] if strict and s["shift"] == 0.0 else last["inertia"]
-    return RunResult(final, inertia, i, history)
+    shown = 0
+    try:
+        while True:
+            finished = all(t.done() for t in tasks) or any(t.status == "error" for t in tasks)
+            for h in events[shown:]:
+                bar.update(1)
+                bar.set_postfix(inertia=f"{h['inertia']:.6g}", shift=f"{h['center_shift']:.3g}")
+                for hook in ITERATION_HOOKS:
+                    hook(h["iteration"])
+            shown = len(events)
+            if finished:
+                break
+            time.sleep(0.02)
+        out = client.gather(tasks)[0]  # raises the first failure
+    finally:
+        client.unsubscribe_topic(channel)
+        bar.close()
+    return RunResult(out["centers"].centers, out["inertia"], out["n_iter"], out["history"])
 
 
 def fit(model, X, sample_weight=None, client=None, allreduce: str = "dask"):
