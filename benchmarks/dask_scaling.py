@@ -39,13 +39,39 @@ def make_block(block_id=None, *, rows: int, d: int, seed: int, on_gpu: bool, hos
 
 def dataset(n: int, d: int, n_blocks: int, *, on_gpu: bool, host: bool, seed: int = 0):
     import dask.array as da
-    rows = n // n_blocks
+    rows = n // max(n_blocks, 1)
     meta = np.empty((0, 0), dtype=np.float16)
     if on_gpu and not host:
         import cupy
         meta = cupy.empty((0, 0), dtype=cupy.float16)
     return da.map_blocks(make_block, rows=rows, d=d, seed=seed, on_gpu=on_gpu, host=host,
                          chunks=((rows,) * n_blocks, (d,)), dtype=np.float16, meta=meta, name="flashkm-data")
+
+
+def balanced(client, n: int, d: int, n_blocks: int, *, on_gpu: bool, host: bool):
+    """The data set with the same number of blocks made on every worker (the scheduler alone may place 9 and 7),
+    so the scaling figures measure the fit, not an uneven placement."""
+    import dask.array as da
+    from distributed import wait
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    rows = n // n_blocks
+    futures = [client.submit(make_block, (b, 0), rows=rows, d=d, seed=0, on_gpu=on_gpu, host=host, pure=False,
+                             workers=[workers[b * len(workers) // n_blocks]], allow_other_workers=False)
+               for b in range(n_blocks)]
+    wait(futures)
+    meta = dataset(0, d, 1, on_gpu=on_gpu, host=host)._meta
+    return da.concatenate([da.from_delayed(f, (rows, d), dtype=np.float16, meta=meta) for f in futures])
+
+
+def placement(client, X) -> dict:
+    from dask.core import flatten
+    from distributed import futures_of
+    held = client.who_has(futures_of(X))
+    rows = {}
+    for key, n in zip(flatten(X.__dask_keys__()), X.chunks[0]):
+        for addr in held.get(key, ()):
+            rows[addr] = rows.get(addr, 0) + int(n)
+    return rows
 
 
 def timed_fit(client, X, init: np.ndarray, iters: int, allreduce: str = "dask") -> dict:
@@ -55,6 +81,7 @@ def timed_fit(client, X, init: np.ndarray, iters: int, allreduce: str = "dask") 
     X = X.persist()
     wait(X)
     t0 = time.perf_counter()
+    rows = placement(client, X)
     km = KMeans(init.shape[0], init=init, max_iter=iters, tol=0.0, allreduce=allreduce).fit(X, client=client)
     total = time.perf_counter() - t0
     hist = km.history_[WARMUP_ITERS:] or km.history_
@@ -62,6 +89,7 @@ def timed_fit(client, X, init: np.ndarray, iters: int, allreduce: str = "dask") 
     worker = statistics.median(h["slowest_worker_seconds"] for h in hist)
     over = statistics.median(h["seconds"] - h["slowest_worker_seconds"] for h in hist)
     return {"iteration_s": it, "slowest_worker_step_s": worker, "dask_overhead_s": over, "fit_s": total,
+            "rows_per_worker": rows,
             "n_iter": km.n_iter_, "inertia": km.inertia_,
             "iterations": [{k: h[k] for k in ("seconds", "slowest_worker_seconds", "labels_changed")}
                            for h in km.history_]}
@@ -164,7 +192,7 @@ def main():
             if w == workers[-1]:
                 result["exactness"] = exactness(client, cpu)
                 print("exactness", result["exactness"], flush=True)
-            X = dataset(n, d, n_blocks, on_gpu=not cpu, host=cpu).persist()
+            X = balanced(client, n, d, n_blocks, on_gpu=not cpu, host=cpu)
             for mode, allreduce in (("resident", "dask"), ("resident_nccl", "nccl")):
                 result.setdefault(mode, {})[w] = timed_fit(client, X, init, args.iters, allreduce)
                 print(w, "workers", mode, {k_: v for k_, v in result[mode][w].items() if k_ != "iterations"},
@@ -179,7 +207,7 @@ def main():
     for mode, cache in (("host_streamed", "0"), ("host_cached", "")):  # NumPy blocks in worker host memory
         os.environ["FLASHKM_CACHE_BYTES"] = cache
         with cluster(w, cpu) as lc, Client(lc) as client:
-            X = dataset(n, d, n_blocks, on_gpu=not cpu, host=True)
+            X = balanced(client, n, d, n_blocks, on_gpu=not cpu, host=True)
             result[mode] = {"workers": w, **timed_fit(client, X, init, args.iters)}
             print(mode, {k_: v for k_, v in result[mode].items() if k_ != "iterations"}, flush=True)
         save()
