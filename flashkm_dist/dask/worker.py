@@ -113,7 +113,7 @@ def forget(token: str) -> int:
     with _REGISTRY_LOCK:
         gone = [k for k in _SHARDS if k[1] == token]
         for k in gone:
-            del _SHARDS[k]
+            _SHARDS.pop(k).engine.release()
     return len(gone)
 
 
