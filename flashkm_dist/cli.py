@@ -61,9 +61,9 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
                    help="local cluster: keyword arguments from a YAML file, under 'local-cuda-cluster:' "
                         "(LocalCUDACluster) or 'local-cluster:' (LocalCluster); see cluster-configs/local-cuda.yaml")
     g.add_argument("--wait-workers", type=_positive_int, metavar="N",
-                   help="wait until N workers are connected before starting (batch jobs)")
+                   help="wait until the scheduler file exists and N workers are connected (batch jobs)")
     g.add_argument("--wait-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="how long to wait for the scheduler file, the scheduler and --wait-workers (default 60)")
+                   help="how long to wait for the scheduler and for --wait-workers (default 60)")
     g.add_argument("--chunk-rows", type=_positive_int, metavar="ROWS",
                    help="rows per Dask chunk (default: about 128 MiB, at least one chunk per worker)")
 
@@ -192,7 +192,7 @@ def connect(args):
         where = "the local cluster"
     try:
         if args.scheduler_file:
-            _wait_for_file(args.scheduler_file, args.wait_timeout)
+            _wait_for_file(args.scheduler_file, args.wait_timeout if getattr(args, "wait_workers", None) else 0)
             client = Client(scheduler_file=args.scheduler_file, timeout=timeout)
         elif args.scheduler_address:
             client = Client(args.scheduler_address, timeout=timeout)
@@ -311,7 +311,7 @@ def _load_model(path: str):
         raise InputError(f"{path}: no such file")
     try:
         return KMeans.load(path)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise InputError(f"{path}: not a model saved by flashkm ({err})") from None
 
 
@@ -341,7 +341,7 @@ def _predict(args) -> int:
 def _shutdown(args) -> int:
     from distributed import Client
     if args.scheduler_file:
-        _wait_for_file(args.scheduler_file, 0)
+        _wait_for_file(args.scheduler_file, args.wait_timeout)
     try:
         client = (Client(scheduler_file=args.scheduler_file, timeout=args.wait_timeout) if args.scheduler_file
                   else Client(args.scheduler_address, timeout=args.wait_timeout))

@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="flashkm demo",
                                      description="flashkm_dist demo: exact k-means on synthetic blobs, on a local "
                                                  "Dask cluster (or in process)")
-    parser.add_argument("--n-samples", type=int, default=200_000)
+    parser.add_argument("--n-samples", type=int, default=100_000)
     parser.add_argument("--n-features", type=int, default=32)
     parser.add_argument("--n-clusters", type=int, default=16)
     parser.add_argument("--init", default="k-means||")
