@@ -1,10 +1,11 @@
 """The opt-in collective path (`allreduce='nccl'`): workers all-reduce their partials among themselves.
 
-Each worker's step task sums the exact integer partials of all workers with one `torch.distributed.all_reduce`
-(NCCL between GPU workers, Gloo between CPU workers: the same code, tested on CPUs), then every worker makes the
-same update on its own device (integer sums and an elementwise update: identical bits everywhere) and keeps the
-centres for its next step. Nothing but scalars goes through Dask. A collective cannot survive a lost worker: this
-path refuses a change of workers; the default Dask reduction is the one that recovers.
+One task per worker runs a whole Lloyd run. Each iteration sums the exact integer partials of all workers with one
+`torch.distributed.all_reduce` (NCCL when every worker has a GPU, else Gloo: the same code, tested on CPUs), then
+every worker makes the same update on its own device (integer sums, an elementwise update and an exact shift:
+identical bits everywhere), so all see the same scalars and stop together. Nothing passes through Dask between
+iterations. A collective cannot survive a lost worker (the fit fails with the worker's error); the default Dask
+reduction is the one that recovers.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from flashkm_dist.lloyd import empty_clusters, move_to_empty, next_centers
 from flashkm_dist.streaming import Farthest
 
 TIMEOUT = timedelta(minutes=10)
-_KEEP = 4  # centre versions a worker keeps (the speculative step runs one ahead)
 
 
 def free_port() -> int:

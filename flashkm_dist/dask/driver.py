@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,8 +86,9 @@ def _seed(init, points: Points, model, rng, seeding, shards: DaskShards):
         try:
             return initial_centers(init, points, model.n_clusters, rng, seeding,
                                    oversampling_factor=model.oversampling_factor, tol=model.tol)
-        except Exception as err:  # noqa: BLE001 - only retried when the cluster changed under us
-            if not shards.refresh() and not isinstance(err, KeyError) or attempt == MAX_INIT_ATTEMPTS - 1:
+        except Exception as err:  # noqa: BLE001 - retried only when the cluster changed under us
+            moved = shards.refresh() or isinstance(err, KeyError)  # KeyError: a shard without the block's state
+            if not moved or attempt == MAX_INIT_ATTEMPTS - 1:
                 raise
             rng.set_state(state)
 
@@ -129,7 +129,7 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
         if shards.refresh():  # a worker came or went: queue the next iteration on the new placement
             following.cancel(client)
             following = shards.submit_step(numerics, it.update, current)
-        previous, current, it = current, it.update, following
+        current, it = it.update, following  # (the step futures keep the centres they need alive)
     bar.close()
     final = it.update.result().centers
     if strict and s["shift"] == 0.0:  # no label changed and the centres did not move: this step's inertia
@@ -155,7 +155,7 @@ def lloyd_collective(shards: DaskShards, centers: torch.Tensor, numerics, *, run
     tasks = shards.submit_run(numerics, run, start, shards.scatter(centers), previous, max_iter, tol, past,
                               on_iteration, channel)
     bar = tqdm(total=max_iter, initial=start - 1, desc=desc, disable=not verbose, leave=False)
-    shown = 0
+    shown, checked = 0, time.perf_counter()
     try:
         while True:
             finished = all(t.done() for t in tasks) or any(t.status == "error" for t in tasks)
@@ -167,6 +167,11 @@ def lloyd_collective(shards: DaskShards, centers: torch.Tensor, numerics, *, run
             shown = len(events)
             if finished:
                 break
+            if time.perf_counter() - checked > 0.5 and shards.refresh():
+                raise RuntimeError("a worker left or joined during an allreduce='nccl' fit; a collective cannot "
+                                   "recover from that (the others stop at their collective timeout): refit, or "
+                                   "use allreduce='dask', which does")
+            checked = checked if time.perf_counter() - checked <= 0.5 else time.perf_counter()
             time.sleep(0.02)
         out = client.gather(tasks)[0]  # raises the first failure
     finally:
