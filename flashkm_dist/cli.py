@@ -353,11 +353,11 @@ def _shutdown(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "demo":
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options
         from flashkm_dist import demo
-        return demo.main(args.demo_args)
+        return demo.main(argv[1:])
+    args = build_parser().parse_args(argv)
     commands = {"fit": _fit, "predict": _predict, "shutdown": _shutdown}
     try:
         return commands[args.command](args)
