@@ -162,6 +162,7 @@ def main():
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--blocks-per-worker", type=int, default=8)
     ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--resident-only", action="store_true", help="skip host-resident blocks and flash-kmeans")
     args = ap.parse_args()
     from distributed import Client
     cpu = args.cpu_smoke
@@ -203,6 +204,9 @@ def main():
         base = result[mode][workers[0]]["iteration_s"] * workers[0]
         result[f"strong_scaling_efficiency_{mode}"] = {w: base / (w * r["iteration_s"])
                                                        for w, r in result[mode].items()}
+    if args.resident_only:
+        save()
+        return
     w = max(workers)
     for mode, cache in (("host_streamed", "0"), ("host_cached", "")):  # NumPy blocks in worker host memory
         os.environ["FLASHKM_CACHE_BYTES"] = cache
