@@ -225,8 +225,7 @@ def _n_workers(client) -> int:
 
 
 def _open(source: str, args, n_workers: int = 1):
-    x = open_array(source, chunk_rows=args.chunk_rows, min_chunks=n_workers)
-    return x
+    return open_array(source, chunk_rows=args.chunk_rows, min_chunks=n_workers)
 
 
 # ------------------------------------------------------------------------------------------------- commands
