@@ -311,7 +311,10 @@ class Engine:
 
     def __del__(self):
         if self._registered:
-            self.release()
+            try:
+                self.release()
+            except Exception:  # noqa: BLE001 - interpreter shutdown: the CUDA runtime may be gone already
+                pass
 
     def _streamed(self, index, key, data: torch.Tensor, weights, rows: int):
         """Host rows to the device: cached rows first-hand, the rest through double-buffered pinned staging
