@@ -1,0 +1,67 @@
+"""One command per benchmark suite on a GPU host; results land in benchmarks/results/ with tables and plots.
+
+    python benchmarks/harness.py kernels       # exactness on the GPU + kernel timings vs flash-kmeans, fastkmeans
+    python benchmarks/harness.py engine        # one GPU, host data: streamed vs cached vs flash-kmeans largeN
+    python benchmarks/harness.py out-of-core   # one GPU, host data larger than the GPU (N=180M fp32, 92 GB)
+    python benchmarks/harness.py distributed   # Dask-CUDA workers 1, 2, 4: strong scaling, overhead, both reductions
+    python benchmarks/harness.py report        # only re-render results/REPORT.md and the plots
+    options: --tag h200x4 (default: from the GPUs seen), --dry-run (print the commands), -- EXTRA ARGS
+
+Each suite is one of the scripts in this folder with the settings of the committed results, writes its JSON as
+results/<suite-script>_<tag>.json (peers timed in the same process), then `report.py` renders REPORT.md.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SUITES = {
+    "kernels": ("gpu_check.py", "gpu_check", []),
+    "engine": ("engine_check.py", "engine_check", ["--log2n", "26"]),
+    "out-of-core": ("engine_check.py", "engine_check", ["--n", "180000000", "--iters", "2"]),
+    "distributed": ("dask_scaling.py", "dask_scaling", ["--workers", "1,2,4"]),
+}
+
+
+def device_tag() -> str:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            words = torch.cuda.get_device_name(0).split()  # "NVIDIA H100 80GB HBM3" -> h100
+            name = next((w.lower() for w in words[1:] if any(c.isdigit() for c in w)), words[-1].lower())
+            return f"{name}x{torch.cuda.device_count()}"
+    except ImportError:
+        pass
+    return "cpu"
+
+
+def commands(suite: str, tag: str, extra: list) -> list:
+    script, stem, args = SUITES[suite]
+    suffix = "_n180m" if suite == "out-of-core" else ""
+    out = HERE / "results" / f"{stem}_{tag}{suffix}.json"
+    return [[sys.executable, str(HERE / script), "--out", str(out), *args, *extra]]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("suite", choices=[*SUITES, "report"])
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--dry-run", action="store_true")
+    args, extra = ap.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    todo = [] if args.suite == "report" else commands(args.suite, args.tag or device_tag(), extra)
+    todo.append([sys.executable, str(HERE / "report.py")])
+    for cmd in todo:
+        print("+", " ".join(cmd), flush=True)
+        if not args.dry_run:
+            rc = subprocess.call(cmd)
+            if rc != 0:
+                return rc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Tables and plots from the committed benchmark results: `results/REPORT.md` and `results/*.png`.
+
+    python benchmarks/report.py [--results benchmarks/results]
+
+Reads every JSON the suites wrote (gpu_check_*, engine_check_*, dask_scaling_*) and renders, per file, a Markdown
+table with the device and versions it came from, plus plots: iteration times against the peers, distributed strong
+scaling and per-iteration overhead, and the out-of-core engine against its PCIe floor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _f(value, digits=3):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.4g}"
+    return str(value)
+
+
+def _table(header: list, rows: list) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(_f(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _versions(r: dict) -> str:
+    keys = ("device", "gpus", "torch", "triton", "dask", "distributed", "date")
+    return ", ".join(f"{k} {r[k]}" for k in keys if r.get(k) not in (None, ""))
+
+
+def kernels(name: str, r: dict) -> str:
+    rows = [[t["dtype"], t["n"], t["k"], t["d"], t.get("ours_iter_ms"), t.get("flash_iter_ms"),
+             t.get("fastkmeans_iter_ms"), t.get("iter_ratio_vs_flash"), t.get("tflops_assign")]
+            for t in r.get("timings", [])]
+    return (f"### {name}\n\n{_versions(r)}\n\nLloyd iteration, ms (ratio < 1: faster than flash-kmeans)\n\n"
+            + _table(["dtype", "N", "K", "D", "ours", "flash-kmeans", "fastkmeans", "ours/flash",
+                      "assign TFLOP/s"], rows))
+
+
+def engine(name: str, r: dict) -> str:
+    rows = [[r["n"], r["dtype"], r.get("host_bytes", 0) / 1e9, r.get("h2d_GBps"), r.get("pcie_floor_s"),
+             r.get("streaming_step_s"), r.get("cached_step_s"), r.get("cache_GiB"), r.get("flash_largeN_iter_s"),
+             r.get("overlap_efficiency"), r.get("bitwise_equal_cache_vs_streaming")]]
+    return (f"### {name}\n\n{_versions(r)}\n\nOne GPU, host data, K={r['k']}, D={r['d']}; seconds per iteration\n\n"
+            + _table(["N", "dtype", "host GB", "H2D GB/s", "PCIe floor", "streamed", "cached", "cache GiB",
+                      "flash largeN", "overlap", "bitwise equal"], rows))
+
+
+def distributed(name: str, r: dict) -> str:
+    rows = []
+    for mode in ("resident", "resident_nccl"):
+        eff = r.get(f"strong_scaling_efficiency_{mode}") or (r.get("strong_scaling_efficiency")
+                                                             if mode == "resident" else {}) or {}
+        for w, v in sorted(r.get(mode, {}).items(), key=lambda kv: int(kv[0])):
+            rows.append([mode.replace("resident_nccl", "nccl").replace("resident", "dask"), w, v["iteration_s"],
+                         v["slowest_worker_step_s"], v["dask_overhead_s"] * 1e3, eff.get(w)])
+    for mode in ("host_streamed", "host_cached"):
+        if mode in r:
+            v = r[mode]
+            rows.append([mode.replace("_", " "), v["workers"], v["iteration_s"], v["slowest_worker_step_s"],
+                         v["dask_overhead_s"] * 1e3, None])
+    flash = r.get("flash_kmeans_largeN", {})
+    if "iteration_s" in flash:
+        rows.append(["flash-kmeans largeN (host data)", flash.get("gpus"), flash["iteration_s"], None, None, None])
+    exact = r.get("exactness", {})
+    checked = f"{sum(all(v[k] for k in ('centers_equal', 'inertia_equal', 'labels_equal')) for v in exact.values())}"\
+        f"/{len(exact)} exactness checks bitwise equal to the in-process fit" if exact else ""
+    return (f"### {name}\n\n{_versions(r)}\n\nN={r['n']}, D={r['d']}, K={r['k']}, {r['dtype']}, seconds per iteration; "
+            f"overhead = iteration minus the slowest worker's step. {checked}\n\n"
+            + _table(["reduction", "workers", "iteration s", "slowest step s", "overhead ms", "efficiency"], rows))
+
+
+def plots(results: Path, loaded: dict) -> list:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    made = []
+    for name, r in loaded.items():
+        if name.startswith("gpu_check") and r.get("timings"):
+            t = r["timings"]
+            labels = [f"{x['dtype']}\n{x['n'] >> 20}M x {x['k']}\nD={x['d']}" for x in t]
+            fig, ax = plt.subplots(figsize=(max(6, len(t) * 1.2), 4))
+            width = 0.27
+            for j, (key, label) in enumerate((("ours_iter_ms", "flashkm_dist"), ("flash_iter_ms", "flash-kmeans"),
+                                              ("fastkmeans_iter_ms", "fastkmeans"))):
+                ax.bar([i + (j - 1) * width for i in range(len(t))], [x.get(key) or 0 for x in t], width,
+                       label=label)
+            ax.set_xticks(range(len(t)), labels, fontsize=7)
+            ax.set_ylabel("ms per Lloyd iteration")
+            ax.set_title(f"{name}: {r.get('device', '')}")
+            ax.legend()
+        elif name.startswith("dask_scaling"):
+            fig, ax = plt.subplots(figsize=(5, 4))
+            for mode, label in (("resident", "Dask reduction"), ("resident_nccl", "allreduce='nccl'")):
+                pts = sorted((int(w), v["iteration_s"]) for w, v in r.get(mode, {}).items())
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+                    ax.plot([p[0] for p in pts], [pts[0][1] * pts[0][0] / p[0] for p in pts], ":", color="grey")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.set_xlabel("workers (GPUs)")
+            ax.set_ylabel("s per iteration (dotted: linear scaling)")
+            ax.set_title(f"{name}: N={r['n']}, K={r['k']}")
+            ax.legend()
+        elif name.startswith("engine_check"):
+            keys = [("pcie_floor_s", "PCIe floor"), ("streaming_step_s", "streamed"), ("cached_step_s", "cached"),
+                    ("flash_largeN_iter_s", "flash largeN")]
+            fig, ax = plt.subplots(figsize=(5, 4))
+            ax.bar([lab for _, lab in keys], [r.get(k) or 0 for k, _ in keys])
+            ax.set_ylabel("s per iteration")
+            ax.set_title(f"{name}: N={r['n']}")
+        else:
+            continue
+        fig.tight_layout()
+        out = results / f"{name}.png"
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        made.append(out.name)
+    return made
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    results = Path(args.results)
+    loaded = {}
+    for path in sorted(results.glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            loaded[path.stem] = data
+    sections = {"Kernels (gpu_check.py)": ("gpu_check", kernels),
+                "Engine, data larger than or as large as one GPU (engine_check.py)": ("engine_check", engine),
+                "Distributed (dask_scaling.py)": ("dask_scaling", distributed)}
+    out = ["# Benchmark results", "", "Generated by `python benchmarks/report.py` from the JSON files in this folder."]
+    images = plots(results, loaded)
+    for title, (prefix, render) in sections.items():
+        parts = [render(name, r) for name, r in loaded.items() if name.startswith(prefix)]
+        if parts:
+            out += ["", f"## {title}", ""] + ["\n\n".join(parts)]
+            out += [f"\n![{img}]({img})" for img in images if img.startswith(prefix)]
+    report = results / "REPORT.md"
+    report.write_text("\n".join(out) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    print(main())
