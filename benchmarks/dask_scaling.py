@@ -1,6 +1,8 @@
 """Distributed fit on one multi-GPU host: strong scaling over Dask-CUDA workers, Dask overhead, out-of-core.
 
     python benchmarks/dask_scaling.py --out dask.json [--log2n 26] [--k 8192] [--d 128] [--workers 1,2,4]
+    python benchmarks/dask_scaling.py --out weak.json --weak 16777216 --workers 1,2,4 --resident-only
+    python benchmarks/dask_scaling.py --out big.json --n 1000000000 --k 32768 --workers 4 --iters 3 --resident-only
     python benchmarks/dask_scaling.py --out smoke.json --cpu-smoke     # tiny, CPU workers (checks the script)
 
 Data (fp16, N x D standard normal) is generated on the workers, block by block from the block index, so every
@@ -88,7 +90,9 @@ def timed_fit(client, X, init: np.ndarray, iters: int, allreduce: str = "dask") 
     it = statistics.median(h["seconds"] for h in hist)
     worker = statistics.median(h["slowest_worker_seconds"] for h in hist)
     over = statistics.median(h["seconds"] - h["slowest_worker_seconds"] for h in hist)
+    first = total - sum(h["seconds"] for h in km.history_[1:])  # placement, seeding (an array here), iteration 1
     return {"iteration_s": it, "slowest_worker_step_s": worker, "dask_overhead_s": over, "fit_s": total,
+            "to_first_iteration_s": first,
             "rows_per_worker": rows,
             "n_iter": km.n_iter_, "inertia": km.inertia_,
             "iterations": [{k: h[k] for k in ("seconds", "slowest_worker_seconds", "labels_changed")}
@@ -162,17 +166,21 @@ def main():
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--blocks-per-worker", type=int, default=8)
     ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--n", type=int, default=None, help="rows (overrides --log2n), e.g. 1000000000")
+    ap.add_argument("--weak", type=int, default=None, metavar="ROWS_PER_WORKER",
+                    help="weak scaling: N = ROWS_PER_WORKER x workers (same blocks per worker)")
     ap.add_argument("--resident-only", action="store_true", help="skip host-resident blocks and flash-kmeans")
     args = ap.parse_args()
     from distributed import Client
     cpu = args.cpu_smoke
-    n, d, k = (1 << 14, 16, 32) if cpu else (1 << args.log2n, args.d, args.k)
+    n, d, k = (1 << 14, 16, 32) if cpu else (args.n or 1 << args.log2n, args.d, args.k)
     workers = [int(w) for w in args.workers.split(",")]
     n_blocks = max(workers) * args.blocks_per_worker
     init = make_block((10_000, 0), rows=k, d=d, seed=0, on_gpu=not cpu, host=True)
     import dask
     import distributed
     result = {"n": n, "d": d, "k": k, "dtype": "float16", "n_blocks": n_blocks, "iters": args.iters,
+              "weak_rows_per_worker": args.weak,
               "warmup_iters_excluded": WARMUP_ITERS, "python": sys.version.split()[0], "host": platform.node(),
               "dask": dask.__version__, "distributed": distributed.__version__, "resident": {}}
     try:
@@ -193,17 +201,21 @@ def main():
             if w == workers[-1]:
                 result["exactness"] = exactness(client, cpu)
                 print("exactness", result["exactness"], flush=True)
-            X = balanced(client, n, d, n_blocks, on_gpu=not cpu, host=cpu)
+            n_w, blocks_w = (args.weak * w, w * args.blocks_per_worker) if args.weak else (n, n_blocks)
+            X = balanced(client, n_w, d, blocks_w, on_gpu=not cpu, host=cpu)
             for mode, allreduce in (("resident", "dask"), ("resident_nccl", "nccl")):
-                result.setdefault(mode, {})[w] = timed_fit(client, X, init, args.iters, allreduce)
+                result.setdefault(mode, {})[w] = {"n": n_w, **timed_fit(client, X, init, args.iters, allreduce)}
                 print(w, "workers", mode, {k_: v for k_, v in result[mode][w].items() if k_ != "iterations"},
                       flush=True)
             del X
         save()
     for mode in ("resident", "resident_nccl"):
-        base = result[mode][workers[0]]["iteration_s"] * workers[0]
-        result[f"strong_scaling_efficiency_{mode}"] = {w: base / (w * r["iteration_s"])
-                                                       for w, r in result[mode].items()}
+        base = result[mode][workers[0]]["iteration_s"]
+        if args.weak:  # same work per GPU: growth of the iteration time from the first worker count
+            result[f"weak_scaling_growth_{mode}"] = {w: r["iteration_s"] / base - 1 for w, r in result[mode].items()}
+        else:
+            result[f"strong_scaling_efficiency_{mode}"] = {w: base * workers[0] / (w * r["iteration_s"])
+                                                           for w, r in result[mode].items()}
     if args.resident_only:
         save()
         return

@@ -4,6 +4,9 @@
     python benchmarks/harness.py engine        # one GPU, host data: streamed vs cached vs flash-kmeans largeN
     python benchmarks/harness.py out-of-core   # one GPU, host data larger than the GPU (N=180M fp32, 92 GB)
     python benchmarks/harness.py distributed   # Dask-CUDA workers 1, 2, 4: strong scaling, overhead, both reductions
+    python benchmarks/harness.py weak          # 2^24 fp16 rows per GPU on 1, 2, 4 GPUs: iteration time growth
+    python benchmarks/harness.py headline      # N = 1e9, D = 128, fp16, K = 32768 on 4 GPUs, data made on the workers
+    python benchmarks/harness.py end-to-end    # blobs with known centres, 1e7 rows: time to convergence, inertia
     python benchmarks/harness.py report        # only re-render results/REPORT.md and the plots
     options: --tag h200x4 (default: from the GPUs seen), --dry-run (print the commands), -- EXTRA ARGS
 
@@ -23,6 +26,10 @@ SUITES = {
     "engine": ("engine_check.py", "engine_check", ["--log2n", "26"]),
     "out-of-core": ("engine_check.py", "engine_check", ["--n", "180000000", "--iters", "2"]),
     "distributed": ("dask_scaling.py", "dask_scaling", ["--workers", "1,2,4"]),
+    "weak": ("dask_scaling.py", "dask_weak", ["--weak", str(1 << 24), "--workers", "1,2,4", "--resident-only"]),
+    "headline": ("dask_scaling.py", "dask_1e9", ["--n", str(10 ** 9), "--k", "32768", "--workers", "4",
+                                                 "--iters", "4", "--resident-only"]),
+    "end-to-end": ("end_to_end.py", "end_to_end", ["--n", str(10 ** 7), "--k", "1024"]),
 }
 
 

@@ -19,7 +19,7 @@ def test_report_tables_and_plots_from_committed_results(tmp_path):
     for name in ("dask_scaling_h200x4_nccl.json", "engine_check_h100_n180m.json", "gpu_check_h200.json"):
         shutil.copy(BENCH / "results" / name, tmp_path / name)
     report = _module("report").main(["--results", str(tmp_path)]).read_text()
-    assert "| nccl | 4 | 0.127 | 0.126 | 1.74 | 0.973 |" in report  # the 4xH200 NCCL row, as measured
+    assert "| nccl | 4 | 67108864 | 0.127 | 0.126 | 1.74 |  | 0.973 |" in report  # the 4xH200 NCCL row
     assert "4/4 exactness checks bitwise equal" in report
     assert "| float32 | 1048576 | 8192 | 128 | 10.4 | 10.5 | 15.5 | 0.989 |" in report
     assert "| 180000000 | float32 | 92.2 | 55.1 |" in report
