@@ -17,7 +17,6 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 
 SUBSAMPLE = 100_000

@@ -53,9 +53,6 @@ class Shard:
         self.version = None  # the centres the engine's remembered labels belong to
 
     # ------------------------------------------------------------------------------------------ statistics
-    def sizes(self, blocks) -> list[int]:
-        return [block_size(b) for b in blocks]
-
     def bounds(self, blocks) -> DataBounds:
         parts = self.engine.map_chunks(blocks, data_bounds)
         total = DataBounds(0, _as_tensor(blocks[0].data).shape[1], 0.0, 0.0)
