@@ -55,7 +55,7 @@ def balanced(client, n: int, d: int, n_blocks: int, *, on_gpu: bool, host: bool)
     so the scaling figures measure the fit, not an uneven placement."""
     import dask.array as da
     from distributed import wait
-    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    workers = sorted(client.nthreads())
     rows = n // n_blocks
     futures = [client.submit(make_block, (b, 0), rows=rows, d=d, seed=0, on_gpu=on_gpu, host=host, pure=False,
                              workers=[workers[b * len(workers) // n_blocks]], allow_other_workers=False)

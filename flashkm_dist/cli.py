@@ -208,7 +208,7 @@ def connect(args):
             try:
                 client.wait_for_workers(args.wait_workers, timeout=args.wait_timeout)
             except TimeoutError:
-                have = len(client.scheduler_info(n_workers=-1)["workers"])
+                have = len(client.nthreads())
                 raise InputError(f"only {have} of {args.wait_workers} workers connected within "
                                  f"{args.wait_timeout:g} s") from None
         else:
@@ -221,7 +221,7 @@ def connect(args):
 
 
 def _n_workers(client) -> int:
-    return len(client.scheduler_info(n_workers=-1)["workers"])
+    return len(client.nthreads())
 
 
 def _open(source: str, args, n_workers: int = 1):

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             cluster = make_local_cluster(args.n_workers)
             client = Client(cluster)
         try:
-            n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
+            n_workers = len(client.nthreads())
             print(f"cluster: {type(cluster).__name__ if cluster else args.scheduler_address}, {n_workers} workers "
                   f"(started in {time.perf_counter() - t0:.1f} s); dashboard {client.dashboard_link}")
             chunk_rows = -(-args.n_samples // (4 * max(1, n_workers)))

@@ -56,7 +56,7 @@ class DaskShards:
     def place(self) -> None:
         """Blocks by holder (the first worker the scheduler names); blocks held nowhere (lost, being recomputed)
         go to the worker with the fewest rows."""
-        self._workers = set(self.client.scheduler_info(n_workers=-1)["workers"])
+        self._workers = self._live_workers()
         holders = self.client.who_has(self.futures)
         owner = [next((a for a in holders.get(f.key, ()) if a in self._workers), None) for f in self.futures]
         addresses = sorted({a for a in owner if a is not None}) or sorted(self._workers)[:1]
@@ -70,9 +70,13 @@ class DaskShards:
         self._blocks = {s: [i for i, o in enumerate(owner) if o == a] for s, a in enumerate(addresses)}
         self.starts = list(itertools.accumulate([0, *self.sizes[:-1]]))
 
+    def _live_workers(self) -> set:
+        """Asked of the scheduler now: scheduler_info() can return the periodic summary, which lists no workers."""
+        return set(self.client.nthreads())
+
     def refresh(self) -> bool:
         """Re-place when the set of workers changed (one died, one joined); True if it did."""
-        if set(self.client.scheduler_info(n_workers=-1)["workers"]) == self._workers:
+        if self._live_workers() == self._workers:
             return False
         self.place()
         return True
