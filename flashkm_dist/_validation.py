@@ -128,3 +128,9 @@ def check_sample_weight(sample_weight, n_samples: int, device) -> torch.Tensor |
     if not bool((w > 0).any()):
         raise ValueError("sample_weight must have at least one positive entry (all weights are zero)")
     return w.to(device)
+
+
+def host_numpy(t: torch.Tensor) -> np.ndarray:
+    """NumPy copy on the host; bfloat16, which NumPy lacks, as float32 (exact)."""
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()

@@ -137,11 +137,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                                desc=f"k-means run {run + 1}/{n_init}")
             if best is None or result.inertia < best.inertia:
                 best = result
-        self._compute_dtype = str(x.dtype).removeprefix("torch.")
-        self._shift = None if seeding.shift is None else seeding.shift.cpu().numpy()
-        self.cluster_centers_ = _numpy(best.centers)
+        self._keep_result(best, seeding, x.dtype)
         self.labels_ = best.labels.cpu().numpy()
-        self.inertia_, self.n_iter_, self.history_ = best.inertia, best.n_iter, best.history
         distinct = len(np.unique(self.labels_))
         if distinct < self.n_clusters:
             warnings.warn(f"Number of distinct clusters ({distinct}) found smaller than n_clusters "
@@ -152,12 +149,16 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     def _fit_dask(self, X, sample_weight, client):
         from flashkm_dist.dask import driver, outputs
         best, seeding, dtype, X = driver.fit(self, X, sample_weight, client, self.allreduce)
-        self._compute_dtype = str(dtype).removeprefix("torch.")
-        self._shift = None if seeding.shift is None else seeding.shift.cpu().numpy()
-        self.cluster_centers_ = _numpy(best.centers)
-        self.inertia_, self.n_iter_, self.history_ = best.inertia, best.n_iter, best.history
+        self._keep_result(best, seeding, dtype)
         self.labels_ = outputs.predict(self, X)
         return self
+
+    def _keep_result(self, best, seeding, dtype: torch.dtype) -> None:
+        """The fitted attributes every fit sets (labels_ differ: NumPy in process, lazy for Dask)."""
+        self._compute_dtype = str(dtype).removeprefix("torch.")
+        self._shift = None if seeding.shift is None else seeding.shift.cpu().numpy()
+        self.cluster_centers_ = v.host_numpy(best.centers)
+        self.inertia_, self.n_iter_, self.history_ = best.inertia, best.n_iter, best.history
 
     # ----------------------------------------------------------------------------------------------- use
     def _fitted_parts(self, X):
@@ -254,12 +255,6 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         if meta["feature_names_in"]:
             model.feature_names_in_ = np.asarray(meta["feature_names_in"], dtype=object)
         return model
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    """NumPy copy; bfloat16, which NumPy lacks, as float32 (exact)."""
-    t = t.detach().cpu()
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _as_kind(t: torch.Tensor, kind: str):

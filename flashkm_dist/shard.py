@@ -103,19 +103,31 @@ class Shard:
             out.append(local.clamp_(max=block_size(block) - 1).cpu())
         return out
 
+    def _per_row(self, block: Block, fn, width: int | None = None) -> torch.Tensor:
+        """fn(x, w) over the block's chunks, concatenated in row order; a float64 empty tensor for an empty block."""
+        parts = self.engine.map_chunks([block], fn)
+        if parts:
+            return torch.cat(parts)
+        return torch.empty((0,) if width is None else (0, width), dtype=torch.float64, device=self.engine.device)
+
+    def _nearest(self, block: Block, centers: torch.Tensor, numerics: FitNumerics):
+        """(labels, float64 distance) of every row of the block to its nearest centre, by the assign kernel."""
+        parts = self.engine.map_chunks([block], lambda x, w: self.engine.backend.assign(
+            x, centers, metric=numerics.metric, shift=numerics.shift))
+        if not parts:
+            dev = self.engine.device
+            return torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.float64, device=dev)
+        return torch.cat([lab for lab, _ in parts]), torch.cat([d.to(torch.float64) for _, d in parts])
+
     def start_closest(self, blocks, centers: torch.Tensor, numerics: FitNumerics, how: str, by_exp: int):
         """closest := distance to the nearest of `centers` ('exact': from differences; 'assign': the kernel),
         replacing the old state when there is none; returns the new totals of weights x closest."""
         centers, numerics = centers.to(self.engine.device), self.engine.local(numerics)
         for b in blocks:
             if how == "exact":
-                d = torch.cat(self.engine.map_chunks([b], lambda x, w: exact_distances(x, centers, numerics.metric)
-                                                     .min(dim=1).values)) if block_size(b) else _empty64(self)
+                d = self._per_row(b, lambda x, w: exact_distances(x, centers, numerics.metric).min(dim=1).values)
             else:
-                d = torch.cat([m.to(torch.float64) for _, m in self.engine.map_chunks(
-                    [b], lambda x, w: self.engine.backend.assign(x, centers, metric=numerics.metric,
-                                                                 shift=numerics.shift))]) if block_size(b) \
-                    else _empty64(self)
+                d = self._nearest(b, centers, numerics)[1]
             old = self.closest.get(b.key)
             self.closest[b.key] = d if old is None else torch.minimum(old, d)
         return self.totals(blocks, "closest", by_exp)
@@ -130,11 +142,7 @@ class Shard:
         candidates = candidates.to(self.engine.device)
         total = torch.zeros((2, candidates.shape[0]), dtype=torch.int64, device=self.engine.device)
         for b in blocks:
-            if block_size(b) == 0:
-                self.trials[b.key] = torch.empty((0, candidates.shape[0]), dtype=torch.float64,
-                                                 device=self.engine.device)
-                continue
-            d = torch.cat(self.engine.map_chunks([b], lambda x, w: exact_distances(x, candidates, metric)))
+            d = self._per_row(b, lambda x, w: exact_distances(x, candidates, metric), width=candidates.shape[0])
             d = torch.minimum(self.closest[b.key][:, None], d)
             self.trials[b.key] = d
             total += fp.quantize(self._mass(b, "weight")[:, None] * d, exp).sum(dim=1)
@@ -152,11 +160,7 @@ class Shard:
         centers, numerics = centers.to(self.engine.device), self.engine.local(numerics)
         mass = torch.zeros((2, centers.shape[0]), dtype=torch.int64, device=self.engine.device)
         for b in blocks:
-            if block_size(b) == 0:
-                continue
-            labels = torch.cat([lab for lab, _ in self.engine.map_chunks(
-                [b], lambda x, w: self.engine.backend.assign(x, centers, metric=numerics.metric,
-                                                             shift=numerics.shift))])
+            labels = self._nearest(b, centers, numerics)[0]
             mass.index_add_(1, labels.to(mass.device), fp.quantize(self._mass(b, "weight"), exp))
         return fp.normalize(mass)
 
@@ -177,6 +181,3 @@ class Shard:
     def farthest(self, blocks, centers: torch.Tensor, numerics: FitNumerics, n: int, starts: list) -> Farthest:
         return self.engine.farthest(blocks, centers, numerics, n, offsets=starts)
 
-
-def _empty64(shard: Shard) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.float64, device=shard.engine.device)

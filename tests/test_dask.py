@@ -1,6 +1,7 @@
 """The distributed fit on a real `distributed.LocalCluster` (worker processes): same bits as in process."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -34,6 +35,29 @@ def client():
 def blobs():
     X, _ = make_blobs(2400, 5, centers=9, cluster_std=2.5, random_state=3)
     return X
+
+
+@contextlib.contextmanager
+def iteration_hook(hook):
+    """Run `hook(iteration)` after every iteration of the fits inside the block."""
+    driver.ITERATION_HOOKS.append(hook)
+    try:
+        yield
+    finally:
+        driver.ITERATION_HOOKS.remove(hook)
+
+
+def fit_interrupted_at(iteration: int, fit) -> None:
+    """Call fit() and stop it by an exception after `iteration`, as a crashed client would stop."""
+    class Interrupted(Exception):
+        pass
+
+    def crash(i):
+        if i == iteration:
+            raise Interrupted
+
+    with iteration_hook(crash), pytest.raises(Interrupted):
+        fit()
 
 
 def assert_same_fit(a: KMeans, b: KMeans) -> None:
@@ -97,11 +121,8 @@ def test_worker_killed_mid_fit_gives_the_same_bits(client, blobs):
             os.kill(pids[victim], signal.SIGKILL)
             killed.append(iteration)
 
-    driver.ITERATION_HOOKS.append(kill)
-    try:
+    with iteration_hook(kill):
         got = KMeans(**params).fit(da.from_array(X, chunks=250))
-    finally:
-        driver.ITERATION_HOOKS.remove(kill)
     assert killed == [2]
     assert_same_fit(got, ref)
     client.wait_for_workers(3, timeout=60)
@@ -113,20 +134,8 @@ def test_checkpoint_resume_on_a_new_client_reaches_the_same_bits(blobs, tmp_path
     params = dict(n_clusters=30, init="k-means||", n_init=2, random_state=7, tol=0.0, max_iter=40)
     ref = KMeans(**params).fit(X)
 
-    class Interrupted(Exception):
-        pass
-
-    def crash(iteration):
-        if iteration == 3:
-            raise Interrupted
-
     with _cluster(2) as cluster, Client(cluster) as c:
-        driver.ITERATION_HOOKS.append(crash)
-        try:
-            with pytest.raises(Interrupted):
-                KMeans(**params, checkpoint=path).fit(da.from_array(X, chunks=400), client=c)
-        finally:
-            driver.ITERATION_HOOKS.remove(crash)
+        fit_interrupted_at(3, lambda: KMeans(**params, checkpoint=path).fit(da.from_array(X, chunks=400), client=c))
     assert path.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".flashkm-")]
     with _cluster(3) as cluster, Client(cluster) as c:
         resumed = KMeans(**params, checkpoint=path, resume=True).fit(da.from_array(X, chunks=700), client=c)
@@ -221,17 +230,8 @@ def test_collective_resumes_a_checkpoint_and_writes_its_own(blobs, tmp_path):
     params = dict(n_clusters=30, init="k-means||", n_init=1, random_state=7, tol=0.0, max_iter=40)
     ref = KMeans(**params).fit(X)
 
-    def crash(iteration):
-        if iteration == 3:
-            raise KeyboardInterrupt
-
     with _cluster(2) as cluster, Client(cluster) as c:
-        driver.ITERATION_HOOKS.append(crash)
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                KMeans(**params, checkpoint=path).fit(da.from_array(X, chunks=400), client=c)
-        finally:
-            driver.ITERATION_HOOKS.remove(crash)
+        fit_interrupted_at(3, lambda: KMeans(**params, checkpoint=path).fit(da.from_array(X, chunks=400), client=c))
         resumed = KMeans(**params, checkpoint=path, resume=True, allreduce="nccl").fit(
             da.from_array(X, chunks=700), client=c)
         assert_same_fit(resumed, ref)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from flashkm_dist._validation import host_numpy
+
 FORMAT = 1
 
 
@@ -49,11 +51,6 @@ class Resume:
     best: Best | None
 
 
-def _array(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-
-
 def _write(path, meta: dict, arrays: dict) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -85,7 +82,7 @@ class Writer:
         for key, t in (("centers", centers), ("previous", previous),
                        ("best_centers", None if best is None else best.centers)):
             if t is not None:
-                arrays[key] = _array(t)
+                arrays[key] = host_numpy(t)
         _write(self.path, meta, arrays)
 
     def __call__(self, iteration: int, new, current, history) -> None:

@@ -84,18 +84,16 @@ class DaskShards:
     def blocks_of(self, shard: int) -> list[int]:
         return self._blocks[shard]
 
-    def _submit(self, fn, shard: int, name: str, *args):
-        ids = self._blocks[shard]
+    def _submit(self, fn, shard: int, name: str, *args, ids=None):
+        """fn(*args, *blocks) on the shard's worker, for its blocks or the given `ids` among them."""
+        ids = self._blocks[shard] if ids is None else ids
         return self.client.submit(fn, *args, *[self.futures[i] for i in ids], key=self._key(name, shard),
                                   workers=[self.addresses[shard]], allow_other_workers=True, pure=False)
 
     # ------------------------------------------------------------------------------------------ seeding
     def run(self, method: str, calls: dict) -> dict:
-        futures = {}
-        for s, (ids, args) in calls.items():
-            futures[s] = self.client.submit(worker.call_shard, self.spec, method, ids, args,
-                                            *[self.futures[i] for i in ids], key=self._key(method, s),
-                                            workers=[self.addresses[s]], allow_other_workers=True, pure=False)
+        futures = {s: self._submit(worker.call_shard, s, method, self.spec, method, ids, args, ids=ids)
+                   for s, (ids, args) in calls.items()}
         return dict(zip(futures, self.client.gather(list(futures.values()))))
 
     def run_here(self, fn, *args):

@@ -126,9 +126,9 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
             hook(i)
         if done:
             break
-        if shards.refresh():  # a worker came or went: queue the next iteration on the new placement
-            following.cancel(client)
-            following = shards.submit_step(numerics, it.update, current)
+        shards.refresh()  # a worker came or went: the iterations queued from now on use the new placement
+        # (the one already queued is left alone: Dask reruns a lost task elsewhere, and cancelling tasks while
+        # workers come and go can forget keys the loop still waits for)
         current, it = it.update, following  # (the step futures keep the centres they need alive)
     bar.close()
     final = it.update.result().centers

@@ -186,25 +186,28 @@ def _combined(steps: list, scale: fp.FixedPointScale, device: torch.device):
     return reference.Partials(sums, weights, scale), inertia, sum(s.n_changed for s in steps)
 
 
-def reduce(numerics: FitNumerics, centers: Update, *steps) -> Update:
-    """Exact all-reduce of the workers' partials and the Lloyd update. Empty clusters are only counted here; the
-    client then asks the workers for their farthest rows and `reseed` redoes the update with them."""
-    partials, inertia, changed = _combined(list(steps), numerics.scale, _reduce_device(numerics.metric))
+def _update(numerics: FitNumerics, centers: Update, steps: list, found: list | None) -> Update:
+    """Exact all-reduce of the workers' partials, empty clusters re-seeded with `found` (the workers' farthest
+    rows) when given, and the Lloyd update with the scalars the client waits for."""
+    partials, inertia, changed = _combined(steps, numerics.scale, _reduce_device(numerics.metric))
+    n_empty = int(empty_clusters(partials).numel())
+    if found is not None:
+        partials, n_empty = move_to_empty(partials, Farthest.merge(found, n_empty)), 0
     new, shift = next_centers(partials, centers.centers, numerics.metric)
     return Update(new.cpu(), {"n_changed": int(changed), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
-                        "shift": shift, "n_empty": int(empty_clusters(partials).numel()),
-                        "slowest_worker_seconds": max(s.seconds for s in steps)})
+                              "shift": shift, "n_empty": n_empty,
+                              "slowest_worker_seconds": max(s.seconds for s in steps)})
+
+
+def reduce(numerics: FitNumerics, centers: Update, *steps) -> Update:
+    """The iteration's update. Empty clusters are only counted here; the client then asks the workers for their
+    farthest rows and `reseed` redoes the update with them."""
+    return _update(numerics, centers, list(steps), None)
 
 
 def reseed(numerics: FitNumerics, centers: Update, n_steps: int, *parts) -> Update:
     """The update of an iteration with empty clusters: they take the farthest rows of all workers."""
-    steps, found = list(parts[:n_steps]), list(parts[n_steps:])
-    partials, inertia, changed = _combined(steps, numerics.scale, _reduce_device(numerics.metric))
-    n_empty = int(empty_clusters(partials).numel())
-    partials = move_to_empty(partials, Farthest.merge(found, n_empty))
-    new, shift = next_centers(partials, centers.centers, numerics.metric)
-    return Update(new.cpu(), {"n_changed": int(changed), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
-                        "shift": shift, "n_empty": 0, "slowest_worker_seconds": max(s.seconds for s in steps)})
+    return _update(numerics, centers, list(parts[:n_steps]), list(parts[n_steps:]))
 
 
 def scalars(update: Update) -> dict:
@@ -229,19 +232,22 @@ def _back(t: torch.Tensor, is_cupy: bool):
     return t.cpu().numpy()
 
 
-def predict_block(x, centers: np.ndarray, shift, metric: str, dtype: str, device: str):
+def _fitted(x, centers: np.ndarray, shift, metric: str, dtype: str, device: str):
+    """The chunk, the centres and the centring shift on the worker's device, as the fit computed with them."""
     t, is_cupy = _block_tensor(x, dtype, metric, device)
     c = torch.as_tensor(centers).to(t.device, t.dtype)
-    s = None if shift is None else torch.as_tensor(shift).to(t.device)
+    return t, c, None if shift is None else torch.as_tensor(shift).to(t.device), is_cupy
+
+
+def predict_block(x, centers: np.ndarray, shift, metric: str, dtype: str, device: str):
+    t, c, s, is_cupy = _fitted(x, centers, shift, metric, dtype, device)
     labels, _ = backend_for(t.device).assign(t, c, metric=metric, shift=s) if t.shape[0] else (
         torch.empty(0, dtype=torch.int64, device=t.device), None)
     return _back(labels.to(torch.int64), is_cupy)
 
 
 def transform_block(x, centers: np.ndarray, shift, metric: str, dtype: str, device: str):
-    t, is_cupy = _block_tensor(x, dtype, metric, device)
-    c = torch.as_tensor(centers).to(t.device, t.dtype)
-    s = None if shift is None else torch.as_tensor(shift).to(t.device)
+    t, c, s, is_cupy = _fitted(x, centers, shift, metric, dtype, device)
     d = reference.distances(t, c, metric=metric, shift=s)
     if metric == "euclidean":
         d = d.sqrt()
@@ -250,9 +256,7 @@ def transform_block(x, centers: np.ndarray, shift, metric: str, dtype: str, devi
 
 def min_dist_block(x, centers: np.ndarray, shift, metric: str, dtype: str, device: str):
     """float64 distance of every row to its nearest centre (score)."""
-    t, _ = _block_tensor(x, dtype, metric, device)
-    c = torch.as_tensor(centers).to(t.device, t.dtype)
-    s = None if shift is None else torch.as_tensor(shift).to(t.device)
+    t, c, s, _ = _fitted(x, centers, shift, metric, dtype, device)
     if t.shape[0] == 0:
         return np.zeros(0, dtype=np.float64)
     return backend_for(t.device).assign(t, c, metric=metric, shift=s)[1].to(torch.float64).cpu().numpy()
