@@ -76,6 +76,15 @@ def _top2_combine(a1, a2, b1, b2):
 
 
 @triton.jit
+def _row_top2(key, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(smallest, second smallest) key of every row. Columns are paired first: one min and one max make a sorted
+    pair, which is its own top-2, so the tree of `_top2_combine` starts from BLOCK_K / 2 leaves: 3 min/max per
+    score instead of 4 with (key, +inf) leaves (the min/max pipe is what bounds the streaming pass on sm_90)."""
+    a, b = tl.split(tl.reshape(key, (BLOCK_N, BLOCK_K // 2, 2)))
+    return tl.reduce((tl.minimum(a, b), tl.maximum(a, b)), 1, _top2_combine)
+
+
+@triton.jit
 def _resident_rows(a_rows, offs_d, aa, RESIDENT: tl.constexpr):
     """The row tile kept on chip for the whole centroid stream (unused placeholder when D is streamed)."""
     if RESIDENT:
@@ -217,7 +226,7 @@ def _assign_kernel(
         # key = score with its in-tile index in the low mantissa bits: one min gives value and argmin
         key = _score_keys(acc, offs_k, BLOCK_K, LOP3)
         if TOP2_REDUCE:  # one pass (3 min/max per score); the interpreter runs custom combines slowly
-            t1, t2 = tl.reduce((key, tl.full(key.shape, 3.0e38, tl.float32)), 1, _top2_combine)
+            t1, t2 = _row_top2(key, BLOCK_N, BLOCK_K)
         else:  # keys are distinct (distinct index bits), so dropping the minimum leaves the second
             t1 = tl.min(key, 1)
             t2 = tl.min(tl.where(key == t1[:, None], 3.0e38, key), 1)
@@ -402,7 +411,7 @@ def _resolve_kernel(
             hit = acc <= lim[:, None]
             key = tl.where(hit, _score_keys(acc, offs_k, BLOCK_K, LOP3), BIG)
             if TOP2_REDUCE:
-                t1, t2 = tl.reduce((key, tl.full(key.shape, BIG, tl.float32)), 1, _top2_combine)
+                t1, t2 = _row_top2(key, BLOCK_N, BLOCK_K)
             else:
                 t1 = tl.min(key, 1)
                 t2 = tl.min(tl.where(key == t1[:, None], BIG, key), 1)

@@ -171,7 +171,8 @@ class UpdateConfig:
     block_d: int  # feature chunk per program (a second grid axis)
     num_warps: int
     tiles_per_chunk: int  # a program reduces at most this many tiles of one cluster's run, then flushes once
-    # (<= 31: the fp32 path accumulates per element in int32, below tiles * 2**26)
+    # (a chunk is cut at 2**10 rows whatever this says: its int64 totals must stay exact)
+    interpreted: bool = False  # CPU: Triton interpreter (no inline PTX)
 
 
 def update_config(device, d: int, dtype: torch.dtype) -> UpdateConfig:
@@ -181,7 +182,7 @@ def update_config(device, d: int, dtype: torch.dtype) -> UpdateConfig:
     64 x 64 tiles, 4 warps, 16 tiles per chunk was best at D=128 for N=1M, K=8192 and N=8M, K=1024.)"""
     t = device_traits(device)
     if t.interpreted:
-        return UpdateConfig(16, 16, 1, 2)
+        return UpdateConfig(16, 16, 1, 2, True)
     block_d = min(max(16, next_pow2(d)), 64)
     return UpdateConfig(4096 // block_d, block_d, 4, 16)
 

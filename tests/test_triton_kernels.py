@@ -424,6 +424,30 @@ def test_update_bitwise_equals_reference(dtype, d):
                              reference.partial_sums(x, labels, 13, weights))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_update_square_sums_equal_the_reference_and_the_float64_moments(dtype):
+    """square=True: the second moments behind the tolerance, from the same kernel, bitwise the reference's (a
+    fp16 square stays in fp32; tiny values that only fp32 would make subnormal included)."""
+    g = gen(140)
+    x = (torch.randn(150, 5, generator=g) * 7).to(dtype)
+    x[:4] = torch.tensor([2.0 ** -24, -(2.0 ** -14), 2.0 ** -70, 60000.0])[:, None].to(dtype)
+    labels = torch.randint(0, 3, (150,), generator=g)
+    weights = torch.rand(150, generator=g) * 3
+    for scale in (None, fp.FixedPointScale(10, 0, 0), fp.FixedPointScale(120, 0, 0)):
+        if scale is not None and float(x.to(torch.float64).square().max()) * 2.0 ** scale.sum_exp >= 2.0 ** 52:
+            with pytest.raises(OverflowError):
+                sort_inverse_update(x, labels, 3, scale=scale, square=True)
+            continue
+        assert_same_partials(sort_inverse_update(x, labels, 3, scale=scale, square=True),
+                             reference.partial_sums(x, labels, 3, scale=scale, square=True))
+    assert_same_partials(sort_inverse_update(x, labels, 3, weights, square=True),
+                         reference.partial_sums(x, labels, 3, weights, square=True))
+    got = reference.partial_sums(x, labels, 3, scale=fp.FixedPointScale(10, 0, 0), square=True)
+    x64 = x.to(torch.float64)
+    want = torch.stack([fp.quantize(x64[labels == j] ** 2, 10).sum(dim=1) for j in range(3)], dim=1)
+    assert torch.equal(got.sums, fp.normalize(want))
+
+
 def test_update_round_half_even_ties_and_signs():
     scale = fp.FixedPointScale(sum_exp=1, weight_exp=2, dist_exp=0)
     vals = torch.tensor([0.25, 0.75, 1.25, -0.25, -0.75, -1.25, 2.75, -3.25, 0.0, -0.0, 1e6 + 0.25, 3.0])
@@ -504,6 +528,8 @@ def test_update_errors_like_reference():
         sort_inverse_update(x, labels, 4, scale=tight)
     with pytest.raises(IndexError):
         sort_inverse_update(x, labels + 4, 4)
+    with pytest.raises(IndexError):  # a label that a narrow sort key would wrap into range
+        sort_inverse_update(x, labels + 65536, 4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
