@@ -13,7 +13,8 @@ import torch
 from sklearn.utils import check_random_state
 
 from flashkm_dist import _validation as v
-from flashkm_dist.engine import DataBounds, FitNumerics, backend_for, fit_numerics, moment_exponents
+from flashkm_dist.engine import (DataBounds, FitNumerics, backend_for, column_moments, fit_numerics,
+                                 moment_exponents)
 from flashkm_dist.init import initial_centers
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
@@ -30,16 +31,19 @@ class BatchedResult:
     inertia: torch.Tensor  # (B,) float64
 
 
-def _problem_numerics(x: torch.Tensor, metric: str, centroid_max_abs: float) -> list[FitNumerics]:
-    """Per-problem shift and tolerance base on one shared fixed-point grid (the batch's max |x|)."""
+def _problem_moments(x: torch.Tensor):
+    """Bounds and exact per-problem moments (2, B, D) on one shared fixed-point grid (the batch's max |x|)."""
     b, n, d = x.shape
     bounds = DataBounds(n, d, float(x.abs().max()) if x.numel() else 0.0, 1.0)
-    exps = moment_exponents(bounds)
-    x64 = x.to(torch.float64)
-    sums = fp.quantize(x64, exps[0]).sum(dim=2)  # (2, B, D)
-    squares = fp.quantize(x64 * x64, exps[1]).sum(dim=2)
+    problem = torch.arange(b, device=x.device).repeat_interleave(n)
+    return bounds, *column_moments(x.reshape(b * n, d), moment_exponents(bounds), problem, b)
+
+
+def _problem_numerics(moments, metric: str, centroid_max_abs: float) -> list[FitNumerics]:
+    """Per-problem shift and tolerance base."""
+    bounds, sums, squares = moments
     return [fit_numerics(bounds, sums[:, i], squares[:, i], metric=metric, centroid_max_abs=centroid_max_abs)
-            for i in range(b)]
+            for i in range(sums.shape[1])]
 
 
 def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300, tol: float = 1e-4,
@@ -64,7 +68,8 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
         x = reference.unit_rows(x).to(x.dtype)
     k, backend, rng = n_clusters, backend_for(x.device), check_random_state(random_state)
 
-    seeding = _problem_numerics(x, metric, 0.0)
+    moments = _problem_moments(x)
+    seeding = _problem_numerics(moments, metric, 0.0)
     if not isinstance(init, str) and not callable(init):
         init = torch.as_tensor(init)
         if init.shape != (b, k, d):
@@ -75,7 +80,7 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
         initial_centers(init if isinstance(init, str) or callable(init) else init[i], local_points(engine, [Block(x[i])]),
                         k, rng, seeding[i], oversampling_factor=oversampling_factor, tol=tol)
         for i in range(b)])
-    numerics = _problem_numerics(x, metric, float(centers.abs().max()))
+    numerics = _problem_numerics(moments, metric, float(centers.abs().max()))
     shift = None if metric == "cosine" else torch.stack([nm.shift for nm in numerics])
     tols = torch.tensor([tol * nm.mean_variance for nm in numerics], dtype=torch.float64, device=x.device)
     scale, offsets = numerics[0].scale, (torch.arange(b, device=x.device) * k)[:, None]

@@ -83,10 +83,16 @@ def moment_exponents(bounds: DataBounds) -> tuple[int, int]:
     return fp.exponent_for(bounds.max_abs), fp.exponent_for(bounds.max_abs ** 2)
 
 
-def column_moments(x: torch.Tensor, exps: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact limbs of the per-feature sums of x and x^2 (unweighted, as scikit-learn's tolerance)."""
-    x64 = x.to(torch.float64)
-    return fp.quantize(x64, exps[0]).sum(dim=1), fp.quantize(x64 * x64, exps[1]).sum(dim=1)
+def column_moments(x: torch.Tensor, exps: tuple[int, int], groups: torch.Tensor | None = None,
+                   n_groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact limbs (2, D) of the per-feature sums of x and x^2 (unweighted, as scikit-learn's tolerance), or
+    (2, n_groups, D) per group of rows. The update kernel's exact sums (reference twin on the CPU): one pass over
+    x per moment instead of several float64 copies of it."""
+    partial_sums = backend_for(x.device).partial_sums
+    labels = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device) if groups is None else groups
+    sums, squares = (partial_sums(x, labels, n_groups, scale=fp.FixedPointScale(e, 0, 0), square=square).sums
+                     for e, square in ((exps[0], False), (exps[1], True)))
+    return (sums[:, 0], squares[:, 0]) if groups is None else (sums, squares)
 
 
 def fit_numerics(bounds: DataBounds, sums: torch.Tensor, squares: torch.Tensor, *, metric: str,

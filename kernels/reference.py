@@ -125,21 +125,25 @@ class Partials:
         return Partials(self.sums.to(device), self.weights.to(device), self.scale)
 
 
-def weighted_rows(x: torch.Tensor, weights) -> torch.Tensor:
-    """The float64 rows whose sums make the centroids: x times the sample weights (one IEEE product each)."""
+def weighted_rows(x: torch.Tensor, weights, square: bool = False) -> torch.Tensor:
+    """The float64 rows whose sums make the centroids: x times the sample weights (one IEEE product each); with
+    `square`, x * x (one IEEE product) before the weights."""
     rows = x.to(torch.float64)
+    if square:
+        rows = rows * rows
     return rows if weights is None else rows * weights.to(torch.float64)[:, None]
 
 
 def partial_sums(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, weights=None, *,
-                 scale: fp.FixedPointScale | None = None) -> Partials:
-    """Exact per-centroid sums of weighted rows and of weights.
+                 scale: fp.FixedPointScale | None = None, square: bool = False) -> Partials:
+    """Exact per-centroid sums of weighted rows and of weights (of squared coordinates with `square`: the second
+    moments behind the tolerance, summed the same order-free way).
 
     Partials of the same fit (same `scale`) add to the same bits in any order and any chunking. Without `scale`,
     one is derived from this x alone, which is only right for a single call. For spherical (cosine) k-means the
     caller passes unit rows: the sums are metric-free.
     """
-    rows = weighted_rows(x, weights)
+    rows = weighted_rows(x, weights, square)
     w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if weights is None \
         else weights.to(torch.float64)
     if scale is None:

@@ -35,3 +35,22 @@ def test_batched_on_triton_path(triton_on_cpu, monkeypatch):
     for i in range(2):
         slow_labels.append(KMeans(4, init=x[i, :4].numpy()).fit(x[i].numpy()).labels_)
     np.testing.assert_array_equal(fast.labels.numpy(), np.stack(slow_labels))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_column_moments_on_triton_path_are_the_exact_float64_moments(triton_on_cpu, dtype):
+    """The moments behind shift and tolerance come from the update kernel on the Triton path: the same integers
+    as quantising float64 x and x * x, per column and per group of rows."""
+    from flashkm_dist.engine import column_moments
+    from flashkm_dist.kernels import fixed_point as fp
+    x = (torch.randn(90, 7, generator=torch.Generator().manual_seed(2)) * 9 - 4).to(dtype)
+    x64 = x.to(torch.float64)
+    exps = (fp.exponent_for(float(x64.abs().max())), fp.exponent_for(float(x64.abs().max()) ** 2))
+    sums, squares = column_moments(x, exps)
+    assert torch.equal(sums, fp.normalize(fp.quantize(x64, exps[0]).sum(dim=1)))
+    assert torch.equal(squares, fp.normalize(fp.quantize(x64 * x64, exps[1]).sum(dim=1)))
+    groups = torch.arange(90) % 4
+    sums, squares = column_moments(x, exps, groups, 4)
+    assert sums.shape == (2, 4, 7)
+    for j in range(4):
+        assert torch.equal(squares[:, j], fp.normalize(fp.quantize(x64[groups == j] ** 2, exps[1]).sum(dim=1)))
