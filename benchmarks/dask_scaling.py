@@ -35,6 +35,7 @@ def make_block(block_id=None, *, rows: int, d: int, seed: int, on_gpu: bool, hos
         import cupy
         x = cupy.random.RandomState(seed + block_id[0]).standard_normal((rows, d), dtype=cupy.float32)
         x = x.astype(cupy.float16)
+        cupy.get_default_memory_pool().free_all_blocks()  # the float32 draw: give it back before the fit
         return cupy.asnumpy(x) if host else x
     return np.random.RandomState(seed + block_id[0]).standard_normal((rows, d)).astype(np.float16)
 
@@ -129,8 +130,10 @@ def cluster(n_workers: int, cpu: bool):
         from distributed import LocalCluster
         return LocalCluster(n_workers=n_workers, threads_per_worker=1, dashboard_address=":0")
     from dask_cuda import LocalCUDACluster
+    # device_memory_limit=0: no spilling to host. The data is meant to stay resident, and the per-key accounting
+    # of Dask-CUDA counts a persisted block again under every alias key, so 45 % of the GPU already looked full
     return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(str(i) for i in range(n_workers)), n_workers=n_workers,
-                            threads_per_worker=2, dashboard_address=":0")
+                            threads_per_worker=2, dashboard_address=":0", device_memory_limit=0)
 
 
 def flash_largeN(n: int, d: int, n_blocks: int, init: np.ndarray, iters: int) -> dict:
@@ -170,6 +173,7 @@ def main():
     ap.add_argument("--weak", type=int, default=None, metavar="ROWS_PER_WORKER",
                     help="weak scaling: N = ROWS_PER_WORKER x workers (same blocks per worker)")
     ap.add_argument("--resident-only", action="store_true", help="skip host-resident blocks and flash-kmeans")
+    ap.add_argument("--no-exactness", action="store_true", help="skip the bitwise check (series runs)")
     args = ap.parse_args()
     from distributed import Client
     cpu = args.cpu_smoke
@@ -198,7 +202,7 @@ def main():
 
     for w in workers:  # strong scaling, data resident on the GPUs
         with cluster(w, cpu) as lc, Client(lc) as client:
-            if w == workers[-1]:
+            if w == workers[-1] and not args.no_exactness:
                 result["exactness"] = exactness(client, cpu)
                 print("exactness", result["exactness"], flush=True)
             n_w, blocks_w = (args.weak * w, w * args.blocks_per_worker) if args.weak else (n, n_blocks)

@@ -5,7 +5,8 @@ of the resolve pass's launch configuration, and optionally of the streaming kern
     python benchmarks/profile_kernels.py --out profile.json [--old kernels/_old_assign.py] [--sweep-main]
 
 --old names a previous version of kernels/assign.py placed inside kernels/ (e.g. `git show REV:kernels/assign.py
-> kernels/_old_assign.py`): its flash_assign is timed on the same tensors, in the same process.
+> kernels/_old_assign.py`): its flash_assign is timed on the same tensors, in the same process; --old-update
+does the same for kernels/update.py (and checks that both give the same bits).
 """
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ RESOLVE_COMBOS = [(64, 128, 4, 2, 2), (64, 128, 4, 2, 4), (128, 128, 4, 2, 2), (
                   (128, 64, 4, 2, 2), (64, 128, 8, 2, 2), (64, 128, 4, 2, 2)]
 
 
-def case(n, k, d, dtype, old=None):
+def case(n, k, d, dtype, old=None, old_update=None):
     x = blobs(n, d, min(k, 4096), dtype)
     c = x[torch.randperm(n, device=DEV)[:k]].clone()
     nm = numerics_for(x, None, metric="euclidean")
@@ -159,9 +160,15 @@ def case(n, k, d, dtype, old=None):
     out.update(tiers(x, c, nm))
     out.update(pieces(x, c, nm))
     out["update_ms"] = cuda_ms(lambda: sort_inverse_update(x, labels, k, scale=nm.scale))
+    if old_update is not None:
+        new, prev = (f(x, labels, k, scale=nm.scale) for f in (sort_inverse_update, old_update.sort_inverse_update))
+        out["update_same_as_old"] = bool(torch.equal(new.sums, prev.sums) and torch.equal(new.weights, prev.weights))
+        out["old_update_ms"] = cuda_ms(lambda: old_update.sort_inverse_update(x, labels, k, scale=nm.scale))
     engine = Engine(DEV, dtype=x.dtype, backend=backend_for(DEV))
     out["step_ms"] = cuda_ms(lambda: engine.step([Block(x)], c, nm))
     out["assign_kernels"] = kernel_table(lambda: A.flash_assign(x, c, shift=nm.shift))
+    out["step_kernels"] = kernel_table(lambda: engine.step([Block(x)], c, nm))
+    out["update_kernels"] = kernel_table(lambda: sort_inverse_update(x, labels, k, scale=nm.scale))
     return out, x, c, nm
 
 
@@ -215,10 +222,10 @@ def main():
     ap.add_argument("--no-resolve-sweep", action="store_true")
     ap.add_argument("--rows-sweep", action="store_true", help="sweep the row pass's launch (on N=8M)")
     ap.add_argument("--old", help="a previous assign.py inside kernels/, timed on the same tensors")
+    ap.add_argument("--old-update", help="a previous update.py inside kernels/, timed on the same tensors")
     args = ap.parse_args()
-    old = None
-    if args.old:
-        old = importlib.import_module("flashkm_dist.kernels." + os.path.splitext(os.path.basename(args.old))[0])
+    old, old_update = (importlib.import_module("flashkm_dist.kernels." + os.path.splitext(os.path.basename(p))[0])
+                       if p else None for p in (args.old, args.old_update))
     if args.update_sweep:
         res = update_sweep()
         for r in res:
@@ -231,7 +238,7 @@ def main():
                         ("8M_1024_fp16", (1 << 23, 1024, 128, torch.float16)),
                         ("1M_8192_fp32", (1 << 20, 8192, 128, torch.float32))]:
         try:
-            out, x, c, nm = case(*shape, old=old)
+            out, x, c, nm = case(*shape, old=old, old_update=old_update)
             if name == "1M_8192_fp16" and args.sweep_main:
                 out["sweep"] = sweep(x, c, nm)
             if name in ("1M_8192_fp16", "1M_8192_fp32") and not args.no_resolve_sweep:

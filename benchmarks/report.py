@@ -2,9 +2,11 @@
 
     python benchmarks/report.py [--results benchmarks/results]
 
-Reads every JSON the suites wrote (gpu_check_*, engine_check_*, dask_scaling_*) and renders, per file, a Markdown
-table with the device and versions it came from, plus plots: iteration times against the peers, distributed strong
-scaling and per-iteration overhead, and the out-of-core engine against its PCIe floor.
+Reads every JSON the suites wrote (gpu_check_*, engine_check_*, dask_scaling_*, dask_weak_*, dask_1e9_*,
+dask_series_*, end_to_end_*) and renders, per file, a Markdown table with the device and versions it came from
+(the headline and its N series as one table per device), plus plots: iteration times against the peers,
+distributed strong and weak scaling, time per iteration against N, and the out-of-core engine against its PCIe
+floor.
 """
 from __future__ import annotations
 
@@ -73,10 +75,41 @@ def distributed(name: str, r: dict) -> str:
     exact = r.get("exactness", {})
     checked = f"{sum(all(v[k] for k in ('centers_equal', 'inertia_equal', 'labels_equal')) for v in exact.values())}"\
         f"/{len(exact)} exactness checks bitwise equal to the in-process fit" if exact else ""
-    return (f"### {name}\n\n{_versions(r)}\n\nN={r['n']}, D={r['d']}, K={r['k']}, {r['dtype']}, seconds per iteration; "
+    size = f"{weak} rows per worker" if weak else f"N={r['n']}"
+    return (f"### {name}\n\n{_versions(r)}\n\n{size}, D={r['d']}, K={r['k']}, {r['dtype']}, seconds per iteration; "
             f"overhead = iteration minus the slowest worker's step. {checked}\n\n"
             + _table(["reduction", "workers", "N", "iteration s", "slowest step s", "overhead ms",
                       "to 1st iteration s", "weak growth" if weak else "efficiency"], rows))
+
+
+def _series_key(name: str) -> str:
+    """dask_1e9_h200x4 and dask_series_h200x4_n100m belong to the series of tag h200x4."""
+    return name.removeprefix("dask_1e9_").removeprefix("dask_series_").split("_n")[0]
+
+
+def series(loaded: dict) -> str:
+    """The billion-point headline and its N series, one table per device tag: N against seconds per iteration."""
+    parts = []
+    for tag in sorted({_series_key(n) for n in loaded if n.startswith(("dask_1e9_", "dask_series_"))}):
+        runs = sorted((r for n, r in loaded.items() if n.startswith(("dask_1e9_", "dask_series_"))
+                       and _series_key(n) == tag), key=lambda r: r["n"])
+        rows = []
+        for r in runs:
+            for mode, label in (("resident", "dask"), ("resident_nccl", "nccl")):
+                for w, v in sorted(r.get(mode, {}).items()):
+                    rows.append([r["n"], label, w, r["k"], v["iteration_s"], v["slowest_worker_step_s"],
+                                 v["dask_overhead_s"] * 1e3, v.get("to_first_iteration_s"),
+                                 r["n"] / v["iteration_s"] / 1e6])
+        first = runs[-1]
+        exact = first.get("exactness", {})
+        checked = f" {sum(all(v.values()) for v in exact.values())}/{len(exact)} exactness checks bitwise equal " \
+                  "to the in-process fit." if exact else ""
+        parts.append(f"### {tag}: N series\n\n{_versions(first)}\n\nD={first['d']}, {first['dtype']}, data made on "
+                     f"the workers, seconds per iteration (median after {first.get('warmup_iters_excluded', 2)} "
+                     f"warm-up iterations).{checked}\n\n"
+                     + _table(["N", "reduction", "workers", "K", "iteration s", "slowest step s", "overhead ms",
+                               "to 1st iteration s", "M rows/s"], rows))
+    return "\n\n".join(parts)
 
 
 def end_to_end(name: str, r: dict) -> str:
@@ -113,6 +146,8 @@ def plots(results: Path, loaded: dict) -> list:
             ax.set_ylabel("ms per Lloyd iteration")
             ax.set_title(f"{name}: {r.get('device', '')}")
             ax.legend()
+        elif name.startswith(("dask_1e9_", "dask_series_")):
+            continue  # drawn once per series below
         elif name.startswith("dask_"):
             fig, ax = plt.subplots(figsize=(5, 4))
             for mode, label in (("resident", "Dask reduction"), ("resident_nccl", "allreduce='nccl'")):
@@ -140,6 +175,25 @@ def plots(results: Path, loaded: dict) -> list:
         fig.savefig(out, dpi=110)
         plt.close(fig)
         made.append(out.name)
+    for tag in sorted({_series_key(n) for n in loaded if n.startswith(("dask_1e9_", "dask_series_"))}):
+        runs = sorted((r for n, r in loaded.items() if n.startswith(("dask_1e9_", "dask_series_"))
+                       and _series_key(n) == tag), key=lambda r: r["n"])
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for mode, label in (("resident", "Dask reduction"), ("resident_nccl", "allreduce='nccl'")):
+            pts = [(r["n"], v["iteration_s"]) for r in runs for v in r.get(mode, {}).values()]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("N (rows)")
+        ax.set_ylabel("s per iteration")
+        ax.set_title(f"{tag}: N series, K={runs[-1]['k']}")
+        ax.legend()
+        fig.tight_layout()
+        out = results / f"dask_series_{tag}.png"
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        made.append(out.name)
     return made
 
 
@@ -155,7 +209,8 @@ def main(argv=None) -> Path:
             loaded[path.stem] = data
     sections = {"Kernels (gpu_check.py)": ("gpu_check", kernels),
                 "Engine, data larger than or as large as one GPU (engine_check.py)": ("engine_check", engine),
-                "Distributed (dask_scaling.py)": ("dask_", distributed),
+                "Distributed (dask_scaling.py)": ("dask_scaling", distributed),
+                "Weak scaling (dask_scaling.py --weak)": ("dask_weak", distributed),
                 "End to end (end_to_end.py)": ("end_to_end", end_to_end)}
     out = ["# Benchmark results", "", "Generated by `python benchmarks/report.py` from the JSON files in this folder."]
     images = plots(results, loaded)
@@ -164,6 +219,9 @@ def main(argv=None) -> Path:
         if parts:
             out += ["", f"## {title}", ""] + ["\n\n".join(parts)]
             out += [f"\n![{img}]({img})" for img in images if img.startswith(prefix)]
+        if prefix == "dask_scaling" and series(loaded):  # the headline right after the scaling tables
+            out += ["", "## Billion points and the N series (dask_scaling.py --n)", "", series(loaded)]
+            out += [f"\n![{img}]({img})" for img in images if img.startswith("dask_series_")]
     report = results / "REPORT.md"
     report.write_text("\n".join(out) + "\n")
     return report

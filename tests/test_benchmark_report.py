@@ -16,14 +16,19 @@ def _module(name: str):
 
 
 def test_report_tables_and_plots_from_committed_results(tmp_path):
-    for name in ("dask_scaling_h200x4_nccl.json", "engine_check_h100_n180m.json", "gpu_check_h200.json"):
+    for name in ("dask_scaling_h200x4_nccl.json", "engine_check_h100x1_n180m.json", "gpu_check_h200.json",
+                 "dask_1e9_h200x4.json", "dask_series_h200x4_n100m.json", "dask_weak_h200x4.json"):
         shutil.copy(BENCH / "results" / name, tmp_path / name)
     report = _module("report").main(["--results", str(tmp_path)]).read_text()
     assert "| nccl | 4 | 67108864 | 0.127 | 0.126 | 1.74 |  | 0.973 |" in report  # the 4xH200 NCCL row
     assert "4/4 exactness checks bitwise equal" in report
-    assert "| float32 | 1048576 | 8192 | 128 | 10.4 | 10.5 | 15.5 | 0.989 |" in report
-    assert "| 180000000 | float32 | 92.2 | 55.1 |" in report
-    for png in ("dask_scaling_h200x4_nccl.png", "engine_check_h100_n180m.png", "gpu_check_h200.png"):
+    assert "| float32 | 1048576 | 8192 | 128 | 9.16 | 10.2 | 16.5 | 0.896 |" in report
+    assert "| 180000000 | float32 | 92.2 | 54.7 |" in report
+    # the headline and the N series share one table, ordered by N; weak scaling reports rows per worker
+    assert report.index("| 100000000 | nccl | 4 | 32768 | 0.637 |") < report.index("| 1000000000 | nccl | 4 | 32768 |")
+    assert "16777216 rows per worker" in report and "| nccl | 4 | 67108864 | 0.127 |" in report
+    for png in ("dask_scaling_h200x4_nccl.png", "engine_check_h100x1_n180m.png", "gpu_check_h200.png",
+                "dask_series_h200x4.png", "dask_weak_h200x4.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"({png})" in report
 
 
@@ -32,4 +37,8 @@ def test_harness_runs_each_suite_with_its_settings(capsys):
     assert harness.main(["out-of-core", "--tag", "h100x1", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("engine_check_h100x1_n180m.json --n 180000000 --iters 2")
-    assert lines[1].endswith("report.py")
+    assert "report.py --results" in lines[1]
+    assert harness.main(["headline", "--tag", "h200x4", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "dask_1e9_h200x4.json --n 1000000000 --k 32768 --workers 4" in lines[0]
+    assert [line.split("--n ")[1].split()[0] for line in lines[1:4]] == ["100000000", "250000000", "500000000"]
