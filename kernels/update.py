@@ -114,21 +114,26 @@ def _cluster_sums_kernel(
             vw = w * weight_scale
             w_worst = tl.maximum(w_worst, tl.abs(vw).to(tl.float32))
             w_acc += _to_int64(vw, RNI, True)
-    _flush(sums_ptr + lab * D + offs_d, n_clusters * D, tl.sum(acc, 0), d_mask)
+    # (programs past the last piece have no rows: their totals are zero, and their sums' atomics are skipped)
+    _flush(sums_ptr + lab * D + offs_d, n_clusters * D, tl.sum(acc, 0), d_mask & (offs_d * 0 + stop > start))
     if pid_d == 0:
         _flush(counts_ptr + lab, n_clusters, tl.sum(w_acc, 0), None)
     bad = tl.max(tl.max(tl.where(worst < LIMIT, 0, 1), 1), 0) | tl.max(tl.where(w_worst < LIMIT, 0, 1), 0)
     tl.store(overflow_ptr + pid_c * tl.num_programs(1) + pid_d, bad)
 
 
-def _chunks(offsets: torch.Tensor, per: torch.Tensor, n_chunks: int, rows: int):
-    """(label, start, stop) of every chunk: each cluster's run in the sorted order (from `offsets`, its first
-    position, and `per`, its number of chunks) cut into pieces of <= rows."""
-    total = per.shape[0]
-    label = torch.repeat_interleave(torch.arange(total, device=per.device), per, output_size=n_chunks)
-    first = torch.cumsum(per, 0) - per
-    start = offsets[label] + (torch.arange(n_chunks, device=per.device) - first[label]) * rows
-    stop = torch.minimum(start + rows, offsets[label + 1])
+def _chunks(offsets: torch.Tensor, rows: int, n_programs: int):
+    """(label, start, stop) for each of `n_programs` programs: each cluster's run in the sorted order (from
+    `offsets`, the first position of every run and the end) cut into pieces of <= rows, then empty pieces
+    (start == stop) for the programs beyond the last one. Built on the device: the grid is an upper bound on the
+    number of pieces, so no count comes back to the host before the launch."""
+    total = offsets.shape[0] - 1
+    per = (offsets[1:] - offsets[:-1] + rows - 1) // rows
+    ends = torch.cumsum(per, 0)
+    chunk = torch.arange(n_programs, device=offsets.device)
+    label = torch.searchsorted(ends, chunk, right=True).clamp_max(total - 1)  # (past the end: the last run)
+    start = offsets[label] + (chunk - (ends - per)[label]) * rows
+    stop = torch.where(chunk < ends[-1], torch.minimum(start + rows, offsets[label + 1]), start)
     return label, start, stop
 
 
@@ -187,12 +192,9 @@ def sort_inverse_update(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, 
         rows = min(1 << 10, cfg.block_n * cfg.tiles_per_chunk)
         # run boundaries by binary search in the sorted labels (a histogram of few bins serialises on atomics)
         offsets = torch.searchsorted(sorted_labels, torch.arange(total + 1, dtype=key.dtype, device=x.device))
-        per = (offsets[1:] - offsets[:-1] + rows - 1) // rows
-        first, last, n_chunks = torch.stack([*torch.aminmax(labels), per.sum()]).tolist()  # (of the uncast labels)
-        if first < 0 or last >= total:
-            raise IndexError(f"labels must lie in [0, {n_clusters}), got range [{first}, {last}]")
-        label, start, stop = _chunks(offsets, per, n_chunks, rows)
-        grid = (n_chunks, d_blocks)
+        # sum over runs of ceil(run / rows) <= n // rows + (number of runs): the grid, without asking the device
+        label, start, stop = _chunks(offsets, rows, n // rows + min(total, n) + 1)
+        grid = (label.shape[0], d_blocks)
         overflow = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
         scales = torch.tensor([2.0 ** scale.sum_exp, 2.0 ** scale.weight_exp], dtype=torch.float64,
                               device=x.device)
@@ -204,7 +206,11 @@ def sort_inverse_update(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, 
                FP32_PRODUCT=weights is None and x.dtype in (_FP32_EXACT_SQUARE if square else _FP32_EXACT)
                and -126 <= scale.sum_exp <= 126,
                RNI=not cfg.interpreted, num_warps=cfg.num_warps)
-        if bool(overflow.any()):
+        # one read-back for both checks (labels out of range only touched rows outside every run: memory-safe)
+        first, last, overflowed = torch.stack([*torch.aminmax(labels), overflow.max().to(torch.int64)]).tolist()
+        if first < 0 or last >= total:
+            raise IndexError(f"labels must lie in [0, {n_clusters}), got range [{first}, {last}]")
+        if overflowed:
             raise OverflowError(
                 f"a value exceeds the fixed-point range chosen for this fit (2**{fp.VALUE_BITS} after scaling by "
                 f"2**{scale.sum_exp} / 2**{scale.weight_exp}); the scale must be built from a bound on every value "

@@ -448,6 +448,16 @@ def test_update_square_sums_equal_the_reference_and_the_float64_moments(dtype):
     assert torch.equal(got.sums, fp.normalize(want))
 
 
+def test_update_runs_just_over_a_chunk_fill_the_whole_grid():
+    """Every run one row longer than a chunk: the most pieces the launch's upper bound allows for, all used."""
+    cfg = update_config(torch.device("cpu"), 4, torch.float32)
+    rows = min(1 << 10, cfg.block_n * cfg.tiles_per_chunk)
+    g = gen(150)
+    labels = torch.arange(5).repeat_interleave(rows + 1)[torch.randperm(5 * (rows + 1), generator=g)]
+    x = torch.randn(labels.shape[0], 4, generator=g)
+    assert_same_partials(sort_inverse_update(x, labels, 7), reference.partial_sums(x, labels, 7))
+
+
 def test_update_round_half_even_ties_and_signs():
     scale = fp.FixedPointScale(sum_exp=1, weight_exp=2, dist_exp=0)
     vals = torch.tensor([0.25, 0.75, 1.25, -0.25, -0.75, -1.25, 2.75, -3.25, 0.0, -0.0, 1e6 + 0.25, 3.0])
