@@ -13,9 +13,9 @@ import torch
 from sklearn.utils import check_random_state
 
 from flashkm_dist import _validation as v
-from flashkm_dist.engine import (DataBounds, FitNumerics, backend_for, column_moments, fit_numerics,
-                                 moment_exponents)
-from flashkm_dist.init import initial_centers
+from flashkm_dist.engine import (DataBounds, FitNumerics, backend_for, column_moments, fit_scale, moment_exponents,
+                                 moment_statistics)
+from flashkm_dist.init import check_init_array, initial_centers
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
 from flashkm_dist.lloyd import reseed_empty_clusters
@@ -40,10 +40,14 @@ def _problem_moments(x: torch.Tensor):
 
 
 def _problem_numerics(moments, metric: str, centroid_max_abs: float) -> list[FitNumerics]:
-    """Per-problem shift and tolerance base."""
+    """Per-problem shift and tolerance base (all problems at once: one read-back, not one per problem)."""
     bounds, sums, squares = moments
-    return [fit_numerics(bounds, sums[:, i], squares[:, i], metric=metric, centroid_max_abs=centroid_max_abs)
-            for i in range(sums.shape[1])]
+    mean, variance = moment_statistics(bounds, sums, squares)
+    scale = fit_scale(bounds, metric, centroid_max_abs)
+    # (each problem's mean variance reduced exactly as the estimator's fit_numerics reduces its own)
+    mean_variances = torch.stack([variance[i].mean() for i in range(variance.shape[0])]).tolist()
+    return [FitNumerics(metric, None if metric == "cosine" else mean[i], scale, mean_variance)
+            for i, mean_variance in enumerate(mean_variances)]
 
 
 def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300, tol: float = 1e-4,
@@ -76,10 +80,12 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
             raise ValueError(f"an init array for batched_kmeans must have shape (B, K, D) = {(b, k, d)}, "
                              f"got {tuple(init.shape)}")
     engine = Engine(x.device, dtype=x.dtype, backend=backend)
-    centers = torch.stack([
-        initial_centers(init if isinstance(init, str) or callable(init) else init[i], local_points(engine, [Block(x[i])]),
-                        k, rng, seeding[i], oversampling_factor=oversampling_factor, tol=tol)
-        for i in range(b)])
+    if isinstance(init, str) or callable(init):
+        centers = torch.stack([initial_centers(init, local_points(engine, [Block(x[i])]), k, rng, seeding[i],
+                                               oversampling_factor=oversampling_factor, tol=tol) for i in range(b)])
+    else:  # all problems' arrays checked and moved at once, as initial_centers does for one
+        centers = torch.as_tensor(check_init_array(init.reshape(b * k, d), b * k, d), device=x.device)
+        centers = (reference.unit_rows(centers) if metric == "cosine" else centers).reshape(b, k, d).to(x.dtype)
     numerics = _problem_numerics(moments, metric, float(centers.abs().max()))
     shift = None if metric == "cosine" else torch.stack([nm.shift for nm in numerics])
     tols = torch.tensor([tol * nm.mean_variance for nm in numerics], dtype=torch.float64, device=x.device)

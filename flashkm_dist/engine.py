@@ -99,16 +99,24 @@ def fit_numerics(bounds: DataBounds, sums: torch.Tensor, squares: torch.Tensor, 
                  centroid_max_abs: float) -> FitNumerics:
     """Shift, grids and tolerance base from the exact moments. `centroid_max_abs` bounds the initial centroids:
     Lloyd means and re-seeded points stay inside the data's box, so |x - c|^2 <= D * (2 * M)^2 for the whole fit."""
+    mean, variance = moment_statistics(bounds, sums, squares)
+    return FitNumerics(metric, None if metric == "cosine" else mean, fit_scale(bounds, metric, centroid_max_abs),
+                       float(variance.mean()) if variance.numel() else 0.0)
+
+
+def moment_statistics(bounds: DataBounds, sums: torch.Tensor, squares: torch.Tensor):
+    """float64 per-feature mean and variance from exact moment limbs (2, ..., D), any leading shape."""
     n = max(bounds.n_samples, 1)
     exps = moment_exponents(bounds)
     mean = fp.to_float(sums, exps[0]) / n
-    variance = (fp.to_float(squares, exps[1]) / n - mean * mean).clamp_min(0.0)
+    return mean, (fp.to_float(squares, exps[1]) / n - mean * mean).clamp_min(0.0)
+
+
+def fit_scale(bounds: DataBounds, metric: str, centroid_max_abs: float) -> fp.FixedPointScale:
     m = max(bounds.max_abs, centroid_max_abs)
     max_dist = 2.0 if metric == "cosine" else bounds.n_features * (2.0 * m) ** 2
-    scale = fp.FixedPointScale.from_bounds(bounds.max_abs * bounds.max_weight, bounds.max_weight,
-                                           2.0 * max_dist * bounds.max_weight)
-    shift = None if metric == "cosine" else mean
-    return FitNumerics(metric, shift, scale, float(variance.mean()) if variance.numel() else 0.0)
+    return fp.FixedPointScale.from_bounds(bounds.max_abs * bounds.max_weight, bounds.max_weight,
+                                          2.0 * max_dist * bounds.max_weight)
 
 
 def exact_inertia(min_dist: torch.Tensor, weights: torch.Tensor | None, numerics: FitNumerics) -> torch.Tensor:

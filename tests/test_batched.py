@@ -51,3 +51,7 @@ def test_bad_input():
         batched_kmeans(torch.zeros(1, 3, 2), 4)
     with pytest.raises(ValueError, match=r"shape \(B, K, D\)"):
         batched_kmeans(problems(b=2), 3, init=torch.zeros(3, 3, 5))
+    bad = problems(b=2)[:, :3].clone()
+    bad[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        batched_kmeans(problems(b=2), 3, init=bad)
