@@ -214,6 +214,35 @@ def update_sweep():
     return out
 
 
+def batched_profile():
+    """Where gpu_check's batched row (B=32, N=75600, K=1000, fp16, 10 iterations) spends its time: per-kernel CUDA
+    times, the Python functions by cumulative time, and how often empty clusters were re-seeded."""
+    import cProfile
+    import io
+    import pstats
+
+    from flashkm_dist import batched, batched_kmeans
+    b, n, k, d = 32, 75_600, 1000, 128
+    x = torch.randn(b, n, d, device=DEV, dtype=torch.float16)
+    c = x[:, :k].clone()
+    run = lambda: batched_kmeans(x, k, init=c, max_iter=10, tol=0.0)  # noqa: E731
+    out = {"ms": cuda_ms(run, 1, 3), "kernels": kernel_table(run, top=20)}
+    reseeds = []
+    original = batched.reseed_empty_clusters
+    batched.reseed_empty_clusters = lambda *a, **kw: reseeds.append(1) or original(*a, **kw)
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    torch.cuda.synchronize()
+    prof.disable()
+    batched.reseed_empty_clusters = original
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("cumtime").print_stats(25)
+    out["python"] = text.getvalue().splitlines()[:60]
+    out["problems_reseeded"] = len(reseeds)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -223,9 +252,16 @@ def main():
     ap.add_argument("--rows-sweep", action="store_true", help="sweep the row pass's launch (on N=8M)")
     ap.add_argument("--old", help="a previous assign.py inside kernels/, timed on the same tensors")
     ap.add_argument("--old-update", help="a previous update.py inside kernels/, timed on the same tensors")
+    ap.add_argument("--batched", action="store_true", help="only profile the batched API (gpu_check's row)")
     args = ap.parse_args()
     old, old_update = (importlib.import_module("flashkm_dist.kernels." + os.path.splitext(os.path.basename(p))[0])
                        if p else None for p in (args.old, args.old_update))
+    if args.batched:
+        res = batched_profile()
+        print(json.dumps(res, indent=1))
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        return
     if args.update_sweep:
         res = update_sweep()
         for r in res:
