@@ -4,6 +4,7 @@
     python benchmarks/dask_scaling.py --out weak.json --weak 16777216 --workers 1,2,4 --resident-only
     python benchmarks/dask_scaling.py --out big.json --n 1000000000 --k 32768 --workers 4 --iters 3 --resident-only
     python benchmarks/dask_scaling.py --out smoke.json --cpu-smoke     # tiny, CPU workers (checks the script)
+    ... --task-stream: per task kind, median transfer and compute ms and the critical path's hand-offs
 
 Data (fp16, N x D standard normal) is generated on the workers, block by block from the block index, so every
 worker count clusters the same rows. Per worker count: a `LocalCUDACluster` with one worker per GPU, the data as
@@ -17,6 +18,7 @@ on all GPUs: host-resident NumPy blocks streamed every iteration (cache off) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -77,22 +79,54 @@ def placement(client, X) -> dict:
     return rows
 
 
-def timed_fit(client, X, init: np.ndarray, iters: int, allreduce: str = "dask") -> dict:
-    from distributed import wait
+def task_breakdown(records: list) -> dict:
+    """Where a Dask-path iteration goes, from the task stream: median milliseconds of each task kind's transfer
+    and compute, and the two hand-offs of the critical path (last step done -> reduce starts, reduce done -> the
+    next steps start), over the iterations after the warm-up."""
+    spans = {}
+    for r in records:
+        kind = r["key"].split("-")[1] if r["key"].startswith("flashkm-") else "other"
+        it = spans.setdefault(kind, [])
+        it.append({ss["action"]: (ss["start"], ss["stop"]) for ss in r["startstops"]})
+    out = {}
+    for kind, items in spans.items():
+        for action in ("transfer", "compute"):
+            times = [1e3 * (i[action][1] - i[action][0]) for i in items if action in i]
+            if times:
+                out[f"{kind}_{action}_ms"] = statistics.median(times)
+    steps = sorted(i["compute"] for i in spans.get("step", []) if "compute" in i)
+    reduces = sorted(i["compute"] for i in spans.get("reduce", []) if "compute" in i)
+    handoff_in, handoff_out = [], []
+    for a, b in zip(reduces, reduces[1:]):
+        before = [s for s in steps if s[1] <= a[0]]
+        after = [s for s in steps if a[1] <= s[0] <= b[0]]
+        if before and after:
+            handoff_in.append(1e3 * (a[0] - max(s[1] for s in before)))
+            handoff_out.append(1e3 * (min(s[0] for s in after) - a[1]))
+    if handoff_in:
+        out["steps_done_to_reduce_start_ms"] = statistics.median(handoff_in[WARMUP_ITERS:] or handoff_in)
+        out["reduce_done_to_next_steps_ms"] = statistics.median(handoff_out[WARMUP_ITERS:] or handoff_out)
+    return out
+
+
+def timed_fit(client, X, init: np.ndarray, iters: int, allreduce: str = "dask", tasks: bool = False) -> dict:
+    from distributed import get_task_stream, wait
 
     from flashkm_dist import KMeans
     X = X.persist()
     wait(X)
     t0 = time.perf_counter()
     rows = placement(client, X)
-    km = KMeans(init.shape[0], init=init, max_iter=iters, tol=0.0, allreduce=allreduce).fit(X, client=client)
+    with (get_task_stream(client) if tasks else contextlib.nullcontext()) as stream:
+        km = KMeans(init.shape[0], init=init, max_iter=iters, tol=0.0, allreduce=allreduce).fit(X, client=client)
     total = time.perf_counter() - t0
     hist = km.history_[WARMUP_ITERS:] or km.history_
     it = statistics.median(h["seconds"] for h in hist)
     worker = statistics.median(h["slowest_worker_seconds"] for h in hist)
     over = statistics.median(h["seconds"] - h["slowest_worker_seconds"] for h in hist)
     first = total - sum(h["seconds"] for h in km.history_[1:])  # placement, seeding (an array here), iteration 1
-    return {"iteration_s": it, "slowest_worker_step_s": worker, "dask_overhead_s": over, "fit_s": total,
+    breakdown = {"task_breakdown": task_breakdown(stream.data)} if tasks and allreduce == "dask" else {}
+    return {**breakdown, "iteration_s": it, "slowest_worker_step_s": worker, "dask_overhead_s": over, "fit_s": total,
             "to_first_iteration_s": first,
             "rows_per_worker": rows,
             "n_iter": km.n_iter_, "inertia": km.inertia_,
@@ -174,6 +208,8 @@ def main():
                     help="weak scaling: N = ROWS_PER_WORKER x workers (same blocks per worker)")
     ap.add_argument("--resident-only", action="store_true", help="skip host-resident blocks and flash-kmeans")
     ap.add_argument("--no-exactness", action="store_true", help="skip the bitwise check (series runs)")
+    ap.add_argument("--task-stream", action="store_true",
+                    help="break the Dask path's iteration down by task (transfers, computes, hand-offs)")
     args = ap.parse_args()
     from distributed import Client
     cpu = args.cpu_smoke
@@ -208,7 +244,8 @@ def main():
             n_w, blocks_w = (args.weak * w, w * args.blocks_per_worker) if args.weak else (n, n_blocks)
             X = balanced(client, n_w, d, blocks_w, on_gpu=not cpu, host=cpu)
             for mode, allreduce in (("resident", "dask"), ("resident_nccl", "nccl")):
-                result.setdefault(mode, {})[w] = {"n": n_w, **timed_fit(client, X, init, args.iters, allreduce)}
+                result.setdefault(mode, {})[w] = {"n": n_w, **timed_fit(client, X, init, args.iters, allreduce,
+                                                                        args.task_stream)}
                 print(w, "workers", mode, {k_: v for k_, v in result[mode][w].items() if k_ != "iterations"},
                       flush=True)
             del X
