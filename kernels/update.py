@@ -206,7 +206,8 @@ def sort_inverse_update(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, 
                FP32_PRODUCT=weights is None and x.dtype in (_FP32_EXACT_SQUARE if square else _FP32_EXACT)
                and -126 <= scale.sum_exp <= 126,
                RNI=not cfg.interpreted, num_warps=cfg.num_warps)
-        # one read-back for both checks (labels out of range only touched rows outside every run: memory-safe)
+        # one read-back for both checks (a label out of range, even one that a narrow key wraps into range, only
+        # put a valid row into a wrong run or none: memory-safe, and reported here before any result is used)
         first, last, overflowed = torch.stack([*torch.aminmax(labels), overflow.max().to(torch.int64)]).tolist()
         if first < 0 or last >= total:
             raise IndexError(f"labels must lie in [0, {n_clusters}), got range [{first}, {last}]")
