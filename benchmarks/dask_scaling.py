@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from provenance import provenance
+
 WARMUP_ITERS = 2
 
 
@@ -219,7 +221,7 @@ def main():
     init = make_block((10_000, 0), rows=k, d=d, seed=0, on_gpu=not cpu, host=True)
     import dask
     import distributed
-    result = {"n": n, "d": d, "k": k, "dtype": "float16", "n_blocks": n_blocks, "iters": args.iters,
+    result = {**provenance(), "n": n, "d": d, "k": k, "dtype": "float16", "n_blocks": n_blocks, "iters": args.iters,
               "weak_rows_per_worker": args.weak,
               "warmup_iters_excluded": WARMUP_ITERS, "python": sys.version.split()[0], "host": platform.node(),
               "dask": dask.__version__, "distributed": distributed.__version__, "resident": {}}

@@ -18,6 +18,7 @@ import time
 import torch
 
 from flashkm_dist.engine import numerics_for
+from provenance import provenance
 from flashkm_dist.kernels.fixed_point import FixedPointScale
 from flashkm_dist.streaming import Block, Engine
 
@@ -63,7 +64,7 @@ def main():
         x[s:s + m] = (centers[torch.randint(0, k, (m,), generator=g, device=DEV)]
                       + torch.randn(m, d, generator=g, device=DEV)).cpu()
     init = x[torch.randperm(n, generator=g, device=DEV)[:k].cpu()].to(DEV)
-    result = {"device": torch.cuda.get_device_name(), "n": n, "k": k, "d": d, "dtype": "float32",
+    result = {**provenance(), "device": torch.cuda.get_device_name(), "n": n, "k": k, "d": d, "dtype": "float32",
               "host_pinned": bool(x.is_pinned()),
               "host_bytes": x.numel() * 4, "h2d_GBps": h2d_gbps(x)}
     result["pcie_floor_s"] = result["host_bytes"] / result["h2d_GBps"] / 1e9

@@ -21,6 +21,7 @@ import traceback
 import torch
 
 from flashkm_dist import KMeans, batched_kmeans
+from provenance import provenance
 from flashkm_dist.engine import backend_for, numerics_for
 from flashkm_dist.kernels import reference
 from flashkm_dist.kernels.assign import flash_assign
@@ -227,7 +228,7 @@ def main():
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(DEV)
     result = {"device": props.name, "torch": torch.__version__, "python": platform.python_version(),
-              "date": time.strftime("%Y-%m-%d")}
+              **provenance()}
     import triton
     result["triton"] = triton.__version__
     result["first_call"] = first_call_seconds()

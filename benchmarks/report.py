@@ -30,7 +30,7 @@ def _table(header: list, rows: list) -> str:
 
 
 def _versions(r: dict) -> str:
-    keys = ("device", "gpus", "torch", "triton", "dask", "distributed", "date")
+    keys = ("device", "gpus", "torch", "triton", "dask", "distributed", "date", "kernels_sha", "package_sha")
     return ", ".join(f"{k} {r[k]}" for k in keys if r.get(k) not in (None, ""))
 
 

@@ -42,3 +42,14 @@ def test_harness_runs_each_suite_with_its_settings(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert "dask_1e9_h200x4.json --n 1000000000 --k 32768 --workers 4" in lines[0]
     assert [line.split("--n ")[1].split()[0] for line in lines[1:4]] == ["100000000", "250000000", "500000000"]
+
+
+def test_results_name_the_code_they_came_from():
+    """Every suite stores a digest of the kernel and package sources, and the report prints it."""
+    provenance = _module("provenance")
+    first = provenance.provenance()
+    assert len(first["kernels_sha"]) == 12 and int(first["kernels_sha"], 16) >= 0
+    assert provenance.provenance()["kernels_sha"] == first["kernels_sha"]  # a function of the sources only
+    assert first["kernels_sha"] != first["package_sha"]
+    report = _module("report")
+    assert "kernels_sha abc" in report._versions({"device": "X", "kernels_sha": "abc"})
