@@ -82,17 +82,20 @@ def distributed(name: str, r: dict) -> str:
                       "to 1st iteration s", "weak growth" if weak else "efficiency"], rows))
 
 
-def _series_key(name: str) -> str:
-    """dask_1e9_h200x4 and dask_series_h200x4_n100m belong to the series of tag h200x4."""
-    return name.removeprefix("dask_1e9_").removeprefix("dask_series_").split("_n")[0]
+def _series(loaded: dict) -> dict:
+    """{device tag: runs ordered by N} of the headline and its N series (dask_1e9_TAG, dask_series_TAG_nSIZE)."""
+    out = {}
+    for name, r in loaded.items():
+        if name.startswith(("dask_1e9_", "dask_series_")):
+            tag = name.removeprefix("dask_1e9_").removeprefix("dask_series_").split("_n")[0]
+            out.setdefault(tag, []).append(r)
+    return {tag: sorted(runs, key=lambda r: r["n"]) for tag, runs in sorted(out.items())}
 
 
 def series(loaded: dict) -> str:
     """The billion-point headline and its N series, one table per device tag: N against seconds per iteration."""
     parts = []
-    for tag in sorted({_series_key(n) for n in loaded if n.startswith(("dask_1e9_", "dask_series_"))}):
-        runs = sorted((r for n, r in loaded.items() if n.startswith(("dask_1e9_", "dask_series_"))
-                       and _series_key(n) == tag), key=lambda r: r["n"])
+    for tag, runs in _series(loaded).items():
         rows = []
         for r in runs:
             for mode, label in (("resident", "dask"), ("resident_nccl", "nccl")):
@@ -175,9 +178,7 @@ def plots(results: Path, loaded: dict) -> list:
         fig.savefig(out, dpi=110)
         plt.close(fig)
         made.append(out.name)
-    for tag in sorted({_series_key(n) for n in loaded if n.startswith(("dask_1e9_", "dask_series_"))}):
-        runs = sorted((r for n, r in loaded.items() if n.startswith(("dask_1e9_", "dask_series_"))
-                       and _series_key(n) == tag), key=lambda r: r["n"])
+    for tag, runs in _series(loaded).items():
         fig, ax = plt.subplots(figsize=(5, 4))
         for mode, label in (("resident", "Dask reduction"), ("resident_nccl", "allreduce='nccl'")):
             pts = [(r["n"], v["iteration_s"]) for r in runs for v in r.get(mode, {}).values()]
