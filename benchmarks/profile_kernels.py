@@ -16,6 +16,7 @@ import importlib
 import itertools
 import json
 import os
+import re
 import traceback
 
 import torch
@@ -238,7 +239,9 @@ def batched_profile():
     batched.reseed_empty_clusters = original
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("cumtime").print_stats(25)
-    out["python"] = text.getvalue().splitlines()[:60]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    out["python"] = [re.sub(r"\S*site-packages/", "", line.replace(root, ""))  # paths relative to the packages
+                     for line in text.getvalue().splitlines()[:60]]
     out["problems_reseeded"] = len(reseeds)
     return out
 
