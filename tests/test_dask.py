@@ -128,14 +128,22 @@ def test_worker_killed_mid_fit_gives_the_same_bits(client, blobs):
     client.wait_for_workers(3, timeout=60)
 
 
-def test_checkpoint_resume_on_a_new_client_reaches_the_same_bits(blobs, tmp_path):
+def _checkpoint_case(tmp_path, n_init: int):
+    """Rows, checkpoint path, parameters and the uninterrupted in-process fit shared by the resume tests."""
     X, _ = make_blobs(3000, 4, centers=30, cluster_std=4.0, random_state=9)
-    path = tmp_path / "fit.npz"
-    params = dict(n_clusters=30, init="k-means||", n_init=2, random_state=7, tol=0.0, max_iter=40)
-    ref = KMeans(**params).fit(X)
+    params = dict(n_clusters=30, init="k-means||", n_init=n_init, random_state=7, tol=0.0, max_iter=40)
+    return X, tmp_path / "fit.npz", params, KMeans(**params).fit(X)
+
+
+def _interrupt_at_3(X, path, params, client):
+    fit_interrupted_at(3, lambda: KMeans(**params, checkpoint=path).fit(da.from_array(X, chunks=400), client=client))
+
+
+def test_checkpoint_resume_on_a_new_client_reaches_the_same_bits(blobs, tmp_path):
+    X, path, params, ref = _checkpoint_case(tmp_path, n_init=2)
 
     with _cluster(2) as cluster, Client(cluster) as c:
-        fit_interrupted_at(3, lambda: KMeans(**params, checkpoint=path).fit(da.from_array(X, chunks=400), client=c))
+        _interrupt_at_3(X, path, params, c)
     assert path.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".flashkm-")]
     with _cluster(3) as cluster, Client(cluster) as c:
         resumed = KMeans(**params, checkpoint=path, resume=True).fit(da.from_array(X, chunks=700), client=c)
@@ -225,13 +233,10 @@ def test_collective_allreduce_gives_the_same_bits(client, blobs, init):
 
 
 def test_collective_resumes_a_checkpoint_and_writes_its_own(blobs, tmp_path):
-    X, _ = make_blobs(3000, 4, centers=30, cluster_std=4.0, random_state=9)
-    path = tmp_path / "fit.npz"
-    params = dict(n_clusters=30, init="k-means||", n_init=1, random_state=7, tol=0.0, max_iter=40)
-    ref = KMeans(**params).fit(X)
+    X, path, params, ref = _checkpoint_case(tmp_path, n_init=1)
 
     with _cluster(2) as cluster, Client(cluster) as c:
-        fit_interrupted_at(3, lambda: KMeans(**params, checkpoint=path).fit(da.from_array(X, chunks=400), client=c))
+        _interrupt_at_3(X, path, params, c)
         resumed = KMeans(**params, checkpoint=path, resume=True, allreduce="nccl").fit(
             da.from_array(X, chunks=700), client=c)
         assert_same_fit(resumed, ref)
