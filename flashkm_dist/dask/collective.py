@@ -57,24 +57,28 @@ def _iterate(shard, blocks, starts, centers, numerics, version, previous, previo
     result = shard.step(blocks, centers, numerics, version, previous, previous_centers)
     dev = shard.engine.device
     k, d = centers.shape
+    # one collective: every worker's step time (ns) sits in its own slot of the summed vector, so the slowest is
+    # read after the sum
+    seconds = torch.zeros(dist.get_world_size(), dtype=torch.int64)
+    seconds[dist.get_rank()] = round(result.seconds * 1e9)
     flat = torch.cat([result.partials.sums.reshape(-1), result.partials.weights.reshape(-1),
-                      result.inertia.reshape(-1), torch.tensor([result.n_changed], device=dev)]).to(dev)
-    slowest = torch.tensor([result.seconds], dtype=torch.float64, device=dev)
+                      result.inertia.reshape(-1), torch.tensor([result.n_changed], device=dev),
+                      seconds.to(dev)]).to(dev)
     if dist.get_backend() == "gloo":
-        flat, slowest = flat.cpu(), slowest.cpu()
+        flat = flat.cpu()
     dist.all_reduce(flat)
-    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     sums, weights = flat[:2 * k * d].view(2, k, d), flat[2 * k * d:2 * k * d + 2 * k].view(2, k)
     partials = reference.Partials(fp.normalize(sums), fp.normalize(weights), numerics.scale)
-    inertia = fp.normalize(flat[-3:-1][:, None])[:, 0]
+    tail = flat[2 * k * d + 2 * k:]  # inertia limbs (2), labels changed, the step times
+    inertia = fp.normalize(tail[:2][:, None])[:, 0]
     n_empty = int(empty_clusters(partials).numel())
     if n_empty:
         found = [None] * dist.get_world_size()
         dist.all_gather_object(found, shard.farthest(blocks, centers, numerics, n_empty, starts))
         partials = move_to_empty(partials, Farthest.merge(found, n_empty))
     new, shift = next_centers(partials, centers, numerics.metric)
-    return {"n_changed": int(flat[-1]), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
-            "center_shift": shift, "slowest_worker_seconds": float(slowest[0])}, new.to(dev)
+    return {"n_changed": int(tail[2]), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
+            "center_shift": shift, "slowest_worker_seconds": int(tail[3:].max()) / 1e9}, new.to(dev)
 
 
 def run_loop(spec, numerics, ids: list, starts: list, run: int, start: int, initial, previous, max_iter: int,
