@@ -66,7 +66,8 @@ def main():
     step, numerics = fake_step(args.k, args.d, 16 << 20, dev)
     centers = worker.Update(torch.randn(args.k, args.d, dtype=torch.float16))
     wire = worker.StepResult.of(step)
-    res = {**provenance(), "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "k": args.k, "d": args.d,
+    name = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
+    res = {**provenance(), "device": name, "k": args.k, "d": args.d,
            "sums_bytes": int(wire.sums.nbytes), "centers_bytes": int(centers.centers.numel() * 2)}
     res["step_result_of_ms"] = timed(lambda: worker.StepResult.of(step))
     res["pickle_round_trip_ms"] = timed(lambda: pickle.loads(pickle.dumps(wire, protocol=5)))

@@ -66,10 +66,12 @@ def build_assign(k: int, d: int):
     cd = torch.zeros(1, k, d, dtype=f16)
     kernel = A._assign_kernel.warmup(
         x, x.stride(0), x.stride(1), x.stride(2), torch.zeros(1, n_pad, d_pad, dtype=f16),
-        torch.zeros(1, n_pad, 2, dtype=f32), torch.zeros(1, k_pad, d_pad, dtype=f16), torch.zeros(1, k_pad, dtype=f32),
-        cd, cd.stride(0), cd.stride(1), cd.stride(2),
-        torch.zeros(1, n_pad, dtype=torch.int64), torch.zeros(1, n_pad, dtype=f32), torch.zeros(1, n_pad, dtype=torch.int8),
-        torch.zeros(1, n_pad, dtype=f32), torch.zeros(1, n_pad, dtype=torch.int32), torch.zeros(1, 4, dtype=torch.int32),
+        torch.zeros(1, n_pad, 2, dtype=f32), torch.zeros(1, k_pad, d_pad, dtype=f16),
+        torch.zeros(1, k_pad, dtype=f32), cd, cd.stride(0), cd.stride(1), cd.stride(2),
+        torch.zeros(1, n_pad, dtype=torch.int64), torch.zeros(1, n_pad, dtype=f32),
+        torch.zeros(1, n_pad, dtype=torch.int8),
+        torch.zeros(1, n_pad, dtype=f32), torch.zeros(1, n_pad, dtype=torch.int32),
+        torch.zeros(1, 4, dtype=torch.int32),
         n_pad, n_pad, d, k_pad, d_pad,
         COSINE=False, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, RESIDENT=cfg.resident,
         EPI_D=cfg.epilogue_d, LOP3=True, TOP2_REDUCE=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
