@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from provenance import provenance
+from timing import synced
 
 SUBSAMPLE = 100_000
 
@@ -52,16 +52,6 @@ def centre_error(truth: torch.Tensor, centers: torch.Tensor) -> float:
     return float(d.min(dim=1).values.median())
 
 
-def timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -83,14 +73,14 @@ def main():
               "device": torch.cuda.get_device_name(0) if not cpu else "cpu", "init": "same random rows for all"}
 
     KMeans(k, init=init, max_iter=2).fit(x)  # compile / warm-up
-    ours, secs = timed(lambda: KMeans(k, init=init, tol=1e-4, max_iter=300).fit(x))
+    ours, secs = synced(lambda: KMeans(k, init=init, tol=1e-4, max_iter=300).fit(x))
     result["ours"] = {"seconds": secs, "n_iter": ours.n_iter_, "inertia": inertia(x, torch.as_tensor(
         ours.cluster_centers_)), "centre_error": centre_error(truth, torch.as_tensor(ours.cluster_centers_))}
     if not cpu:
         try:
             from flash_kmeans import batch_kmeans_Euclid
             batch_kmeans_Euclid(x[None], k, max_iters=2, tol=0.0, init_centroids=init[None].clone())
-            (_, centers, iters), secs = timed(lambda: batch_kmeans_Euclid(
+            (_, centers, iters), secs = synced(lambda: batch_kmeans_Euclid(
                 x[None], k, max_iters=ours.n_iter_, tol=0.0, init_centroids=init[None].clone()))
             result["flash_kmeans"] = {"seconds": secs, "n_iter": int(iters), "inertia": inertia(x, centers[0]),
                                       "centre_error": centre_error(truth, centers[0])}
@@ -98,9 +88,9 @@ def main():
             result["flash_kmeans"] = {"error": repr(err)}
     sub = x[:SUBSAMPLE].to(torch.float64).cpu().numpy()
     sub_init = init.to(torch.float64).cpu().numpy()
-    sk, secs = timed(lambda: SkKMeans(k, init=sub_init, n_init=1, tol=1e-4, max_iter=300,
+    sk, secs = synced(lambda: SkKMeans(k, init=sub_init, n_init=1, tol=1e-4, max_iter=300,
                                       algorithm="lloyd").fit(sub))
-    mine, mine_secs = timed(lambda: KMeans(k, init=init, tol=1e-4, max_iter=300).fit(x[:SUBSAMPLE]))
+    mine, mine_secs = synced(lambda: KMeans(k, init=init, tol=1e-4, max_iter=300).fit(x[:SUBSAMPLE]))
     result["subsample"] = {
         "n": sub.shape[0],
         "sklearn": {"seconds": secs, "n_iter": int(sk.n_iter_), "inertia": float(sk.inertia_)},

@@ -13,33 +13,22 @@ import argparse
 import dataclasses
 import json
 import statistics
-import time
 
 import torch
 
 from flashkm_dist.engine import numerics_for
 from provenance import provenance
+from timing import seconds
 from flashkm_dist.kernels.fixed_point import FixedPointScale
 from flashkm_dist.streaming import Block, Engine
 
 DEV = torch.device("cuda")
 
 
-def timed(fn, reps):
-    out = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def h2d_gbps(x):
     chunk = x[: min(x.shape[0], (1 << 30) // (x.shape[1] * x.element_size()))]
     dev = torch.empty(chunk.shape, dtype=chunk.dtype, device=DEV)
-    secs = statistics.median(timed(lambda: dev.copy_(chunk, non_blocking=True), 5))
+    secs = statistics.median(seconds(lambda: dev.copy_(chunk, non_blocking=True), 5))
     return chunk.numel() * chunk.element_size() / secs / 1e9
 
 
@@ -79,13 +68,13 @@ def main():
     streaming = Engine(DEV, cache_bytes=0)
     torch.cuda.reset_peak_memory_stats()
     first = streaming.step(blocks, init, nm)
-    result["streaming_step_s"] = statistics.median(timed(lambda: streaming.step(blocks, init, nm), args.iters))
+    result["streaming_step_s"] = statistics.median(seconds(lambda: streaming.step(blocks, init, nm), args.iters))
     result["streaming_peak_device_GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
 
     cached = Engine(DEV, chunk_rows=1 << 19)
     torch.cuda.reset_peak_memory_stats()
-    result["cached_first_step_s"] = timed(lambda: cached.step(blocks, init, nm), 1)[0]
-    result["cached_step_s"] = statistics.median(timed(lambda: cached.step(blocks, init, nm), args.iters))
+    result["cached_first_step_s"] = seconds(lambda: cached.step(blocks, init, nm), 1)[0]
+    result["cached_step_s"] = statistics.median(seconds(lambda: cached.step(blocks, init, nm), args.iters))
     result["cached_peak_device_GiB"] = torch.cuda.max_memory_allocated() / 2 ** 30
     result["cache_GiB"] = cached._cache_used / 2 ** 30
     result["uncached_floor_s"] = max(0, result["host_bytes"] - cached._cache_used) / result["h2d_GBps"] / 1e9
@@ -103,9 +92,9 @@ def main():
     try:
         from flash_kmeans import kmeans_largeN
         kmeans_largeN(x, k, max_iters=1, init_centroids=init.clone(), device=DEV)  # warm-up / compile
-        one = statistics.median(timed(lambda: kmeans_largeN(x, k, max_iters=1, init_centroids=init.clone(),
+        one = statistics.median(seconds(lambda: kmeans_largeN(x, k, max_iters=1, init_centroids=init.clone(),
                                                             device=DEV), 2))
-        three = statistics.median(timed(lambda: kmeans_largeN(x, k, max_iters=3, init_centroids=init.clone(),
+        three = statistics.median(seconds(lambda: kmeans_largeN(x, k, max_iters=3, init_centroids=init.clone(),
                                                               device=DEV), 2))
         result["flash_largeN_iter_s"] = (three - one) / 2
         result["cached_vs_flash"] = result["cached_step_s"] / result["flash_largeN_iter_s"]

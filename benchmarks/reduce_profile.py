@@ -13,11 +13,11 @@ import argparse
 import json
 import pickle
 import statistics
-import time
 
 import torch
 
 from provenance import provenance
+from timing import seconds
 
 from flashkm_dist.dask import worker
 from flashkm_dist.engine import FitNumerics
@@ -26,22 +26,9 @@ from flashkm_dist.kernels import reference
 from flashkm_dist.streaming import EngineStep
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def timed(fn, reps: int = 15) -> float:
-    """Median milliseconds of fn() (device synchronised before and after each run)."""
-    out = []
-    for i in range(reps + 2):
-        _sync()
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        if i >= 2:
-            out.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(out)
+    """Median milliseconds of fn() after two warm-up calls (device synchronised around each)."""
+    return 1e3 * statistics.median(seconds(fn, reps, warmup=2))
 
 
 def fake_step(k: int, d: int, rows: int, dev) -> tuple[EngineStep, FitNumerics]:
