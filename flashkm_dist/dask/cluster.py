@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import dask
 import torch
 from dask.core import flatten
 from distributed import futures_of, wait
@@ -126,8 +127,13 @@ class DaskShards:
     def _scalars(self, update):
         return self.client.submit(worker.scalars, update, key=self._key("scalars", 0), pure=False)
 
-    def scatter(self, centers: torch.Tensor):
-        return self.client.scatter(worker.Update(centers.cpu()), hash=False)
+    def anchor(self, centers: torch.Tensor):
+        """Centres from the client as a future that Dask can recompute: a task carrying the values, not scattered
+        data, which dies with its worker and takes every iteration built on it along (a lost step or reduction
+        is recomputed through that chain)."""
+        with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1GiB"}):  # K*D values, once
+            return self.client.submit(worker.update_from, worker.wire(centers), key=self._key("centres", 0),
+                                      pure=False)
 
     # ------------------------------------------------------------------------------------------ collective
     def start_collective(self) -> str:

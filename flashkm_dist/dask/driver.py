@@ -99,8 +99,8 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
     client = shards.client
     history = [] if resume is None else list(resume.history)
     start = 1 if resume is None else resume.iteration + 1
-    current = shards.scatter(centers)
-    previous = None if resume is None or resume.previous is None else shards.scatter(resume.previous)
+    current = shards.anchor(centers)
+    previous = None if resume is None or resume.previous is None else shards.anchor(resume.previous)
     it = shards.submit_step(numerics, current, previous)
     bar = tqdm(total=max_iter, initial=start - 1, desc=desc, disable=not verbose, leave=False)
     strict, s, i = False, None, start - 1
@@ -150,9 +150,9 @@ def lloyd_collective(shards: DaskShards, centers: torch.Tensor, numerics, *, run
     channel = shards._key("progress", run)
     events: list = []
     client.subscribe_topic(channel, lambda event: events.append(event[1]))
-    previous = None if resume is None or resume.previous is None else shards.scatter(resume.previous)
+    previous = None if resume is None or resume.previous is None else shards.anchor(resume.previous)
     past = [] if resume is None else list(resume.history)
-    tasks = shards.submit_run(numerics, run, start, shards.scatter(centers), previous, max_iter, tol, past,
+    tasks = shards.submit_run(numerics, run, start, shards.anchor(centers), previous, max_iter, tol, past,
                               on_iteration, channel)
     bar = tqdm(total=max_iter, initial=start - 1, desc=desc, disable=not verbose, leave=False)
     shown, checked = 0, time.perf_counter()

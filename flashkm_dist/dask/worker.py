@@ -35,7 +35,7 @@ class ShardSpec:
     cache_bytes: int | str = "auto"
 
 
-def _wire(t: torch.Tensor) -> tuple:
+def wire(t: torch.Tensor) -> tuple:
     """A host tensor as a NumPy array (Dask ships those without copies; pickled tensors are slow), plus its dtype."""
     t = t.detach().cpu()
     return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy(), str(t.dtype).removeprefix("torch.")
@@ -55,7 +55,7 @@ class Update:
     scalars: dict | None = None
 
     def __getstate__(self):
-        return {"centers": _wire(self.centers), "scalars": self.scalars}
+        return {"centers": wire(self.centers), "scalars": self.scalars}
 
     def __setstate__(self, state):
         self.centers, self.scalars = _unwire(state["centers"]), state["scalars"]
@@ -208,6 +208,10 @@ def reduce(numerics: FitNumerics, centers: Update, *steps) -> Update:
 def reseed(numerics: FitNumerics, centers: Update, n_steps: int, *parts) -> Update:
     """The update of an iteration with empty clusters: they take the farthest rows of all workers."""
     return _update(numerics, centers, list(parts[:n_steps]), list(parts[n_steps:]))
+
+
+def update_from(wired: tuple) -> Update:
+    return Update(_unwire(wired))
 
 
 def scalars(update: Update) -> dict:
