@@ -5,7 +5,8 @@
 Builds one worker's step result of realistic size (exact partial sums of K x D, as the step task returns them),
 then times, median of repeated runs with the device synchronised: the step's hand-over to the wire
 (`worker.StepResult.of`), a pickle round trip of it (what Dask does between processes), and the reduction task
-(`worker.reduce`) over 1..W such results on the GPU and on the CPU, plus its phases.
+(`worker.reduce`) over 1..W such results on the GPU and on the CPU, plus its phases, and one reducer's share
+(K/W rows) of the reduce-scatter over W workers.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from flashkm_dist.dask import worker
 from flashkm_dist.engine import FitNumerics
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
+from flashkm_dist.lloyd import next_centers
 from flashkm_dist.streaming import EngineStep
 
 
@@ -60,21 +62,23 @@ def main():
     res["pickle_round_trip_ms"] = timed(lambda: pickle.loads(pickle.dumps(wire, protocol=5)))
     for w in [int(v) for v in args.workers.split(",")]:
         parts = [pickle.loads(pickle.dumps(wire, protocol=5)) for _ in range(w)]
-        res[f"reduce_w{w}_ms"] = timed(lambda: worker.reduce(numerics, centers, *parts))
+        res[f"reduce_w{w}_ms"] = timed(lambda: worker.reduce(numerics, 0, args.k, [centers], *parts))
+        cut = [worker.rows_of(p, 0, args.k // w) for p in parts]  # one reducer's share of w reducers
+        res[f"reduce_share_w{w}_ms"] = timed(lambda: worker.reduce(numerics, 0, args.k // w, [centers], *cut))
         for where in ("cuda", "cpu") if dev.type == "cuda" else ("cpu",):
             device = torch.device(where)
             res[f"combine_w{w}_{where}_ms"] = timed(lambda: worker._combined(parts, numerics.scale, device))
             partials = worker._combined(parts, numerics.scale, device)[0]
-            res[f"next_centers_{where}_ms"] = timed(lambda: worker.next_centers(partials, centers.centers,
+            res[f"next_centers_{where}_ms"] = timed(lambda: next_centers(partials, centers.centers,
                                                                                 "euclidean"))
             res[f"empty_clusters_{where}_ms"] = timed(lambda: worker.empty_clusters(partials))
     if dev.type == "cuda":  # per-op CPU and CUDA time of one reduction over one step (torch profiler)
         from torch.profiler import ProfilerActivity, profile
         parts = [pickle.loads(pickle.dumps(wire, protocol=5))]
-        worker.reduce(numerics, centers, *parts)
+        worker.reduce(numerics, 0, args.k, [centers], *parts)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                worker.reduce(numerics, centers, *parts)
+                worker.reduce(numerics, 0, args.k, [centers], *parts)
             torch.cuda.synchronize()
         res["reduce_w1_ops"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
         print(res["reduce_w1_ops"])

@@ -55,9 +55,14 @@ def next_centers(partials: reference.Partials, centers: torch.Tensor, metric: st
     """The Lloyd update (empty clusters already re-seeded) and the summed squared shift from `centers`, computed
     on the partials' device; both are elementwise or exact sums, so any device gives the same bits."""
     new, _ = reference.finalize(partials, dtype=centers.dtype, metric=metric, previous=centers.to(partials.sums.device))
+    return new, center_shift(new, centers)
+
+
+def center_shift(new: torch.Tensor, centers: torch.Tensor) -> float:
+    """Summed squared move of the centres, as an exact sum: the same bits on any device."""
     moved = (new.to(torch.float64) - centers.to(new.device, torch.float64)) ** 2
     exp = fp.exponent_for(float(moved.max())) if moved.numel() else 0
-    return new, float(fp.to_float(fp.exact_sum(moved, exp), exp))  # an exact sum: the same on any device
+    return float(fp.to_float(fp.exact_sum(moved, exp), exp))
 
 
 def _joined(labels: list) -> torch.Tensor:

@@ -86,10 +86,10 @@ class Writer:
         _write(self.path, meta, arrays)
 
     def __call__(self, iteration: int, new, current, history) -> None:
-        """After an iteration: `new` centres (the next step's) and `current` ones, as tensors, or as futures of
-        `Update`s (the Dask reduction keeps them on the workers until asked)."""
-        if hasattr(new, "key"):
-            new, current = (u.centers for u in new.client.gather([new, current]))
+        """After an iteration: `new` centres (the next step's) and `current` ones, as tensors, or as callables
+        that fetch them (the Dask reduction keeps them on the workers until asked)."""
+        if callable(new):
+            new, current = new(), current()
         self._save(self.run, iteration, new, current, history, self.best)
 
     def run_done(self, best, n_init: int) -> None:

@@ -6,7 +6,7 @@ tasks pinned there (loosely, so a task whose worker died runs elsewhere instead 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dask
 import torch
@@ -18,14 +18,18 @@ from flashkm_dist.dask import collective, worker
 
 @dataclass
 class Iteration:
-    """The futures of one Lloyd iteration: per-worker steps, the reduction (next centres) and its scalars."""
+    """The futures of one Lloyd iteration: per-worker steps, the next centres (consecutive row slices, one per
+    reducer: each reducer sums every step's partials of its rows) and the scalars the client waits for."""
 
     steps: list
-    update: object
+    centres: list
     scalars: object
+    rows: list = field(default_factory=list)  # each step's partials cut per reducer (held: see `cancel`)
 
     def cancel(self, client) -> None:
-        client.cancel([*self.steps, self.update, self.scalars])
+        """(Cancelling a key cancels its dependents; the scheduler asserts that some client wants each of them,
+        so every future of the iteration is held here.)"""
+        client.cancel([*self.steps, *self.rows, *self.centres, self.scalars])
 
 
 class DaskShards:
@@ -105,35 +109,55 @@ class DaskShards:
         return self.array
 
     # ------------------------------------------------------------------------------------------ Lloyd
-    def submit_step(self, numerics, centers, previous) -> Iteration:
-        """Queue one iteration: a step per worker with `centers` (a future of a `worker.Update`), their exact
-        reduction and its scalars. `previous`: the centres of the step before (None: a new run)."""
-        prev_key = None if previous is None else previous.key
-        steps = [self._submit(worker.step, s, "step", self.spec, numerics, self._blocks[s], centers, centers.key,
-                              previous, prev_key) for s in self.shard_ids if self._blocks[s]]
-        update = self.client.submit(worker.reduce, numerics, centers, *steps, key=self._key("reduce", 0),
-                                    pure=False)
-        return Iteration(steps, update, self._scalars(update))
+    def submit_step(self, numerics, k: int, centres: list, previous: list | None) -> Iteration:
+        """Queue one iteration from `centres` (futures of row slices of the centres, `worker.Update`s):
+        K clusters; `previous`: the centres of the step before (None: a new run). A step per worker; then the rows of the
+        centres are cut into one range per worker and that worker sums every step's partials of its range
+        (a reduce-scatter: each moves 1/W of the partials instead of one reducer receiving all of them), so
+        the next steps gather W small slices; the scalars follow off the critical path."""
+        version = centres[0].key
+        steps = [self._submit(worker.step, s, "step", self.spec, numerics, self._blocks[s], centres, version,
+                              previous, None if previous is None else previous[0].key)
+                 for s in self.shard_ids if self._blocks[s]]
+        n = min(len(steps), k)
+        bounds = [k * j // n for j in range(n + 1)]
+        owners = [a for s, a in zip(self.shard_ids, self.addresses) if self._blocks[s]]
+        parts, cut = [], []
+        for j, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            rows = steps if n == 1 else [
+                self.client.submit(worker.rows_of, step, lo, hi, key=self._key("rows", f"{i}.{j}"),
+                                   workers=[owners[i]], allow_other_workers=True, pure=False)
+                for i, step in enumerate(steps)]
+            cut += [] if n == 1 else rows
+            parts.append(self.client.submit(worker.reduce, numerics, lo, hi, centres, *rows,
+                                            key=self._key("reduce", j), workers=[owners[j]],
+                                            allow_other_workers=True, pure=False))
+        return Iteration(steps, parts, self._scalars(numerics, centres, parts), cut)
 
-    def submit_reseed(self, it: Iteration, numerics, centers, n_empty: int) -> Iteration:
-        """Redo an iteration's update with its empty clusters taken by the farthest rows of every worker."""
+    def submit_reseed(self, it: Iteration, numerics, centres: list, n_empty: int) -> Iteration:
+        """Redo an iteration's update with its empty clusters taken by the farthest rows of every worker (rare:
+        one reducer over the whole steps)."""
         far = [self._submit(worker.farthest, s, "farthest", self.spec, numerics, self._blocks[s],
-                            [self.starts[i] for i in self._blocks[s]], centers, n_empty)
+                            [self.starts[i] for i in self._blocks[s]], centres, n_empty)
                for s in self.shard_ids if self._blocks[s]]
-        update = self.client.submit(worker.reseed, numerics, centers, len(it.steps), *it.steps, *far,
+        update = self.client.submit(worker.reseed, numerics, centres, len(it.steps), *it.steps, *far,
                                     key=self._key("reseed", 0), pure=False)
-        return Iteration(it.steps, update, self._scalars(update))
+        return Iteration(it.steps, [update], self._scalars(numerics, centres, [update]))
 
-    def _scalars(self, update):
-        return self.client.submit(worker.scalars, update, key=self._key("scalars", 0), pure=False)
+    def _scalars(self, numerics, centres: list, parts: list):
+        return self.client.submit(worker.scalars, numerics.metric, len(centres), *centres, *parts,
+                                  key=self._key("scalars", 0), pure=False)
+
+    def gather(self, centres: list) -> torch.Tensor:
+        return worker.joined(self.client.gather(centres))
 
     def anchor(self, centers: torch.Tensor):
-        """Centres from the client as a future that Dask can recompute: a task carrying the values, not scattered
+        """Centres from the client as futures of row slices (one here) that Dask can recompute: a task carrying the values, not scattered
         data, which dies with its worker and takes every iteration built on it along (a lost step or reduction
         is recomputed through that chain)."""
         with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1GiB"}):  # K*D values, once
-            return self.client.submit(worker.update_from, worker.wire(centers), key=self._key("centres", 0),
-                                      pure=False)
+            return [self.client.submit(worker.update_from, worker.wire(centers), key=self._key("centres", 0),
+                                       pure=False)]
 
     # ------------------------------------------------------------------------------------------ collective
     def start_collective(self) -> str:

@@ -96,23 +96,23 @@ def _seed(init, points: Points, model, rng, seeding, shards: DaskShards):
 def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int, tol: float, verbose: bool,
           desc: str, resume: ckpt.Resume | None = None, on_iteration=None) -> RunResult:
     """Lloyd iterations on the cluster with scikit-learn's stopping rules (see `lloyd.run_lloyd`)."""
-    client = shards.client
+    client, k = shards.client, centers.shape[0]
     history = [] if resume is None else list(resume.history)
     start = 1 if resume is None else resume.iteration + 1
     current = shards.anchor(centers)
     previous = None if resume is None or resume.previous is None else shards.anchor(resume.previous)
-    it = shards.submit_step(numerics, current, previous)
+    it = shards.submit_step(numerics, k, current, previous)
     bar = tqdm(total=max_iter, initial=start - 1, desc=desc, disable=not verbose, leave=False)
     strict, s, i = False, None, start - 1
     for i in range(start, max_iter + 1):
         t0 = time.perf_counter()
-        following = shards.submit_step(numerics, it.update, current)  # speculative; the final step if we stop
+        following = shards.submit_step(numerics, k, it.centres, current)  # speculative; the final step if we stop
         s = it.scalars.result()
         if s["n_empty"]:
             following.cancel(client)
             it = shards.submit_reseed(it, numerics, current, s["n_empty"])
             s = it.scalars.result()
-            following = shards.submit_step(numerics, it.update, current)
+            following = shards.submit_step(numerics, k, it.centres, current)
         history.append({"iteration": i, "inertia": s["inertia"], "center_shift": s["shift"],
                         "labels_changed": s["n_changed"], "seconds": time.perf_counter() - t0,
                         "slowest_worker_seconds": s["slowest_worker_seconds"]})
@@ -121,7 +121,7 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
         strict = s["n_changed"] == 0
         done = strict or s["shift"] <= tol or i == max_iter
         if on_iteration is not None:
-            on_iteration(i, it.update, current, history)
+            on_iteration(i, lambda: shards.gather(it.centres), lambda: shards.gather(current), history)
         for hook in ITERATION_HOOKS:
             hook(i)
         if done:
@@ -129,9 +129,9 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
         shards.refresh()  # a worker came or went: the iterations queued from now on use the new placement
         # (the one already queued is left alone: Dask reruns a lost task elsewhere, and cancelling tasks while
         # workers come and go can forget keys the loop still waits for)
-        current, it = it.update, following  # (the step futures keep the centres they need alive)
+        current, it = it.centres, following  # (the step futures keep the centres they need alive)
     bar.close()
-    final = it.update.result().centers
+    final = shards.gather(it.centres)
     if strict and s["shift"] == 0.0:  # no label changed and the centres did not move: this step's inertia
         inertia = s["inertia"]
         following.cancel(client)
@@ -150,9 +150,9 @@ def lloyd_collective(shards: DaskShards, centers: torch.Tensor, numerics, *, run
     channel = shards._key("progress", run)
     events: list = []
     client.subscribe_topic(channel, lambda event: events.append(event[1]))
-    previous = None if resume is None or resume.previous is None else shards.anchor(resume.previous)
+    previous = None if resume is None or resume.previous is None else shards.anchor(resume.previous)[0]
     past = [] if resume is None else list(resume.history)
-    tasks = shards.submit_run(numerics, run, start, shards.anchor(centers), previous, max_iter, tol, past,
+    tasks = shards.submit_run(numerics, run, start, shards.anchor(centers)[0], previous, max_iter, tol, past,
                               on_iteration, channel)
     bar = tqdm(total=max_iter, initial=start - 1, desc=desc, disable=not verbose, leave=False)
     shown, checked = 0, time.perf_counter()

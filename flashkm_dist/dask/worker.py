@@ -15,7 +15,7 @@ import torch
 from flashkm_dist.engine import FitNumerics, backend_for, unit_rows_like
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
-from flashkm_dist.lloyd import empty_clusters, move_to_empty, next_centers
+from flashkm_dist.lloyd import center_shift, empty_clusters, move_to_empty
 from flashkm_dist.shard import Shard
 from flashkm_dist.streaming import Block, Engine, Farthest
 
@@ -153,20 +153,32 @@ def run_here(spec: ShardSpec, fn, args: tuple):
     return to_host(fn(*args, device=worker_device(spec.device)))
 
 
-def step(spec: ShardSpec, numerics: FitNumerics, ids: list, centers: Update, version: str,
-         previous: Update | None, previous_version: str | None, *datas):
+def joined(parts: list) -> torch.Tensor:
+    """Centres given as consecutive row slices (`Update`s, one per reducer) as one (K, D) tensor."""
+    return parts[0].centers if len(parts) == 1 else torch.cat([p.centers for p in parts])
+
+
+def step(spec: ShardSpec, numerics: FitNumerics, ids: list, centers: list, version: str,
+         previous: list | None, previous_version: str | None, *datas):
     """One Lloyd step over this worker's blocks (see `Shard.step` for the label-change count)."""
     shard = shard_for(spec)
     with shard.lock:
-        result = shard.step(as_blocks(ids, datas), centers.centers, numerics, version, previous_version,
-                            None if previous is None else previous.centers)
+        result = shard.step(as_blocks(ids, datas), joined(centers), numerics, version, previous_version,
+                            None if previous is None else joined(previous))
     return StepResult.of(result)
 
 
-def farthest(spec: ShardSpec, numerics: FitNumerics, ids: list, starts: list, centers: Update, n: int, *datas):
+def rows_of(result: StepResult, lo: int, hi: int) -> StepResult:
+    """The partials of clusters lo..hi-1 of a step (the part one reducer sums), with the step's scalars."""
+    sums = result.sums[lo:hi] if result.sums.ndim == 2 else result.sums[:, lo:hi]
+    return StepResult(np.ascontiguousarray(sums), np.ascontiguousarray(result.weights[:, lo:hi]), result.inertia,
+                      result.n_changed, result.seconds)
+
+
+def farthest(spec: ShardSpec, numerics: FitNumerics, ids: list, starts: list, centers: list, n: int, *datas):
     shard = shard_for(spec)
     with shard.lock:
-        return shard.farthest(as_blocks(ids, datas), centers.centers, numerics, n, starts)
+        return shard.farthest(as_blocks(ids, datas), joined(centers), numerics, n, starts)
 
 
 def _reduce_device(metric: str) -> torch.device:
@@ -186,36 +198,46 @@ def _combined(steps: list, scale: fp.FixedPointScale, device: torch.device):
     return reference.Partials(sums, weights, scale), inertia, sum(s.n_changed for s in steps)
 
 
-def _update(numerics: FitNumerics, centers: Update, steps: list, found: list | None) -> Update:
-    """Exact all-reduce of the workers' partials, empty clusters re-seeded with `found` (the workers' farthest
-    rows) when given, and the Lloyd update with the scalars the client waits for."""
+def _update(numerics: FitNumerics, centers: torch.Tensor, steps: list, found: list | None) -> Update:
+    """Exact all-reduce of the workers' partials (of all clusters, or of one reducer's rows), empty clusters
+    re-seeded with `found` (the workers' farthest rows) when given, and the Lloyd update of those rows. Its
+    scalars are the iteration's, but for the shift, which `scalars` computes from all rows."""
     partials, inertia, changed = _combined(steps, numerics.scale, _reduce_device(numerics.metric))
     n_empty = int(empty_clusters(partials).numel())
     if found is not None:
         partials, n_empty = move_to_empty(partials, Farthest.merge(found, n_empty)), 0
-    new, shift = next_centers(partials, centers.centers, numerics.metric)
+    new, _ = reference.finalize(partials, dtype=centers.dtype, metric=numerics.metric,
+                                previous=centers.to(partials.sums.device))
     return Update(new.cpu(), {"n_changed": int(changed), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
-                              "shift": shift, "n_empty": n_empty,
-                              "slowest_worker_seconds": max(s.seconds for s in steps)})
+                              "n_empty": n_empty, "slowest_worker_seconds": max(s.seconds for s in steps)})
 
 
-def reduce(numerics: FitNumerics, centers: Update, *steps) -> Update:
-    """The iteration's update. Empty clusters are only counted here; the client then asks the workers for their
-    farthest rows and `reseed` redoes the update with them."""
-    return _update(numerics, centers, list(steps), None)
+def reduce(numerics: FitNumerics, lo: int, hi: int, centers: list, *steps) -> Update:
+    """Rows lo..hi-1 of the iteration's update, from every step's partials of those rows (`rows_of`), or of all
+    rows when there is one reducer. Empty clusters are only counted here; the client then asks the workers for
+    their farthest rows and `reseed` redoes the update with them."""
+    return _update(numerics, joined(centers)[lo:hi], list(steps), None)
 
 
-def reseed(numerics: FitNumerics, centers: Update, n_steps: int, *parts) -> Update:
+def reseed(numerics: FitNumerics, centers: list, n_steps: int, *parts) -> Update:
     """The update of an iteration with empty clusters: they take the farthest rows of all workers."""
-    return _update(numerics, centers, list(parts[:n_steps]), list(parts[n_steps:]))
+    return _update(numerics, joined(centers), list(parts[:n_steps]), list(parts[n_steps:]))
 
 
 def update_from(wired: tuple) -> Update:
     return Update(_unwire(wired))
 
 
-def scalars(update: Update) -> dict:
-    return update.scalars
+def scalars(metric: str, n_current: int, *parts) -> dict:
+    """What the client waits for: the reducers' scalars (the same in each, but for the empty clusters they
+    counted), and the shift from the current centres (the first `n_current` parts) to the new ones (the rest).
+    Off the iteration's critical path: the next steps need only the new centres."""
+    current, new = joined(list(parts[:n_current])), joined(list(parts[n_current:]))
+    dev = _reduce_device(metric)
+    out = dict(parts[n_current].scalars)
+    out["n_empty"] = sum(p.scalars["n_empty"] for p in parts[n_current:])
+    out["shift"] = center_shift(new.to(dev), current.to(dev))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- outputs
