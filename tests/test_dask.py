@@ -16,7 +16,7 @@ from dask.utils import key_split
 from sklearn.datasets import make_blobs
 
 from flashkm_dist import KMeans
-from flashkm_dist.dask import driver
+from flashkm_dist.dask import driver, latency
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -248,3 +248,16 @@ def test_collective_resumes_a_checkpoint_and_writes_its_own(blobs, tmp_path):
         again = KMeans(**params, checkpoint=path, resume=True, allreduce="nccl").fit(
             da.from_array(X, chunks=700), client=c)  # the collective run wrote the finished state
         assert_same_fit(again, ref)
+
+
+def test_message_batching_is_shorter_during_a_fit_and_put_back_after(client, blobs):
+    def intervals():
+        on_scheduler = client.run_on_scheduler(
+            lambda dask_scheduler: sorted({b.interval for b in dask_scheduler.stream_comms.values()}))
+        return on_scheduler, sorted(set(client.run(lambda dask_worker: dask_worker.batched_stream.interval).values()))
+
+    before, during = intervals(), []
+    with iteration_hook(lambda i: during.append(intervals()) if i == 1 else None):
+        KMeans(4, random_state=0, max_iter=3).fit(da.from_array(blobs, chunks=800))
+    assert during == [([latency.INTERVAL_S], [latency.INTERVAL_S])]
+    assert intervals() == before != during[0]

@@ -110,8 +110,8 @@ class DaskShards:
 
     # ------------------------------------------------------------------------------------------ Lloyd
     def submit_step(self, numerics, k: int, centres: list, previous: list | None) -> Iteration:
-        """Queue one iteration from `centres` (futures of row slices of the centres, `worker.Update`s):
-        K clusters; `previous`: the centres of the step before (None: a new run). A step per worker; then the rows of the
+        """Queue one iteration from `centres` (futures of row slices of the K centres, `worker.Update`s);
+        `previous`: the centres of the step before (None: a new run). A step per worker; then the rows of the
         centres are cut into one range per worker and that worker sums every step's partials of its range
         (a reduce-scatter: each moves 1/W of the partials instead of one reducer receiving all of them), so
         the next steps gather W small slices; the scalars follow off the critical path."""
@@ -151,10 +151,10 @@ class DaskShards:
     def gather(self, centres: list) -> torch.Tensor:
         return worker.joined(self.client.gather(centres))
 
-    def anchor(self, centers: torch.Tensor):
-        """Centres from the client as futures of row slices (one here) that Dask can recompute: a task carrying the values, not scattered
-        data, which dies with its worker and takes every iteration built on it along (a lost step or reduction
-        is recomputed through that chain)."""
+    def anchor(self, centers: torch.Tensor) -> list:
+        """Centres from the client as futures of row slices (one here) that Dask can recompute: a task carrying
+        the values. Scattered data would die with its worker and take every iteration built on it along (a lost
+        step or reduction is recomputed through that chain)."""
         with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1GiB"}):  # K*D values, once
             return [self.client.submit(worker.update_from, worker.wire(centers), key=self._key("centres", 0),
                                        pure=False)]

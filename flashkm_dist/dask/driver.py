@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from flashkm_dist import _validation as v
 from flashkm_dist.dask import checkpoint as ckpt
+from flashkm_dist.dask import latency
 from flashkm_dist.dask import worker
 from flashkm_dist.dask.cluster import DaskShards
 from flashkm_dist.init import initial_centers
@@ -180,6 +181,41 @@ def lloyd_collective(shards: DaskShards, centers: torch.Tensor, numerics, *, run
     return RunResult(out["centers"].centers, out["inertia"], out["n_iter"], out["history"])
 
 
+def _runs(model, shards: DaskShards, X, dtype, n_init: int, collective: bool):
+    """The fit's n_init runs (resumed from the checkpoint when asked): the best run and the seeding numerics."""
+    points = Points(shards)
+    rng = check_random_state(model.random_state)
+    seeding = points.numerics(model.metric)
+    fingerprint = ckpt.fingerprint(model, X, dtype, seeding)
+    saved = ckpt.read(model.checkpoint, fingerprint) if model.resume else None
+    best = None if saved is None else saved.best
+    first_run = 0 if saved is None else saved.run
+    if saved is not None:
+        rng.set_state(saved.rng_state)
+    for run in range(first_run, n_init):
+        resume = saved if saved is not None and run == saved.run and saved.iteration > 0 else None
+        if resume is None:
+            centers = _seed(model.init, points, model, rng, seeding, shards)
+            max_abs = float(centers.abs().max())
+        else:
+            centers, max_abs = resume.centers, resume.centroid_max_abs
+        numerics = points.numerics(model.metric, centroid_max_abs=max_abs)
+        writer = None if model.checkpoint is None else ckpt.Writer(model.checkpoint, fingerprint, run,
+                                                                   rng.get_state(), max_abs, best)
+        kwargs = dict(max_iter=model.max_iter, tol=model.tol * numerics.mean_variance,
+                      verbose=bool(model.verbose), desc=f"k-means run {run + 1}/{n_init}", resume=resume,
+                      on_iteration=writer)
+        if collective:
+            result = lloyd_collective(shards, centers, numerics, run=run, **kwargs)
+        else:
+            result = lloyd(shards, centers, numerics, **kwargs)
+        if best is None or result.inertia < best.inertia:
+            best = result
+        if writer is not None:
+            writer.run_done(best, n_init)
+    return best, seeding
+
+
 def fit(model, X, sample_weight=None, client=None, allreduce: str = "dask"):
     """Fit `model` (a flashkm_dist.KMeans) on the Dask array X. See the module docstring. `allreduce`: 'dask'
     (reduction tasks; survives lost workers) or 'nccl' (workers all-reduce among themselves; see `collective`)."""
@@ -195,40 +231,13 @@ def fit(model, X, sample_weight=None, client=None, allreduce: str = "dask"):
                             model.metric == "cosine")
     shards = DaskShards(client, X, weights, spec, dtype)
     collective = allreduce == "nccl"
-    try:
-        if collective:
-            shards.start_collective()
-        points = Points(shards)
-        rng = check_random_state(model.random_state)
-        seeding = points.numerics(model.metric)
-        fingerprint = ckpt.fingerprint(model, X, dtype, seeding)
-        saved = ckpt.read(model.checkpoint, fingerprint) if model.resume else None
-        best = None if saved is None else saved.best
-        first_run = 0 if saved is None else saved.run
-        if saved is not None:
-            rng.set_state(saved.rng_state)
-        for run in range(first_run, n_init):
-            resume = saved if saved is not None and run == saved.run and saved.iteration > 0 else None
-            if resume is None:
-                centers = _seed(model.init, points, model, rng, seeding, shards)
-                max_abs = float(centers.abs().max())
-            else:
-                centers, max_abs = resume.centers, resume.centroid_max_abs
-            numerics = points.numerics(model.metric, centroid_max_abs=max_abs)
-            writer = None if model.checkpoint is None else ckpt.Writer(model.checkpoint, fingerprint, run,
-                                                                       rng.get_state(), max_abs, best)
-            kwargs = dict(max_iter=model.max_iter, tol=model.tol * numerics.mean_variance, verbose=bool(model.verbose),
-                          desc=f"k-means run {run + 1}/{n_init}", resume=resume, on_iteration=writer)
+    with latency.Tightened(client):  # shorter message batching while the fit runs
+        try:
             if collective:
-                result = lloyd_collective(shards, centers, numerics, run=run, **kwargs)
-            else:
-                result = lloyd(shards, centers, numerics, **kwargs)
-            if best is None or result.inertia < best.inertia:
-                best = result
-            if writer is not None:
-                writer.run_done(best, n_init)
-    finally:
-        if collective:
-            shards.stop_collective()
-        shards.forget()
+                shards.start_collective()
+            best, seeding = _runs(model, shards, X, dtype, n_init, collective)
+        finally:
+            if collective:
+                shards.stop_collective()
+            shards.forget()
     return best, seeding, dtype, X

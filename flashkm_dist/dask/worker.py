@@ -208,8 +208,9 @@ def _update(numerics: FitNumerics, centers: torch.Tensor, steps: list, found: li
         partials, n_empty = move_to_empty(partials, Farthest.merge(found, n_empty)), 0
     new, _ = reference.finalize(partials, dtype=centers.dtype, metric=numerics.metric,
                                 previous=centers.to(partials.sums.device))
-    return Update(new.cpu(), {"n_changed": int(changed), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
-                              "n_empty": n_empty, "slowest_worker_seconds": max(s.seconds for s in steps)})
+    return Update(new.cpu(), {"n_changed": int(changed), "n_empty": n_empty,
+                              "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
+                              "slowest_worker_seconds": max(s.seconds for s in steps)})
 
 
 def reduce(numerics: FitNumerics, lo: int, hi: int, centers: list, *steps) -> Update:
