@@ -212,7 +212,10 @@ def main():
     ap.add_argument("--no-exactness", action="store_true", help="skip the bitwise check (series runs)")
     ap.add_argument("--task-stream", action="store_true",
                     help="break the Dask path's iteration down by task (transfers, computes, hand-offs)")
+    ap.add_argument("--batching-ab", action="store_true",
+                    help="also time the Dask path with distributed's default message batching")
     args = ap.parse_args()
+    from flashkm_dist.dask import latency
     from distributed import Client
     cpu = args.cpu_smoke
     n, d, k = (1 << 14, 16, 32) if cpu else (args.n or 1 << args.log2n, args.d, args.k)
@@ -245,14 +248,19 @@ def main():
                 print("exactness", result["exactness"], flush=True)
             n_w, blocks_w = (args.weak * w, w * args.blocks_per_worker) if args.weak else (n, n_blocks)
             X = balanced(client, n_w, d, blocks_w, on_gpu=not cpu, host=cpu)
-            for mode, allreduce in (("resident", "dask"), ("resident_nccl", "nccl")):
+            modes = [("resident", "dask"), ("resident_nccl", "nccl")]
+            if args.batching_ab:
+                modes.append(("resident_default_batching", "dask"))
+            for mode, allreduce in modes:
+                latency.ENABLED = mode != "resident_default_batching"
                 result.setdefault(mode, {})[w] = {"n": n_w, **timed_fit(client, X, init, args.iters, allreduce,
                                                                         args.task_stream)}
+                latency.ENABLED = True
                 print(w, "workers", mode, {k_: v for k_, v in result[mode][w].items() if k_ != "iterations"},
                       flush=True)
             del X
         save()
-    for mode in ("resident", "resident_nccl"):
+    for mode in [m for m in ("resident", "resident_nccl", "resident_default_batching") if m in result]:
         base = result[mode][workers[0]]["iteration_s"]
         if args.weak:  # same work per GPU: growth of the iteration time from the first worker count
             result[f"weak_scaling_growth_{mode}"] = {w: r["iteration_s"] / base - 1 for w, r in result[mode].items()}

@@ -55,11 +55,12 @@ def engine(name: str, r: dict) -> str:
 def distributed(name: str, r: dict) -> str:
     rows = []
     weak = r.get("weak_rows_per_worker")
-    for mode in ("resident", "resident_nccl"):
+    labels = {"resident": "dask", "resident_nccl": "nccl", "resident_default_batching": "dask, default batching"}
+    for mode, label in labels.items():
         eff = r.get(f"weak_scaling_growth_{mode}" if weak else f"strong_scaling_efficiency_{mode}") or (
             r.get("strong_scaling_efficiency") if mode == "resident" else {}) or {}
         for w, v in sorted(r.get(mode, {}).items(), key=lambda kv: int(kv[0])):
-            rows.append([mode.replace("resident_nccl", "nccl").replace("resident", "dask"), w, v.get("n", r["n"]),
+            rows.append([label, w, v.get("n", r["n"]),
                          v["iteration_s"], v["slowest_worker_step_s"], v["dask_overhead_s"] * 1e3,
                          v.get("to_first_iteration_s"), eff.get(w)])
     for mode in ("host_streamed", "host_cached"):
