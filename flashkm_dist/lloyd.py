@@ -59,10 +59,13 @@ def next_centers(partials: reference.Partials, centers: torch.Tensor, metric: st
 
 
 def center_shift(new: torch.Tensor, centers: torch.Tensor) -> float:
-    """Summed squared move of the centres, as an exact sum: the same bits on any device."""
-    moved = (new.to(torch.float64) - centers.to(new.device, torch.float64)) ** 2
-    exp = fp.exponent_for(float(moved.max())) if moved.numel() else 0
-    return float(fp.to_float(fp.exact_sum(moved, exp), exp))
+    return float(shift_tensor(new, centers))
+
+
+def shift_tensor(new: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Summed squared move of the centres (float64, 0-d, on new's device, not waited for), as an exact sum:
+    the same bits on any device."""
+    return fp.exact_total((new.to(torch.float64) - centers.to(new.device, torch.float64)) ** 2)
 
 
 def _joined(labels: list) -> torch.Tensor:

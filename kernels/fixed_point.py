@@ -71,6 +71,31 @@ def exact_sum(values: torch.Tensor, exp: int) -> torch.Tensor:
     return normalize(quantize(values.reshape(-1), exp).sum(dim=1))
 
 
+def exponent_of(bound: torch.Tensor) -> torch.Tensor:
+    """`exponent_for` of a finite 0-d tensor without leaving its device (no synchronisation): int64, 0-d."""
+    _, e = torch.frexp(bound.to(torch.float64))
+    exp = (VALUE_BITS - 1 - e.to(torch.int64)).clamp(-_MAX_EXP, _MAX_EXP)
+    return torch.where(bound > 0, exp, torch.zeros_like(exp))
+
+
+def power_of_two(exp: torch.Tensor) -> torch.Tensor:
+    """2.0 ** exp, exactly, for an int64 tensor with |exp| <= 1000: the float64 built from its exponent bits."""
+    return ((exp + 1023) << 52).view(torch.float64)
+
+
+def exact_total(values: torch.Tensor) -> torch.Tensor:
+    """float64 0-d tensor: the exact sum of `values` on the grid set by their largest magnitude, rounded once.
+    The same bits as `to_float(exact_sum(values, exp), exp)` with `exp = exponent_for(max |values|)`, on any
+    device, without synchronising with it (nothing is checked: the grid fits every value by construction)."""
+    values = values.reshape(-1).to(torch.float64)
+    if not values.numel():
+        return torch.zeros((), dtype=torch.float64, device=values.device)
+    exp = exponent_of(values.abs().max())
+    q = torch.round(values * power_of_two(exp)).to(torch.int64)
+    limbs = normalize(torch.stack([q >> LIMB_BITS, q & _LIMB_MASK]).sum(dim=1))
+    return (limbs[0].to(torch.float64) * float(1 << LIMB_BITS) + limbs[1].to(torch.float64)) * power_of_two(-exp)
+
+
 def join(limbs: torch.Tensor) -> torch.Tensor | None:
     """Limbs (2, ...) -> the exact integers as one int64 array (half the bytes to send), or None when a value
     might not fit in int64."""

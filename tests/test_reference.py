@@ -161,6 +161,20 @@ def test_limbs_absorb_many_terms_and_normalize_keeps_the_value():
     assert torch.equal(fp.to_float(fp.normalize(total), 40), fp.to_float(total, 40))
 
 
+@pytest.mark.parametrize("scale", [1e-300, 1e-30, 1e-5, 1.0, 1e5, 1e30, 1e300])
+def test_exact_total_on_the_device_equals_the_host_exact_sum(scale):
+    """`exact_total` (no wait for the device) rounds the same exact integer as the host-side recipe."""
+    g = torch.Generator().manual_seed(5)
+    cases = [torch.rand(1000, 17, generator=g, dtype=torch.float64) * scale, torch.zeros(4, 3, dtype=torch.float64),
+             torch.tensor([5e-324, 0.0], dtype=torch.float64), torch.tensor([4e307, 3e307], dtype=torch.float64)]
+    for values in cases:
+        exp = fp.exponent_for(float(values.abs().max()))
+        assert float(fp.exact_total(values)) == float(fp.to_float(fp.exact_sum(values, exp), exp))
+    assert float(fp.exact_total(torch.empty(0, dtype=torch.float64))) == 0.0
+    halves = torch.full((1 << 12,), 0.5, dtype=torch.float64)  # on the grid: the sum is exact
+    assert float(fp.exact_total(halves)) == 2048.0 and float(fp.exact_total(halves.flip(0) - 1)) == -2048.0
+
+
 def test_move_points_and_cosine_finalize():
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 4.0]], dtype=torch.float64)
     labels = torch.tensor([0, 0, 0])

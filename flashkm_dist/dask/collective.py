@@ -19,7 +19,7 @@ import torch.distributed as dist
 from flashkm_dist.dask import worker
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
-from flashkm_dist.lloyd import empty_clusters, move_to_empty, next_centers
+from flashkm_dist.lloyd import move_to_empty, shift_tensor
 from flashkm_dist.streaming import Farthest
 
 TIMEOUT = timedelta(minutes=10)
@@ -59,26 +59,36 @@ def _iterate(shard, blocks, starts, centers, numerics, version, previous, previo
     k, d = centers.shape
     # one collective: every worker's step time (ns) sits in its own slot of the summed vector, so the slowest is
     # read after the sum
-    seconds = torch.zeros(dist.get_world_size(), dtype=torch.int64)
-    seconds[dist.get_rank()] = round(result.seconds * 1e9)
+    counts = torch.zeros(1 + dist.get_world_size(), dtype=torch.int64)  # labels changed, then the step times
+    counts[0], counts[1 + dist.get_rank()] = result.n_changed, round(result.seconds * 1e9)
     flat = torch.cat([result.partials.sums.reshape(-1), result.partials.weights.reshape(-1),
-                      result.inertia.reshape(-1), torch.tensor([result.n_changed], device=dev),
-                      seconds.to(dev)]).to(dev)
+                      result.inertia.reshape(-1).to(dev), counts.to(dev)]).to(dev)
     if dist.get_backend() == "gloo":
         flat = flat.cpu()
     dist.all_reduce(flat)
     sums, weights = flat[:2 * k * d].view(2, k, d), flat[2 * k * d:2 * k * d + 2 * k].view(2, k)
     partials = reference.Partials(fp.normalize(sums), fp.normalize(weights), numerics.scale)
     tail = flat[2 * k * d + 2 * k:]  # inertia limbs (2), labels changed, the step times
-    inertia = fp.normalize(tail[:2][:, None])[:, 0]
-    n_empty = int(empty_clusters(partials).numel())
-    if n_empty:
+    inertia = fp.to_float(fp.normalize(tail[:2][:, None])[:, 0], numerics.scale.dist_exp)
+    new, shift = _update(partials, centers, numerics)
+    # every scalar in one read from the device (the ints' bits carried as float64): one wait per iteration
+    empty = fp.to_float(partials.weights, numerics.scale.weight_exp) == 0
+    ints = torch.stack([empty.sum(), tail[2], tail[3:].max()])
+    host = torch.cat([ints.view(torch.float64), torch.stack([inertia, shift])]).cpu()
+    n_empty, n_changed, slowest = host[:3].view(torch.int64).tolist()
+    if n_empty:  # (all workers see the same count) the farthest rows of all workers take the empty clusters
         found = [None] * dist.get_world_size()
         dist.all_gather_object(found, shard.farthest(blocks, centers, numerics, n_empty, starts))
-        partials = move_to_empty(partials, Farthest.merge(found, n_empty))
-    new, shift = next_centers(partials, centers, numerics.metric)
-    return {"n_changed": int(tail[2]), "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
-            "center_shift": shift, "slowest_worker_seconds": int(tail[3:].max()) / 1e9}, new.to(dev)
+        new, shift = _update(move_to_empty(partials, Farthest.merge(found, n_empty)), centers, numerics)
+        host[4] = shift.cpu()
+    return {"n_changed": n_changed, "inertia": float(host[3]), "center_shift": float(host[4]),
+            "slowest_worker_seconds": slowest / 1e9}, new.to(dev)
+
+
+def _update(partials, centers: torch.Tensor, numerics):
+    """Next centres and their shift, left on the device (`lloyd.next_centers` without its wait)."""
+    new, _ = reference.finalize(partials, dtype=centers.dtype, metric=numerics.metric, previous=centers)
+    return new, shift_tensor(new, centers)
 
 
 def run_loop(spec, numerics, ids: list, starts: list, run: int, start: int, initial, previous, max_iter: int,
