@@ -151,13 +151,15 @@ def exactness(client, cpu: bool) -> dict:
         ref = KMeans(**params, device="cuda" if torch.cuda.is_available() else "cpu").fit(rows)
         for kind, data in (("device_blocks", X), ("host_blocks", dataset(1 << 17, 32, 12, on_gpu=not cpu,
                                                                           host=True))):
-            got = KMeans(**params).fit(data, client=client)
-            labels = got.labels_.compute()
-            labels = labels if isinstance(labels, np.ndarray) else labels.get()
-            out[f"{init}/{kind}"] = {
-                "centers_equal": bool(np.array_equal(got.cluster_centers_, ref.cluster_centers_)),
-                "inertia_equal": got.inertia_ == ref.inertia_, "n_iter": [got.n_iter_, ref.n_iter_],
-                "labels_equal": bool(np.array_equal(labels, ref.labels_))}
+            for allreduce in ("dask", "nccl") if kind == "device_blocks" else ("dask",):
+                got = KMeans(**params, allreduce=allreduce).fit(data, client=client)
+                labels = got.labels_.compute()
+                labels = labels if isinstance(labels, np.ndarray) else labels.get()
+                name = f"{init}/{kind}" + ("/nccl" if allreduce == "nccl" else "")
+                out[name] = {
+                    "centers_equal": bool(np.array_equal(got.cluster_centers_, ref.cluster_centers_)),
+                    "inertia_equal": got.inertia_ == ref.inertia_, "n_iter": [got.n_iter_, ref.n_iter_],
+                    "labels_equal": bool(np.array_equal(labels, ref.labels_))}
     return out
 
 
