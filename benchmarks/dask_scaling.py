@@ -216,8 +216,11 @@ def main():
                     help="break the Dask path's iteration down by task (transfers, computes, hand-offs)")
     ap.add_argument("--batching-ab", action="store_true",
                     help="also time the Dask path with distributed's default message batching")
+    ap.add_argument("--reducers-ab", action="store_true",
+                    help="also time the Dask path with one reducer instead of the reduce-scatter")
     args = ap.parse_args()
     from flashkm_dist.dask import latency
+    from flashkm_dist.dask.cluster import DaskShards
     from distributed import Client
     cpu = args.cpu_smoke
     n, d, k = (1 << 14, 16, 32) if cpu else (args.n or 1 << args.log2n, args.d, args.k)
@@ -253,16 +256,20 @@ def main():
             modes = [("resident", "dask"), ("resident_nccl", "nccl")]
             if args.batching_ab:
                 modes.append(("resident_default_batching", "dask"))
+            if args.reducers_ab:
+                modes.append(("resident_one_reducer", "dask"))
             for mode, allreduce in modes:
                 latency.ENABLED = mode != "resident_default_batching"
+                DaskShards.max_reducers = 1 if mode == "resident_one_reducer" else None
                 result.setdefault(mode, {})[w] = {"n": n_w, **timed_fit(client, X, init, args.iters, allreduce,
                                                                         args.task_stream)}
-                latency.ENABLED = True
+                latency.ENABLED, DaskShards.max_reducers = True, None
                 print(w, "workers", mode, {k_: v for k_, v in result[mode][w].items() if k_ != "iterations"},
                       flush=True)
             del X
         save()
-    for mode in [m for m in ("resident", "resident_nccl", "resident_default_batching") if m in result]:
+    for mode in [m for m in ("resident", "resident_nccl", "resident_default_batching", "resident_one_reducer")
+                 if m in result]:
         base = result[mode][workers[0]]["iteration_s"]
         if args.weak:  # same work per GPU: growth of the iteration time from the first worker count
             result[f"weak_scaling_growth_{mode}"] = {w: r["iteration_s"] / base - 1 for w, r in result[mode].items()}

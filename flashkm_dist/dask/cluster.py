@@ -35,6 +35,8 @@ class Iteration:
 class DaskShards:
     """Blocks of `x` (persisted, one column chunk) and optional weights (a Dask array with x's row chunks)."""
 
+    max_reducers: int | None = None  # None: one per worker holding blocks (benchmarks compare with 1)
+
     def __init__(self, client, x, weights, spec: worker.ShardSpec, dtype: torch.dtype):
         self.client, self.spec, self.array = client, spec, x
         self.dtype, self.device = dtype, torch.device("cpu")
@@ -119,7 +121,7 @@ class DaskShards:
         steps = [self._submit(worker.step, s, "step", self.spec, numerics, self._blocks[s], centres, version,
                               previous, None if previous is None else previous[0].key)
                  for s in self.shard_ids if self._blocks[s]]
-        n = min(len(steps), k)
+        n = min(len(steps), k, self.max_reducers or len(steps))
         bounds = [k * j // n for j in range(n + 1)]
         owners = [a for s, a in zip(self.shard_ids, self.addresses) if self._blocks[s]]
         parts, cut = [], []
