@@ -217,7 +217,7 @@ def main():
     ap.add_argument("--batching-ab", action="store_true",
                     help="also time the Dask path with distributed's default message batching")
     ap.add_argument("--reducers-ab", action="store_true",
-                    help="also time the Dask path with one reducer instead of the reduce-scatter")
+                    help="also time the Dask path with a reducer on every worker (default: one per host)")
     args = ap.parse_args()
     from flashkm_dist.dask import latency
     from flashkm_dist.dask.cluster import DaskShards
@@ -257,18 +257,19 @@ def main():
             if args.batching_ab:
                 modes.append(("resident_default_batching", "dask"))
             if args.reducers_ab:
-                modes.append(("resident_one_reducer", "dask"))
+                modes.append(("resident_reducer_per_worker", "dask"))
             for mode, allreduce in modes:
                 latency.ENABLED = mode != "resident_default_batching"
-                DaskShards.max_reducers = 1 if mode == "resident_one_reducer" else None
+                DaskShards.reducers = w if mode == "resident_reducer_per_worker" else None
                 result.setdefault(mode, {})[w] = {"n": n_w, **timed_fit(client, X, init, args.iters, allreduce,
                                                                         args.task_stream)}
-                latency.ENABLED, DaskShards.max_reducers = True, None
+                latency.ENABLED, DaskShards.reducers = True, None
                 print(w, "workers", mode, {k_: v for k_, v in result[mode][w].items() if k_ != "iterations"},
                       flush=True)
             del X
         save()
-    for mode in [m for m in ("resident", "resident_nccl", "resident_default_batching", "resident_one_reducer")
+    for mode in [m for m in ("resident", "resident_nccl", "resident_default_batching",
+                           "resident_reducer_per_worker", "resident_one_reducer")
                  if m in result]:
         base = result[mode][workers[0]]["iteration_s"]
         if args.weak:  # same work per GPU: growth of the iteration time from the first worker count

@@ -56,7 +56,7 @@ def distributed(name: str, r: dict) -> str:
     rows = []
     weak = r.get("weak_rows_per_worker")
     labels = {"resident": "dask", "resident_nccl": "nccl", "resident_default_batching": "dask, default batching",
-              "resident_one_reducer": "dask, one reducer"}
+              "resident_one_reducer": "dask, one reducer", "resident_reducer_per_worker": "dask, reducer per worker"}
     for mode, label in labels.items():
         eff = r.get(f"weak_scaling_growth_{mode}" if weak else f"strong_scaling_efficiency_{mode}") or (
             r.get("strong_scaling_efficiency") if mode == "resident" else {}) or {}
@@ -80,6 +80,7 @@ def distributed(name: str, r: dict) -> str:
     size = f"{weak} rows per worker" if weak else f"N={r['n']}"
     return (f"### {name}\n\n{_versions(r)}\n\n{size}, D={r['d']}, K={r['k']}, {r['dtype']}, seconds per iteration; "
             f"overhead = iteration minus the slowest worker's step. {checked}\n\n"
+            + (f"{r['note']}\n\n" if r.get("note") else "")
             + _table(["reduction", "workers", "N", "iteration s", "slowest step s", "overhead ms",
                       "to 1st iteration s", "weak growth" if weak else "efficiency"], rows))
 

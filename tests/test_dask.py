@@ -17,6 +17,7 @@ from sklearn.datasets import make_blobs
 
 from flashkm_dist import KMeans
 from flashkm_dist.dask import driver, latency
+from flashkm_dist.dask.cluster import DaskShards
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -261,3 +262,15 @@ def test_message_batching_is_shorter_during_a_fit_and_put_back_after(client, blo
         KMeans(4, random_state=0, max_iter=3).fit(da.from_array(blobs, chunks=800))
     assert during == [([latency.INTERVAL_S], [latency.INTERVAL_S])]
     assert intervals() == before != during[0]
+
+
+@pytest.mark.parametrize("reducers", [None, 3])
+def test_one_reducer_per_host_or_a_reduce_scatter_give_the_same_bits(client, blobs, monkeypatch, reducers):
+    """By default the workers of one host share one reducer; `reducers=3` cuts the clusters over three."""
+    monkeypatch.setattr(DaskShards, "reducers", reducers)
+    params = dict(n_clusters=9, init="k-means++", random_state=0, max_iter=30)
+    with get_task_stream(client) as stream:
+        got = KMeans(**params).fit(da.from_array(blobs, chunks=400))
+    assert_same_fit(got, KMeans(**params).fit(blobs))
+    parts = {int(str(r["key"]).split("-")[3]) for r in stream.data if str(r["key"]).startswith("flashkm-reduce-")}
+    assert parts == ({0} if reducers is None else {0, 1, 2})
