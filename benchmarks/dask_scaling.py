@@ -111,6 +111,12 @@ def task_breakdown(records: list) -> dict:
     return out
 
 
+def use_graphs(on: bool) -> None:
+    """On a worker: the collective path's update as a CUDA graph, or op by op."""
+    from flashkm_dist.dask import collective
+    collective.GRAPHS = on
+
+
 def timed_fit(client, X, init: np.ndarray, iters: int, allreduce: str = "dask", tasks: bool = False) -> dict:
     from distributed import get_task_stream, wait
 
@@ -216,6 +222,8 @@ def main():
                     help="break the Dask path's iteration down by task (transfers, computes, hand-offs)")
     ap.add_argument("--batching-ab", action="store_true",
                     help="also time the Dask path with distributed's default message batching")
+    ap.add_argument("--graphs-ab", action="store_true",
+                    help="also time allreduce='nccl' with its update op by op instead of one CUDA graph")
     ap.add_argument("--reducers-ab", action="store_true",
                     help="also time the Dask path with a reducer on every worker (default: one per host)")
     args = ap.parse_args()
@@ -258,9 +266,12 @@ def main():
                 modes.append(("resident_default_batching", "dask"))
             if args.reducers_ab:
                 modes.append(("resident_reducer_per_worker", "dask"))
+            if args.graphs_ab:
+                modes.append(("resident_nccl_eager", "nccl"))
             for mode, allreduce in modes:
                 latency.ENABLED = mode != "resident_default_batching"
                 DaskShards.reducers = w if mode == "resident_reducer_per_worker" else None
+                client.run(use_graphs, mode != "resident_nccl_eager")  # (read in the worker processes)
                 result.setdefault(mode, {})[w] = {"n": n_w, **timed_fit(client, X, init, args.iters, allreduce,
                                                                         args.task_stream)}
                 latency.ENABLED, DaskShards.reducers = True, None
@@ -269,7 +280,7 @@ def main():
             del X
         save()
     for mode in [m for m in ("resident", "resident_nccl", "resident_default_batching",
-                           "resident_reducer_per_worker", "resident_one_reducer")
+                           "resident_reducer_per_worker", "resident_one_reducer", "resident_nccl_eager")
                  if m in result]:
         base = result[mode][workers[0]]["iteration_s"]
         if args.weak:  # same work per GPU: growth of the iteration time from the first worker count

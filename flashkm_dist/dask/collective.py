@@ -23,6 +23,7 @@ from flashkm_dist.lloyd import move_to_empty, shift_tensor
 from flashkm_dist.streaming import Farthest
 
 TIMEOUT = timedelta(minutes=10)
+GRAPHS = True  # the update as one CUDA graph (benchmarks switch it off to measure what it saves)
 
 
 def free_port() -> int:
@@ -51,12 +52,12 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def _iterate(shard, blocks, starts, centers, numerics, version, previous, previous_centers):
+def _iterate(shard, blocks, starts, centers, numerics, version, previous, previous_centers, graphed=None):
     """One iteration on this worker: local step, all-reduce, re-seeding of empty clusters (all-gather of the
-    farthest rows), the update. Every worker returns the same scalars and centres."""
+    farthest rows), the update. Every worker returns the same scalars and centres. `graphed`: a `GraphedUpdate`
+    of this run (CUDA), or None to run the update op by op."""
     result = shard.step(blocks, centers, numerics, version, previous, previous_centers)
     dev = shard.engine.device
-    k, d = centers.shape
     # one collective: every worker's step time (ns) sits in its own slot of the summed vector, so the slowest is
     # read after the sum
     counts = torch.zeros(1 + dist.get_world_size(), dtype=torch.int64)  # labels changed, then the step times
@@ -66,15 +67,11 @@ def _iterate(shard, blocks, starts, centers, numerics, version, previous, previo
     if dist.get_backend() == "gloo":
         flat = flat.cpu()
     dist.all_reduce(flat)
-    sums, weights = flat[:2 * k * d].view(2, k, d), flat[2 * k * d:2 * k * d + 2 * k].view(2, k)
-    partials = reference.Partials(fp.normalize(sums), fp.normalize(weights), numerics.scale)
-    tail = flat[2 * k * d + 2 * k:]  # inertia limbs (2), labels changed, the step times
-    inertia = fp.to_float(fp.normalize(tail[:2][:, None])[:, 0], numerics.scale.dist_exp)
-    new, shift = _update(partials, centers, numerics)
-    # every scalar in one read from the device (the ints' bits carried as float64): one wait per iteration
-    empty = fp.to_float(partials.weights, numerics.scale.weight_exp) == 0
-    ints = torch.stack([empty.sum(), tail[2], tail[3:].max()])
-    host = torch.cat([ints.view(torch.float64), torch.stack([inertia, shift])]).cpu()
+    if graphed is not None and graphed.fits(flat, centers):
+        partials, new, packed = graphed(flat, centers)
+    else:
+        partials, new, packed = _after_sum(flat, centers, numerics)
+    host = packed.cpu()  # the one wait for the device in an iteration
     n_empty, n_changed, slowest = host[:3].view(torch.int64).tolist()
     if n_empty:  # (all workers see the same count) the farthest rows of all workers take the empty clusters
         found = [None] * dist.get_world_size()
@@ -83,6 +80,54 @@ def _iterate(shard, blocks, starts, centers, numerics, version, previous, previo
         host[4] = shift.cpu()
     return {"n_changed": n_changed, "inertia": float(host[3]), "center_shift": float(host[4]),
             "slowest_worker_seconds": slowest / 1e9}, new.to(dev)
+
+
+def _after_sum(flat: torch.Tensor, centers: torch.Tensor, numerics):
+    """From the summed vector to the next centres, without waiting for the device: the partials, the new centres
+    and the scalars in one float64 vector (empty clusters, labels changed and the slowest step in ns as int64
+    bits, then inertia and shift)."""
+    k, d = centers.shape
+    sums, weights = flat[:2 * k * d].view(2, k, d), flat[2 * k * d:2 * k * d + 2 * k].view(2, k)
+    partials = reference.Partials(fp.normalize(sums), fp.normalize(weights), numerics.scale)
+    tail = flat[2 * k * d + 2 * k:]  # inertia limbs (2), labels changed, the step times
+    inertia = fp.to_float(fp.normalize(tail[:2][:, None])[:, 0], numerics.scale.dist_exp)
+    new, shift = _update(partials, centers, numerics)
+    empty = fp.to_float(partials.weights, numerics.scale.weight_exp) == 0
+    ints = torch.stack([empty.sum(), tail[2], tail[3:].max()])
+    return partials, new, torch.cat([ints.view(torch.float64), torch.stack([inertia, shift])])
+
+
+class GraphedUpdate:
+    """`_after_sum` of one run as a CUDA graph: some fifty short kernels on K x D values, which take longer to
+    launch one by one than to run. The same kernels on the same values: the same bits. Captured on first use."""
+
+    def __init__(self, numerics):
+        self.numerics, self.graph = numerics, None
+
+    def fits(self, flat: torch.Tensor, centers: torch.Tensor) -> bool:
+        return flat.is_cuda and (self.graph is None or (flat.shape == self.flat.shape
+                                                        and centers.shape == self.centers.shape
+                                                        and centers.dtype == self.centers.dtype))
+
+    def _capture(self, flat, centers) -> None:
+        self.flat, self.centers = flat.clone(), centers.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture (the allocator's first blocks)
+            _after_sum(self.flat, self.centers, self.numerics)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = _after_sum(self.flat, self.centers, self.numerics)
+
+    def __call__(self, flat, centers):
+        if self.graph is None:
+            self._capture(flat, centers)
+        self.flat.copy_(flat)
+        self.centers.copy_(centers)
+        self.graph.replay()
+        partials, new, packed = self.out
+        return partials, new.clone(), packed  # (the next replay overwrites the graph's own outputs)
 
 
 def _update(partials, centers: torch.Tensor, numerics):
@@ -106,9 +151,12 @@ def run_loop(spec, numerics, ids: list, starts: list, run: int, start: int, init
         prev_version = None if previous is None else (run, start - 1)
         history = list(past)  # the iterations before a resume
         strict, s, i, new = False, None, start - 1, centers
+        graphed = GraphedUpdate(numerics) if dev.type == "cuda" and numerics.metric == "euclidean" and GRAPHS \
+            else None
         for i in range(start, max_iter + 1):
             t0 = time.perf_counter()
-            s, new = _iterate(shard, blocks, starts, centers, numerics, (run, i), prev_version, prev_centers)
+            s, new = _iterate(shard, blocks, starts, centers, numerics, (run, i), prev_version, prev_centers,
+                              graphed)
             history.append({"iteration": i, "inertia": s["inertia"], "center_shift": s["center_shift"],
                             "labels_changed": s["n_changed"], "seconds": time.perf_counter() - t0,
                             "slowest_worker_seconds": s["slowest_worker_seconds"]})
@@ -122,5 +170,6 @@ def run_loop(spec, numerics, ids: list, starts: list, run: int, start: int, init
             prev_centers, prev_version, centers = centers, (run, i), new
         inertia = s["inertia"]
         if not (strict and s["center_shift"] == 0.0):  # the final assignment, to the returned centres
-            inertia = _iterate(shard, blocks, starts, new, numerics, (run, i + 1), (run, i), centers)[0]["inertia"]
+            inertia = _iterate(shard, blocks, starts, new, numerics, (run, i + 1), (run, i), centers,
+                               graphed)[0]["inertia"]
     return {"centers": worker.Update(new.cpu()), "inertia": inertia, "n_iter": i, "history": history}
