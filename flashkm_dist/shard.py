@@ -50,7 +50,7 @@ class Shard:
         self.lock = threading.RLock()  # a worker may run two tasks of one fit at once (a cancelled speculation)
         self.closest: dict = {}  # block key -> float64 (n,) distance to the nearest chosen seed
         self.trials: dict = {}  # block key -> float64 (n, m) closest after each k-means++ candidate
-        self.version = None  # the centres the engine's remembered labels belong to
+        self.version = None  # (centres, block keys) of the step whose labels the engine remembers
 
     # ------------------------------------------------------------------------------------------ statistics
     def bounds(self, blocks) -> DataBounds:
@@ -169,13 +169,16 @@ class Shard:
              previous_centers: torch.Tensor | None = None) -> EngineStep:
         """One Lloyd step. Labels changed are counted against the step at `previous` (None: a new run, all
         changed); if this shard does not remember those labels (new worker, moved block, lost state) it
-        recomputes them from `previous_centers` first: that costs time, never a different count."""
-        if previous is None or self.version != previous or not self.engine.has_labels(blocks):
+        recomputes them from `previous_centers` first: that costs time, never a different count. The labels it
+        remembers count only for the blocks of its step at `previous`: a block that left and came back (workers
+        lost or joined) still has labels, but from an older step."""
+        keys = [b.key for b in blocks]
+        if previous is None or self.version != (previous, keys) or not self.engine.has_labels(blocks):
             self.engine.forget_labels()
             if previous is not None and previous_centers is not None:
                 self.engine.step(blocks, previous_centers, numerics)
         result = self.engine.step(blocks, centers, numerics)
-        self.version = version
+        self.version = (version, keys)
         return result
 
     def farthest(self, blocks, centers: torch.Tensor, numerics: FitNumerics, n: int, starts: list) -> Farthest:

@@ -130,3 +130,22 @@ def test_bad_block_is_named():
     nm = numerics_for(c, None, metric="euclidean")
     with pytest.raises(ValueError, match="block 0 must be 2-D"):
         Engine("cpu").step([Block(np.zeros(5, dtype=np.float32))], c, nm)
+
+
+def test_a_block_that_comes_back_to_a_shard_is_not_counted_against_its_old_labels():
+    """A block that leaves a worker and later returns (workers lost or joined) still has labels from an older
+    step there; the label-change count must come from the step before, as on a shard that never lost it."""
+    from flashkm_dist.shard import Shard
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(40, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    blocks = [Block(r, None, key=i) for i, r in enumerate(rows)]
+    nm = numerics_for(torch.cat(rows), None, metric="euclidean")
+    steps = [torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    moving = Shard(Engine(torch.device("cpu"), dtype=torch.float64))
+    moving.step(blocks, steps[0], nm, "v0")
+    moving.step(blocks[1:], steps[1], nm, "v1", "v0", steps[0])  # block 0 is elsewhere for this step
+    got = moving.step(blocks, steps[2], nm, "v2", "v1", steps[1])  # ... and back
+    steady = Shard(Engine(torch.device("cpu"), dtype=torch.float64))
+    steady.step(blocks, steps[1], nm, "v1")
+    want = steady.step(blocks, steps[2], nm, "v2", "v1", steps[1])
+    assert got.n_changed == want.n_changed
