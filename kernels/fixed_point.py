@@ -50,8 +50,7 @@ def quantize(values: torch.Tensor, exp: int) -> torch.Tensor:
         raise OverflowError(
             f"value {float(values.abs().max())} exceeds the fixed-point range chosen for this fit "
             f"(2**{VALUE_BITS - exp}); the scale must be built from a bound on every value summed")
-    q = q.to(torch.int64)
-    return torch.stack([q >> LIMB_BITS, q & _LIMB_MASK])
+    return split(q.to(torch.int64))
 
 
 def normalize(limbs: torch.Tensor) -> torch.Tensor:
@@ -62,8 +61,12 @@ def normalize(limbs: torch.Tensor) -> torch.Tensor:
 
 def to_float(limbs: torch.Tensor, exp: int) -> torch.Tensor:
     """Limbs (2, ...) -> float64 (...): a deterministic function of the exact integer, so bitwise order-free."""
-    limbs = normalize(limbs)
-    return (limbs[0].to(torch.float64) * float(1 << LIMB_BITS) + limbs[1].to(torch.float64)) * (2.0 ** -exp)
+    return _assemble(normalize(limbs), 2.0 ** -exp)
+
+
+def _assemble(limbs: torch.Tensor, unit) -> torch.Tensor:
+    """hi * 2**26 + lo in float64 (one rounding), times `unit`, a power of two (exact)."""
+    return (limbs[0].to(torch.float64) * float(1 << LIMB_BITS) + limbs[1].to(torch.float64)) * unit
 
 
 def exact_sum(values: torch.Tensor, exp: int) -> torch.Tensor:
@@ -92,8 +95,7 @@ def exact_total(values: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float64, device=values.device)
     exp = exponent_of(values.abs().max())
     q = torch.round(values * power_of_two(exp)).to(torch.int64)
-    limbs = normalize(torch.stack([q >> LIMB_BITS, q & _LIMB_MASK]).sum(dim=1))
-    return (limbs[0].to(torch.float64) * float(1 << LIMB_BITS) + limbs[1].to(torch.float64)) * power_of_two(-exp)
+    return _assemble(normalize(split(q).sum(dim=1)), power_of_two(-exp))
 
 
 def join(limbs: torch.Tensor) -> torch.Tensor | None:
