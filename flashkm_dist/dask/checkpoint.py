@@ -85,11 +85,10 @@ class Writer:
                 arrays[key] = host_numpy(t)
         _write(self.path, meta, arrays)
 
-    def __call__(self, iteration: int, new, current, history) -> None:
-        """After an iteration: `new` centres (the next step's) and `current` ones, as tensors, or as callables
-        that fetch them (the Dask reduction keeps them on the workers until asked)."""
-        if callable(new):
-            new, current = new(), current()
+    def __call__(self, iteration: int, centres, history) -> None:
+        """After an iteration: the (new, current) centres (the next step's and this one's) as tensors, or a
+        callable that fetches them (the Dask reduction keeps them on the workers until asked)."""
+        new, current = centres() if callable(centres) else centres
         self._save(self.run, iteration, new, current, history, self.best)
 
     def run_done(self, best, n_init: int) -> None:

@@ -164,8 +164,10 @@ class DaskShards:
         return self.client.submit(worker.scalars, numerics.metric, len(centres), *centres, *parts,
                                   key=self._key("scalars", 0), pure=False)
 
-    def gather(self, centres: list) -> torch.Tensor:
-        return worker.joined(self.client.gather(centres))
+    def gather(self, *centres: list) -> list:
+        """Centres held as row-slice futures, as tensors: all of them in one round trip."""
+        got = iter(self.client.gather([f for c in centres for f in c]))
+        return [worker.joined([next(got) for _ in c]) for c in centres]
 
     def anchor(self, centers: torch.Tensor) -> list:
         """Centres from the client as futures of row slices (one here) that Dask can recompute: a task carrying

@@ -162,7 +162,7 @@ def run_loop(spec, numerics, ids: list, starts: list, run: int, start: int, init
                             "slowest_worker_seconds": s["slowest_worker_seconds"]})
             if rank == 0:
                 if writer is not None:
-                    writer(i, new, centers, history)
+                    writer(i, (new, centers), history)
                 get_worker().log_event(channel, history[-1])  # fire and forget: the client's progress bar
             strict = s["n_changed"] == 0
             if strict or s["center_shift"] <= tol or i == max_iter:

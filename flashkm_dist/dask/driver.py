@@ -122,7 +122,7 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
         strict = s["n_changed"] == 0
         done = strict or s["shift"] <= tol or i == max_iter
         if on_iteration is not None:
-            on_iteration(i, lambda: shards.gather(it.centres), lambda: shards.gather(current), history)
+            on_iteration(i, lambda: shards.gather(it.centres, current), history)
         for hook in ITERATION_HOOKS:
             hook(i)
         if done:
@@ -132,7 +132,7 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
         # workers come and go can forget keys the loop still waits for)
         current, it = it.centres, following  # (the step futures keep the centres they need alive)
     bar.close()
-    final = shards.gather(it.centres)
+    final, = shards.gather(it.centres)
     if strict and s["shift"] == 0.0:  # no label changed and the centres did not move: this step's inertia
         inertia = s["inertia"]
         following.cancel(client)
