@@ -134,8 +134,8 @@ def timed_fit(client, X, init: np.ndarray, iters: int, allreduce: str = "dask", 
     over = statistics.median(h["seconds"] - h["slowest_worker_seconds"] for h in hist)
     first = total - sum(h["seconds"] for h in km.history_[1:])  # placement, seeding (an array here), iteration 1
     breakdown = {"task_breakdown": task_breakdown(stream.data)} if tasks and allreduce == "dask" else {}
-    return {**breakdown, "iteration_s": it, "slowest_worker_step_s": worker, "dask_overhead_s": over, "fit_s": total,
-            "to_first_iteration_s": first,
+    return {**breakdown, "iteration_s": it, "slowest_worker_step_s": worker, "dask_overhead_s": over,
+            "fit_s": total, "to_first_iteration_s": first,
             "rows_per_worker": rows,
             "n_iter": km.n_iter_, "inertia": km.inertia_,
             "iterations": [{k: h[k] for k in ("seconds", "slowest_worker_seconds", "labels_changed")}
@@ -237,7 +237,8 @@ def main():
     init = make_block((10_000, 0), rows=k, d=d, seed=0, on_gpu=not cpu, host=True)
     import dask
     import distributed
-    result = {**provenance(), "n": n, "d": d, "k": k, "dtype": "float16", "n_blocks": n_blocks, "iters": args.iters,
+    result = {**provenance(), "n": n, "d": d, "k": k, "dtype": "float16", "n_blocks": n_blocks,
+              "iters": args.iters,
               "weak_rows_per_worker": args.weak,
               "warmup_iters_excluded": WARMUP_ITERS, "python": sys.version.split()[0], "host": platform.node(),
               "dask": dask.__version__, "distributed": distributed.__version__, "resident": {}}
@@ -254,6 +255,13 @@ def main():
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
+    modes = [("resident", "dask"), ("resident_nccl", "nccl")]  # (name in the results, reduction)
+    if args.batching_ab:
+        modes.append(("resident_default_batching", "dask"))
+    if args.reducers_ab:
+        modes.append(("resident_reducer_per_worker", "dask"))
+    if args.graphs_ab:
+        modes.append(("resident_nccl_eager", "nccl"))
     for w in workers:  # strong scaling, data resident on the GPUs
         with cluster(w, cpu) as lc, Client(lc) as client:
             if w == workers[-1] and not args.no_exactness:
@@ -261,13 +269,6 @@ def main():
                 print("exactness", result["exactness"], flush=True)
             n_w, blocks_w = (args.weak * w, w * args.blocks_per_worker) if args.weak else (n, n_blocks)
             X = balanced(client, n_w, d, blocks_w, on_gpu=not cpu, host=cpu)
-            modes = [("resident", "dask"), ("resident_nccl", "nccl")]
-            if args.batching_ab:
-                modes.append(("resident_default_batching", "dask"))
-            if args.reducers_ab:
-                modes.append(("resident_reducer_per_worker", "dask"))
-            if args.graphs_ab:
-                modes.append(("resident_nccl_eager", "nccl"))
             for mode, allreduce in modes:
                 latency.ENABLED = mode != "resident_default_batching"
                 DaskShards.reducers = w if mode == "resident_reducer_per_worker" else None
@@ -279,9 +280,7 @@ def main():
                       flush=True)
             del X
         save()
-    for mode in [m for m in ("resident", "resident_nccl", "resident_default_batching",
-                           "resident_reducer_per_worker", "resident_one_reducer", "resident_nccl_eager")
-                 if m in result]:
+    for mode, _ in modes:
         base = result[mode][workers[0]]["iteration_s"]
         if args.weak:  # same work per GPU: growth of the iteration time from the first worker count
             result[f"weak_scaling_growth_{mode}"] = {w: r["iteration_s"] / base - 1 for w, r in result[mode].items()}

@@ -69,8 +69,9 @@ def main():
     n, k, d = (20_000, 16, 8) if cpu else (args.n, args.k, args.d)
     dtype = torch.float32 if cpu else getattr(torch, args.dtype)
     x, truth, init = blobs(n, d, k, dtype, device)
-    result = {**provenance(), "n": n, "k": k, "d": d, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-              "device": torch.cuda.get_device_name(0) if not cpu else "cpu", "init": "same random rows for all"}
+    result = {**provenance(), "n": n, "k": k, "d": d, "dtype": str(dtype).removeprefix("torch."),
+              "torch": torch.__version__, "device": torch.cuda.get_device_name(0) if not cpu else "cpu",
+              "init": "same random rows for all"}
 
     KMeans(k, init=init, max_iter=2).fit(x)  # compile / warm-up
     ours, secs = synced(lambda: KMeans(k, init=init, tol=1e-4, max_iter=300).fit(x))
