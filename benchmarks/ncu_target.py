@@ -1,6 +1,7 @@
 """A short program for Nsight Compute: a few FlashAssign and sort-inverse update launches on one shape.
 
     ncu --clock-control none -k regex:_cluster_sums_kernel -s 2 -c 1 python benchmarks/ncu_target.py --n 8388608 --k 1024
+    ncu --clock-control none -k regex:_stream_kernel -c 1 python benchmarks/ncu_target.py --n 1048576 --k 8192 --reps 1
 """
 from __future__ import annotations
 
@@ -19,7 +20,13 @@ def main():
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--portable", action="store_true", help="the portable streaming kernel even on sm_90")
+    ap.add_argument("--stream-shape", default=None, help="sm_90 pass: 'scorers,rows,regs' (config.STREAM_SHAPE)")
     args = ap.parse_args()
+    A.SM90_STREAM = not args.portable
+    if args.stream_shape:
+        from flashkm_dist.kernels import config
+        config.STREAM_SHAPE = tuple(int(v) for v in args.stream_shape.split(","))
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(args.n, args.d, device="cuda", generator=g).to(torch.float16)
     c = x[torch.randperm(args.n, device="cuda", generator=g)[:args.k]].clone()

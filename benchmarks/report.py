@@ -2,7 +2,7 @@
 
     python benchmarks/report.py [--results benchmarks/results]
 
-Reads every JSON the suites wrote (gpu_check_*, engine_check_*, dask_scaling_*, dask_weak_*, dask_1e9_*,
+Reads every JSON the suites wrote (gpu_check_*, stream_check_*, engine_check_*, dask_scaling_*, dask_weak_*, dask_1e9_*,
 dask_series_*, end_to_end_*) and renders, per file, a Markdown table with the device and versions it came from
 (the headline and its N series as one table per device), plus plots: iteration times against the peers,
 distributed strong and weak scaling, time per iteration against N, and the out-of-core engine against its PCIe
@@ -41,6 +41,21 @@ def kernels(name: str, r: dict) -> str:
     return (f"### {name}\n\n{_versions(r)}\n\nLloyd iteration, ms (ratio < 1: faster than flash-kmeans)\n\n"
             + _table(["dtype", "N", "K", "D", "ours", "flash-kmeans", "fastkmeans", "ours/flash",
                       "assign TFLOP/s"], rows))
+
+
+def streaming_pass(name: str, r: dict) -> str:
+    """stream_check.py: the sm_90 streaming pass against the portable kernel, same process."""
+    bits = r.get("bits", [])
+    ok = sum(bool(b.get("ok")) for b in bits)
+    rows = [[t.get("dtype"), t["n"], t["k"], t["d"], t.get("stream_only_ms"), t.get("sm90_fast_pass_ms"),
+             t.get("portable_fast_pass_ms"), t.get("sm90_assign_ms"), t.get("portable_assign_ms"),
+             t.get("flash_assign_ms"), t.get("sm90_iter_ms"), t.get("portable_iter_ms"), t.get("flash_iter_ms")]
+            for t in r.get("timings", []) if "error" not in t]
+    return (f"### {name}\n\n{_versions(r)}\n\nSame bits as the portable kernel (labels, min_dist, flags, "
+            f"thresholds): {ok} of {len(bits)} cases. Times in ms; 'fast pass' = row pass + streaming pass.\n\n"
+            + _table(["dtype", "N", "K", "D", "sm_90 pass alone", "fast pass sm_90", "fast pass portable",
+                      "assign sm_90", "assign portable", "assign flash", "iter sm_90", "iter portable",
+                      "iter flash"], rows))
 
 
 def engine(name: str, r: dict) -> str:
@@ -212,6 +227,8 @@ def main(argv=None) -> Path:
         if isinstance(data, dict):
             loaded[path.stem] = data
     sections = {"Kernels (gpu_check.py)": ("gpu_check", kernels),
+                "The sm_90 streaming pass against the portable kernel (stream_check.py)": ("stream_check",
+                                                                                         streaming_pass),
                 "Engine, data larger than or as large as one GPU (engine_check.py)": ("engine_check", engine),
                 "Distributed (dask_scaling.py)": ("dask_scaling", distributed),
                 "Weak scaling (dask_scaling.py --weak)": ("dask_weak", distributed),

@@ -79,6 +79,30 @@ def build_assign(k: int, d: int):
     return kernel, cfg
 
 
+def build_stream(k: int, d: int, shape: str | None = None):
+    """The warp-specialised Gluon streaming pass (kernels/assign_sm90.py) as flash_assign would launch it."""
+    from triton.runtime import driver
+    driver.set_active(_Sm90Driver())
+    from flashkm_dist.kernels import config as C
+    C.device_traits = lambda device: C.DeviceTraits(**HOPPER)
+    if shape:
+        C.STREAM_SHAPE = tuple(int(v) for v in shape.split(","))
+    cfg = C.assign_config(torch.device("cuda"), k, d, torch.float16)
+    if cfg.stream is None:
+        sys.exit(f"no sm_90 streaming pass for K={k} D={d} (see config._stream_config)")
+    from flashkm_dist.kernels import assign_sm90 as G
+    sc = cfg.stream
+    n_pad, k_pad, d_pad = 2 * sc.rows, cfg.padded_k(k), cfg.padded_d(d)
+    f16, f32 = torch.float16, torch.float32
+    a_desc, c_desc = G.descriptors(torch.zeros(1, n_pad, d_pad, dtype=f16), torch.zeros(1, k_pad, d_pad, dtype=f16),
+                                   sc.block_n, sc.block_k)
+    kernel = G._stream_kernel.warmup(a_desc, c_desc, torch.zeros(1, n_pad, 2, dtype=f32),
+                                     torch.zeros(1, k_pad, dtype=f32), torch.zeros(3, n_pad, dtype=f32), n_pad, k_pad,
+                                     n_pad, BLOCK_N=sc.block_n, BLOCK_K=sc.block_k, D_PAD=d_pad, NBUF=sc.stages,
+                                     SCORERS=sc.scorers, REGS=sc.regs, num_warps=4, grid=(1, 1))
+    return kernel, cfg
+
+
 def report(kernel, out_dir: str) -> dict:
     """ptxas's resource report and notes, and the SASS instruction mix (Triton's own ptxas and cuobjdump)."""
     import triton
@@ -113,17 +137,22 @@ def main():
     ap.add_argument("--k", type=int, default=8192)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--json", action="store_true", help="also print the report as one JSON line (last)")
+    ap.add_argument("--stream", action="store_true", help="the sm_90 Gluon streaming pass instead of the portable one")
+    ap.add_argument("--shape", default=None, help="with --stream: 'scorers,rows,regs' (config.STREAM_SHAPE)")
     ap.add_argument("--out", default=None, help="folder for kernel.ptx / .cubin / .sass (default: a temporary one)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("sm90_build.py compiles for the GPU: run it without TRITON_INTERPRET")
-    kernel, cfg = build_assign(args.k, args.d)
+    kernel, cfg = build_stream(args.k, args.d, args.shape) if args.stream else build_assign(args.k, args.d)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or tmp
         os.makedirs(out, exist_ok=True)
         rep = report(kernel, out)
-    print(f"_assign_kernel sm_90, K={args.k} D={args.d}: block_n={cfg.block_n} block_k={cfg.block_k} "
-          f"block_d={cfg.block_d} warps={cfg.num_warps} stages={cfg.num_stages}")
+    if args.stream:
+        print(f"assign_sm90._stream_kernel sm_90, K={args.k} D={args.d}: {cfg.stream}")
+    else:
+        print(f"_assign_kernel sm_90, K={args.k} D={args.d}: block_n={cfg.block_n} block_k={cfg.block_k} "
+              f"block_d={cfg.block_d} warps={cfg.num_warps} stages={cfg.num_stages}")
     for key, value in rep.items():
         print(f"  {key}: {value}")
     if args.json:

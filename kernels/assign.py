@@ -52,6 +52,7 @@ _FAR = 1.0e38  # score of padded centroid columns: finite, so margins stay finit
 _ALPHA_TARGET_EXP = 10  # alpha * max|c - s| lands in [2**9, 2**10): rows up to 64x farther still fit fp16
 _COSINE_ALPHA = 2.0 ** 12  # unit rows: coordinates <= 1 -> <= 4096
 _FORCE_TOP2_REDUCE = False  # tests: run the GPU's one-pass top-2 reduction in the interpreter too
+SM90_STREAM = True  # sm_90: the warp-specialised streaming pass (assign_sm90); False: the portable kernel (A/B)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,7 +203,6 @@ def _assign_kernel(
     row, then the margin test, the exact distance of the label, and the flagged rows appended to the batch's
     list (`list_ptr[b, :count[b, 0]]`, batch stride n_pad, in no particular order; count is (B, 4)) for the
     resolve pass."""
-    U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -236,6 +236,20 @@ def _assign_kernel(
         best_idx = tl.where(better, i1, best_idx)
         best = tl.where(better, t1, best)
 
+    _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid_b,
+                 x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
+                 labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr, n_pad, D,
+                 COSINE, BLOCK_N, BLOCK_K, EPI_D)
+
+
+@triton.jit
+def _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid_b,
+                 x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
+                 labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr, n_pad, D,
+                 COSINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_D: tl.constexpr):
+    """After the stream: the margin test, the label, the resolve threshold, the flagged rows appended to the
+    batch's list, and the exact distance of the label (shared by both streaming passes: same bits)."""
+    U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
     bound = 2.0 * tl.load(rowstat_ptr + a_off * 2 + 1) * (1.0 + 1.52587890625e-05)
     trunc = BLOCK_K * 1.1920928955078125e-07 + 2.384185791015625e-07
     gap = (second - best) * (1.0 - 2.384185791015625e-07) - trunc * (tl.abs(best) + tl.abs(second)) - 1e-36
@@ -264,6 +278,32 @@ def _assign_kernel(
     if COSINE:
         total = _cosine_dist(total)
     tl.store(dist_ptr + out_off, total.to(tl.float32), mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["stride_xb", "n_rows"])
+def _finish_kernel(
+    top_ptr, top_stride, x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr,
+    cd_ptr, stride_cdb, stride_cdk, stride_cdd,
+    labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr,
+    n_rows, n_pad, D,
+    COSINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_D: tl.constexpr,
+):
+    """The rest of the streaming pass after `assign_sm90.stream`: reads each row's (best key, second key,
+    label) from its three planes and runs `_finish_rows` as `_assign_kernel` does."""
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    out_off = pid_b.to(tl.int64) * n_rows + rows
+    a_off = pid_b.to(tl.int64) * n_pad + rows
+    aa = tl.load(rowstat_ptr + a_off * 2)
+    best = tl.load(top_ptr + a_off)
+    second = tl.load(top_ptr + top_stride + a_off)
+    best_idx = tl.load(top_ptr + 2 * top_stride + a_off).to(tl.int32, bitcast=True)
+    _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid_b,
+                 x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
+                 labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr, n_pad, D,
+                 COSINE, BLOCK_N, BLOCK_K, EPI_D)
 
 
 @triton.jit
@@ -731,7 +771,7 @@ def _prepare_rows(p: _Prepared) -> None:
     """The row pass: fp16 operands and (aa, E) of every row of x."""
     b, n, d = p.x.shape
     cfg = p.cfg
-    n_pad = triton.cdiv(n, cfg.block_n) * cfg.block_n
+    n_pad = triton.cdiv(n, cfg.row_multiple) * cfg.row_multiple
     block_n = min(cfg.rows_block_n or cfg.block_n, cfg.block_n)  # divides n_pad (powers of two)
     d_pad = p.c_fast.shape[2]
     p.a_fast = torch.empty((b, n_pad, d_pad), dtype=torch.float16, device=p.x.device)
@@ -758,6 +798,16 @@ def _fast_pass(p: _Prepared) -> FastAssignment:
                           torch.empty((2, b, n_pad), dtype=torch.int32, device=dev),
                           torch.zeros((b, 4), dtype=torch.int32, device=dev))
     x, cd = p.x, p.c_dist
+    if cfg.stream is not None and SM90_STREAM:
+        from . import assign_sm90
+        top = assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, cfg.stream)
+        launch(_finish_kernel, (n_pad // cfg.block_n, b),
+               top, top.stride(0), x, x.stride(0), x.stride(1), x.stride(2), p.rowstat,
+               cd, cd.stride(0), cd.stride(1), cd.stride(2),
+               fast.labels, fast.min_dist, fast.flag, fast.threshold, fast.lists[0], fast.counts,
+               n, n_pad, x.shape[2], COSINE=p.cosine, BLOCK_N=cfg.block_n, BLOCK_K=cfg.stream.block_k,
+               EPI_D=cfg.epilogue_d, num_warps=cfg.num_warps)
+        return fast
     launch(_assign_kernel, (n_pad // cfg.block_n, b),
            x, x.stride(0), x.stride(1), x.stride(2), p.a_fast, p.rowstat,
            p.c_fast, p.cc, cd, cd.stride(0), cd.stride(1), cd.stride(2),

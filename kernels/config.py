@@ -73,6 +73,23 @@ class ResolveConfig:
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    """The warp-specialised streaming pass of FlashAssign on sm_90 (kernels/assign_sm90.py): a program's
+    `scorers` warpgroups (`regs` registers per thread each) score `block_n` rows each against `block_k`-wide
+    centroid tiles arriving by TMA into a ring of `stages` shared-memory slots."""
+
+    block_n: int
+    block_k: int
+    stages: int
+    scorers: int = 2
+    regs: int = 232
+
+    @property
+    def rows(self) -> int:
+        return self.scorers * self.block_n
+
+
+@dataclass(frozen=True)
 class AssignConfig:
     block_n: int  # rows of x per program
     block_k: int  # centroids per streamed tile (its index lives in the low log2(block_k) bits of a score key)
@@ -87,6 +104,12 @@ class AssignConfig:
     rows_block_d: int = 64  # row pass: D-chunk cap (fp32 work tile rows x chunk)
     rows_warps: int = 0  # row pass: warps (0: num_warps)
     rows_stages: int = 2
+    stream: StreamConfig | None = None  # sm_90: the Gluon streaming pass replaces the portable one
+
+    @property
+    def row_multiple(self) -> int:
+        """Prepared rows are padded to a multiple of this (the streaming pass's rows per program)."""
+        return self.stream.rows if self.stream else self.block_n
 
     @property
     def row_block_d(self) -> int:
@@ -151,7 +174,33 @@ def assign_config(device, k: int, d: int, dtype: torch.dtype) -> AssignConfig:
     # row pass: 64-row programs of 4 warps (H200 sweep, N=8M D=128: 1.18 ms against 1.45 at 128 rows, 8 warps)
     return AssignConfig(block_n, block_k, block_d, resident, 32, num_warps, stages, False,
                         _resolve_config(t, block_d, resident, block_k), rows_block_n=64, rows_block_d=64,
-                        rows_warps=4, rows_stages=2)
+                        rows_warps=4, rows_stages=2, stream=_stream_config(t, block_d, resident, block_k))
+
+
+# sm_90 pass: scorers per program, rows per scorer, registers per scorer thread. (H200, N=1M K=8192 D=128, streaming
+# pass alone: 4.47 ms for 2 x 128 rows against 4.72 for 4 x 64 rows at 112 registers, which spills two)
+STREAM_SHAPE = (2, 128, 232)
+
+
+def _stream_config(t: DeviceTraits, block_d: int, resident: bool, block_k: int) -> StreamConfig | None:
+    """sm_90 (wgmma + TMA; other GPUs keep the portable kernel), rows resident with D <= 128 and 128-wide centroid
+    tiles (the portable kernel's key width, so both give the same keys): STREAM_SHAPE, as many ring slots as
+    shared memory holds, at most 6 (the loader only has to stay a few tiles ahead)."""
+    if t.capability != (9, 0) or not resident or block_d > 128 or block_k != 128 or not _has_gluon():
+        return None
+    scorers, block_n, regs = STREAM_SHAPE
+    rows, tile = scorers * block_n * block_d * 2, block_k * block_d * 2
+    stages = min(6, (t.smem_per_block - _SMEM_RESERVE - rows) // tile)
+    return StreamConfig(block_n, block_k, stages, scorers, regs) if stages >= 2 else None
+
+
+@functools.lru_cache(maxsize=None)
+def _has_gluon() -> bool:
+    try:
+        from . import assign_sm90  # noqa: F401  (Triton without Gluon's Hopper API: the portable kernel only)
+    except ImportError:
+        return False
+    return True
 
 
 def _resolve_config(t: DeviceTraits, block_d: int, resident: bool, block_k: int) -> ResolveConfig:

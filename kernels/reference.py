@@ -125,6 +125,30 @@ class Partials:
         return Partials(self.sums.to(device), self.weights.to(device), self.scale)
 
 
+def stream_top2(a_fast: torch.Tensor, rowstat: torch.Tensor, c_fast: torch.Tensor, cc: torch.Tensor,
+                block_k: int) -> torch.Tensor:
+    """Twin of FlashAssign's sm_90 streaming pass (kernels/assign_sm90.stream) on its prepared operands: per row
+    the smallest and second smallest score key and the label of the smallest, as (3, B n_pad) fp32 planes (the
+    label as int32 bits). Scores aa + cc + a.b_fast in fp32 (the summation order differs from the tensor cores',
+    so the last bit may too); a key is a score's bits with its in-tile index in the low log2(block_k) bits; tiles
+    are merged in order and an earlier tile keeps a tie, as in the kernels."""
+    b, n_pad, _ = a_fast.shape
+    k_pad = c_fast.shape[1]
+    scores = (rowstat[..., :1] + cc[:, None, :]) + torch.bmm(a_fast.float(), c_fast.float().transpose(1, 2))
+    idx = (torch.arange(k_pad, device=cc.device, dtype=torch.int32) % block_k)
+    keys = ((scores.view(torch.int32) & -block_k) | idx).view(torch.float32)
+    two = keys.view(b, n_pad, k_pad // block_k, block_k).topk(2, dim=-1, largest=False).values
+    best = torch.full((b, n_pad), 3.0e38, device=cc.device)
+    second, label = best.clone(), torch.zeros((b, n_pad), dtype=torch.int32, device=cc.device)
+    for t in range(k_pad // block_k):
+        t1, t2 = two[..., t, 0], two[..., t, 1]
+        better = t1 < best
+        second = torch.where(better, torch.minimum(best, t2), torch.minimum(second, t1))
+        label = torch.where(better, (t1.view(torch.int32) & (block_k - 1)) + t * block_k, label)
+        best = torch.where(better, t1, best)
+    return torch.stack([best, second, label.view(torch.float32)]).reshape(3, b * n_pad)
+
+
 def weighted_rows(x: torch.Tensor, weights, square: bool = False) -> torch.Tensor:
     """The float64 rows whose sums make the centroids: x times the sample weights (one IEEE product each); with
     `square`, x * x (one IEEE product) before the weights."""

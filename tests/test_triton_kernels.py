@@ -547,6 +547,64 @@ def test_update_errors_like_reference():
 # config and launching
 
 
+def _with_sm90_pass(monkeypatch):
+    """Route fast_assign through the sm_90 path here: its streaming kernel (Gluon, Hopper only) is replaced by
+    its torch twin, everything after it (rows padded to the pass's multiple, the three planes, the finishing
+    kernel) runs as on the GPU, in the interpreter."""
+    import dataclasses
+
+    from flashkm_dist.kernels import assign as assign_module
+    from flashkm_dist.kernels import assign_sm90, config
+    real = assign_module.assign_config
+
+    def with_stream(*args, **kwargs):
+        cfg = real(*args, **kwargs)
+        return dataclasses.replace(cfg, stream=config.StreamConfig(cfg.block_n, cfg.block_k, 2, 2, 232))
+    monkeypatch.setattr(assign_module, "assign_config", with_stream)
+    monkeypatch.setattr(assign_sm90, "stream", lambda a, rowstat, c, cc, sc: reference.stream_top2(
+        a, rowstat, c, cc, sc.block_k))
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_sm90_path_finishes_like_the_portable_kernel(monkeypatch, metric):
+    g = gen(31)
+    x = (torch.randn(2, 75, 20, generator=g) + 3.0).half()  # batched, N not a multiple of the 64-row programs
+    c = x[:, :37].clone()
+    c[:, 5] = c[:, 6]  # a duplicated centroid: flagged rows, resolved to the lower index
+    portable_fast = fast_assign(x, c, metric=metric)
+    portable = flash_assign(x, c, metric=metric)
+    _with_sm90_pass(monkeypatch)
+    fast = fast_assign(x, c, metric=metric)
+    labels, min_dist = flash_assign(x, c, metric=metric)
+    assert torch.equal(labels, portable[0]) and torch.equal(min_dist, portable[1])
+    for b in range(2):
+        assert_exact(x[b], c[b], labels[b], metric=metric)  # (min_dist: the portable bits, above)
+    assert (labels != 6).all() and (labels == 5).any()  # the duplicate never wins over its lower twin
+    sure = ~fast.flagged & ~portable_fast.flagged  # stage 1 (fp32 scores summed in another order): same labels
+    assert torch.equal(fast.labels[sure], portable_fast.labels[sure]) and int(fast.counts[:, 0].sum()) > 0
+
+
+def test_sm90_pass_is_chosen_from_the_device_only_where_it_builds(monkeypatch):
+    from flashkm_dist.kernels import config
+    hopper = config.DeviceTraits(132, 227 * 1024, 228 * 1024, 50 << 20, (9, 0), False)
+    monkeypatch.setattr(config, "device_traits", lambda device: hopper)
+    sc = config.assign_config("cuda", 8192, 128, torch.float16).stream
+    assert sc is not None and sc.block_k == 128 and 2 <= sc.stages <= 6
+    rows, tile = sc.rows * 128 * 2, sc.stages * sc.block_k * 128 * 2
+    assert rows + tile <= hopper.smem_per_block
+    assert config.assign_config("cuda", 8192, 128, torch.float16).row_multiple == sc.rows
+    assert config.assign_config("cuda", 8192, 256, torch.float16).stream is None  # D > 128: portable
+    for cap in ((8, 0), (10, 0)):  # no wgmma / another MMA: portable
+        monkeypatch.setattr(config, "device_traits", lambda device, cap=cap: dataclasses_replace(hopper, cap))
+        assert config.assign_config("cuda", 8192, 128, torch.float16).stream is None
+    assert assign_config("cpu", 8192, 128, torch.float16).stream is None  # interpreter
+
+
+def dataclasses_replace(traits, capability):
+    import dataclasses
+    return dataclasses.replace(traits, capability=capability)
+
+
 def test_configs_are_small_on_cpu_and_bucket_d():
     cfg = assign_config("cpu", 37, 200, torch.float16)
     assert not cfg.resident and cfg.padded_d(200) == 256 and cfg.padded_k(37) == 48

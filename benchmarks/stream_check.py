@@ -1,0 +1,167 @@
+"""The sm_90 streaming pass (kernels/assign_sm90.py) against the portable one, in one process: same bits, then time.
+
+    python benchmarks/stream_check.py --out F.json [--smoke]
+
+1. Bits: for each shape, dtype and metric, `fast_assign` with the warp-specialised pass and with the portable
+   kernel (`assign.SM90_STREAM` off) must agree to the bit on labels, min_dist, flags, thresholds and the number
+   of flagged rows (both compute the same keys); `flash_assign`'s labels are then checked against float64.
+2. Time (CUDA events, median after warm-up): the streaming pass alone, `flash_assign`, and the estimator's
+   iteration (gpu_check.our_iteration), both ways, with flash-kmeans' assign and iteration on the same tensors.
+The streaming pass alone is timed for each program shape in STREAM_SHAPES (config.STREAM_SHAPE).
+`--smoke` runs two small shapes only (a hang or a fault shows there first, cheaply).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import traceback
+
+import torch
+
+import gpu_check as G
+from provenance import provenance
+from flashkm_dist.engine import backend_for, numerics_for
+from flashkm_dist.kernels import assign as A
+from flashkm_dist.kernels import reference
+from flashkm_dist.streaming import Block, Engine
+
+DEV = G.DEV
+STREAM_SHAPES = [(4, 64, 112), (2, 128, 232)]  # config.STREAM_SHAPE candidates timed side by side
+
+
+def both_ways(fn):
+    """fn() with the sm_90 pass, then with the portable kernel."""
+    out = []
+    for on in (True, False):
+        A.SM90_STREAM = on
+        try:
+            out.append(fn())
+        finally:
+            A.SM90_STREAM = True
+    return out
+
+
+def same_bits(x, c, metric="euclidean") -> dict:
+    ws, portable = both_ways(lambda: A.fast_assign(x, c, metric=metric))
+    row = {"shape": list(x.shape), "k": c.shape[-2], "dtype": str(x.dtype).removeprefix("torch."), "metric": metric}
+    for name in ("labels", "min_dist", "flag", "threshold"):
+        a, b = getattr(ws, name), getattr(portable, name)
+        row[f"{name}_equal"] = bool(torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                                                          and torch.equal(a.nan_to_num(), b.nan_to_num())))
+    row["flagged"] = [int(ws.counts[:, 0].sum()), int(portable.counts[:, 0].sum())]
+    labels, _ = A.flash_assign(x, c, metric=metric)
+    ref, _ = reference.assign(x.double(), c.double(), metric=metric)
+    row["labels_differing_from_float64"] = int((labels != ref).sum())
+    row["uses_sm90_pass"] = A._prepare(*A._as_batched(x, c)[:2], metric, None).cfg.stream is not None
+    row["ok"] = all(row[f"{n}_equal"] for n in ("labels", "min_dist", "flag", "threshold")) \
+        and row["flagged"][0] == row["flagged"][1]
+    return row
+
+
+def bit_cases(smoke: bool):
+    g = torch.Generator(device=DEV).manual_seed(7)
+    cases = [(1000, 1, 3, torch.float16, "euclidean"), (3000, 300, 100, torch.float32, "euclidean")]
+    if not smoke:
+        cases += [(200_000, 1024, 128, torch.float16, "euclidean"), (200_000, 1024, 128, torch.bfloat16, "euclidean"),
+                  (200_000, 1024, 128, torch.float32, "euclidean"), (100_000, 8192, 128, torch.float16, "cosine"),
+                  (77_777, 4096, 64, torch.float16, "euclidean"), (50_000, 999, 17, torch.float16, "euclidean"),
+                  (20_000, 20_000, 128, torch.float16, "euclidean")]
+    for n, k, d, dtype, metric in cases:
+        x = G.blobs(n, d, min(k, 512), dtype, seed=n % 97)
+        yield x, x[torch.randperm(n, device=DEV, generator=g)[:k]].clone(), metric
+    if not smoke:
+        xb = torch.randn(5, 30_000, 128, device=DEV, generator=g).half()  # batched
+        yield xb, xb[:, :1000].clone(), "euclidean"
+        near = G.blobs(100_000, 128, 64, torch.float16, seed=3)  # near-ties: centroids in pairs 1e-3 apart
+        cn = near[:512].clone().float()
+        cn = torch.cat([cn, cn + 1e-3]).half()
+        yield near, cn, "euclidean"
+
+
+def time_shape(n, k, d, dtype, flash) -> dict:
+    x = G.blobs(n, d, min(k, 4096), dtype, seed=4)
+    c = x[torch.randperm(n, device=DEV)[:k]].clone()
+    nm = numerics_for(x, None, metric="euclidean")
+    row = {"n": n, "k": k, "d": d, "dtype": str(dtype).removeprefix("torch.")}
+    p = A._prepare(x[None], c[None], "euclidean", nm.shift)
+    A._prepare_rows(p)
+    row["sm90_pass"] = str(p.cfg.stream)
+    if p.cfg.stream is not None:
+        from flashkm_dist.kernels import assign_sm90, config
+        tops, default = {}, config.STREAM_SHAPE
+        for shape in STREAM_SHAPES:  # (scorers, rows each, registers): same bits, time each
+            config.STREAM_SHAPE = shape
+            sc = A._prepare(x[None], c[None], "euclidean", nm.shift).cfg.stream
+
+            def run(sc=sc):
+                return assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, sc)
+            tops[shape] = run()
+            row[f"stream_only_ms_{shape}"] = G.cuda_ms(run, reps=15)
+        config.STREAM_SHAPE = default
+        row["stream_shapes_same_bits"] = all(torch.equal(tops[o], tops[default]) for o in tops)
+        row["stream_only_ms"] = row[f"stream_only_ms_{default}"]
+        row["stream_tflops"] = 2 * n * k * d / row["stream_only_ms"] / 1e9
+    engine, blocks = Engine(DEV, dtype=x.dtype, backend=backend_for(DEV)), [Block(x)]
+    for tag, on in (("sm90", True), ("portable", False)):
+        A.SM90_STREAM = on
+        try:
+            row[f"{tag}_fast_pass_ms"] = G.cuda_ms(lambda: A._fast_pass(p), reps=15)
+            row[f"{tag}_assign_ms"] = G.cuda_ms(lambda: A.flash_assign(x, c, shift=nm.shift), reps=15)
+            row[f"{tag}_iter_ms"] = G.cuda_ms(lambda: G.our_iteration(engine, blocks, c, nm), reps=15)
+        finally:
+            A.SM90_STREAM = True
+    row["tflops_assign_sm90"] = 2 * n * k * d / row["sm90_assign_ms"] / 1e9
+    if flash:
+        assign_fn, iter_fn = flash
+        xb, cb = x[None], c[None]
+        x_sq = (xb.float() ** 2).sum(-1)
+        row["flash_assign_ms"] = G.cuda_ms(lambda: assign_fn(xb, cb, x_sq), reps=15)
+        row["flash_iter_ms"] = G.cuda_ms(lambda: iter_fn(xb, x_sq, cb), reps=15)
+        row["iter_ratio_vs_flash"] = row["sm90_iter_ms"] / row["flash_iter_ms"]
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--stream-shapes", default=None, help="'scorers,rows,regs;...' (default: STREAM_SHAPES)")
+    args = ap.parse_args()
+    if args.stream_shapes:
+        STREAM_SHAPES[:] = [tuple(int(v) for v in part.split(",")) for part in args.stream_shapes.split(";")]
+    import triton
+    result = {"device": torch.cuda.get_device_properties(DEV).name, "torch": torch.__version__,
+              "triton": triton.__version__, **provenance(), "bits": [], "timings": []}
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    for x, c, metric in bit_cases(args.smoke):
+        try:
+            row = same_bits(x, c, metric)
+        except Exception:
+            row = {"shape": list(x.shape), "error": traceback.format_exc()}
+        result["bits"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+    if args.smoke:
+        return
+    result["matmul_tflops_fp16"] = G.matmul_tflops(torch.float16)
+    p = G.peers()
+    flash = p.get("flash")
+    result["peer_errors"] = {k: v for k, v in p.items() if k.endswith("_error")}
+    shapes = [(1 << 20, 8192, 128, torch.float16), (1 << 23, 1024, 128, torch.float16),
+              (1 << 20, 65536, 128, torch.float16), (1 << 20, 8192, 128, torch.float32),
+              (1 << 20, 4096, 64, torch.float16)]
+    for n, k, d, dtype in shapes:
+        try:
+            row = time_shape(n, k, d, dtype, flash)
+        except Exception:
+            row = {"n": n, "k": k, "d": d, "error": traceback.format_exc()}
+        result["timings"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+
+
+if __name__ == "__main__":
+    main()
