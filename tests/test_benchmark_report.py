@@ -17,12 +17,14 @@ def _module(name: str):
 
 def test_report_tables_and_plots_from_committed_results(tmp_path):
     for name in ("dask_scaling_h200x4_nccl.json", "engine_check_h100x1_n180m.json", "gpu_check_h200.json",
-                 "dask_1e9_h200x4.json", "dask_series_h200x4_n100m.json", "dask_weak_h200x4.json"):
+                 "stream_check_h200.json", "dask_1e9_h200x4.json", "dask_series_h200x4_n100m.json", "dask_weak_h200x4.json"):
         shutil.copy(BENCH / "results" / name, tmp_path / name)
     report = _module("report").main(["--results", str(tmp_path)]).read_text()
     assert "| nccl | 4 | 67108864 | 0.127 | 0.126 | 1.74 |  | 0.973 |" in report  # the 4xH200 NCCL row
     assert "4/4 exactness checks bitwise equal" in report
-    assert "| float32 | 1048576 | 8192 | 128 | 9.16 | 10.2 | 16.5 | 0.896 |" in report
+    assert "| float32 | 1048576 | 8192 | 128 | 8.1 | 10.6 | 13.9 | 0.767 |" in report
+    assert "Same bits as the portable kernel (labels, min_dist, flags, thresholds): 11 of 11 cases" in report
+    assert "| float16 | 1048576 | 8192 | 128 | 4.5 | 5.08 | 5.75 |" in report  # the sm_90 pass vs the portable one
     assert "| 180000000 | float32 | 92.2 | 54.7 |" in report
     # the headline and the N series share one table, ordered by N; weak scaling reports rows per worker
     assert report.index("| 100000000 | nccl | 4 | 32768 | 0.637 |") < report.index("| 1000000000 | nccl | 4 | 32768 |")
