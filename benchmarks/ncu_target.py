@@ -21,12 +21,8 @@ def main():
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--portable", action="store_true", help="the portable streaming kernel even on sm_90")
-    ap.add_argument("--stream-shape", default=None, help="sm_90 pass: 'scorers,rows,regs' (config.STREAM_SHAPE)")
     args = ap.parse_args()
     A.SM90_STREAM = not args.portable
-    if args.stream_shape:
-        from flashkm_dist.kernels import config
-        config.STREAM_SHAPE = tuple(int(v) for v in args.stream_shape.split(","))
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(args.n, args.d, device="cuda", generator=g).to(torch.float16)
     c = x[torch.randperm(args.n, device="cuda", generator=g)[:args.k]].clone()

@@ -79,14 +79,12 @@ def build_assign(k: int, d: int):
     return kernel, cfg
 
 
-def build_stream(k: int, d: int, shape: str | None = None):
+def build_stream(k: int, d: int):
     """The warp-specialised Gluon streaming pass (kernels/assign_sm90.py) as flash_assign would launch it."""
     from triton.runtime import driver
     driver.set_active(_Sm90Driver())
     from flashkm_dist.kernels import config as C
     C.device_traits = lambda device: C.DeviceTraits(**HOPPER)
-    if shape:
-        C.STREAM_SHAPE = tuple(int(v) for v in shape.split(","))
     cfg = C.assign_config(torch.device("cuda"), k, d, torch.float16)
     if cfg.stream is None:
         sys.exit(f"no sm_90 streaming pass for K={k} D={d} (see config._stream_config)")
@@ -99,7 +97,7 @@ def build_stream(k: int, d: int, shape: str | None = None):
     kernel = G._stream_kernel.warmup(a_desc, c_desc, torch.zeros(1, n_pad, 2, dtype=f32),
                                      torch.zeros(1, k_pad, dtype=f32), torch.zeros(3, n_pad, dtype=f32), n_pad, k_pad,
                                      n_pad, BLOCK_N=sc.block_n, BLOCK_K=sc.block_k, D_PAD=d_pad, NBUF=sc.stages,
-                                     SCORERS=sc.scorers, REGS=sc.regs, num_warps=4, grid=(1, 1))
+                                     REGS=sc.regs, num_warps=4, grid=(1, 1))
     return kernel, cfg
 
 
@@ -138,12 +136,11 @@ def main():
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--json", action="store_true", help="also print the report as one JSON line (last)")
     ap.add_argument("--stream", action="store_true", help="the sm_90 Gluon streaming pass instead of the portable one")
-    ap.add_argument("--shape", default=None, help="with --stream: 'scorers,rows,regs' (config.STREAM_SHAPE)")
     ap.add_argument("--out", default=None, help="folder for kernel.ptx / .cubin / .sass (default: a temporary one)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("sm90_build.py compiles for the GPU: run it without TRITON_INTERPRET")
-    kernel, cfg = build_stream(args.k, args.d, args.shape) if args.stream else build_assign(args.k, args.d)
+    kernel, cfg = build_stream(args.k, args.d) if args.stream else build_assign(args.k, args.d)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or tmp
         os.makedirs(out, exist_ok=True)

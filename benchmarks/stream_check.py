@@ -7,7 +7,6 @@
    of flagged rows (both compute the same keys); `flash_assign`'s labels are then checked against float64.
 2. Time (CUDA events, median after warm-up): the streaming pass alone, `flash_assign`, and the estimator's
    iteration (gpu_check.our_iteration), both ways, with flash-kmeans' assign and iteration on the same tensors.
-The streaming pass alone is timed for each program shape in STREAM_SHAPES (config.STREAM_SHAPE).
 `--smoke` runs two small shapes only (a hang or a fault shows there first, cheaply).
 """
 from __future__ import annotations
@@ -26,7 +25,6 @@ from flashkm_dist.kernels import reference
 from flashkm_dist.streaming import Block, Engine
 
 DEV = G.DEV
-STREAM_SHAPES = [(4, 64, 112), (2, 128, 232)]  # config.STREAM_SHAPE candidates timed side by side
 
 
 def both_ways(fn):
@@ -52,7 +50,7 @@ def same_bits(x, c, metric="euclidean") -> dict:
     labels, _ = A.flash_assign(x, c, metric=metric)
     ref, _ = reference.assign(x.double(), c.double(), metric=metric)
     row["labels_differing_from_float64"] = int((labels != ref).sum())
-    row["uses_sm90_pass"] = A._prepare(*A._as_batched(x, c)[:2], metric, None).cfg.stream is not None
+    row["uses_sm90_pass"] = A.assign_config(x.device, c.shape[-2], x.shape[-1], x.dtype).stream is not None
     row["ok"] = all(row[f"{n}_equal"] for n in ("labels", "min_dist", "flag", "threshold")) \
         and row["flagged"][0] == row["flagged"][1]
     return row
@@ -87,19 +85,9 @@ def time_shape(n, k, d, dtype, flash) -> dict:
     A._prepare_rows(p)
     row["sm90_pass"] = str(p.cfg.stream)
     if p.cfg.stream is not None:
-        from flashkm_dist.kernels import assign_sm90, config
-        tops, default = {}, config.STREAM_SHAPE
-        for shape in STREAM_SHAPES:  # (scorers, rows each, registers): same bits, time each
-            config.STREAM_SHAPE = shape
-            sc = A._prepare(x[None], c[None], "euclidean", nm.shift).cfg.stream
-
-            def run(sc=sc):
-                return assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, sc)
-            tops[shape] = run()
-            row[f"stream_only_ms_{shape}"] = G.cuda_ms(run, reps=15)
-        config.STREAM_SHAPE = default
-        row["stream_shapes_same_bits"] = all(torch.equal(tops[o], tops[default]) for o in tops)
-        row["stream_only_ms"] = row[f"stream_only_ms_{default}"]
+        from flashkm_dist.kernels import assign_sm90
+        row["stream_only_ms"] = G.cuda_ms(lambda: assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc,
+                                                                     p.cfg.stream), reps=15)
         row["stream_tflops"] = 2 * n * k * d / row["stream_only_ms"] / 1e9
     engine, blocks = Engine(DEV, dtype=x.dtype, backend=backend_for(DEV)), [Block(x)]
     for tag, on in (("sm90", True), ("portable", False)):
@@ -125,10 +113,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--stream-shapes", default=None, help="'scorers,rows,regs;...' (default: STREAM_SHAPES)")
     args = ap.parse_args()
-    if args.stream_shapes:
-        STREAM_SHAPES[:] = [tuple(int(v) for v in part.split(",")) for part in args.stream_shapes.split(";")]
     import triton
     result = {"device": torch.cuda.get_device_properties(DEV).name, "torch": torch.__version__,
               "triton": triton.__version__, **provenance(), "bits": [], "timings": []}

@@ -5,10 +5,10 @@ centroid tile through registers, meet at a CTA barrier, multiply, wait for the p
 (index bits, top-2) on the ALU pipe; warps mostly wait (profile at N=1M, K=8192, D=128: ALU pipe 54 % busy, issue
 slots 43 %, 46 % of the fp16 matmul rate).
 
-Here a program owns SCORERS x BLOCK_N rows and runs SCORERS + 1 partitions (`gl.warp_specialize`):
+Here a program owns 2 x BLOCK_N rows and runs three partitions (`gl.warp_specialize`):
   - a loader (the default partition; it gives its registers up): TMA of the scorers' row tiles once, then every
-    centroid tile into a ring of NBUF shared-memory slots, each refilled as soon as all scorers freed it;
-  - the scorers (one warpgroup each, BLOCK_N rows each): wait for a slot, tensor-core product of their rows with
+    centroid tile into a ring of NBUF shared-memory slots, each refilled as soon as both scorers freed it;
+  - two scorers (one warpgroup each, BLOCK_N rows each): wait for a slot, tensor-core product of their rows with
     it, free the slot, reduce the scores. Only the slots' mbarriers couple them, so one scorer's product runs on
     the tensor cores while another reduces its scores on the ALUs. The next tile's centroid norms are loaded
     under the product (the ring leaves L1 too small to keep them; loaded at use, their L2 latency stalled
@@ -65,15 +65,15 @@ def _tile_top2(acc, offs_k, BLOCK_K: gl.constexpr):
 
 @gluon.jit
 def _load_partition(a_desc, c_desc, a_smem, c_smem, a_bar, ready, empty, n_pad, k_pad,
-                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NBUF: gl.constexpr, SCORERS: gl.constexpr):
-    """The scorers' row tiles once, then centroid tile t into slot t % NBUF once every scorer freed that slot."""
+                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NBUF: gl.constexpr):
+    """The two scorers' row tiles once, then centroid tile t into slot t % NBUF once both freed that slot."""
     pid_n = gl.program_id(0)
     pid_b = gl.program_id(1)
-    a_row = pid_b * n_pad + pid_n * (SCORERS * BLOCK_N)
+    a_row = pid_b * n_pad + pid_n * (2 * BLOCK_N)
     c_row = pid_b * k_pad
-    mbarrier.expect(a_bar, SCORERS * a_desc.block_type.nbytes)
-    for h in gl.static_range(SCORERS):
-        _tma_load(a_desc, [a_row + h * BLOCK_N, 0], a_bar, a_smem.index(h))
+    mbarrier.expect(a_bar, 2 * a_desc.block_type.nbytes)
+    _tma_load(a_desc, [a_row, 0], a_bar, a_smem.index(0))
+    _tma_load(a_desc, [a_row + BLOCK_N, 0], a_bar, a_smem.index(1))
     for t in range(k_pad // BLOCK_K):
         slot = t % NBUF
         mbarrier.wait(empty.index(slot), ((t // NBUF) & 1) ^ 1)  # (a fresh barrier passes phase 1 at once)
@@ -83,8 +83,7 @@ def _load_partition(a_desc, c_desc, a_smem, c_smem, a_bar, ready, empty, n_pad, 
 
 @gluon.jit
 def _score_partition(a_smem, c_smem, a_bar, ready, empty, rowstat_ptr, cc_ptr, top_ptr, n_pad, k_pad, top_stride,
-                     H: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NBUF: gl.constexpr,
-                     SCORERS: gl.constexpr):
+                     H: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NBUF: gl.constexpr):
     """Scorer H: its BLOCK_N rows against every centroid tile, running best / second key and label per row as in
     the portable kernel (an earlier tile keeps a tie), written to top_ptr's three planes."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -93,7 +92,7 @@ def _score_partition(a_smem, c_smem, a_bar, ready, empty, rowstat_ptr, cc_ptr, t
     cols_l: gl.constexpr = gl.SliceLayout(0, mma)
     pid_n = gl.program_id(0)
     pid_b = gl.program_id(1)
-    local = pid_n * (SCORERS * BLOCK_N) + H * BLOCK_N + gl.arange(0, BLOCK_N, layout=rows_l)
+    local = pid_n * (2 * BLOCK_N) + H * BLOCK_N + gl.arange(0, BLOCK_N, layout=rows_l)
     rows = (pid_b * n_pad + local).to(gl.int64)
     offs_k = gl.arange(0, BLOCK_K, layout=cols_l)
     cc_row = cc_ptr + pid_b * k_pad
@@ -128,10 +127,10 @@ def _score_partition(a_smem, c_smem, a_bar, ready, empty, rowstat_ptr, cc_ptr, t
 @gluon.jit
 def _stream_kernel(a_desc, c_desc, rowstat_ptr, cc_ptr, top_ptr, n_pad, k_pad, top_stride,
                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, D_PAD: gl.constexpr, NBUF: gl.constexpr,
-                   SCORERS: gl.constexpr, REGS: gl.constexpr):
-    """Rows [S BLOCK_N pid_n, +S BLOCK_N) of batch pid_b against all k_pad centroids, S = SCORERS (2 or 4) of
-    REGS registers per thread (see the module docstring)."""
-    a_smem = gl.allocate_shared_memory(gl.float16, [SCORERS, BLOCK_N, D_PAD], a_desc.layout)
+                   REGS: gl.constexpr):
+    """Rows [2 BLOCK_N pid_n, +2 BLOCK_N) of batch pid_b against all k_pad centroids, by two scorers of REGS
+    registers per thread (see the module docstring)."""
+    a_smem = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, D_PAD], a_desc.layout)
     c_smem = gl.allocate_shared_memory(gl.float16, [NBUF, BLOCK_K, D_PAD], c_desc.layout)
     a_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout()).index(0)
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
@@ -139,31 +138,16 @@ def _stream_kernel(a_desc, c_desc, rowstat_ptr, cc_ptr, top_ptr, n_pad, k_pad, t
     mbarrier.init(a_bar, count=1)
     for i in gl.static_range(NBUF):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=SCORERS)
+        mbarrier.init(empty.index(i), count=2)  # both scorers
     fence_async_shared()
-    # (the partitions' argument tuples are spelled out: Triton 3.6 cannot hold a function in a tuple variable)
-    if SCORERS == 2:
-        gl.warp_specialize([
-            (_load_partition, (a_desc, c_desc, a_smem, c_smem, a_bar, ready, empty, n_pad, k_pad, BLOCK_N, BLOCK_K,
-                               NBUF, SCORERS)),
-            (_score_partition, (a_smem, c_smem, a_bar, ready, empty, rowstat_ptr, cc_ptr, top_ptr, n_pad, k_pad,
-                                top_stride, 0, BLOCK_N, BLOCK_K, NBUF, SCORERS)),
-            (_score_partition, (a_smem, c_smem, a_bar, ready, empty, rowstat_ptr, cc_ptr, top_ptr, n_pad, k_pad,
-                                top_stride, 1, BLOCK_N, BLOCK_K, NBUF, SCORERS)),
-        ], [4, 4], [REGS, REGS])
-    else:
-        gl.warp_specialize([
-            (_load_partition, (a_desc, c_desc, a_smem, c_smem, a_bar, ready, empty, n_pad, k_pad, BLOCK_N, BLOCK_K,
-                               NBUF, SCORERS)),
-            (_score_partition, (a_smem, c_smem, a_bar, ready, empty, rowstat_ptr, cc_ptr, top_ptr, n_pad, k_pad,
-                                top_stride, 0, BLOCK_N, BLOCK_K, NBUF, SCORERS)),
-            (_score_partition, (a_smem, c_smem, a_bar, ready, empty, rowstat_ptr, cc_ptr, top_ptr, n_pad, k_pad,
-                                top_stride, 1, BLOCK_N, BLOCK_K, NBUF, SCORERS)),
-            (_score_partition, (a_smem, c_smem, a_bar, ready, empty, rowstat_ptr, cc_ptr, top_ptr, n_pad, k_pad,
-                                top_stride, 2, BLOCK_N, BLOCK_K, NBUF, SCORERS)),
-            (_score_partition, (a_smem, c_smem, a_bar, ready, empty, rowstat_ptr, cc_ptr, top_ptr, n_pad, k_pad,
-                                top_stride, 3, BLOCK_N, BLOCK_K, NBUF, SCORERS)),
-        ], [4, 4, 4, 4], [REGS, REGS, REGS, REGS])
+    gl.warp_specialize([
+        (_load_partition, (a_desc, c_desc, a_smem, c_smem, a_bar, ready, empty, n_pad, k_pad, BLOCK_N, BLOCK_K,
+                           NBUF)),
+        (_score_partition, (a_smem, c_smem, a_bar, ready, empty, rowstat_ptr, cc_ptr, top_ptr, n_pad, k_pad,
+                            top_stride, 0, BLOCK_N, BLOCK_K, NBUF)),
+        (_score_partition, (a_smem, c_smem, a_bar, ready, empty, rowstat_ptr, cc_ptr, top_ptr, n_pad, k_pad,
+                            top_stride, 1, BLOCK_N, BLOCK_K, NBUF)),
+    ], [4, 4], [REGS, REGS])
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,5 +174,5 @@ def stream(a_fast: torch.Tensor, rowstat: torch.Tensor, c_fast: torch.Tensor, cc
     top = torch.empty((3, b * n_pad), dtype=torch.float32, device=a_fast.device)
     _stream_kernel[(n_pad // sc.rows, b)](a_desc, c_desc, rowstat, cc, top, n_pad, k_pad, b * n_pad,
                                          BLOCK_N=sc.block_n, BLOCK_K=sc.block_k, D_PAD=d_pad, NBUF=sc.stages,
-                                         SCORERS=sc.scorers, REGS=sc.regs, num_warps=4)
+                                         REGS=sc.regs, num_warps=4)
     return top

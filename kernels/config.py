@@ -74,19 +74,18 @@ class ResolveConfig:
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """The warp-specialised streaming pass of FlashAssign on sm_90 (kernels/assign_sm90.py): a program's
-    `scorers` warpgroups (`regs` registers per thread each) score `block_n` rows each against `block_k`-wide
-    centroid tiles arriving by TMA into a ring of `stages` shared-memory slots."""
+    """The warp-specialised streaming pass of FlashAssign on sm_90 (kernels/assign_sm90.py): a program's two
+    scorer warpgroups (`regs` registers per thread each) score `block_n` rows each against `block_k`-wide centroid
+    tiles arriving by TMA into a ring of `stages` shared-memory slots."""
 
     block_n: int
     block_k: int
     stages: int
-    scorers: int = 2
     regs: int = 232
 
     @property
     def rows(self) -> int:
-        return self.scorers * self.block_n
+        return 2 * self.block_n
 
 
 @dataclass(frozen=True)
@@ -177,9 +176,9 @@ def assign_config(device, k: int, d: int, dtype: torch.dtype) -> AssignConfig:
                         rows_warps=4, rows_stages=2, stream=_stream_config(t, block_d, resident, block_k))
 
 
-# sm_90 pass: scorers per program, rows per scorer, registers per scorer thread. (H200, N=1M K=8192 D=128, streaming
-# pass alone: 4.47 ms for 2 x 128 rows against 4.72 for 4 x 64 rows at 112 registers, which spills two)
-STREAM_SHAPE = (2, 128, 232)
+# sm_90 pass: rows per scorer, registers per scorer thread. (H200, N=1M K=8192 D=128, streaming pass alone: 4.47 ms
+# for 2 scorers x 128 rows against 4.72 for 4 x 64 rows at 112 registers, which spills two; 4 scorers were dropped)
+STREAM_SHAPE = (128, 232)
 
 
 def _stream_config(t: DeviceTraits, block_d: int, resident: bool, block_k: int) -> StreamConfig | None:
@@ -188,10 +187,10 @@ def _stream_config(t: DeviceTraits, block_d: int, resident: bool, block_k: int) 
     shared memory holds, at most 6 (the loader only has to stay a few tiles ahead)."""
     if t.capability != (9, 0) or not resident or block_d > 128 or block_k != 128 or not _has_gluon():
         return None
-    scorers, block_n, regs = STREAM_SHAPE
-    rows, tile = scorers * block_n * block_d * 2, block_k * block_d * 2
+    block_n, regs = STREAM_SHAPE
+    rows, tile = 2 * block_n * block_d * 2, block_k * block_d * 2
     stages = min(6, (t.smem_per_block - _SMEM_RESERVE - rows) // tile)
-    return StreamConfig(block_n, block_k, stages, scorers, regs) if stages >= 2 else None
+    return StreamConfig(block_n, block_k, stages, regs) if stages >= 2 else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -559,7 +559,7 @@ def _with_sm90_pass(monkeypatch):
 
     def with_stream(*args, **kwargs):
         cfg = real(*args, **kwargs)
-        return dataclasses.replace(cfg, stream=config.StreamConfig(cfg.block_n, cfg.block_k, 2, 2, 232))
+        return dataclasses.replace(cfg, stream=config.StreamConfig(cfg.block_n, cfg.block_k, 2, 232))
     monkeypatch.setattr(assign_module, "assign_config", with_stream)
     monkeypatch.setattr(assign_sm90, "stream", lambda a, rowstat, c, cc, sc: reference.stream_top2(
         a, rowstat, c, cc, sc.block_k))
