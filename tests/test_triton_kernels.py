@@ -585,6 +585,8 @@ def test_sm90_path_finishes_like_the_portable_kernel(monkeypatch, metric):
 
 
 def test_sm90_pass_is_chosen_from_the_device_only_where_it_builds(monkeypatch):
+    import dataclasses
+
     from flashkm_dist.kernels import config
     hopper = config.DeviceTraits(132, 227 * 1024, 228 * 1024, 50 << 20, (9, 0), False)
     monkeypatch.setattr(config, "device_traits", lambda device: hopper)
@@ -595,14 +597,10 @@ def test_sm90_pass_is_chosen_from_the_device_only_where_it_builds(monkeypatch):
     assert config.assign_config("cuda", 8192, 128, torch.float16).row_multiple == sc.rows
     assert config.assign_config("cuda", 8192, 256, torch.float16).stream is None  # D > 128: portable
     for cap in ((8, 0), (10, 0)):  # no wgmma / another MMA: portable
-        monkeypatch.setattr(config, "device_traits", lambda device, cap=cap: dataclasses_replace(hopper, cap))
+        other = dataclasses.replace(hopper, capability=cap)
+        monkeypatch.setattr(config, "device_traits", lambda device, other=other: other)
         assert config.assign_config("cuda", 8192, 128, torch.float16).stream is None
     assert assign_config("cpu", 8192, 128, torch.float16).stream is None  # interpreter
-
-
-def dataclasses_replace(traits, capability):
-    import dataclasses
-    return dataclasses.replace(traits, capability=capability)
 
 
 def test_configs_are_small_on_cpu_and_bucket_d():
