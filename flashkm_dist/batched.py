@@ -18,6 +18,7 @@ from flashkm_dist.engine import (DataBounds, FitNumerics, backend_for, column_mo
 from flashkm_dist.init import check_init_array, initial_centers
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
+from flashkm_dist.kernels.checks import DeferredChecks
 from flashkm_dist.lloyd import reseed_empty_clusters
 from flashkm_dist.points import local_points
 from flashkm_dist.streaming import Block, Engine
@@ -91,28 +92,54 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
     tols = torch.tensor([tol * nm.mean_variance for nm in numerics], dtype=torch.float64, device=x.device)
     scale, offsets = numerics[0].scale, (torch.arange(b, device=x.device) * k)[:, None]
 
-    active = torch.ones(b, dtype=torch.bool, device=x.device)
-    strict = torch.zeros_like(active)
-    n_iter = torch.zeros(b, dtype=torch.int64, device=x.device)
+    state = _Progress(centers, torch.ones(b, dtype=torch.bool, device=x.device),
+                      torch.zeros(b, dtype=torch.int64, device=x.device))
     prev = None
     for it in range(1, max_iter + 1):
-        labels, _ = backend.assign(x, centers, metric=metric, shift=shift)
-        partials = backend.partial_sums(x.reshape(b * n, d), (labels + offsets).reshape(-1), b * k, scale=scale)
-        partials = _relocate_per_problem(partials, engine, x, centers, numerics, k)
-        new, _ = reference.finalize(partials, dtype=x.dtype, metric=metric, previous=centers.reshape(b * k, d))
-        new = new.reshape(b, k, d)
-        moved = ((new.to(torch.float64) - centers.to(torch.float64)) ** 2).sum(dim=(1, 2))
-        unchanged = torch.zeros_like(active) if prev is None else (labels == prev).all(dim=1)
-        centers = torch.where(active[:, None, None], new, centers)
-        n_iter = torch.where(active, torch.full_like(n_iter, it), n_iter)
-        strict |= active & unchanged
-        active &= ~unchanged & (moved > tols)
-        if not bool(active.any()):
+        labels, _ = backend.assign(x, state.centers, metric=metric, shift=shift)
+        checks = DeferredChecks()
+        partials = backend.partial_sums(x.reshape(b * n, d), (labels + offsets).reshape(-1), b * k, scale=scale,
+                                        deferred=checks)
+        weights = fp.to_float(partials.weights, partials.scale.weight_exp)
+        after = _advance(state, partials, labels, prev, tols, it, metric)
+        # one wait per iteration: empty clusters anywhere, problems still running, the kernels' checks
+        flags = torch.stack([(weights == 0).any(), after.active.any()]).to(torch.int64)
+        any_empty, running, *found = torch.cat([flags, checks.values(x.device)]).tolist()
+        checks.verify(found)
+        if any_empty:  # (rare) re-seed, then redo the update from the re-seeded sums
+            partials = _relocate_per_problem(partials, engine, x, state.centers, numerics, k)
+            after = _advance(state, partials, labels, prev, tols, it, metric)
+            running = bool(after.active.any())
+        state, prev = after, labels
+        if not running:
             break
-        prev = labels
+    centers, n_iter = state.centers, state.n_iter
     labels, min_dist = backend.assign(x, centers, metric=metric, shift=shift)
     inertia = fp.to_float(fp.quantize(min_dist.to(torch.float64), scale.dist_exp).sum(dim=2), scale.dist_exp)
     return BatchedResult(labels, centers, n_iter, inertia)
+
+
+@dataclass
+class _Progress:
+    """Per-problem state of the batched loop, all on the device."""
+
+    centers: torch.Tensor  # (B, K, D)
+    active: torch.Tensor  # (B,) bool: still iterating
+    n_iter: torch.Tensor  # (B,) int64
+
+
+def _advance(state: _Progress, partials: reference.Partials, labels, prev, tols, it: int, metric: str) -> _Progress:
+    """The update of every problem still running (a finished problem's centres freeze), without waiting."""
+    b, k, d = state.centers.shape
+    new, _ = reference.finalize(partials, dtype=state.centers.dtype, metric=metric,
+                                previous=state.centers.reshape(b * k, d))
+    new = new.reshape(b, k, d)
+    moved = ((new.to(torch.float64) - state.centers.to(torch.float64)) ** 2).sum(dim=(1, 2))
+    unchanged = torch.zeros_like(state.active) if prev is None else (labels == prev).all(dim=1)
+    active = state.active
+    return _Progress(torch.where(active[:, None, None], new, state.centers),
+                     active & ~unchanged & (moved > tols),
+                     torch.where(active, torch.full_like(state.n_iter, it), state.n_iter))
 
 
 def _relocate_per_problem(partials: reference.Partials, engine: Engine, x, centers, numerics, k: int):

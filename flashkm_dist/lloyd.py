@@ -52,10 +52,56 @@ def move_to_empty(partials: reference.Partials, far) -> reference.Partials:
 
 
 def next_centers(partials: reference.Partials, centers: torch.Tensor, metric: str) -> tuple[torch.Tensor, float]:
-    """The Lloyd update (empty clusters already re-seeded) and the summed squared shift from `centers`, computed
-    on the partials' device; both are elementwise or exact sums, so any device gives the same bits."""
+    """The Lloyd update (empty clusters already re-seeded) and the summed squared shift from `centers`."""
+    new, shift = update_on_device(partials, centers, metric)
+    return new, float(shift)
+
+
+def update_on_device(partials: reference.Partials, centers: torch.Tensor, metric: str):
+    """`next_centers` without waiting: the new centres and their shift (0-d float64) on the partials' device.
+    Both are elementwise or exact sums, so any device gives the same bits."""
     new, _ = reference.finalize(partials, dtype=centers.dtype, metric=metric, previous=centers.to(partials.sums.device))
-    return new, center_shift(new, centers)
+    return new, shift_tensor(new, centers)
+
+
+@dataclass
+class Iteration:
+    """One Lloyd iteration's outcome on the host side."""
+
+    step: object  # the settled `streaming.EngineStep`
+    centers: torch.Tensor  # the next centres
+    inertia: float  # of the labels this iteration found
+    shift: float  # summed squared move to the next centres
+
+
+def lloyd_iteration(engine, blocks, centers: torch.Tensor, numerics: FitNumerics) -> Iteration:
+    """Step, update and the scalars of one iteration with one wait for the device: the update is made as if no
+    cluster were empty, and redone (after re-seeding) only when one is, which the same read-back tells."""
+    return finish_iteration(engine, blocks, centers, numerics, *iteration_on_device(engine, blocks, centers,
+                                                                                    numerics))
+
+
+def iteration_on_device(engine, blocks, centers: torch.Tensor, numerics: FitNumerics):
+    """The device half of `lloyd_iteration`, queued without waiting: (step, next centres, packed), where packed
+    is one int64 vector: the step's pending values, the number of empty clusters, then inertia and shift as
+    float64 bits (what the host half reads back in one transfer)."""
+    step = engine.step(blocks, centers, numerics, wait=False)
+    new, shift = update_on_device(step.partials, centers, numerics.metric)
+    weights = fp.to_float(step.partials.weights, step.partials.scale.weight_exp)
+    floats = torch.stack([fp.to_float(step.inertia, numerics.scale.dist_exp), shift])
+    return step, new, torch.cat([step.pending(), (weights == 0).sum().reshape(1), floats.view(torch.int64)])
+
+
+def finish_iteration(engine, blocks, centers: torch.Tensor, numerics: FitNumerics, step, new: torch.Tensor,
+                     packed: torch.Tensor) -> Iteration:
+    """The host half: read `packed` back (the one wait), raise what the kernels found, re-seed if needed."""
+    host = packed.cpu()
+    ints, (inertia, shift) = host[:-2].tolist(), host[-2:].view(torch.float64).tolist()
+    step.settle(ints[:-1])
+    if ints[-1]:  # empty clusters
+        partials = reseed_empty_clusters(engine, blocks, centers, numerics, step.partials)
+        new, shift = next_centers(partials, centers, numerics.metric)
+    return Iteration(step, new, inertia, shift)
 
 
 def center_shift(new: torch.Tensor, centers: torch.Tensor) -> float:
@@ -74,28 +120,28 @@ def _joined(labels: list) -> torch.Tensor:
 
 def run_lloyd(engine, blocks, centers: torch.Tensor, numerics: FitNumerics, *, max_iter: int = 300,
               tol: float = 0.0, verbose: bool = False, desc: str = "k-means") -> LloydResult:
-    """Lloyd iterations of `engine` over `blocks` from `centers` (compute dtype) until convergence or max_iter."""
+    """Lloyd iterations of `engine` over `blocks` from `centers` (compute dtype) until convergence or max_iter.
+    Rows resident on one GPU iterate as a replayed CUDA graph (`graphed`) once the kernels are compiled."""
+    from flashkm_dist.graphed import GraphedIteration  # (it builds on this module's iteration halves)
+    iterate = GraphedIteration(engine, blocks, numerics)
     history, strict = [], False
     bar = tqdm(total=max_iter, desc=desc, disable=not verbose, leave=False)
     for i in range(max_iter):
         t0 = time.perf_counter()
-        step = engine.step(blocks, centers, numerics)
-        partials = reseed_empty_clusters(engine, blocks, centers, numerics, step.partials)
-        new_centers, shift = next_centers(partials, centers, numerics.metric)
-        inertia = float(fp.to_float(step.inertia, numerics.scale.dist_exp))
-        history.append({"iteration": i + 1, "inertia": inertia, "center_shift": shift,
-                        "labels_changed": step.n_changed, "seconds": time.perf_counter() - t0})
+        it = iterate(centers)
+        history.append({"iteration": i + 1, "inertia": it.inertia, "center_shift": it.shift,
+                        "labels_changed": it.step.n_changed, "seconds": time.perf_counter() - t0})
         bar.update(1)
-        bar.set_postfix(inertia=f"{inertia:.6g}", shift=f"{shift:.3g}")
-        converged_centers, centers = centers, new_centers
-        if step.n_changed == 0:
+        bar.set_postfix(inertia=f"{it.inertia:.6g}", shift=f"{it.shift:.3g}")
+        converged_centers, centers = centers, it.centers
+        if it.step.n_changed == 0:
             strict = True
             break
-        if shift <= tol:
+        if it.shift <= tol:
             break
     bar.close()
+    inertia = it.inertia
     if not (strict and torch.equal(converged_centers, centers)):
         step = engine.step(blocks, centers, numerics)  # labels (and inertia) of the returned centres
-    return LloydResult(centers, _joined(engine.labels(blocks)), float(fp.to_float(step.inertia,
-                                                                                   numerics.scale.dist_exp)),
-                       i + 1, history)
+        inertia = float(fp.to_float(step.inertia, numerics.scale.dist_exp))
+    return LloydResult(centers, _joined(engine.labels(blocks)), inertia, i + 1, history)

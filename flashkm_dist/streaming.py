@@ -21,6 +21,7 @@ import torch
 from flashkm_dist.engine import Backend, FitNumerics, backend_for, exact_inertia, unit_rows_like
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
+from flashkm_dist.kernels.checks import DeferredChecks
 
 CHUNK_BYTES = 256 << 20  # one staging buffer
 CACHE_FRACTION = 0.8  # of the free device memory, for 'auto'
@@ -37,12 +38,28 @@ class Block:
 
 @dataclass
 class EngineStep:
-    """What one device contributes to an iteration: all exact, so steps of several devices simply add up."""
+    """What one device contributes to an iteration: all exact, so steps of several devices simply add up.
+    A step taken with `wait=False` has not read anything back yet: `n_changed` is None until `settle`."""
 
     partials: reference.Partials
     inertia: torch.Tensor  # limbs (2,)
-    n_changed: int
-    seconds: float = 0.0  # wall time of the step on this device (it ends synchronised)
+    n_changed: int | None
+    seconds: float = 0.0  # wall time of the step on this device (it ends synchronised unless wait=False)
+    changed: torch.Tensor | None = None  # 0-d int64 on the device (a step not yet settled)
+    checks: DeferredChecks = field(default_factory=DeferredChecks)
+
+    def pending(self) -> torch.Tensor:
+        """The int64 values a settle reads back (labels changed, then the kernels' checks), on the device."""
+        return torch.cat([self.changed.reshape(1), self.checks.values(self.changed.device)])
+
+    def settle(self, host: list | None = None) -> "EngineStep":
+        """Raise what the kernels' checks found, and set n_changed: from `host`, `pending()` as read back by the
+        caller with its own scalars, or by reading it now."""
+        if self.n_changed is None:
+            host = self.pending().tolist() if host is None else list(host)
+            self.checks.verify(host[1:])
+            self.n_changed = int(host[0])
+        return self
 
 
 @dataclass
@@ -122,10 +139,13 @@ class Engine:
             self.cache_bytes = int(os.environ["FLASHKM_CACHE_BYTES"])
 
     # ------------------------------------------------------------------------------------------- public steps
-    def step(self, blocks, centroids: torch.Tensor, numerics: FitNumerics) -> EngineStep:
-        """Assign every row, sum rows per centroid exactly, remember the labels; restarts on CUDA OOM."""
+    def step(self, blocks, centroids: torch.Tensor, numerics: FitNumerics, *, wait: bool = True) -> EngineStep:
+        """Assign every row, sum rows per centroid exactly, remember the labels; restarts on CUDA OOM.
+        wait=False: nothing is read back (the caller settles the step with its own scalars, in one transfer)."""
         start = time.perf_counter()
         result = self._retrying(lambda: self._step(blocks, centroids.to(self.device), self.local(numerics)))
+        if wait:
+            result.settle()
         result.seconds = time.perf_counter() - start
         return result
 
@@ -199,6 +219,10 @@ class Engine:
         """Whether every block has labels from an earlier step (a label-change count against them is meaningful)."""
         return all(self._key(b, i) in self._labels or _as_tensor(b.data).shape[0] == 0 for i, b in enumerate(blocks))
 
+    def label_buffers(self) -> dict:
+        """The tensors the labels of each block are kept in (a CUDA graph of a step writes to these addresses)."""
+        return dict(self._labels)
+
     def labels(self, blocks) -> list:
         """Labels (int64 tensors) of the last step of every block: on the host for blocks streamed from the host,
         on the device for blocks computed in place (empty blocks: empty)."""
@@ -214,16 +238,18 @@ class Engine:
         counts = torch.zeros((2, k), dtype=torch.int64, device=self.device)
         inertia = torch.zeros(2, dtype=torch.int64, device=self.device)
         changed = torch.zeros((), dtype=torch.int64, device=self.device)  # no host sync per chunk
+        checks = DeferredChecks()
         for chunk in self._chunks(blocks):
             labels, dist = self.backend.assign(chunk.x, centroids, metric=numerics.metric, shift=numerics.shift)
-            part = self.backend.partial_sums(chunk.x, labels, k, chunk.weights, scale=numerics.scale)
+            part = self.backend.partial_sums(chunk.x, labels, k, chunk.weights, scale=numerics.scale,
+                                             deferred=checks)
             sums += part.sums
             counts += part.weights
-            inertia += exact_inertia(dist, chunk.weights, numerics)
+            inertia += exact_inertia(dist, chunk.weights, numerics, checks)
             changed += self._remember(blocks, chunk, labels)
-        changed = int(changed)  # (waits for the stream: host labels have landed too)
+        # (settling reads `changed` back, which waits for the stream: host labels have landed too)
         return EngineStep(reference.Partials(fp.normalize(sums), fp.normalize(counts), numerics.scale),
-                          fp.normalize(inertia[:, None])[:, 0], changed)
+                          fp.normalize(inertia[:, None])[:, 0], None, changed=changed, checks=checks)
 
     def _remember(self, blocks, chunk: _Chunk, labels: torch.Tensor) -> torch.Tensor:
         """Keep this chunk's labels and count (on the device, no host sync) how many changed. Device blocks keep

@@ -8,10 +8,14 @@ fit from a bound on |v| (for example max |x| of the data), so every partial of a
 """
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
+
+from .checks import DeferredChecks
 
 LIMB_BITS = 26
 VALUE_BITS = 2 * LIMB_BITS  # |q| < 2**VALUE_BITS
@@ -43,14 +47,26 @@ class FixedPointScale:
         return cls(exponent_for(max_abs_weighted_x), exponent_for(max_weight), exponent_for(max_weighted_dist))
 
 
-def quantize(values: torch.Tensor, exp: int) -> torch.Tensor:
-    """float tensor (...) -> int64 limbs (2, ...): exactly round(values * 2**exp) = hi * 2**26 + lo, 0 <= lo < 2**26."""
+def quantize(values: torch.Tensor, exp: int, deferred: DeferredChecks | None = None) -> torch.Tensor:
+    """float tensor (...) -> int64 limbs (2, ...): exactly round(values * 2**exp) = hi * 2**26 + lo, 0 <= lo < 2**26.
+    A value off the grid raises OverflowError, at once or at `deferred`'s verify."""
     q = torch.round(values.to(torch.float64) * (2.0 ** exp))
-    if q.numel() and not bool((q.abs() < 2.0 ** VALUE_BITS).all()):
-        raise OverflowError(
-            f"value {float(values.abs().max())} exceeds the fixed-point range chosen for this fit "
-            f"(2**{VALUE_BITS - exp}); the scale must be built from a bound on every value summed")
+    if q.numel():
+        largest = q.abs().max().view(torch.int64)  # (float64 bits; NaN stays NaN and is off the grid too)
+        check = functools.partial(_check_grid, exp=exp)
+        if deferred is None:
+            check(largest.reshape(1).tolist())
+        else:
+            deferred.add(largest, check)
     return split(q.to(torch.int64))
+
+
+def _check_grid(found: list, *, exp: int) -> None:
+    (largest,) = struct.unpack("<d", struct.pack("<q", found[0]))
+    if not largest < 2.0 ** VALUE_BITS:
+        raise OverflowError(
+            f"value {largest * 2.0 ** -exp} exceeds the fixed-point range chosen for this fit "
+            f"(2**{VALUE_BITS - exp}); the scale must be built from a bound on every value summed")
 
 
 def normalize(limbs: torch.Tensor) -> torch.Tensor:
@@ -69,9 +85,9 @@ def _assemble(limbs: torch.Tensor, unit) -> torch.Tensor:
     return (limbs[0].to(torch.float64) * float(1 << LIMB_BITS) + limbs[1].to(torch.float64)) * unit
 
 
-def exact_sum(values: torch.Tensor, exp: int) -> torch.Tensor:
+def exact_sum(values: torch.Tensor, exp: int, deferred: DeferredChecks | None = None) -> torch.Tensor:
     """Normalised limbs (2,) of the exact sum of quantised values (any shape): one canonical form per integer."""
-    return normalize(quantize(values.reshape(-1), exp).sum(dim=1))
+    return normalize(quantize(values.reshape(-1), exp, deferred).sum(dim=1))
 
 
 def exponent_of(bound: torch.Tensor) -> torch.Tensor:

@@ -159,13 +159,14 @@ def weighted_rows(x: torch.Tensor, weights, square: bool = False) -> torch.Tenso
 
 
 def partial_sums(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, weights=None, *,
-                 scale: fp.FixedPointScale | None = None, square: bool = False) -> Partials:
+                 scale: fp.FixedPointScale | None = None, square: bool = False, deferred=None) -> Partials:
     """Exact per-centroid sums of weighted rows and of weights (of squared coordinates with `square`: the second
     moments behind the tolerance, summed the same order-free way).
 
     Partials of the same fit (same `scale`) add to the same bits in any order and any chunking. Without `scale`,
     one is derived from this x alone, which is only right for a single call. For spherical (cosine) k-means the
-    caller passes unit rows: the sums are metric-free.
+    caller passes unit rows: the sums are metric-free. `deferred` (a `checks.DeferredChecks`) takes the range
+    checks, as in the kernel.
     """
     rows = weighted_rows(x, weights, square)
     w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if weights is None \
@@ -175,8 +176,8 @@ def partial_sums(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, weights
     labels = labels.to(device=x.device, dtype=torch.int64)
     sums = torch.zeros((2, n_clusters, x.shape[1]), dtype=torch.int64, device=x.device)
     counts = torch.zeros((2, n_clusters), dtype=torch.int64, device=x.device)
-    sums.index_add_(1, labels, fp.quantize(rows, scale.sum_exp))
-    counts.index_add_(1, labels, fp.quantize(w, scale.weight_exp))
+    sums.index_add_(1, labels, fp.quantize(rows, scale.sum_exp, deferred))
+    counts.index_add_(1, labels, fp.quantize(w, scale.weight_exp, deferred))
     return Partials(fp.normalize(sums), fp.normalize(counts), scale)
 
 

@@ -9,12 +9,15 @@ result does not depend on scheduling, chunking or the sort's tie order.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import fixed_point as fp
 from . import reference
+from .checks import DeferredChecks
 from .config import launch, update_config
 
 _FP32_EXACT = (torch.float16, torch.bfloat16, torch.float32)  # input an fp32 product by 2**exp keeps exact
@@ -48,6 +51,13 @@ def _to_int64(v, RNI: tl.constexpr, F64: tl.constexpr):
 
 
 @triton.jit
+def _power_of_two(exp):
+    """2.0 ** exp in float64, exactly, for |exp| <= 1000: built from the exponent bits (the grid's exponents are
+    plain integer arguments, so no scale tensor has to be copied to the device before the launch)."""
+    return ((exp.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
 def _flush(ptr, lo_offset, total, mask):
     """Add an exact int64 chunk total to the two 26-bit limb arrays (hi at ptr, lo at ptr + lo_offset); `normalize`
     carries later, so hi = total >> 26 and lo = total & (2**26 - 1) need no further care."""
@@ -55,11 +65,11 @@ def _flush(ptr, lo_offset, total, mask):
     tl.atomic_add(ptr + lo_offset, total & 67108863, mask=mask, sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sum_exp", "weight_exp"])  # (the grid of a new fit is no new kernel)
 def _cluster_sums_kernel(
-    x_ptr, stride_xn, stride_xd, w_ptr, perm_ptr, chunk_label_ptr, chunk_start_ptr, chunk_stop_ptr, scales_ptr,
+    x_ptr, stride_xn, stride_xd, w_ptr, perm_ptr, chunk_label_ptr, chunk_start_ptr, chunk_stop_ptr,
     sums_ptr, counts_ptr, overflow_ptr,
-    D, n_clusters,
+    D, n_clusters, sum_exp, weight_exp,
     HAS_WEIGHTS: tl.constexpr, SQUARE: tl.constexpr, FP32_PRODUCT: tl.constexpr, RNI: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -75,8 +85,8 @@ def _cluster_sums_kernel(
     idx = tl.arange(0, BLOCK_N)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    sum_scale = tl.load(scales_ptr)
-    weight_scale = tl.load(scales_ptr + 1)
+    sum_scale = _power_of_two(sum_exp)
+    weight_scale = _power_of_two(weight_exp)
     # per-element accumulators, reduced across rows once at the end (a per-tile cross-thread reduction costs more
     # than the arithmetic)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.int64)
@@ -155,14 +165,29 @@ def _scale_for(x2: torch.Tensor, weights, square: bool) -> fp.FixedPointScale:
     return fp.FixedPointScale.from_bounds(float((row_max * w).max()), float(w.max()), 0.0)
 
 
+def _check_update(found: list, *, n_clusters: int, total: int, scale: fp.FixedPointScale) -> None:
+    first, last, overflowed = found
+    if first < 0 or last >= total:
+        raise IndexError(f"labels must lie in [0, {n_clusters}), got range [{first}, {last}]")
+    if overflowed:
+        raise OverflowError(
+            f"a value exceeds the fixed-point range chosen for this fit (2**{fp.VALUE_BITS} after scaling by "
+            f"2**{scale.sum_exp} / 2**{scale.weight_exp}); the scale must be built from a bound on every value "
+            f"summed")
+
+
 def sort_inverse_update(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, weights=None, *,
-                        scale: fp.FixedPointScale | None = None, square: bool = False) -> reference.Partials:
+                        scale: fp.FixedPointScale | None = None, square: bool = False,
+                        deferred: DeferredChecks | None = None) -> reference.Partials:
     """Exact partial sums of the rows of x per label: bitwise `reference.partial_sums(x, labels, n_clusters,
     weights, scale=scale, square=square)`, and called the same way (a drop-in for it).
 
     Batched x (B, N, D) with labels (B, N) (and weights (B, N)) is one launch: labels are offset by b * n_clusters
     and the result has sums (2, B, K, D), weights (2, B, K), equal to stacking the per-batch reference results
     computed with the same `scale` (by default one scale for all batches, from the whole x).
+
+    The range checks of labels and values wait for the device; with `deferred` they are queued there instead and
+    raise at its `verify` (a Lloyd step reads them back with its other scalars, in one transfer).
     """
     batched = x.dim() == 3
     bsz = x.shape[0] if batched else 1
@@ -196,26 +221,22 @@ def sort_inverse_update(x: torch.Tensor, labels: torch.Tensor, n_clusters: int, 
         label, start, stop = _chunks(offsets, rows, n // rows + min(total, n) + 1)
         grid = (label.shape[0], d_blocks)
         overflow = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device)
-        scales = torch.tensor([2.0 ** scale.sum_exp, 2.0 ** scale.weight_exp], dtype=torch.float64,
-                              device=x.device)
-        w_arg = weights if weights is not None else scales  # unused pointer when HAS_WEIGHTS is False
+        w_arg = weights if weights is not None else overflow  # unused pointer when HAS_WEIGHTS is False
         launch(_cluster_sums_kernel, grid,
-               x2, x2.stride(0), x2.stride(1), w_arg, perm, label, start, stop, scales,
-               sums, counts, overflow, d, total,
+               x2, x2.stride(0), x2.stride(1), w_arg, perm, label, start, stop,
+               sums, counts, overflow, d, total, scale.sum_exp, scale.weight_exp,
                HAS_WEIGHTS=weights is not None, SQUARE=square, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                FP32_PRODUCT=weights is None and x.dtype in (_FP32_EXACT_SQUARE if square else _FP32_EXACT)
                and -126 <= scale.sum_exp <= 126,
                RNI=not cfg.interpreted, num_warps=cfg.num_warps)
-        # one read-back for both checks (a label out of range, even one that a narrow key wraps into range, only
-        # put a valid row into a wrong run or none: memory-safe, and reported here before any result is used)
-        first, last, overflowed = torch.stack([*torch.aminmax(labels), overflow.max().to(torch.int64)]).tolist()
-        if first < 0 or last >= total:
-            raise IndexError(f"labels must lie in [0, {n_clusters}), got range [{first}, {last}]")
-        if overflowed:
-            raise OverflowError(
-                f"a value exceeds the fixed-point range chosen for this fit (2**{fp.VALUE_BITS} after scaling by "
-                f"2**{scale.sum_exp} / 2**{scale.weight_exp}); the scale must be built from a bound on every value "
-                f"summed")
+        # a label out of range (even one that a narrow key wraps into range) only put a valid row into a wrong
+        # run or none: memory-safe, and reported before any result is used, at once or at the caller's next wait
+        found = torch.stack([*torch.aminmax(labels), overflow.max().to(torch.int64)])
+        check = functools.partial(_check_update, n_clusters=n_clusters, total=total, scale=scale)
+        if deferred is None:
+            check(found.tolist())
+        else:
+            deferred.add(found, check)
     sums, counts = fp.normalize(sums), fp.normalize(counts)
     if batched:
         sums, counts = sums.reshape(2, bsz, n_clusters, d), counts.reshape(2, bsz, n_clusters)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from flashkm_dist.kernels import fixed_point as fp
+from flashkm_dist.kernels.checks import DeferredChecks
 from flashkm_dist.kernels import reference as R
 from oracle import assert_labels_exact, cos_dists, sq_dists
 
@@ -151,6 +152,20 @@ def test_values_outside_the_grid_raise_instead_of_wrapping():
     x, _ = data(10, 2, 1)
     with pytest.raises(OverflowError, match="fixed-point range"):
         R.partial_sums(x * 1e3, torch.zeros(10, dtype=torch.long), 1, scale=scale_for(x))
+
+
+def test_grid_check_can_wait_and_names_the_value():
+    checks = DeferredChecks()
+    fp.quantize(torch.tensor([1.0, -3.0e6, float("nan")], dtype=torch.float64), 40, checks)  # (no raise yet)
+    with pytest.raises(OverflowError, match="fixed-point range"):
+        checks.verify()
+    checks = DeferredChecks()
+    fp.quantize(torch.tensor([1.0, -3.0e6]), 32, checks)
+    with pytest.raises(OverflowError, match="value 3000000.0 exceeds"):
+        checks.verify()
+    checks = DeferredChecks()
+    fp.quantize(torch.tensor([1.0, -3.0]), 20, checks)
+    checks.verify()  # on the grid: nothing raised
 
 
 def test_limbs_absorb_many_terms_and_normalize_keeps_the_value():

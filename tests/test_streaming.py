@@ -1,4 +1,6 @@
 """The per-device engine: bitwise-identical partials for any chunking and split, labels kept, OOM back-off."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,22 @@ def test_labels_changed_are_counted_per_block():
     expected = int((reference.assign(torch.as_tensor(x), moved, shift=nm.shift)[0]
                     != reference.assign(torch.as_tensor(x), c, shift=nm.shift)[0]).sum())
     assert engine.step(blocks, moved, nm).n_changed == expected > 0
+
+
+def test_a_step_that_does_not_wait_settles_to_the_same_result_and_raises_there():
+    """wait=False reads nothing back: the counts and the kernels' checks arrive with the caller's read-back."""
+    x, w, c = problem()
+    nm = numerics_for(torch.as_tensor(x), torch.as_tensor(w), metric="euclidean")
+    blocks = split(x, w, [120])
+    waited = Engine("cpu", chunk_rows=64).step(blocks, c, nm)
+    lazy = Engine("cpu", chunk_rows=64).step(blocks, c, nm, wait=False)
+    assert lazy.n_changed is None
+    assert torch.equal(lazy.partials.sums, waited.partials.sums) and torch.equal(lazy.inertia, waited.inertia)
+    assert lazy.settle(lazy.pending().tolist()).n_changed == waited.n_changed == len(x)
+    tight = replace(nm, scale=replace(nm.scale, sum_exp=nm.scale.sum_exp + 20))  # rows off the grid
+    bad = Engine("cpu").step(blocks, c, tight, wait=False)
+    with pytest.raises(OverflowError, match="fixed-point range"):
+        bad.settle()
 
 
 def test_out_of_memory_halves_the_chunk_and_gives_the_same_bits():

@@ -12,6 +12,7 @@ from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
 from flashkm_dist.kernels.assign import fast_assign, flash_assign
 from flashkm_dist.kernels.config import assign_config, update_config
+from flashkm_dist.kernels.checks import DeferredChecks
 from flashkm_dist.kernels.update import sort_inverse_update
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -541,6 +542,24 @@ def test_update_errors_like_reference():
         sort_inverse_update(x, labels + 4, 4)
     with pytest.raises(IndexError):  # a label that a narrow sort key would wrap into range
         sort_inverse_update(x, labels + 65536, 4)
+
+
+def test_update_checks_can_wait_for_the_callers_read_back():
+    """With `deferred`, bad labels or values raise at verify (the Lloyd step's one read-back), not at the call;
+    good input passes verify and gives the same partials as the checked call."""
+    x = torch.randn(20, 3) * 100
+    labels = torch.randint(0, 4, (20,))
+    tight = fp.FixedPointScale(sum_exp=50, weight_exp=0, dist_exp=0)
+    for bad_labels, scale, error in ((labels + 4, None, IndexError), (labels, tight, OverflowError)):
+        checks = DeferredChecks()
+        sort_inverse_update(x, bad_labels, 4, scale=scale, deferred=checks)
+        with pytest.raises(error):
+            checks.verify()
+    checks = DeferredChecks()
+    p = sort_inverse_update(x, labels, 4, deferred=checks)
+    assert len(checks.values("cpu")) == 3
+    checks.verify()
+    assert_same_partials(p, sort_inverse_update(x, labels, 4))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from flashkm_dist.dask import worker
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
-from flashkm_dist.lloyd import move_to_empty, shift_tensor
+from flashkm_dist.lloyd import move_to_empty, update_on_device
 from flashkm_dist.streaming import Farthest
 
 TIMEOUT = timedelta(minutes=10)
@@ -76,7 +76,8 @@ def _iterate(shard, blocks, starts, centers, numerics, version, previous, previo
     if n_empty:  # (all workers see the same count) the farthest rows of all workers take the empty clusters
         found = [None] * dist.get_world_size()
         dist.all_gather_object(found, shard.farthest(blocks, centers, numerics, n_empty, starts))
-        new, shift = _update(move_to_empty(partials, Farthest.merge(found, n_empty)), centers, numerics)
+        new, shift = update_on_device(move_to_empty(partials, Farthest.merge(found, n_empty)), centers,
+                                      numerics.metric)
         host[4] = shift.cpu()
     return {"n_changed": n_changed, "inertia": float(host[3]), "center_shift": float(host[4]),
             "slowest_worker_seconds": slowest / 1e9}, new.to(dev)
@@ -91,7 +92,7 @@ def _after_sum(flat: torch.Tensor, centers: torch.Tensor, numerics):
     partials = reference.Partials(fp.normalize(sums), fp.normalize(weights), numerics.scale)
     tail = flat[2 * k * d + 2 * k:]  # inertia limbs (2), labels changed, the step times
     inertia = fp.to_float(fp.normalize(tail[:2][:, None])[:, 0], numerics.scale.dist_exp)
-    new, shift = _update(partials, centers, numerics)
+    new, shift = update_on_device(partials, centers, numerics.metric)
     empty = fp.to_float(partials.weights, numerics.scale.weight_exp) == 0
     ints = torch.stack([empty.sum(), tail[2], tail[3:].max()])
     return partials, new, torch.cat([ints.view(torch.float64), torch.stack([inertia, shift])])
@@ -128,12 +129,6 @@ class GraphedUpdate:
         self.graph.replay()
         partials, new, packed = self.out
         return partials, new.clone(), packed  # (the next replay overwrites the graph's own outputs)
-
-
-def _update(partials, centers: torch.Tensor, numerics):
-    """Next centres and their shift, left on the device (`lloyd.next_centers` without its wait)."""
-    new, _ = reference.finalize(partials, dtype=centers.dtype, metric=numerics.metric, previous=centers)
-    return new, shift_tensor(new, centers)
 
 
 def run_loop(spec, numerics, ids: list, starts: list, run: int, start: int, initial, previous, max_iter: int,
