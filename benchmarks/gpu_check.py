@@ -20,7 +20,7 @@ import traceback
 
 import torch
 
-from flashkm_dist import KMeans, batched_kmeans
+from flashkm_dist import KMeans, batched_kmeans, graphed
 from provenance import provenance
 from flashkm_dist.engine import backend_for, numerics_for
 from flashkm_dist.kernels import reference
@@ -133,6 +133,28 @@ def check_estimator_end_to_end():
         out[f"streamed_equals_resident_{init_kind}"] = bool(
             (resident.cluster_centers_ == streamed.cluster_centers_).all()
             and (resident.labels_ == streamed.labels_).all() and resident.n_iter_ == streamed.n_iter_)
+    # resident rows iterate as a replayed CUDA graph: the same fit launched op by op must give the same bits
+    replayed = []
+    call = graphed.GraphedIteration.__call__
+
+    def counting(self, centers):
+        replayed.append(self.graph is not None)
+        return call(self, centers)
+    graphed.GraphedIteration.__call__ = counting
+    try:
+        with_graph = KMeans(64, init=init.cpu().numpy(), device="cuda", max_iter=50).fit(x)
+    finally:
+        graphed.GraphedIteration.__call__ = call
+    graphed.ENABLED = False
+    try:
+        op_by_op = KMeans(64, init=init.cpu().numpy(), device="cuda", max_iter=50).fit(x)
+    finally:
+        graphed.ENABLED = True
+    out["graph_replays"] = sum(replayed)
+    out["graphed_equals_op_by_op"] = bool(
+        (with_graph.cluster_centers_ == op_by_op.cluster_centers_).all()
+        and (with_graph.labels_ == op_by_op.labels_).all() and with_graph.n_iter_ == op_by_op.n_iter_
+        and with_graph.inertia_ == op_by_op.inertia_)
     return out
 
 
@@ -153,12 +175,12 @@ def peers():
     return found
 
 
-def our_iteration(engine, blocks, c, nm):
-    """What the estimator does per iteration: the engine's exact step (labels kept, changes counted), finalize,
-    the centre shift (scalars back to the host)."""
-    step = engine.step(blocks, c, nm)
-    new, _ = reference.finalize(step.partials, dtype=c.dtype, previous=c)
-    return float(((new.double() - c.double()) ** 2).sum()), step.n_changed
+def our_iteration(iterate, c):
+    """What the estimator does per iteration (`graphed.GraphedIteration`, which replays `lloyd.lloyd_iteration`'s
+    device half as a CUDA graph once it may): the engine's exact step (labels kept, changes counted), the update
+    and its scalars, with one wait for the device."""
+    it = iterate(c)
+    return it.shift, it.step.n_changed
 
 
 def time_shape(n, k, d, dtype, p, with_fast: bool):
@@ -168,8 +190,8 @@ def time_shape(n, k, d, dtype, p, with_fast: bool):
     backend = backend_for(DEV)
     row = {"n": n, "k": k, "d": d, "dtype": str(dtype).removeprefix("torch.")}
     row["ours_assign_ms"] = cuda_ms(lambda: flash_assign(x, c, shift=nm.shift))
-    engine, blocks = Engine(DEV, dtype=x.dtype, backend=backend), [Block(x)]
-    row["ours_iter_ms"] = cuda_ms(lambda: our_iteration(engine, blocks, c, nm))
+    iterate = graphed.GraphedIteration(Engine(DEV, dtype=x.dtype, backend=backend), [Block(x)], nm)
+    row["ours_iter_ms"] = cuda_ms(lambda: our_iteration(iterate, c))
     row["tflops_assign"] = 2 * n * k * d / row["ours_assign_ms"] / 1e9
     if "flash" in p:
         assign_fn, iter_fn = p["flash"]

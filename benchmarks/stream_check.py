@@ -6,22 +6,28 @@
    kernel (`assign.SM90_STREAM` off) must agree to the bit on labels, min_dist, flags, thresholds and the number
    of flagged rows (both compute the same keys); `flash_assign`'s labels are then checked against float64.
 2. Time (CUDA events, median after warm-up): the streaming pass alone, `flash_assign`, and the estimator's
-   iteration (gpu_check.our_iteration), both ways, with flash-kmeans' assign and iteration on the same tensors.
+   iteration op by op (`lloyd.lloyd_iteration`), both ways, and as the estimator runs it (a replayed CUDA graph,
+   whose bits are checked against op by op), with flash-kmeans' assign and iteration on the same tensors;
+   then the device's busy time in one iteration (all kernels and copies, from the profiler) and its longest kernels.
 `--smoke` runs two small shapes only (a hang or a fault shows there first, cheaply).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import traceback
 
 import torch
 
 import gpu_check as G
+from profile_kernels import kernel_times
 from provenance import provenance
+from flashkm_dist import graphed
 from flashkm_dist.engine import backend_for, numerics_for
 from flashkm_dist.kernels import assign as A
 from flashkm_dist.kernels import reference
+from flashkm_dist.lloyd import lloyd_iteration
 from flashkm_dist.streaming import Block, Engine
 
 DEV = G.DEV
@@ -76,6 +82,21 @@ def bit_cases(smoke: bool):
         yield near, cn, "euclidean"
 
 
+def graph_same_bits(x, c, nm, iters=5) -> bool:
+    """`iters` Lloyd iterations from c, op by op and through `GraphedIteration` (which replays a graph from its
+    second iteration on): the same centres, inertia, shift and label changes at every iteration."""
+    runs = []
+    for iterate in (functools.partial(lloyd_iteration, Engine(DEV, dtype=x.dtype), [Block(x)], numerics=nm),
+                    graphed.GraphedIteration(Engine(DEV, dtype=x.dtype), [Block(x)], nm)):
+        centers, seen = c, []
+        for _ in range(iters):
+            it = iterate(centers)
+            seen.append((it.centers.clone(), it.inertia, it.shift, it.step.n_changed))
+            centers = it.centers
+        runs.append(seen)
+    return all(torch.equal(a[0], b[0]) and a[1:] == b[1:] for a, b in zip(*runs)) and iterate.graph is not None
+
+
 def time_shape(n, k, d, dtype, flash) -> dict:
     x = G.blobs(n, d, min(k, 4096), dtype, seed=4)
     c = x[torch.randperm(n, device=DEV)[:k]].clone()
@@ -95,17 +116,25 @@ def time_shape(n, k, d, dtype, flash) -> dict:
         try:
             row[f"{tag}_fast_pass_ms"] = G.cuda_ms(lambda: A._fast_pass(p), reps=15)
             row[f"{tag}_assign_ms"] = G.cuda_ms(lambda: A.flash_assign(x, c, shift=nm.shift), reps=15)
-            row[f"{tag}_iter_ms"] = G.cuda_ms(lambda: G.our_iteration(engine, blocks, c, nm), reps=15)
+            row[f"{tag}_iter_ms"] = G.cuda_ms(lambda: lloyd_iteration(engine, blocks, c, nm), reps=15)
         finally:
             A.SM90_STREAM = True
     row["tflops_assign_sm90"] = 2 * n * k * d / row["sm90_assign_ms"] / 1e9
+    iterate = graphed.GraphedIteration(Engine(DEV, dtype=x.dtype, backend=backend_for(DEV)), [Block(x)], nm)
+    row["sm90_graphed_iter_ms"] = G.cuda_ms(lambda: G.our_iteration(iterate, c), reps=15)
+    row["graph_captured"] = iterate.graph is not None
+    row["graphed_same_bits"] = graph_same_bits(x, c, nm)
+    # where an op-by-op iteration's time goes: the device's busy time (kernels, copies) against its wall time
+    times = kernel_times(lambda: lloyd_iteration(engine, blocks, c, nm))
+    row["iter_device_busy_ms"] = round(sum(t for _, t, _ in times), 4)
+    row["iter_kernels"] = times[:16]
     if flash:
         assign_fn, iter_fn = flash
         xb, cb = x[None], c[None]
         x_sq = (xb.float() ** 2).sum(-1)
         row["flash_assign_ms"] = G.cuda_ms(lambda: assign_fn(xb, cb, x_sq), reps=15)
         row["flash_iter_ms"] = G.cuda_ms(lambda: iter_fn(xb, x_sq, cb), reps=15)
-        row["iter_ratio_vs_flash"] = row["sm90_iter_ms"] / row["flash_iter_ms"]
+        row["iter_ratio_vs_flash"] = row["sm90_graphed_iter_ms"] / row["flash_iter_ms"]
     return row
 
 
@@ -146,6 +175,15 @@ def main():
         result["timings"].append(row)
         print(json.dumps(row), flush=True)
         save()
+    try:  # the batched case (B=32 small problems), timed as gpu_check does, and where its time goes
+        result["batched"] = G.time_batched(p)
+        x = torch.randn(32, 75_600, 128, device=DEV, dtype=torch.float16)
+        result["batched"]["kernels_2_iters"] = kernel_times(
+            lambda: G.batched_kmeans(x, 1000, init=x[:, :1000].clone(), max_iter=2, tol=0.0))[:16]
+    except Exception:
+        result["batched"] = {"error": traceback.format_exc()}
+    print(json.dumps(result["batched"]), flush=True)
+    save()
 
 
 if __name__ == "__main__":
