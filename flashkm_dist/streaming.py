@@ -360,7 +360,11 @@ class Engine:
             fill = False
         starts = list(range(0, data.shape[0], rows))
         pinned = data.is_pinned() or self._pin_in_place(data)
-        staging, landed, used = [None, None], [None, None], [None, None]
+        # two device buffers, reused: the copy into one waits (on the device) until the kernels of the chunk that
+        # used it were queued and ran, so nothing on the host waits and memory stays two chunks whatever the host
+        # runs ahead
+        staging, device_staging = [None, None], [None, None]
+        landed, used, consumed = [None, None], [None, None], [None, None]
 
         def queue_copy(i):
             start = starts[i]
@@ -372,11 +376,17 @@ class Engine:
                 if staging[slot] is None or staging[slot].shape != src.shape:
                     staging[slot] = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
                 if used[slot] is not None:
-                    used[slot].synchronize()  # the previous copy out of this buffer is done
+                    used[slot].synchronize()  # the previous copy out of this host buffer is done
                 staging[slot].copy_(src)
                 src = staging[slot]
             with torch.cuda.stream(copy_stream):
-                dev = src.to(self.device, non_blocking=True)
+                if device_staging[slot] is None:
+                    device_staging[slot] = torch.empty((rows, data.shape[1]), dtype=data.dtype, device=self.device)
+                    device_staging[slot].record_stream(compute)
+                if consumed[slot] is not None:
+                    copy_stream.wait_event(consumed[slot])
+                dev = device_staging[slot][:src.shape[0]]
+                dev.copy_(src, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(copy_stream)
             used[slot] = event
@@ -391,10 +401,12 @@ class Engine:
             else:
                 dev, event = landed[slot]
                 compute.wait_event(event)
-                dev.record_stream(compute)
                 x = dev.to(self.dtype)
                 if fill and start < cached.shape[0]:
                     cached[start:start + rows] = x[:cached.shape[0] - start]
             w = None if weights is None else weights[start:start + rows].to(self.device, non_blocking=True)
             yield _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w)
+            if slot is not None:  # the consumer has queued its kernels on this chunk
+                consumed[slot] = torch.cuda.Event()
+                consumed[slot].record(compute)
             slot = next_slot
