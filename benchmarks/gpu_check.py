@@ -24,6 +24,7 @@ from flashkm_dist import KMeans, batched_kmeans, graphed
 from provenance import provenance
 from flashkm_dist.engine import backend_for, numerics_for
 from flashkm_dist.kernels import reference
+from flashkm_dist.kernels import assign as A
 from flashkm_dist.kernels.assign import flash_assign
 from flashkm_dist.kernels.update import sort_inverse_update
 from flashkm_dist.streaming import Block, Engine
@@ -233,6 +234,9 @@ def time_batched(p):
 
 
 def first_call_seconds():
+    """flash_assign's first call for a new shape (its kernels compile then; the process's first compile also pays
+    Triton's one-time set-up), for a new N of a known shape (nothing compiles), for a second new shape, and for a
+    third with the kernels compiled one by one as they are launched instead of concurrently ahead of the call."""
     def once(n, k, d):
         x = torch.randn(n, d, device=DEV, dtype=torch.float16)
         torch.cuda.synchronize()
@@ -240,7 +244,14 @@ def first_call_seconds():
         flash_assign(x, x[:k].clone())
         torch.cuda.synchronize()
         return time.perf_counter() - t0
-    return {"new_shape_s": once(50_000, 777, 72), "new_n_same_k_d_s": once(61_234, 777, 72)}
+    out = {"new_shape_s": once(50_000, 777, 72), "new_n_same_k_d_s": once(61_234, 777, 72),
+           "second_new_shape_s": once(30_000, 1500, 40)}
+    A.COMPILE_AHEAD = False
+    try:
+        out["new_shape_one_by_one_s"] = once(20_000, 500, 24)
+    finally:
+        A.COMPILE_AHEAD = True
+    return out
 
 
 def main():

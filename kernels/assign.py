@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import compile_ahead, reference
 from .config import AssignConfig, assign_config, launch
 
 MAX_CANDIDATES = 8  # a flagged row with more possible winners than this goes to float64 brute force
@@ -901,9 +901,33 @@ def flash_assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euc
         shape = xb.shape[:2] if batched else xb.shape[1:2]
         return (torch.empty(shape, dtype=torch.int64, device=x.device),
                 torch.empty(shape, dtype=torch.float32, device=x.device))
-    p = _prepare(xb, cb, metric, shift)
-    fast = _fast_pass(p)
-    _resolve(p, fast)
+    _compile_once(xb, cb, metric, shift)
+    fast = _assign(xb, cb, metric, shift)
     if batched:
         return fast.labels, fast.min_dist
     return fast.labels[0], fast.min_dist[0]
+
+
+def _assign(xb: torch.Tensor, cb: torch.Tensor, metric: str, shift) -> FastAssignment:
+    p = _prepare(xb, cb, metric, shift)
+    fast = _fast_pass(p)
+    _resolve(p, fast)
+    return fast
+
+
+COMPILE_AHEAD = True  # (benchmarks switch it off to measure what it saves)
+_COMPILED: set = set()
+
+
+def _compile_once(xb: torch.Tensor, cb: torch.Tensor, metric: str, shift) -> None:
+    """The first call of a kind of problem compiles all its kernels concurrently (a dry run of the passes inside
+    `compile_ahead.ahead`), instead of one by one as each is first launched. The kind: what the kernels'
+    specialisations can depend on (N never does: it is a run-time argument the kernels do not specialise on)."""
+    if xb.device.type != "cuda" or not COMPILE_AHEAD:
+        return
+    key = (xb.device, xb.dtype, cb.dtype, metric, shift is None, cb.shape[1], xb.shape[2], xb.shape[0] > 1)
+    if key in _COMPILED:
+        return
+    with compile_ahead.ahead():
+        _assign(xb, cb, metric, shift)
+    _COMPILED.add(key)

@@ -38,6 +38,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .config import launch
+
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # (renamed after Triton 3.6)
 
 
@@ -172,7 +174,7 @@ def stream(a_fast: torch.Tensor, rowstat: torch.Tensor, c_fast: torch.Tensor, cc
     k_pad = c_fast.shape[1]
     a_desc, c_desc = descriptors(a_fast, c_fast, sc.block_n, sc.block_k)
     top = torch.empty((3, b * n_pad), dtype=torch.float32, device=a_fast.device)
-    _stream_kernel[(n_pad // sc.rows, b)](a_desc, c_desc, rowstat, cc, top, n_pad, k_pad, b * n_pad,
-                                         BLOCK_N=sc.block_n, BLOCK_K=sc.block_k, D_PAD=d_pad, NBUF=sc.stages,
-                                         REGS=sc.regs, num_warps=4)
+    launch(_stream_kernel, (n_pad // sc.rows, b), a_desc, c_desc, rowstat, cc, top, n_pad, k_pad, b * n_pad,
+           BLOCK_N=sc.block_n, BLOCK_K=sc.block_k, D_PAD=d_pad, NBUF=sc.stages, REGS=sc.regs, num_warps=4,
+           num_stages=None)
     return top

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import compile_ahead
+
 _CPU_SMEM = 48 * 1024  # nominal figures for the interpreter; they only shape tiny tiles
 _SMEM_RESERVE = 8 * 1024  # what Triton keeps for reductions / barriers / layout conversions
 MAX_RESIDENT_D = 256  # above this the row tile of x is streamed in D-chunks instead of held on chip
@@ -243,14 +245,20 @@ def _is_cpu(args) -> bool:
     return any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
 
 
-def launch(kernel, grid, *args, num_warps: int = 4, num_stages: int = 2, **constexprs) -> None:
+def launch(kernel, grid, *args, num_warps: int = 4, num_stages: int | None = 2, **constexprs) -> None:
     """kernel[grid](*args, **constexprs): compiled on CUDA tensors; on CPU tensors only under Triton's
-    interpreter, which must be chosen (TRITON_INTERPRET=1) before triton is imported, as tests/conftest.py does."""
+    interpreter, which must be chosen (TRITON_INTERPRET=1) before triton is imported, as tests/conftest.py does.
+    Inside `compile_ahead.ahead()` a CUDA launch is only compiled (concurrently with the block's others).
+    num_stages=None: the kernel takes none (Gluon)."""
     if _is_cpu(args):
         from triton.runtime.interpreter import InterpretedFunction
         if not isinstance(kernel, InterpretedFunction):
             raise RuntimeError("Triton kernels run on CPU tensors only under the interpreter: set "
                                "TRITON_INTERPRET=1 before triton is imported")
         kernel[grid](*args, **constexprs)
+        return
+    options = dict(num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
+    if compile_ahead.active():
+        compile_ahead.submit(kernel, grid, args, {**options, **constexprs})
     else:
-        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+        kernel[grid](*args, **options, **constexprs)
