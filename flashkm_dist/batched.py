@@ -7,6 +7,8 @@ update serves all B.
 """
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +17,7 @@ from sklearn.utils import check_random_state
 from flashkm_dist import _validation as v
 from flashkm_dist.engine import (DataBounds, FitNumerics, backend_for, column_moments, fit_scale, moment_exponents,
                                  moment_statistics)
+from flashkm_dist.graphed import Replay, resident
 from flashkm_dist.init import check_init_array, initial_centers
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
@@ -94,22 +97,30 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
 
     state = _Progress(centers, torch.ones(b, dtype=torch.bool, device=x.device),
                       torch.zeros(b, dtype=torch.int64, device=x.device))
-    prev = None
+    on_device = functools.partial(_iteration_on_device, backend, x, offsets, k, scale, tols, metric, shift)
+    # the device half as one CUDA graph, once an op-by-op iteration with previous labels (kernels compiled) showed
+    # that queuing its launches takes most of its time (small problems); a device-bound one gains nothing
+    replay = Replay(lambda c, active, n_iter, prev, it: on_device(_Progress(c, active, n_iter), prev, it), x.device,
+                    2 * x.numel() * x.element_size())
+    replay.failed |= not resident(x.device, [x])
+    prev, launch_bound = None, False
     for it in range(1, max_iter + 1):
-        labels, _ = backend.assign(x, state.centers, metric=metric, shift=shift)
-        checks = DeferredChecks()
-        partials = backend.partial_sums(x.reshape(b * n, d), (labels + offsets).reshape(-1), b * k, scale=scale,
-                                        deferred=checks)
-        weights = fp.to_float(partials.weights, partials.scale.weight_exp)
-        after = _advance(state, partials, labels, prev, tols, it, metric)
+        out, start = None, time.perf_counter()
+        if launch_bound and not replay.failed:
+            out = replay(state.centers, state.active, state.n_iter, prev,
+                         torch.tensor(it, dtype=torch.int64).to(x.device, non_blocking=True))
+        labels, partials, after, packed, checks = out or on_device(state, prev, it)
+        queued = time.perf_counter()
         # one wait per iteration: empty clusters anywhere, problems still running, the kernels' checks
-        flags = torch.stack([(weights == 0).any(), after.active.any()]).to(torch.int64)
-        any_empty, running, *found = torch.cat([flags, checks.values(x.device)]).tolist()
+        any_empty, running, *found = packed.tolist()
+        if out is None and prev is not None:
+            launch_bound = queued - start > 0.5 * (time.perf_counter() - start)
         checks.verify(found)
         if any_empty:  # (rare) re-seed, then redo the update from the re-seeded sums
             partials = _relocate_per_problem(partials, engine, x, state.centers, numerics, k)
             after = _advance(state, partials, labels, prev, tols, it, metric)
             running = bool(after.active.any())
+        # (a replay's outputs are overwritten by the next replay only after they were copied into its inputs)
         state, prev = after, labels
         if not running:
             break
@@ -117,6 +128,20 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
     labels, min_dist = backend.assign(x, centers, metric=metric, shift=shift)
     inertia = fp.to_float(fp.quantize(min_dist.to(torch.float64), scale.dist_exp).sum(dim=2), scale.dist_exp)
     return BatchedResult(labels, centers, n_iter, inertia)
+
+
+def _iteration_on_device(backend, x, offsets, k: int, scale, tols, metric: str, shift, state: "_Progress", prev, it):
+    """The device half of a batched iteration, without waiting: labels, partials, the next state, and one int64
+    vector to read back (any empty cluster, any problem still running, then the kernels' checks)."""
+    b, n, d = x.shape
+    labels, _ = backend.assign(x, state.centers, metric=metric, shift=shift)
+    checks = DeferredChecks()
+    partials = backend.partial_sums(x.reshape(b * n, d), (labels + offsets).reshape(-1), b * k, scale=scale,
+                                    deferred=checks)
+    weights = fp.to_float(partials.weights, partials.scale.weight_exp)
+    after = _advance(state, partials, labels, prev, tols, it, metric)
+    flags = torch.stack([(weights == 0).any(), after.active.any()]).to(torch.int64)
+    return labels, partials, after, torch.cat([flags, checks.values(x.device)]), checks
 
 
 @dataclass
@@ -139,7 +164,7 @@ def _advance(state: _Progress, partials: reference.Partials, labels, prev, tols,
     active = state.active
     return _Progress(torch.where(active[:, None, None], new, state.centers),
                      active & ~unchanged & (moved > tols),
-                     torch.where(active, torch.full_like(state.n_iter, it), state.n_iter))
+                     torch.where(active, it, state.n_iter))  # (it: an int, or a 0-d tensor in a graph)
 
 
 def _relocate_per_problem(partials: reference.Partials, engine: Engine, x, centers, numerics, k: int):
