@@ -219,13 +219,22 @@ def time_shape(n, k, d, dtype, p, with_fast: bool):
     return row
 
 
-def time_batched(p):
-    b, n, k, d = 32, 75_600, 1000, 128
+def time_batched(p, b=32, n=75_600, k=1000, d=128):
     x = torch.randn(b, n, d, device=DEV, dtype=torch.float16)
     c = x[:, :k].clone()
     row = {"b": b, "n": n, "k": k, "d": d, "dtype": "float16"}
     row["ours_batched_10_iters_ms"] = cuda_ms(lambda: batched_kmeans(x, k, init=c, max_iter=10, tol=0.0),
                                               warmup=1, reps=3)
+    graphed.ENABLED = False  # every iteration launched op by op: the time the graph saves, and the same bits
+    try:
+        row["ours_batched_op_by_op_10_iters_ms"] = cuda_ms(
+            lambda: batched_kmeans(x, k, init=c, max_iter=10, tol=0.0), warmup=1, reps=3)
+        op_by_op = batched_kmeans(x, k, init=c, max_iter=10, tol=0.0)
+    finally:
+        graphed.ENABLED = True
+    with_graph = batched_kmeans(x, k, init=c, max_iter=10, tol=0.0)
+    row["graphed_same_bits"] = all(torch.equal(getattr(with_graph, f), getattr(op_by_op, f))
+                                   for f in ("labels", "centroids", "n_iter", "inertia"))
     if "flash" in p:
         from flash_kmeans import batch_kmeans_Euclid
         row["flash_batched_10_iters_ms"] = cuda_ms(
@@ -292,11 +301,12 @@ def main():
             row = {"n": n, "k": k, "d": d, "dtype": str(dtype), "error": traceback.format_exc()}
         result["timings"].append(row)
         print(json.dumps(row), flush=True)
-    try:
-        result["batched"] = time_batched(p)
-    except Exception:
-        result["batched"] = {"error": traceback.format_exc()}
-    print(json.dumps(result["batched"]), flush=True)
+    for key, shape in (("batched", {}), ("batched_small", dict(b=8, n=10_000, k=64, d=64))):
+        try:  # the case, then many small problems, where launching is most of the time
+            result[key] = time_batched(p, **shape)
+        except Exception:
+            result[key] = {"error": traceback.format_exc()}
+        print(json.dumps(result[key]), flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\n{'shape':>28} {'ours assign':>12} {'flash assign':>12} {'ours iter':>10} {'flash iter':>10} "
