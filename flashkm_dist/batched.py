@@ -27,6 +27,11 @@ from flashkm_dist.points import local_points
 from flashkm_dist.streaming import Block, Engine
 
 
+# share of an op-by-op iteration spent queuing launches above which its later iterations replay a CUDA graph
+# (H100, B=32, N=75600, K=1000: half was not enough for the graph to repay its capture over 10 iterations)
+LAUNCH_BOUND = 0.8
+
+
 @dataclass
 class BatchedResult:
     labels: torch.Tensor  # (B, N) int64
@@ -99,7 +104,7 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
                       torch.zeros(b, dtype=torch.int64, device=x.device))
     on_device = functools.partial(_iteration_on_device, backend, x, offsets, k, scale, tols, metric, shift)
     # the device half as one CUDA graph, once an op-by-op iteration with previous labels (kernels compiled) showed
-    # that queuing its launches takes most of its time (small problems); a device-bound one gains nothing
+    # that queuing its launches takes nearly all of its time (small problems); a device-bound one gains nothing
     replay = Replay(lambda c, active, n_iter, prev, it: on_device(_Progress(c, active, n_iter), prev, it), x.device,
                     2 * x.numel() * x.element_size())
     replay.failed |= not resident(x.device, [x])
@@ -114,7 +119,7 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
         # one wait per iteration: empty clusters anywhere, problems still running, the kernels' checks
         any_empty, running, *found = packed.tolist()
         if out is None and prev is not None:
-            launch_bound = queued - start > 0.5 * (time.perf_counter() - start)
+            launch_bound = queued - start > LAUNCH_BOUND * (time.perf_counter() - start)
         checks.verify(found)
         if any_empty:  # (rare) re-seed, then redo the update from the re-seeded sums
             partials = _relocate_per_problem(partials, engine, x, state.centers, numerics, k)
