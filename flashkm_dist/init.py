@@ -96,12 +96,12 @@ def check_init_array(centers, n_clusters: int, n_features: int):
     """The init array as float64 (a tensor stays a tensor on its device: checked there, not copied to the host
     and back), or ValueError naming what is wrong."""
     if torch.is_tensor(centers):
-        arr, kind = centers.detach(), "b" if centers.dtype == torch.bool else "f" if centers.is_floating_point() \
-            else "c" if centers.is_complex() else "i"
+        arr = centers.detach()
+        real = not arr.is_complex()
     else:
         arr = np.asarray(centers)
-        kind = arr.dtype.kind
-    if kind not in "fiub" or arr.ndim != 2 or tuple(arr.shape) != (n_clusters, n_features):
+        real = arr.dtype.kind in "fiub"
+    if not real or arr.ndim != 2 or tuple(arr.shape) != (n_clusters, n_features):
         raise ValueError(f"init array must have shape (n_clusters={n_clusters}, n_features={n_features}) and a "
                          f"real dtype, got shape {tuple(arr.shape)} and dtype {arr.dtype}")
     arr = arr.to(torch.float64) if torch.is_tensor(arr) else arr.astype(np.float64)

@@ -5,8 +5,9 @@ launched, one after the other, although none depends on another; and each first 
 launcher, a small C module, with the host's compiler. Much of both runs outside Python's lock (ptxas and the C
 compiler are subprocesses), so threads overlap them. Inside `ahead()`, `config.launch` hands each kernel to a
 thread pool to be compiled, loaded and given its launcher, instead of launching it; the caller then runs the call
-for real and finds every kernel ready. Launches need nothing from earlier kernels' results on the host (the passes never wait
-for the device), so the dry run sees the same arguments, hence the same specialisations, as the real one.
+for real and finds every kernel ready. Launches need nothing from earlier kernels' results on the host (the passes
+never wait for the device), so the dry run sees the same arguments, hence the same specialisations, as the real
+one.
 """
 from __future__ import annotations
 
