@@ -38,9 +38,21 @@ def kernels(name: str, r: dict) -> str:
     rows = [[t["dtype"], t["n"], t["k"], t["d"], t.get("ours_iter_ms"), t.get("flash_iter_ms"),
              t.get("fastkmeans_iter_ms"), t.get("iter_ratio_vs_flash"), t.get("tflops_assign")]
             for t in r.get("timings", [])]
+    batched = [[b["b"], b["n"], b["k"], b["d"], b.get("ours_batched_10_iters_ms"),
+                b.get("ours_batched_op_by_op_10_iters_ms"), b.get("flash_batched_10_iters_ms"),
+                b.get("graphed_same_bits")]
+               for b in (r.get("batched"), r.get("batched_small")) if b and "error" not in b]
+    first = r.get("first_call", {})
+    first_line = ("\n\nFirst call of flash_assign, s: " + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} "
+                                                                      f"{_f(v)}" for k, v in first.items())
+                  if first else "")
     return (f"### {name}\n\n{_versions(r)}\n\nLloyd iteration, ms (ratio < 1: faster than flash-kmeans)\n\n"
             + _table(["dtype", "N", "K", "D", "ours", "flash-kmeans", "fastkmeans", "ours/flash",
-                      "assign TFLOP/s"], rows))
+                      "assign TFLOP/s"], rows)
+            + ("\n\nbatched_kmeans, ms for 10 iterations ('ours': as it runs, a CUDA graph where launching "
+               "dominates)\n\n" + _table(["B", "N", "K", "D", "ours", "op by op", "flash-kmeans",
+                                             "same bits"], batched) if batched else "")
+            + first_line)
 
 
 def streaming_pass(name: str, r: dict) -> str:

@@ -26,6 +26,8 @@ def test_report_tables_and_plots_from_committed_results(tmp_path):
     assert "Same bits as the portable kernel (labels, min_dist, flags, thresholds): 11 of 11 cases" in report
     assert "| float16 | 1048576 | 8192 | 128 | 4.62 | 5.01 | 5.8 |" in report  # the sm_90 pass vs the portable one
     assert "Graphed iterations give the op-by-op bits: 5 of 5 shapes" in report
+    assert "| 8 | 10000 | 64 | 64 | 13.6 | 22.5 | 4.51 | True |" in report  # batched, graphed vs op by op
+    assert "second new shape " in report
     assert "| 180000000 | float32 | 92.2 | 54.4 | 1.69 | 1.77 | 1.41 | 60.6 | 1.92 |" in report
     # the headline and the N series share one table, ordered by N; weak scaling reports rows per worker
     assert report.index("| 100000000 | nccl | 4 | 32768 | 0.637 |") < report.index("| 1000000000 | nccl | 4 | 32768 |")
