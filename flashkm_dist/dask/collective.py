@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from flashkm_dist.dask import worker
+from flashkm_dist.graphed import Replay
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
 from flashkm_dist.lloyd import move_to_empty, update_on_device
@@ -99,35 +100,26 @@ def _after_sum(flat: torch.Tensor, centers: torch.Tensor, numerics):
 
 
 class GraphedUpdate:
-    """`_after_sum` of one run as a CUDA graph: some fifty short kernels on K x D values, which take longer to
-    launch one by one than to run. The same kernels on the same values: the same bits. Captured on first use."""
+    """`_after_sum` of one run as a CUDA graph (`graphed.Replay`): some fifty short kernels on K x D values, which
+    take longer to launch one by one than to run. The same kernels on the same values: the same bits. The first
+    call runs op by op (the warm-up), the second captures; a refused capture leaves it op by op."""
 
     def __init__(self, numerics):
-        self.numerics, self.graph = numerics, None
+        self.numerics, self.replay, self.shapes = numerics, None, None
 
     def fits(self, flat: torch.Tensor, centers: torch.Tensor) -> bool:
-        return flat.is_cuda and (self.graph is None or (flat.shape == self.flat.shape
-                                                        and centers.shape == self.centers.shape
-                                                        and centers.dtype == self.centers.dtype))
-
-    def _capture(self, flat, centers) -> None:
-        self.flat, self.centers = flat.clone(), centers.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture (the allocator's first blocks)
-            _after_sum(self.flat, self.centers, self.numerics)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = _after_sum(self.flat, self.centers, self.numerics)
+        failed = self.replay is not None and self.replay.failed
+        return flat.is_cuda and not failed and self.shapes in (None, (flat.shape, centers.shape, centers.dtype))
 
     def __call__(self, flat, centers):
-        if self.graph is None:
-            self._capture(flat, centers)
-        self.flat.copy_(flat)
-        self.centers.copy_(centers)
-        self.graph.replay()
-        partials, new, packed = self.out
+        if self.replay is None:
+            self.shapes = (flat.shape, centers.shape, centers.dtype)
+            self.replay = Replay(lambda f, c: _after_sum(f, c, self.numerics), flat.device)
+            return _after_sum(flat, centers, self.numerics)
+        out = self.replay(flat, centers)
+        if out is None:
+            return _after_sum(flat, centers, self.numerics)
+        partials, new, packed = out
         return partials, new.clone(), packed  # (the next replay overwrites the graph's own outputs)
 
 
