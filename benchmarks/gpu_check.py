@@ -184,6 +184,16 @@ def our_iteration(iterate, c):
     return it.shift, it.step.n_changed
 
 
+def flash_times(flash, x, c, reps=7) -> dict:
+    """flash-kmeans' assign and Lloyd iteration (`peers()["flash"]`) on the same tensors, its row norms
+    precomputed as it expects them."""
+    assign_fn, iter_fn = flash
+    xb, cb = x[None], c[None]
+    x_sq = (xb.float() ** 2).sum(-1)
+    return {"flash_assign_ms": cuda_ms(lambda: assign_fn(xb, cb, x_sq), reps=reps),
+            "flash_iter_ms": cuda_ms(lambda: iter_fn(xb, x_sq, cb), reps=reps)}
+
+
 def time_shape(n, k, d, dtype, p, with_fast: bool):
     x = blobs(n, d, min(k, 4096), dtype, seed=4)
     c = x[torch.randperm(n, device=DEV)[:k]].clone()
@@ -195,11 +205,7 @@ def time_shape(n, k, d, dtype, p, with_fast: bool):
     row["ours_iter_ms"] = cuda_ms(lambda: our_iteration(iterate, c))
     row["tflops_assign"] = 2 * n * k * d / row["ours_assign_ms"] / 1e9
     if "flash" in p:
-        assign_fn, iter_fn = p["flash"]
-        xb, cb = x[None], c[None]
-        x_sq = (xb.float() ** 2).sum(-1)
-        row["flash_assign_ms"] = cuda_ms(lambda: assign_fn(xb, cb, x_sq))
-        row["flash_iter_ms"] = cuda_ms(lambda: iter_fn(xb, x_sq, cb))
+        row.update(flash_times(p["flash"], x, c))
     if with_fast and "fast" in p:
         norms = (x.float() ** 2).sum(1)
 

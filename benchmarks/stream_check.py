@@ -129,11 +129,7 @@ def time_shape(n, k, d, dtype, flash) -> dict:
     row["iter_device_busy_ms"] = round(sum(t for _, t, _ in times), 4)
     row["iter_kernels"] = times[:16]
     if flash:
-        assign_fn, iter_fn = flash
-        xb, cb = x[None], c[None]
-        x_sq = (xb.float() ** 2).sum(-1)
-        row["flash_assign_ms"] = G.cuda_ms(lambda: assign_fn(xb, cb, x_sq), reps=15)
-        row["flash_iter_ms"] = G.cuda_ms(lambda: iter_fn(xb, x_sq, cb), reps=15)
+        row.update(G.flash_times(flash, x, c, reps=15))
         row["iter_ratio_vs_flash"] = row["sm90_graphed_iter_ms"] / row["flash_iter_ms"]
     return row
 
