@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -79,7 +80,7 @@ def build_assign(k: int, d: int):
     return kernel, cfg
 
 
-def build_stream(k: int, d: int):
+def build_stream(k: int, d: int, **variant):
     """The warp-specialised Gluon streaming pass (kernels/assign_sm90.py) as flash_assign would launch it."""
     from triton.runtime import driver
     driver.set_active(_Sm90Driver())
@@ -89,15 +90,16 @@ def build_stream(k: int, d: int):
     if cfg.stream is None:
         sys.exit(f"no sm_90 streaming pass for K={k} D={d} (see config._stream_config)")
     from flashkm_dist.kernels import assign_sm90 as G
-    sc = cfg.stream
+    sc = dataclasses.replace(cfg.stream, **variant)  # (a variant of the shipped config, e.g. overlap=True)
     n_pad, k_pad, d_pad = 2 * sc.rows, cfg.padded_k(k), cfg.padded_d(d)
     f16, f32 = torch.float16, torch.float32
-    a_desc, c_desc = G.descriptors(torch.zeros(1, n_pad, d_pad, dtype=f16), torch.zeros(1, k_pad, d_pad, dtype=f16),
-                                   sc.block_n, sc.block_k)
-    kernel = G._stream_kernel.warmup(a_desc, c_desc, torch.zeros(1, n_pad, 2, dtype=f32),
+    a_desc, c_desc, n_desc = G.descriptors(torch.zeros(1, n_pad, d_pad, dtype=f16),
+                                           torch.zeros(1, k_pad, d_pad, dtype=f16), torch.zeros(1, k_pad, dtype=f32),
+                                           sc.block_n, sc.block_k)
+    kernel = G._stream_kernel.warmup(a_desc, c_desc, n_desc, torch.zeros(1, n_pad, 2, dtype=f32),
                                      torch.zeros(1, k_pad, dtype=f32), torch.zeros(3, n_pad, dtype=f32), n_pad, k_pad,
-                                     n_pad, BLOCK_N=sc.block_n, BLOCK_K=sc.block_k, D_PAD=d_pad, NBUF=sc.stages,
-                                     REGS=sc.regs, num_warps=4, grid=(1, 1))
+                                     n_pad, BLOCK_N=sc.block_n, BLOCK_K=sc.block_k, D_PAD=d_pad,
+                                     NBUF=sc.stages, REGS=sc.regs, OVERLAP=sc.overlap, num_warps=4, grid=(1, 1))
     return kernel, cfg
 
 
@@ -136,17 +138,25 @@ def main():
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--json", action="store_true", help="also print the report as one JSON line (last)")
     ap.add_argument("--stream", action="store_true", help="the sm_90 Gluon streaming pass instead of the portable one")
+    ap.add_argument("--overlap", type=int, choices=(0, 1), default=None,
+                    help="--stream: two products in flight per scorer (1) or one (0); default: as shipped")
+    ap.add_argument("--block-n", type=int, default=None, help="--stream: rows per scorer (default: as shipped)")
+    ap.add_argument("--regs", type=int, default=None, help="--stream: registers per scorer thread")
     ap.add_argument("--out", default=None, help="folder for kernel.ptx / .cubin / .sass (default: a temporary one)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("sm90_build.py compiles for the GPU: run it without TRITON_INTERPRET")
-    kernel, cfg = build_stream(args.k, args.d) if args.stream else build_assign(args.k, args.d)
+    variant = {name: value for name, value in (("overlap", None if args.overlap is None else bool(args.overlap)),
+                                                ("block_n", args.block_n), ("regs", args.regs)) if value is not None}
+    if variant and not args.stream:
+        sys.exit("--overlap, --block-n and --regs are for --stream")
+    kernel, cfg = build_stream(args.k, args.d, **variant) if args.stream else build_assign(args.k, args.d)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or tmp
         os.makedirs(out, exist_ok=True)
         rep = report(kernel, out)
     if args.stream:
-        print(f"assign_sm90._stream_kernel sm_90, K={args.k} D={args.d}: {cfg.stream}")
+        print(f"assign_sm90._stream_kernel sm_90, K={args.k} D={args.d}: {cfg.stream} {variant or ''}")
     else:
         print(f"_assign_kernel sm_90, K={args.k} D={args.d}: block_n={cfg.block_n} block_k={cfg.block_k} "
               f"block_d={cfg.block_d} warps={cfg.num_warps} stages={cfg.num_stages}")

@@ -84,6 +84,10 @@ class StreamConfig:
     block_k: int
     stages: int
     regs: int = 232
+    # two products in flight per scorer (assign_sm90._score_partition; block_n 64 at most: registers). H200,
+    # benchmarks/stream_variants.py: 64 rows per scorer with it 4.31 ms at N=1M, K=8192, D=128 against 4.47 for
+    # the shipped 128 rows without, but slower at K=1024, K=8320, K=65536 and D=64 (twice the programs), so off
+    overlap: bool = False
 
     @property
     def rows(self) -> int:
