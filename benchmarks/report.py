@@ -2,8 +2,8 @@
 
     python benchmarks/report.py [--results benchmarks/results]
 
-Reads every JSON the suites wrote (gpu_check_*, stream_check_*, engine_check_*, dask_scaling_*, dask_weak_*, dask_1e9_*,
-dask_series_*, end_to_end_*) and renders, per file, a Markdown table with the device and versions it came from
+Reads every JSON the suites wrote (gpu_check_*, stream_check_*, stream_variants_*, engine_check_*, dask_scaling_*,
+dask_weak_*, dask_1e9_*, dask_series_*, end_to_end_*) and renders, per file, a Markdown table with the device and versions it came from
 (the headline and its N series as one table per device), plus plots: iteration times against the peers,
 distributed strong and weak scaling, time per iteration against N, and the out-of-core engine against its PCIe
 floor.
@@ -74,6 +74,17 @@ def streaming_pass(name: str, r: dict) -> str:
             + _table(["dtype", "N", "K", "D", "sm_90 pass alone", "fast pass sm_90", "fast pass portable",
                       "assign sm_90", "assign portable", "assign flash", "iter graphed", "iter sm_90",
                       "iter portable", "iter flash"], rows))
+
+
+def stream_variants(name: str, r: dict) -> str:
+    """stream_variants.py: shapes of the sm_90 streaming pass against the shipped one, same process."""
+    rows = [[f"{s['n']} x {s['k']} x {s['d']}", json.dumps(v["variant"]) if v["variant"] else "shipped",
+             v.get("ms"), v.get("tflops"), v.get("same_bits")]
+            for s in r.get("shapes", []) for v in s.get("variants", []) if "error" not in v]
+    return (f"### {name}\n\n{_versions(r)}\n\nfp16, the streaming pass alone (ms, CUDA events, median of 15); "
+            f"'same bits': the three output planes equal the shipped config's. Measured fp16 matmul: "
+            f"{_f(r.get('matmul_tflops_fp16'))} TFLOP/s.{' ' + r['note'] if r.get('note') else ''}\n\n"
+            + _table(["N x K x D", "variant (StreamConfig fields)", "ms", "TFLOP/s", "same bits"], rows))
 
 
 def engine(name: str, r: dict) -> str:
@@ -247,6 +258,7 @@ def main(argv=None) -> Path:
     sections = {"Kernels (gpu_check.py)": ("gpu_check", kernels),
                 "The sm_90 streaming pass against the portable kernel (stream_check.py)": ("stream_check",
                                                                                          streaming_pass),
+                "Variants of the sm_90 streaming pass (stream_variants.py)": ("stream_variants", stream_variants),
                 "Engine, data larger than or as large as one GPU (engine_check.py)": ("engine_check", engine),
                 "Distributed (dask_scaling.py)": ("dask_scaling", distributed),
                 "Weak scaling (dask_scaling.py --weak)": ("dask_weak", distributed),

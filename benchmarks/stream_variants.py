@@ -1,0 +1,90 @@
+"""Variants of the sm_90 streaming pass (config.StreamConfig fields), in one process: same bits as the shipped
+config, then time (CUDA events, median after warm-up).
+
+    python benchmarks/stream_variants.py --out F.json [--variants '[{"block_n": 64, "overlap": true}]']
+
+Why: the pass's shape (rows per scorer, registers, ring depth, one or two products in flight per scorer) is a
+compile-time choice that only the GPU can rank, and run-to-run spread between processes is ~10 %, so candidates
+are compared against the shipped config in the same process, on the same prepared operands. Each variant's
+output planes (best key, second key, label) must equal the shipped config's bit for bit.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import traceback
+
+import torch
+
+import gpu_check as G
+from provenance import provenance
+from flashkm_dist.engine import numerics_for
+from flashkm_dist.kernels import assign as A
+from flashkm_dist.kernels import assign_sm90, config
+
+DEV = G.DEV
+SHAPES = [(1 << 20, 8192, 128), (1 << 23, 1024, 128), (1 << 20, 65536, 128), (1 << 20, 4096, 64),
+          (1 << 20, 8192 + 128, 128)]  # (the last: an odd number of centroid tiles)
+VARIANTS = [{}, {"overlap": True, "block_n": 64}, {"overlap": False, "block_n": 64},
+            {"overlap": True, "block_n": 64, "stages": 3}]
+
+
+def ring_slots(sc: config.StreamConfig, d_pad: int) -> int:
+    """As many ring slots (centroid tile + its norms) as shared memory holds next to the row tiles, at most 6."""
+    t = config.device_traits(DEV)
+    rows, tile = 2 * sc.block_n * d_pad * 2, sc.block_k * d_pad * 2 + sc.block_k * 4
+    return min(6, (t.smem_per_block - config._SMEM_RESERVE - rows) // tile)
+
+
+def run_shape(n, k, d, variants) -> dict:
+    x = G.blobs(n, d, min(k, 4096), torch.float16, seed=4)
+    c = x[torch.randperm(n, device=DEV)[:k]].clone()
+    nm = numerics_for(x, None, metric="euclidean")
+    p = A._prepare(x[None], c[None], "euclidean", nm.shift)
+    A._prepare_rows(p)
+    row = {"n": n, "k": k, "d": d, "shipped": str(p.cfg.stream), "variants": []}
+    if p.cfg.stream is None:
+        return row
+    base = assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, p.cfg.stream).view(torch.int32).clone()
+    for v in variants:
+        sc = dataclasses.replace(p.cfg.stream, **v)
+        if "stages" not in v:
+            sc = dataclasses.replace(sc, stages=ring_slots(sc, p.c_fast.shape[-1]))
+        out = {"variant": v, "config": str(sc)}
+        try:
+            if p.a_fast.shape[1] % sc.rows:
+                raise ValueError(f"prepared rows {p.a_fast.shape[1]} are not a multiple of {sc.rows}")
+            top = assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, sc)
+            out["same_bits"] = bool(torch.equal(top.view(torch.int32), base))
+            out["ms"] = G.cuda_ms(lambda: assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, sc), reps=15)
+            out["tflops"] = 2 * n * k * d / out["ms"] / 1e9
+        except Exception:
+            out["error"] = traceback.format_exc()[-2000:]
+        row["variants"].append(out)
+        print(json.dumps(out), flush=True)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--variants", default=None, help="JSON list of StreamConfig overrides ({} = shipped)")
+    args = ap.parse_args()
+    variants = json.loads(args.variants) if args.variants else VARIANTS
+    import triton
+    result = {"device": torch.cuda.get_device_properties(DEV).name, "torch": torch.__version__,
+              "triton": triton.__version__, **provenance(), "matmul_tflops_fp16": G.matmul_tflops(torch.float16),
+              "shapes": []}
+    for n, k, d in SHAPES:
+        try:
+            row = run_shape(n, k, d, variants)
+        except Exception:
+            row = {"n": n, "k": k, "d": d, "error": traceback.format_exc()}
+        result["shapes"].append(row)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
