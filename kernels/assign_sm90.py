@@ -53,16 +53,15 @@ def _top2_combine(a1, a2, b1, b2):
 
 @gluon.jit
 def _tile_top2(acc, offs_k, BLOCK_K: gl.constexpr):
-    """Keys (score bits with the in-tile index offs_k in the low log2(BLOCK_K) bits, one lop3) and their per-row
-    (smallest, second smallest): the same keys and the same pairing as `assign._row_top2`. acc may hold a part
-    of a tile (its columns offs_k): the keys are those of the whole tile."""
+    """Keys (score bits with the in-tile index in the low log2(BLOCK_K) bits, one lop3) and their per-row
+    (smallest, second smallest): the same keys and the same pairing as `assign._row_top2`."""
     layout: gl.constexpr = acc.type.layout
     bits = acc.to(gl.int32, bitcast=True)
     idx = gl.zeros(acc.shape, gl.int32, layout) + offs_k[None, :]
     mask = gl.full(acc.shape, -BLOCK_K, gl.int32, layout)
     key = gl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r", [bits, mask, idx],
                                     dtype=gl.int32, is_pure=True, pack=1).to(gl.float32, bitcast=True)
-    a, b = gl.split(gl.reshape(key, (acc.shape[0], acc.shape[1] // 2, 2)))
+    a, b = gl.split(gl.reshape(key, (acc.shape[0], BLOCK_K // 2, 2)))
     t1, t2 = gl.reduce((gl.minimum(a, b), gl.maximum(a, b)), 1, _top2_combine)
     rows_l: gl.constexpr = gl.SliceLayout(1, layout)  # (the same rows per thread: no data moves)
     return gl.convert_layout(t1, rows_l), gl.convert_layout(t2, rows_l)
@@ -132,9 +131,10 @@ def _score_partition(a_smem, c_smem, n_smem, a_bar, ready, empty, rowstat_ptr, c
     OVERLAP (config.StreamConfig.overlap): two products in flight, tile t+1's issued before tile t's scores are
     reduced, so this scorer's own tensor-core work runs under its ALU work; it needs two accumulators, so 64 rows
     per scorer. The loop is unrolled by two so that each accumulator keeps its registers: an in-flight
-    accumulator copied at the loop's back edge makes ptxas serialise every wgmma (C7514), and so did every other
-    shape of this loop tried (whole-tile tail, half-tile accumulators); benchmarks/sm90_build.py --overlap 1 shows
-    ptxas's notes. Same keys and merge order, so the same output to the bit."""
+    accumulator copied at the loop's back edge makes ptxas serialise every wgmma (C7514), and so did the other
+    shapes of this loop tried (the tail below without its branch; two half-tile accumulators of 128 rows);
+    benchmarks/sm90_build.py --overlap 1 --block-n 64 prints ptxas's notes. Same keys and merge order, so the
+    same output to the bit."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, BLOCK_K, 16])
     rows_l: gl.constexpr = gl.SliceLayout(1, mma)
