@@ -70,7 +70,7 @@ def streaming_pass(name: str, r: dict) -> str:
     return (f"### {name}\n\n{_versions(r)}\n\nSame bits as the portable kernel (labels, min_dist, flags, "
             f"thresholds): {ok} of {len(bits)} cases.{graph_line} Times in ms; 'fast pass' = row pass + streaming "
             f"pass; 'iter graphed' = the estimator's iteration (sm_90 pass, replayed CUDA graph), the other iteration "
-            f"columns launch op by op.\n\n"
+            f"columns launch op by op.{' ' + r['note'] if r.get('note') else ''}\n\n"
             + _table(["dtype", "N", "K", "D", "sm_90 pass alone", "fast pass sm_90", "fast pass portable",
                       "assign sm_90", "assign portable", "assign flash", "iter graphed", "iter sm_90",
                       "iter portable", "iter flash"], rows))
