@@ -23,3 +23,11 @@ def provenance() -> dict:
     import flashkm_dist
     return {"flashkm_dist": flashkm_dist.__version__, "kernels_sha": source_digest("kernels"),
             "package_sha": source_digest("flashkm_dist"), "date": time.strftime("%Y-%m-%d")}
+
+
+def gpu_run(device) -> dict:
+    """The header of a GPU suite's result: the device, torch and triton versions, and `provenance()`."""
+    import torch
+    import triton
+    return {"device": torch.cuda.get_device_properties(device).name, "torch": torch.__version__,
+            "triton": triton.__version__, **provenance()}

@@ -22,7 +22,7 @@ import torch
 
 import gpu_check as G
 from profile_kernels import kernel_times
-from provenance import provenance
+from provenance import gpu_run
 from flashkm_dist import graphed
 from flashkm_dist.engine import backend_for, numerics_for
 from flashkm_dist.kernels import assign as A
@@ -139,9 +139,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
-    import triton
-    result = {"device": torch.cuda.get_device_properties(DEV).name, "torch": torch.__version__,
-              "triton": triton.__version__, **provenance(), "bits": [], "timings": []}
+    result = {**gpu_run(DEV), "bits": [], "timings": []}
 
     def save():
         with open(args.out, "w") as f:

@@ -18,7 +18,7 @@ import traceback
 import torch
 
 import gpu_check as G
-from provenance import provenance
+from provenance import gpu_run
 from flashkm_dist.engine import numerics_for
 from flashkm_dist.kernels import assign as A
 from flashkm_dist.kernels import assign_sm90, config
@@ -28,13 +28,6 @@ SHAPES = [(1 << 20, 8192, 128), (1 << 23, 1024, 128), (1 << 20, 65536, 128), (1 
           (1 << 20, 8192 + 128, 128)]  # (the last: an odd number of centroid tiles)
 VARIANTS = [{}, {"overlap": True, "block_n": 64}, {"overlap": False, "block_n": 64},
             {"overlap": True, "block_n": 64, "stages": 3}]
-
-
-def ring_slots(sc: config.StreamConfig, d_pad: int) -> int:
-    """As many ring slots (centroid tile + its norms) as shared memory holds next to the row tiles, at most 6."""
-    t = config.device_traits(DEV)
-    rows, tile = 2 * sc.block_n * d_pad * 2, sc.block_k * d_pad * 2 + sc.block_k * 4
-    return min(6, (t.smem_per_block - config._SMEM_RESERVE - rows) // tile)
 
 
 def run_shape(n, k, d, variants) -> dict:
@@ -50,7 +43,8 @@ def run_shape(n, k, d, variants) -> dict:
     for v in variants:
         sc = dataclasses.replace(p.cfg.stream, **v)
         if "stages" not in v:
-            sc = dataclasses.replace(sc, stages=ring_slots(sc, p.c_fast.shape[-1]))
+            sc = dataclasses.replace(sc, stages=config.stream_ring_slots(
+                config.device_traits(DEV), sc.block_n, p.c_fast.shape[-1], sc.block_k, sc.overlap))
         out = {"variant": v, "config": str(sc)}
         try:
             if p.a_fast.shape[1] % sc.rows:
@@ -72,10 +66,7 @@ def main():
     ap.add_argument("--variants", default=None, help="JSON list of StreamConfig overrides ({} = shipped)")
     args = ap.parse_args()
     variants = json.loads(args.variants) if args.variants else VARIANTS
-    import triton
-    result = {"device": torch.cuda.get_device_properties(DEV).name, "torch": torch.__version__,
-              "triton": triton.__version__, **provenance(), "matmul_tflops_fp16": G.matmul_tflops(torch.float16),
-              "shapes": []}
+    result = {**gpu_run(DEV), "matmul_tflops_fp16": G.matmul_tflops(torch.float16), "shapes": []}
     for n, k, d in SHAPES:
         try:
             row = run_shape(n, k, d, variants)

@@ -194,9 +194,15 @@ def _stream_config(t: DeviceTraits, block_d: int, resident: bool, block_k: int) 
     if t.capability != (9, 0) or not resident or block_d > 128 or block_k != 128 or not _has_gluon():
         return None
     block_n, regs = STREAM_SHAPE
-    rows, tile = 2 * block_n * block_d * 2, block_k * block_d * 2
-    stages = min(6, (t.smem_per_block - _SMEM_RESERVE - rows) // tile)
+    stages = stream_ring_slots(t, block_n, block_d, block_k, overlap=False)
     return StreamConfig(block_n, block_k, stages, regs) if stages >= 2 else None
+
+
+def stream_ring_slots(t: DeviceTraits, block_n: int, block_d: int, block_k: int, overlap: bool) -> int:
+    """Ring slots of the sm_90 pass: as many centroid tiles (with `overlap`, each with its norms) as shared memory
+    holds next to the two scorers' row tiles, at most 6."""
+    rows, tile = 2 * block_n * block_d * 2, block_k * block_d * 2 + (block_k * 4 if overlap else 0)
+    return min(6, (t.smem_per_block - _SMEM_RESERVE - rows) // tile)
 
 
 @functools.lru_cache(maxsize=None)
