@@ -274,3 +274,50 @@ def test_one_reducer_per_host_or_a_reduce_scatter_give_the_same_bits(client, blo
     assert_same_fit(got, KMeans(**params).fit(blobs))
     parts = {int(str(r["key"]).split("-")[3]) for r in stream.data if str(r["key"]).startswith("flashkm-reduce-")}
     assert parts == ({0} if reducers is None else {0, 1, 2})
+
+
+def _count_shared_memory_reads(dask_worker=None):
+    """On a worker: count the step results it maps from /dev/shm from now on."""
+    from flashkm_dist.dask import handoff
+    opened = getattr(handoff, "_counted_open", None)
+    if opened is None:
+        original = handoff._open
+
+        def opened(*args):
+            opened.n += 1
+            return original(*args)
+
+        handoff._counted_open = handoff._open = opened
+    opened.n = 0
+
+
+def _shared_memory_reads(dask_worker=None) -> int:
+    from flashkm_dist.dask import handoff
+    return handoff._counted_open.n
+
+
+def _flashkm_files() -> list:
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith("flashkm-"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this machine")
+@pytest.mark.parametrize("shared", [True, False])
+def test_partials_reach_a_same_host_reducer_through_shared_memory(client, monkeypatch, tmp_path, shared):
+    """Big enough partials (K x D >= 8192 values) go to the reducer as /dev/shm files; when one worker does not
+    see the others' files (another /dev/shm), the fit's probe turns the hand-off off. Same bits either way, and
+    no file is left behind."""
+    X, _ = make_blobs(2000, 128, centers=64, cluster_std=3.0, random_state=2)
+    params = dict(n_clusters=64, init="k-means++", random_state=0, max_iter=6)
+    first = sorted(client.nthreads())[0]
+    if not shared:
+        client.run(lambda root: setattr(__import__("flashkm_dist.dask.handoff").dask.handoff, "ROOT", root),
+                   str(tmp_path), workers=[first])
+    try:
+        client.run(_count_shared_memory_reads)
+        got = KMeans(**params).fit(da.from_array(X, chunks=300), client=client)
+        reads = sum(client.run(_shared_memory_reads).values())
+    finally:
+        client.run(lambda: setattr(__import__("flashkm_dist.dask.handoff").dask.handoff, "ROOT", "/dev/shm"))
+    assert_same_fit(got, KMeans(**params).fit(X))
+    assert (reads >= 2 * got.n_iter_) if shared else reads == 0  # (two workers send to the third, every step)
+    assert _flashkm_files() == [] and os.listdir(tmp_path) == []

@@ -11,7 +11,9 @@ from dataclasses import dataclass, fields, is_dataclass
 
 import numpy as np
 import torch
+from distributed.protocol import dask_deserialize, dask_serialize
 
+from flashkm_dist.dask import handoff
 from flashkm_dist.engine import FitNumerics, backend_for, unit_rows_like
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
@@ -33,6 +35,7 @@ class ShardSpec:
     unit_rows: bool  # cosine: rows are scaled to unit length on the worker
     chunk_rows: int | None = None
     cache_bytes: int | str = "auto"
+    shared_memory: bool = False  # the workers' probe passed: partials to host-mates go through /dev/shm
 
 
 def wire(t: torch.Tensor) -> tuple:
@@ -72,12 +75,30 @@ class StepResult:
     n_changed: int
     seconds: float
 
+    ARRAYS = ("sums", "weights", "inertia")
+
     @classmethod
-    def of(cls, result) -> "StepResult":
+    def of(cls, result, token: str | None = None) -> "StepResult":
         sums = result.partials.sums
         joined = fp.join(sums)
-        return cls((sums if joined is None else joined).cpu().numpy(), result.partials.weights.cpu().numpy(),
-                   result.inertia.cpu().numpy(), int(result.n_changed), float(result.seconds))
+        sums = sums if joined is None else joined
+        host = handoff.shared_empty(tuple(sums.shape), np.int64, token)  # (same-host peers map it: no copy)
+        torch.from_numpy(host).copy_(sums)
+        return cls(host, result.partials.weights.cpu().numpy(), result.inertia.cpu().numpy(),
+                   int(result.n_changed), float(result.seconds))
+
+
+@dask_serialize.register(StepResult)
+def _dump_step(r: StepResult, context=None):
+    header, frames = handoff.dump({name: getattr(r, name) for name in r.ARRAYS}, context)
+    header["scalars"] = [r.n_changed, r.seconds]
+    return header, frames
+
+
+@dask_deserialize.register(StepResult)
+def _load_step(header: dict, frames: list) -> StepResult:
+    arrays = handoff.load(header, frames, StepResult.ARRAYS)
+    return StepResult(*(arrays[name] for name in StepResult.ARRAYS), *header["scalars"])
 
 
 def worker_device(device: str) -> torch.device:
@@ -110,6 +131,7 @@ def shard_for(spec: ShardSpec) -> Shard:
 
 def forget(token: str) -> int:
     """Drop this worker's state of a fit (run on every worker when the fit ends); returns entries dropped."""
+    handoff.sweep(token)
     with _REGISTRY_LOCK:
         gone = [k for k in _SHARDS if k[1] == token]
         for k in gone:
@@ -165,7 +187,7 @@ def step(spec: ShardSpec, numerics: FitNumerics, ids: list, centers: list, versi
     with shard.lock:
         result = shard.step(as_blocks(ids, datas), joined(centers), numerics, version, previous_version,
                             None if previous is None else joined(previous))
-    return StepResult.of(result)
+    return StepResult.of(result, spec.token if spec.shared_memory else None)
 
 
 def rows_of(result: StepResult, lo: int, hi: int) -> StepResult:
