@@ -276,48 +276,26 @@ def test_one_reducer_per_host_or_a_reduce_scatter_give_the_same_bits(client, blo
     assert parts == ({0} if reducers is None else {0, 1, 2})
 
 
-def _count_shared_memory_reads(dask_worker=None):
-    """On a worker: count the step results it maps from /dev/shm from now on."""
-    from flashkm_dist.dask import handoff
-    opened = getattr(handoff, "_counted_open", None)
-    if opened is None:
-        original = handoff._open
+@pytest.mark.parametrize("to_host", [True, False])
+def test_a_step_result_keeps_its_partials_for_a_local_reducer_and_ships_numpy(to_host):
+    """A step whose reducer is in the same worker keeps its partials as they are (no copy); sent to another
+    process (pickled, as Dask does), it carries NumPy arrays with the same values either way."""
+    import pickle
 
-        def opened(*args):
-            opened.n += 1
-            return original(*args)
+    import torch
 
-        handoff._counted_open = handoff._open = opened
-    opened.n = 0
-
-
-def _shared_memory_reads(dask_worker=None) -> int:
-    from flashkm_dist.dask import handoff
-    return handoff._counted_open.n
-
-
-def _flashkm_files() -> list:
-    return sorted(f for f in os.listdir("/dev/shm") if f.startswith("flashkm-"))
-
-
-@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm on this machine")
-@pytest.mark.parametrize("shared", [True, False])
-def test_partials_reach_a_same_host_reducer_through_shared_memory(client, monkeypatch, tmp_path, shared):
-    """Big enough partials (K x D >= 8192 values) go to the reducer as /dev/shm files; when one worker does not
-    see the others' files (another /dev/shm), the fit's probe turns the hand-off off. Same bits either way, and
-    no file is left behind."""
-    X, _ = make_blobs(2000, 128, centers=64, cluster_std=3.0, random_state=2)
-    params = dict(n_clusters=64, init="k-means++", random_state=0, max_iter=6)
-    first = sorted(client.nthreads())[0]
-    if not shared:
-        client.run(lambda root: setattr(__import__("flashkm_dist.dask.handoff").dask.handoff, "ROOT", root),
-                   str(tmp_path), workers=[first])
-    try:
-        client.run(_count_shared_memory_reads)
-        got = KMeans(**params).fit(da.from_array(X, chunks=300), client=client)
-        reads = sum(client.run(_shared_memory_reads).values())
-    finally:
-        client.run(lambda: setattr(__import__("flashkm_dist.dask.handoff").dask.handoff, "ROOT", "/dev/shm"))
-    assert_same_fit(got, KMeans(**params).fit(X))
-    assert (reads >= 2 * got.n_iter_) if shared else reads == 0  # (two workers send to the third, every step)
-    assert _flashkm_files() == [] and os.listdir(tmp_path) == []
+    from flashkm_dist.dask.worker import StepResult
+    from flashkm_dist.kernels import fixed_point as fp
+    from flashkm_dist.kernels import reference
+    from flashkm_dist.streaming import EngineStep
+    sums = fp.split(torch.arange(-60, 60, dtype=torch.int64).reshape(12, 10) * (1 << 40))
+    scale = fp.FixedPointScale.from_bounds(1.0, 1.0, 1.0)
+    engine_step = EngineStep(reference.Partials(sums, torch.ones(2, 12, dtype=torch.int64), scale),
+                             torch.tensor([3, 4]), 7, 0.5)
+    step = StepResult.of(engine_step, to_host=to_host)
+    assert all(isinstance(getattr(step, n), np.ndarray) == to_host for n in StepResult.ARRAYS)
+    sent = pickle.loads(pickle.dumps(step))
+    assert all(isinstance(getattr(sent, n), np.ndarray) for n in StepResult.ARRAYS)
+    np.testing.assert_array_equal(sent.sums, fp.join(sums).numpy())
+    np.testing.assert_array_equal(sent.weights, np.ones((2, 12)))
+    assert (sent.n_changed, sent.seconds) == (7, 0.5)

@@ -118,11 +118,12 @@ class DaskShards:
         of its range (a reduce-scatter: each receives 1/R of the partials), so the next steps gather R slices;
         the scalars follow off the critical path."""
         version = centres[0].key
-        steps = [self._submit(worker.step, s, "step", self.spec, numerics, self._blocks[s], centres, version,
-                              previous, None if previous is None else previous[0].key)
-                 for s in self.shard_ids if self._blocks[s]]
         owners = [a for s, a in zip(self.shard_ids, self.addresses) if self._blocks[s]]
         reducers = self._reducers(owners, k)
+        steps = [self._submit(worker.step, s, "step", self.spec, numerics, self._blocks[s], centres, version,
+                              previous, None if previous is None else previous[0].key,
+                              reducers == [self.addresses[s]])
+                 for s in self.shard_ids if self._blocks[s]]
         bounds = [k * j // len(reducers) for j in range(len(reducers) + 1)]
         parts, cut = [], []
         for j, (lo, hi) in enumerate(zip(bounds, bounds[1:])):

@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from flashkm_dist import _validation as v
 from flashkm_dist.dask import checkpoint as ckpt
-from flashkm_dist.dask import handoff
 from flashkm_dist.dask import latency
 from flashkm_dist.dask import worker
 from flashkm_dist.dask.cluster import DaskShards
@@ -227,12 +226,11 @@ def fit(model, X, sample_weight=None, client=None, allreduce: str = "dask"):
         raise ValueError("resume=True needs checkpoint= (the file to resume from)")
     X, weights, dtype = prepare(X, sample_weight, model.dtype)
     n_init = model._check_params(int(X.shape[0]))
-    collective = allreduce == "nccl"
     model.n_features_in_ = int(X.shape[1])
-    token = uuid.uuid4().hex
-    spec = worker.ShardSpec(token, model.device, str(dtype).removeprefix("torch."), model.metric == "cosine",
-                            shared_memory=not collective and handoff.usable(client, token))
+    spec = worker.ShardSpec(uuid.uuid4().hex, model.device, str(dtype).removeprefix("torch."),
+                            model.metric == "cosine")
     shards = DaskShards(client, X, weights, spec, dtype)
+    collective = allreduce == "nccl"
     with latency.Tightened(client):  # shorter message batching while the fit runs
         try:
             if collective:

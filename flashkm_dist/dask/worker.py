@@ -11,9 +11,7 @@ from dataclasses import dataclass, fields, is_dataclass
 
 import numpy as np
 import torch
-from distributed.protocol import dask_deserialize, dask_serialize
 
-from flashkm_dist.dask import handoff
 from flashkm_dist.engine import FitNumerics, backend_for, unit_rows_like
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
@@ -35,7 +33,6 @@ class ShardSpec:
     unit_rows: bool  # cosine: rows are scaled to unit length on the worker
     chunk_rows: int | None = None
     cache_bytes: int | str = "auto"
-    shared_memory: bool = False  # the workers' probe passed: partials to host-mates go through /dev/shm
 
 
 def wire(t: torch.Tensor) -> tuple:
@@ -64,41 +61,61 @@ class Update:
         self.centers, self.scalars = _unwire(state["centers"]), state["scalars"]
 
 
+_STAGING: dict = {}  # device -> pinned uint8 tensor, reused under the lock
+_STAGING_LOCK = threading.Lock()
+
+
+def host_copy(t: torch.Tensor) -> np.ndarray:
+    """A tensor as a NumPy array (a host tensor's own memory); from a device through a pinned buffer (a device copy into pageable memory
+    goes through the driver's own staging, at a fraction of the DMA rate)."""
+    if not t.is_cuda:
+        return t.detach().numpy()
+    out = np.empty(tuple(t.shape), dtype=np.dtype(str(t.dtype).removeprefix("torch.")))
+    nbytes = out.nbytes
+    with _STAGING_LOCK:
+        stage = _STAGING.get(t.device)
+        if stage is None or stage.numel() < nbytes:
+            stage = _STAGING[t.device] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True)
+        staged = stage[:nbytes].view(t.dtype).view(t.shape)
+        staged.copy_(t)
+        np.copyto(out, staged.numpy(), casting="no")
+    return out
+
+
 @dataclass
 class StepResult:
-    """One worker's step on the wire: exact partials as NumPy integers (sums joined to one int64 per value when
-    they fit: half the bytes to the reducer)."""
+    """One worker's step: exact partials (sums joined to one int64 per value when they fit: half the bytes to the
+    reducer). A step whose reducer runs in the same worker leaves them on its device (the reducer takes them with
+    no copy); for a reducer elsewhere they are NumPy arrays (Dask ships those without copies), and so they become
+    when Dask has to send a device step anyway (`__getstate__`: a reducer moved after a worker was lost)."""
 
-    sums: np.ndarray  # int64 (K, D) joined, or limbs (2, K, D)
-    weights: np.ndarray  # limbs (2, K)
-    inertia: np.ndarray  # limbs (2,)
+    sums: torch.Tensor | np.ndarray  # int64 (K, D) joined, or limbs (2, K, D)
+    weights: torch.Tensor | np.ndarray  # limbs (2, K)
+    inertia: torch.Tensor | np.ndarray  # limbs (2,)
     n_changed: int
     seconds: float
 
     ARRAYS = ("sums", "weights", "inertia")
 
     @classmethod
-    def of(cls, result, token: str | None = None) -> "StepResult":
+    def of(cls, result, to_host: bool = True) -> "StepResult":
         sums = result.partials.sums
         joined = fp.join(sums)
-        sums = sums if joined is None else joined
-        host = handoff.shared_empty(tuple(sums.shape), np.int64, token)  # (same-host peers map it: no copy)
-        torch.from_numpy(host).copy_(sums)
-        return cls(host, result.partials.weights.cpu().numpy(), result.inertia.cpu().numpy(),
-                   int(result.n_changed), float(result.seconds))
+        arrays = [sums if joined is None else joined, result.partials.weights, result.inertia]
+        if to_host:
+            arrays = [host_copy(a) for a in arrays]
+        return cls(*arrays, int(result.n_changed), float(result.seconds))
+
+    def __getstate__(self):
+        return {**{name: _numpy(getattr(self, name)) for name in self.ARRAYS},
+                "n_changed": self.n_changed, "seconds": self.seconds}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
 
 
-@dask_serialize.register(StepResult)
-def _dump_step(r: StepResult, context=None):
-    header, frames = handoff.dump({name: getattr(r, name) for name in r.ARRAYS}, context)
-    header["scalars"] = [r.n_changed, r.seconds]
-    return header, frames
-
-
-@dask_deserialize.register(StepResult)
-def _load_step(header: dict, frames: list) -> StepResult:
-    arrays = handoff.load(header, frames, StepResult.ARRAYS)
-    return StepResult(*(arrays[name] for name in StepResult.ARRAYS), *header["scalars"])
+def _numpy(a) -> np.ndarray:
+    return host_copy(a) if torch.is_tensor(a) else a
 
 
 def worker_device(device: str) -> torch.device:
@@ -131,7 +148,6 @@ def shard_for(spec: ShardSpec) -> Shard:
 
 def forget(token: str) -> int:
     """Drop this worker's state of a fit (run on every worker when the fit ends); returns entries dropped."""
-    handoff.sweep(token)
     with _REGISTRY_LOCK:
         gone = [k for k in _SHARDS if k[1] == token]
         for k in gone:
@@ -181,20 +197,25 @@ def joined(parts: list) -> torch.Tensor:
 
 
 def step(spec: ShardSpec, numerics: FitNumerics, ids: list, centers: list, version: str,
-         previous: list | None, previous_version: str | None, *datas):
-    """One Lloyd step over this worker's blocks (see `Shard.step` for the label-change count)."""
+         previous: list | None, previous_version: str | None, reducer_here: bool, *datas):
+    """One Lloyd step over this worker's blocks (see `Shard.step` for the label-change count). `reducer_here`:
+    the reduction is planned on this worker, so the partials stay on the device."""
     shard = shard_for(spec)
     with shard.lock:
         result = shard.step(as_blocks(ids, datas), joined(centers), numerics, version, previous_version,
                             None if previous is None else joined(previous))
-    return StepResult.of(result, spec.token if spec.shared_memory else None)
+    return StepResult.of(result, to_host=not reducer_here)
 
 
 def rows_of(result: StepResult, lo: int, hi: int) -> StepResult:
     """The partials of clusters lo..hi-1 of a step (the part one reducer sums), with the step's scalars."""
     sums = result.sums[lo:hi] if result.sums.ndim == 2 else result.sums[:, lo:hi]
-    return StepResult(np.ascontiguousarray(sums), np.ascontiguousarray(result.weights[:, lo:hi]), result.inertia,
+    return StepResult(_contiguous(sums), _contiguous(result.weights[:, lo:hi]), result.inertia,
                       result.n_changed, result.seconds)
+
+
+def _contiguous(a):
+    return a.contiguous() if torch.is_tensor(a) else np.ascontiguousarray(a)
 
 
 def farthest(spec: ShardSpec, numerics: FitNumerics, ids: list, starts: list, centers: list, n: int, *datas):
@@ -211,12 +232,12 @@ def _reduce_device(metric: str) -> torch.device:
 
 def _combined(steps: list, scale: fp.FixedPointScale, device: torch.device):
     def limbs(s):
-        sums = torch.from_numpy(s.sums).to(device)
+        sums = torch.as_tensor(s.sums).to(device)
         return fp.split(sums) if sums.dim() == 2 else sums
 
     sums = fp.normalize(sum(limbs(s) for s in steps))
-    weights = fp.normalize(sum(torch.from_numpy(s.weights).to(device) for s in steps))
-    inertia = fp.normalize(sum(torch.from_numpy(s.inertia) for s in steps)[:, None])[:, 0]
+    weights = fp.normalize(sum(torch.as_tensor(s.weights).to(device) for s in steps))
+    inertia = fp.normalize(sum(torch.as_tensor(s.inertia).cpu() for s in steps)[:, None])[:, 0]
     return reference.Partials(sums, weights, scale), inertia, sum(s.n_changed for s in steps)
 
 
@@ -226,10 +247,10 @@ def _update(numerics: FitNumerics, centers: torch.Tensor, steps: list, found: li
     scalars are the iteration's, but for the shift, which `scalars` computes from all rows."""
     partials, inertia, changed = _combined(steps, numerics.scale, _reduce_device(numerics.metric))
     n_empty = int(empty_clusters(partials).numel())
+    previous = centers.to(partials.sums.device) if n_empty else None  # (only empty clusters keep theirs)
     if found is not None:
         partials, n_empty = move_to_empty(partials, Farthest.merge(found, n_empty)), 0
-    new, _ = reference.finalize(partials, dtype=centers.dtype, metric=numerics.metric,
-                                previous=centers.to(partials.sums.device))
+    new, _ = reference.finalize(partials, dtype=centers.dtype, metric=numerics.metric, previous=previous)
     return Update(new.cpu(), {"n_changed": int(changed), "n_empty": n_empty,
                               "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
                               "slowest_worker_seconds": max(s.seconds for s in steps)})
