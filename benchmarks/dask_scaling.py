@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+import dask_timeline
 from provenance import provenance
 
 WARMUP_ITERS = 2
@@ -226,6 +227,8 @@ def main():
                     help="also time allreduce='nccl' with its update op by op instead of one CUDA graph")
     ap.add_argument("--reducers-ab", action="store_true",
                     help="also time the Dask path with a reducer on every worker (default: one per host)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="the Dask path's critical path per iteration, from timestamps taken in the workers")
     args = ap.parse_args()
     from flashkm_dist.dask import latency
     from flashkm_dist.dask.cluster import DaskShards
@@ -264,6 +267,8 @@ def main():
         modes.append(("resident_nccl_eager", "nccl"))
     for w in workers:  # strong scaling, data resident on the GPUs
         with cluster(w, cpu) as lc, Client(lc) as client:
+            if args.timeline:  # (before any task: workers cache the functions they unpickle)
+                dask_timeline.install(client)
             if w == workers[-1] and not args.no_exactness:
                 result["exactness"] = exactness(client, cpu)
                 print("exactness", result["exactness"], flush=True)
@@ -273,8 +278,12 @@ def main():
                 latency.ENABLED = mode != "resident_default_batching"
                 DaskShards.reducers = w if mode == "resident_reducer_per_worker" else None
                 client.run(use_graphs, mode != "resident_nccl_eager")  # (read in the worker processes)
+                if args.timeline:
+                    dask_timeline.install(client)
                 result.setdefault(mode, {})[w] = {"n": n_w, **timed_fit(client, X, init, args.iters, allreduce,
                                                                         args.task_stream)}
+                if args.timeline and allreduce == "dask":
+                    result[mode][w]["timeline"] = dask_timeline.segments(client)
                 latency.ENABLED, DaskShards.reducers = True, None
                 print(w, "workers", mode, {k_: v for k_, v in result[mode][w].items() if k_ != "iterations"},
                       flush=True)

@@ -100,7 +100,9 @@ def distributed(name: str, r: dict) -> str:
     rows = []
     weak = r.get("weak_rows_per_worker")
     labels = {"resident": "dask", "resident_nccl": "nccl", "resident_default_batching": "dask, default batching",
-              "resident_reducer_per_worker": "dask, reducer per worker", "resident_nccl_eager": "nccl, update op by op"}
+              "resident_reducer_per_worker": "dask, reducer per worker", "resident_nccl_eager": "nccl, update op by op",
+              "resident_socket": "dask, results over the socket",
+              "resident_default_switch": "dask, default GIL switch interval"}
     for mode, label in labels.items():
         eff = r.get(f"weak_scaling_growth_{mode}" if weak else f"strong_scaling_efficiency_{mode}") or (
             r.get("strong_scaling_efficiency") if mode == "resident" else {}) or {}
