@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -13,11 +14,16 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster, get_task_stream
 from dask.utils import key_split
+import torch
 from sklearn.datasets import make_blobs
 
 from flashkm_dist import KMeans
 from flashkm_dist.dask import driver, latency
 from flashkm_dist.dask.cluster import DaskShards
+from flashkm_dist.dask.worker import StepResult
+from flashkm_dist.kernels import fixed_point as fp
+from flashkm_dist.kernels import reference
+from flashkm_dist.streaming import EngineStep
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -280,14 +286,6 @@ def test_one_reducer_per_host_or_a_reduce_scatter_give_the_same_bits(client, blo
 def test_a_step_result_keeps_its_partials_for_a_local_reducer_and_ships_numpy(to_host):
     """A step whose reducer is in the same worker keeps its partials as they are (no copy); sent to another
     process (pickled, as Dask does), it carries NumPy arrays with the same values either way."""
-    import pickle
-
-    import torch
-
-    from flashkm_dist.dask.worker import StepResult
-    from flashkm_dist.kernels import fixed_point as fp
-    from flashkm_dist.kernels import reference
-    from flashkm_dist.streaming import EngineStep
     sums = fp.split(torch.arange(-60, 60, dtype=torch.int64).reshape(12, 10) * (1 << 40))
     scale = fp.FixedPointScale.from_bounds(1.0, 1.0, 1.0)
     engine_step = EngineStep(reference.Partials(sums, torch.ones(2, 12, dtype=torch.int64), scale),

@@ -66,8 +66,8 @@ _STAGING_LOCK = threading.Lock()
 
 
 def host_copy(t: torch.Tensor) -> np.ndarray:
-    """A tensor as a NumPy array (a host tensor's own memory); from a device through a pinned buffer (a device copy into pageable memory
-    goes through the driver's own staging, at a fraction of the DMA rate)."""
+    """A tensor as a NumPy array (a host tensor's own memory); from a device through a pinned buffer: a device
+    copy into pageable memory goes through the driver's own staging, at a fraction of the DMA rate."""
     if not t.is_cuda:
         return t.detach().numpy()
     out = np.empty(tuple(t.shape), dtype=np.dtype(str(t.dtype).removeprefix("torch.")))
