@@ -61,27 +61,6 @@ class Update:
         self.centers, self.scalars = _unwire(state["centers"]), state["scalars"]
 
 
-_STAGING: dict = {}  # device -> pinned uint8 tensor, reused under the lock
-_STAGING_LOCK = threading.Lock()
-
-
-def host_copy(t: torch.Tensor) -> np.ndarray:
-    """A tensor as a NumPy array (a host tensor's own memory); from a device through a pinned buffer: a device
-    copy into pageable memory goes through the driver's own staging, at a fraction of the DMA rate."""
-    if not t.is_cuda:
-        return t.detach().numpy()
-    out = np.empty(tuple(t.shape), dtype=np.dtype(str(t.dtype).removeprefix("torch.")))
-    nbytes = out.nbytes
-    with _STAGING_LOCK:
-        stage = _STAGING.get(t.device)
-        if stage is None or stage.numel() < nbytes:
-            stage = _STAGING[t.device] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True)
-        staged = stage[:nbytes].view(t.dtype).view(t.shape)
-        staged.copy_(t)
-        np.copyto(out, staged.numpy(), casting="no")
-    return out
-
-
 @dataclass
 class StepResult:
     """One worker's step: exact partials (sums joined to one int64 per value when they fit: half the bytes to the
@@ -103,7 +82,7 @@ class StepResult:
         joined = fp.join(sums)
         arrays = [sums if joined is None else joined, result.partials.weights, result.inertia]
         if to_host:
-            arrays = [host_copy(a) for a in arrays]
+            arrays = [_numpy(a) for a in arrays]
         return cls(*arrays, int(result.n_changed), float(result.seconds))
 
     def __getstate__(self):
@@ -115,7 +94,7 @@ class StepResult:
 
 
 def _numpy(a) -> np.ndarray:
-    return host_copy(a) if torch.is_tensor(a) else a
+    return a.detach().cpu().numpy() if torch.is_tensor(a) else a
 
 
 def worker_device(device: str) -> torch.device:
