@@ -204,6 +204,12 @@ def flash_largeN(n: int, d: int, n_blocks: int, init: np.ndarray, iters: int) ->
     return {"iteration_s": (more - one) / iters, "gpus": torch.cuda.device_count()}
 
 
+def _handoff_left(dask_worker=None) -> tuple:
+    """Device buffers a worker still holds for the hand-off (all fits have ended: must be none)."""
+    from flashkm_dist.dask import handoff
+    return len(handoff._EXPORTED), sum(map(len, handoff._FREE.values())), len(handoff._OPENED)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -227,10 +233,12 @@ def main():
                     help="also time allreduce='nccl' with its update op by op instead of one CUDA graph")
     ap.add_argument("--reducers-ab", action="store_true",
                     help="also time the Dask path with a reducer on every worker (default: one per host)")
+    ap.add_argument("--handoff-ab", action="store_true",
+                    help="also time the Dask path with the partials sent over the socket (no CUDA IPC hand-off)")
     ap.add_argument("--timeline", action="store_true",
                     help="the Dask path's critical path per iteration, from timestamps taken in the workers")
     args = ap.parse_args()
-    from flashkm_dist.dask import latency
+    from flashkm_dist.dask import handoff, latency
     from flashkm_dist.dask.cluster import DaskShards
     from distributed import Client
     cpu = args.cpu_smoke
@@ -265,6 +273,8 @@ def main():
         modes.append(("resident_reducer_per_worker", "dask"))
     if args.graphs_ab:
         modes.append(("resident_nccl_eager", "nccl"))
+    if args.handoff_ab:
+        modes.append(("resident_socket", "dask"))
     for w in workers:  # strong scaling, data resident on the GPUs
         with cluster(w, cpu) as lc, Client(lc) as client:
             if args.timeline:  # (before any task: workers cache the functions they unpickle)
@@ -272,11 +282,13 @@ def main():
             if w == workers[-1] and not args.no_exactness:
                 result["exactness"] = exactness(client, cpu)
                 print("exactness", result["exactness"], flush=True)
+            result.setdefault("device_handoff", {})[w] = handoff.probe(client, sorted(client.nthreads()))
             n_w, blocks_w = (args.weak * w, w * args.blocks_per_worker) if args.weak else (n, n_blocks)
             X = balanced(client, n_w, d, blocks_w, on_gpu=not cpu, host=cpu)
             for mode, allreduce in modes:
                 latency.ENABLED = mode != "resident_default_batching"
                 DaskShards.reducers = w if mode == "resident_reducer_per_worker" else None
+                DaskShards.device_handoff = mode != "resident_socket"
                 client.run(use_graphs, mode != "resident_nccl_eager")  # (read in the worker processes)
                 if args.timeline:
                     dask_timeline.install(client)
@@ -284,10 +296,11 @@ def main():
                                                                         args.task_stream)}
                 if args.timeline and allreduce == "dask":
                     result[mode][w]["timeline"] = dask_timeline.segments(client)
-                latency.ENABLED, DaskShards.reducers = True, None
+                latency.ENABLED, DaskShards.reducers, DaskShards.device_handoff = True, None, True
                 print(w, "workers", mode, {k_: v for k_, v in result[mode][w].items() if k_ != "iterations"},
                       flush=True)
             del X
+            result.setdefault("handoff_buffers_left", {})[w] = sorted(set(client.run(_handoff_left).values()))
         save()
     for mode, _ in modes:
         base = result[mode][workers[0]]["iteration_s"]

@@ -18,7 +18,7 @@ import torch
 from sklearn.datasets import make_blobs
 
 from flashkm_dist import KMeans
-from flashkm_dist.dask import driver, latency
+from flashkm_dist.dask import driver, handoff, latency, worker
 from flashkm_dist.dask.cluster import DaskShards
 from flashkm_dist.dask.worker import StepResult
 from flashkm_dist.kernels import fixed_point as fp
@@ -282,18 +282,32 @@ def test_one_reducer_per_host_or_a_reduce_scatter_give_the_same_bits(client, blo
     assert parts == ({0} if reducers is None else {0, 1, 2})
 
 
-@pytest.mark.parametrize("to_host", [True, False])
-def test_a_step_result_keeps_its_partials_for_a_local_reducer_and_ships_numpy(to_host):
+@pytest.mark.parametrize("where", ["host", "device", "export"])
+def test_a_step_result_keeps_its_partials_for_a_local_reducer_and_ships_numpy(where):
     """A step whose reducer is in the same worker keeps its partials as they are (no copy); sent to another
-    process (pickled, as Dask does), it carries NumPy arrays with the same values either way."""
+    process (pickled, as Dask does), it carries NumPy arrays with the same values either way. The device
+    hand-off applies to device arrays only: host partials asked to be exported go as NumPy."""
     sums = fp.split(torch.arange(-60, 60, dtype=torch.int64).reshape(12, 10) * (1 << 40))
     scale = fp.FixedPointScale.from_bounds(1.0, 1.0, 1.0)
     engine_step = EngineStep(reference.Partials(sums, torch.ones(2, 12, dtype=torch.int64), scale),
                              torch.tensor([3, 4]), 7, 0.5)
-    step = StepResult.of(engine_step, to_host=to_host)
-    assert all(isinstance(getattr(step, n), np.ndarray) == to_host for n in StepResult.ARRAYS)
+    step = StepResult.of(engine_step, where, token="t")
+    assert step.where == ("device" if where == "device" else "host") and step.lease is None
+    assert all(isinstance(getattr(step, n), np.ndarray) == (where != "device") for n in StepResult.ARRAYS)
     sent = pickle.loads(pickle.dumps(step))
     assert all(isinstance(getattr(sent, n), np.ndarray) for n in StepResult.ARRAYS)
     np.testing.assert_array_equal(sent.sums, fp.join(sums).numpy())
     np.testing.assert_array_equal(sent.weights, np.ones((2, 12)))
     assert (sent.n_changed, sent.seconds) == (7, 0.5)
+    rows = worker.rows_of(step, 2, 5)
+    assert rows.where == step.where
+    np.testing.assert_array_equal(np.asarray(rows.sums), fp.join(sums)[2:5].numpy())
+
+
+def test_the_device_hand_off_is_chosen_only_when_workers_can_open_each_others_gpu_buffers(client):
+    """CPU workers (and a single worker) keep the socket path; the probe cleans up after itself."""
+    workers = sorted(client.nthreads())
+    assert not handoff.probe(client, workers)
+    assert not handoff.probe(client, workers[:1])
+    assert client.run(lambda: (len(handoff._FREE), len(handoff._EXPORTED), len(handoff._OPENED))) == {
+        a: (0, 0, 0) for a in workers}

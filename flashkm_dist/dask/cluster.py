@@ -5,6 +5,7 @@ tasks pinned there (loosely, so a task whose worker died runs elsewhere instead 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ import torch
 from dask.core import flatten
 from distributed import futures_of, wait
 
-from flashkm_dist.dask import collective, worker
+from flashkm_dist.dask import collective, handoff, worker
 
 
 @dataclass
@@ -36,6 +37,7 @@ class DaskShards:
     """Blocks of `x` (persisted, one column chunk) and optional weights (a Dask array with x's row chunks)."""
 
     reducers: int | None = None  # None: one per host (see `_reducers`); tests and benchmarks set a number
+    device_handoff: bool = True  # partials to a reducer through CUDA IPC when `handoff.probe` passes (A/B: False)
 
     def __init__(self, client, x, weights, spec: worker.ShardSpec, dtype: torch.dtype):
         self.client, self.spec, self.array = client, spec, x
@@ -55,6 +57,8 @@ class DaskShards:
                             for i, (xf, wf) in enumerate(zip(self.futures, w_futures))]
             wait(self.futures)
         self.place()
+        if self.device_handoff and handoff.probe(client, sorted(self._workers)):
+            self.spec = dataclasses.replace(spec, handoff="ipc")
 
     def _key(self, name: str, part) -> str:
         return f"flashkm-{name}-{next(self._names)}-{part}-{self.spec.token}"
@@ -132,7 +136,7 @@ class DaskShards:
                                    workers=[owners[i]], allow_other_workers=True, pure=False)
                 for i, step in enumerate(steps)]
             cut += [] if len(reducers) == 1 else rows
-            parts.append(self.client.submit(worker.reduce, numerics, lo, hi, centres, *rows,
+            parts.append(self.client.submit(worker.reduce, numerics, self._export_token, lo, hi, centres, *rows,
                                             key=self._key("reduce", j), workers=[reducers[j]],
                                             allow_other_workers=True, pure=False))
         return Iteration(steps, parts, self._scalars(numerics, centres, parts), cut)
@@ -157,7 +161,8 @@ class DaskShards:
         far = [self._submit(worker.farthest, s, "farthest", self.spec, numerics, self._blocks[s],
                             [self.starts[i] for i in self._blocks[s]], centres, n_empty)
                for s in self.shard_ids if self._blocks[s]]
-        update = self.client.submit(worker.reseed, numerics, centres, len(it.steps), *it.steps, *far,
+        update = self.client.submit(worker.reseed, numerics, self._export_token, centres, len(it.steps), *it.steps,
+                                    *far,
                                     key=self._key("reseed", 0), pure=False)
         return Iteration(it.steps, [update], self._scalars(numerics, centres, [update]))
 
@@ -165,9 +170,19 @@ class DaskShards:
         return self.client.submit(worker.scalars, numerics.metric, len(centres), *centres, *parts,
                                   key=self._key("scalars", 0), pure=False)
 
+    @property
+    def _export_token(self) -> str | None:
+        """Reducers export the centres (see `worker.Update`) in a fit with the device hand-off."""
+        return self.spec.token if self.spec.handoff == "ipc" else None
+
     def gather(self, *centres: list) -> list:
-        """Centres held as row-slice futures, as tensors: all of them in one round trip."""
-        got = iter(self.client.gather([f for c in centres for f in c]))
+        """Centres held as row-slice futures, as tensors: all of them in one round trip (through a host copy on
+        the workers when they are exported device buffers)."""
+        futures = [f for c in centres for f in c]
+        if self._export_token:
+            futures = [self.client.submit(worker.on_host, f, key=self._key("on-host", i), pure=False)
+                       for i, f in enumerate(futures)]
+        got = iter(self.client.gather(futures))
         return [worker.joined([next(got) for _ in c]) for c in centres]
 
     def anchor(self, centers: torch.Tensor) -> list:
@@ -201,3 +216,6 @@ class DaskShards:
 
     def forget(self) -> None:
         self.client.run(worker.forget, self.spec.token)
+        if self.spec.handoff == "ipc":  # peers close their mappings before the owners free the buffers
+            self.client.run(handoff.close, self.spec.token)
+            self.client.run(handoff.free, self.spec.token)

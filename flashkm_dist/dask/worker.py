@@ -2,7 +2,8 @@
 
 Each worker keeps one `Shard` per fit (its engine, device cache, remembered labels, seeding state), keyed by
 (worker address, fit token). That state only saves time: a task that finds none (new worker, moved block, restarted
-process) rebuilds it, so losing it can never change a result. Results leave a task on the host, as plain tensors.
+process) rebuilds it, so losing it can never change a result. Results leave a task on the host, as plain tensors,
+but for step partials bound for a reducer (see `StepResult`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, fields, is_dataclass
 import numpy as np
 import torch
 
+from flashkm_dist.dask import handoff
 from flashkm_dist.engine import FitNumerics, backend_for, unit_rows_like
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
@@ -31,6 +33,7 @@ class ShardSpec:
     device: str  # 'auto' (the worker's GPU if it has one), 'cpu', 'cuda'
     dtype: str  # compute dtype name
     unit_rows: bool  # cosine: rows are scaled to unit length on the worker
+    handoff: str = "socket"  # how partials reach a reducer on another worker: 'socket' or 'ipc' (see `handoff`)
     chunk_rows: int | None = None
     cache_bytes: int | str = "auto"
 
@@ -49,47 +52,88 @@ def _unwire(wired: tuple) -> torch.Tensor:
 
 @dataclass
 class Update:
-    """A reduction's result: the next centres and the scalars the client waits for."""
+    """A reduction's result: the next centres and the scalars the client waits for. A reducer of a fit with the
+    device hand-off leaves the centres in an exported buffer (`handoff`) that the next steps copy from, and the
+    client gets them through `on_host`; otherwise they are a host tensor (Dask ships it as NumPy)."""
 
     centers: torch.Tensor
     scalars: dict | None = None
+    lease: handoff.Lease | None = None
+
+    @classmethod
+    def placed(cls, centers: torch.Tensor, scalars: dict, token: str | None) -> "Update":
+        """Exported for fit `token` when given and the centres are on a GPU; on the host otherwise."""
+        if token and centers.is_cuda:
+            lease, (view,) = handoff.export(token, [centers])
+            return cls(view, scalars, lease)
+        return cls(centers.cpu(), scalars)
 
     def __getstate__(self):
+        if self.lease is not None:
+            return {"device": handoff.describe(self.lease, [self.centers]), "scalars": self.scalars}
         return {"centers": wire(self.centers), "scalars": self.scalars}
 
     def __setstate__(self, state):
-        self.centers, self.scalars = _unwire(state["centers"]), state["scalars"]
+        if "device" in state:
+            (self.centers,), self.lease = handoff.take(state["device"]), None
+        else:
+            self.centers, self.lease = _unwire(state["centers"]), None
+        self.scalars = state["scalars"]
+
+
+def on_host(update: Update) -> Update:
+    """The centres of an Update as a host copy, for the client (which cannot open a worker's device buffers)."""
+    return Update(update.centers.cpu(), update.scalars)
 
 
 @dataclass
 class StepResult:
     """One worker's step: exact partials (sums joined to one int64 per value when they fit: half the bytes to the
-    reducer). A step whose reducer runs in the same worker leaves them on its device (the reducer takes them with
-    no copy); for a reducer elsewhere they are NumPy arrays (Dask ships those without copies), and so they become
-    when Dask has to send a device step anyway (`__getstate__`: a reducer moved after a worker was lost)."""
+    reducer). Where they wait for the reducer (`placed`): on the device when the reducer is the same worker (it
+    takes them with no copy); in a buffer a GPU peer of the same host opens (`handoff`) when the fit uses the
+    device hand-off; otherwise as NumPy arrays (Dask ships those without copies), which is also what a device
+    result becomes when Dask has to send it anyway (`__getstate__`: a reducer moved after a worker was lost)."""
 
     sums: torch.Tensor | np.ndarray  # int64 (K, D) joined, or limbs (2, K, D)
     weights: torch.Tensor | np.ndarray  # limbs (2, K)
     inertia: torch.Tensor | np.ndarray  # limbs (2,)
     n_changed: int
     seconds: float
+    lease: handoff.Lease | None = None  # set when the arrays are views of an exported buffer
 
     ARRAYS = ("sums", "weights", "inertia")
 
     @classmethod
-    def of(cls, result, to_host: bool = True) -> "StepResult":
+    def of(cls, result, where: str = "host", token: str = "") -> "StepResult":
         sums = result.partials.sums
         joined = fp.join(sums)
         arrays = [sums if joined is None else joined, result.partials.weights, result.inertia]
-        if to_host:
+        return cls.placed(arrays, int(result.n_changed), float(result.seconds), where, token)
+
+    @classmethod
+    def placed(cls, arrays: list, n_changed: int, seconds: float, where: str, token: str = "") -> "StepResult":
+        """`where`: 'device' (left as they are), 'export' (a leased buffer of fit `token`; device arrays only,
+        others go to the host) or 'host'."""
+        if where == "export" and torch.is_tensor(arrays[0]) and arrays[0].is_cuda:
+            lease, arrays = handoff.export(token, arrays)
+            return cls(*arrays, n_changed, seconds, lease)
+        if where != "device":
             arrays = [_numpy(a) for a in arrays]
-        return cls(*arrays, int(result.n_changed), float(result.seconds))
+        return cls(*arrays, n_changed, seconds)
+
+    @property
+    def where(self) -> str:
+        return "export" if self.lease else "host" if isinstance(self.sums, np.ndarray) else "device"
 
     def __getstate__(self):
-        return {**{name: _numpy(getattr(self, name)) for name in self.ARRAYS},
-                "n_changed": self.n_changed, "seconds": self.seconds}
+        scalars = {"n_changed": self.n_changed, "seconds": self.seconds}
+        if self.lease is not None:
+            return {"device": handoff.describe(self.lease, [getattr(self, n) for n in self.ARRAYS]), **scalars}
+        return {**{name: _numpy(getattr(self, name)) for name in self.ARRAYS}, **scalars}
 
     def __setstate__(self, state):
+        if "device" in state:
+            state.update(zip(self.ARRAYS, handoff.take(state.pop("device"))))
         self.__init__(**state)
 
 
@@ -183,14 +227,16 @@ def step(spec: ShardSpec, numerics: FitNumerics, ids: list, centers: list, versi
     with shard.lock:
         result = shard.step(as_blocks(ids, datas), joined(centers), numerics, version, previous_version,
                             None if previous is None else joined(previous))
-    return StepResult.of(result, to_host=not reducer_here)
+    where = "device" if reducer_here else "export" if spec.handoff == "ipc" else "host"
+    return StepResult.of(result, where, spec.token)
 
 
 def rows_of(result: StepResult, lo: int, hi: int) -> StepResult:
     """The partials of clusters lo..hi-1 of a step (the part one reducer sums), with the step's scalars."""
     sums = result.sums[lo:hi] if result.sums.ndim == 2 else result.sums[:, lo:hi]
-    return StepResult(_contiguous(sums), _contiguous(result.weights[:, lo:hi]), result.inertia,
-                      result.n_changed, result.seconds)
+    token = result.lease.buffer.token if result.lease else ""
+    arrays = [_contiguous(sums), _contiguous(result.weights[:, lo:hi]), result.inertia]
+    return StepResult.placed(arrays, result.n_changed, result.seconds, result.where, token)
 
 
 def _contiguous(a):
@@ -220,7 +266,8 @@ def _combined(steps: list, scale: fp.FixedPointScale, device: torch.device):
     return reference.Partials(sums, weights, scale), inertia, sum(s.n_changed for s in steps)
 
 
-def _update(numerics: FitNumerics, centers: torch.Tensor, steps: list, found: list | None) -> Update:
+def _update(numerics: FitNumerics, centers: torch.Tensor, steps: list, found: list | None,
+            token: str | None) -> Update:
     """Exact all-reduce of the workers' partials (of all clusters, or of one reducer's rows), empty clusters
     re-seeded with `found` (the workers' farthest rows) when given, and the Lloyd update of those rows. Its
     scalars are the iteration's, but for the shift, which `scalars` computes from all rows."""
@@ -230,21 +277,21 @@ def _update(numerics: FitNumerics, centers: torch.Tensor, steps: list, found: li
     if found is not None:
         partials, n_empty = move_to_empty(partials, Farthest.merge(found, n_empty)), 0
     new, _ = reference.finalize(partials, dtype=centers.dtype, metric=numerics.metric, previous=previous)
-    return Update(new.cpu(), {"n_changed": int(changed), "n_empty": n_empty,
-                              "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
-                              "slowest_worker_seconds": max(s.seconds for s in steps)})
+    return Update.placed(new, {"n_changed": int(changed), "n_empty": n_empty,
+                               "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
+                               "slowest_worker_seconds": max(s.seconds for s in steps)}, token)
 
 
-def reduce(numerics: FitNumerics, lo: int, hi: int, centers: list, *steps) -> Update:
+def reduce(numerics: FitNumerics, token: str | None, lo: int, hi: int, centers: list, *steps) -> Update:
     """Rows lo..hi-1 of the iteration's update, from every step's partials of those rows (`rows_of`), or of all
     rows when there is one reducer. Empty clusters are only counted here; the client then asks the workers for
-    their farthest rows and `reseed` redoes the update with them."""
-    return _update(numerics, joined(centers)[lo:hi], list(steps), None)
+    their farthest rows and `reseed` redoes the update with them. `token`: export the centres (`Update.placed`)."""
+    return _update(numerics, joined(centers)[lo:hi], list(steps), None, token)
 
 
-def reseed(numerics: FitNumerics, centers: list, n_steps: int, *parts) -> Update:
+def reseed(numerics: FitNumerics, token: str | None, centers: list, n_steps: int, *parts) -> Update:
     """The update of an iteration with empty clusters: they take the farthest rows of all workers."""
-    return _update(numerics, joined(centers), list(parts[:n_steps]), list(parts[n_steps:]))
+    return _update(numerics, joined(centers), list(parts[:n_steps]), list(parts[n_steps:]), token)
 
 
 def update_from(wired: tuple) -> Update:
