@@ -143,12 +143,13 @@ def timed_fit(client, X, init: np.ndarray, iters: int, allreduce: str = "dask", 
                            for h in km.history_]}
 
 
-def exactness(client, cpu: bool) -> dict:
+def exactness(client, cpu: bool, chain: bool = False) -> dict:
     """The distributed fit (CuPy blocks on the GPUs, and NumPy blocks) against the in-process fit of the same rows
-    in this process: centres, inertia and labels must be the same bits."""
+    in this process: centres, inertia and labels must be the same bits. `chain`: also with chained steps."""
     import torch
 
     from flashkm_dist import KMeans
+    from flashkm_dist.dask.cluster import DaskShards
     out = {}
     X = dataset(1 << 17, 32, 12, on_gpu=not cpu, host=False)
     rows = X.compute()
@@ -158,11 +159,16 @@ def exactness(client, cpu: bool) -> dict:
         ref = KMeans(**params, device="cuda" if torch.cuda.is_available() else "cpu").fit(rows)
         for kind, data in (("device_blocks", X), ("host_blocks", dataset(1 << 17, 32, 12, on_gpu=not cpu,
                                                                           host=True))):
-            for allreduce in ("dask", "nccl") if kind == "device_blocks" else ("dask",):
-                got = KMeans(**params, allreduce=allreduce).fit(data, client=client)
+            ways = [("dask", False), ("nccl", False)] if kind == "device_blocks" else [("dask", False)]
+            for allreduce, chained in ways + ([("dask", True)] if chain else []):
+                DaskShards.chained = chained
+                try:
+                    got = KMeans(**params, allreduce=allreduce).fit(data, client=client)
+                finally:
+                    DaskShards.chained = False
                 labels = got.labels_.compute()
                 labels = labels if isinstance(labels, np.ndarray) else labels.get()
-                name = f"{init}/{kind}" + ("/nccl" if allreduce == "nccl" else "")
+                name = f"{init}/{kind}" + ("/nccl" if allreduce == "nccl" else "") + ("/chained" if chained else "")
                 out[name] = {
                     "centers_equal": bool(np.array_equal(got.cluster_centers_, ref.cluster_centers_)),
                     "inertia_equal": got.inertia_ == ref.inertia_, "n_iter": [got.n_iter_, ref.n_iter_],
@@ -235,6 +241,8 @@ def main():
                     help="also time the Dask path with a reducer on every worker (default: one per host)")
     ap.add_argument("--handoff-ab", action="store_true",
                     help="also time the Dask path with the partials sent over the socket (no CUDA IPC hand-off)")
+    ap.add_argument("--chain-ab", action="store_true",
+                    help="also time the Dask path as chained steps (one task per worker and iteration)")
     ap.add_argument("--timeline", action="store_true",
                     help="the Dask path's critical path per iteration, from timestamps taken in the workers")
     args = ap.parse_args()
@@ -275,12 +283,14 @@ def main():
         modes.append(("resident_nccl_eager", "nccl"))
     if args.handoff_ab:
         modes.append(("resident_socket", "dask"))
+    if args.chain_ab:
+        modes.append(("resident_chained", "dask"))
     for w in workers:  # strong scaling, data resident on the GPUs
         with cluster(w, cpu) as lc, Client(lc) as client:
             if args.timeline:  # (before any task: workers cache the functions they unpickle)
                 dask_timeline.install(client)
             if w == workers[-1] and not args.no_exactness:
-                result["exactness"] = exactness(client, cpu)
+                result["exactness"] = exactness(client, cpu, args.chain_ab)
                 print("exactness", result["exactness"], flush=True)
             result.setdefault("device_handoff", {})[w] = handoff.probe(client, sorted(client.nthreads()))
             n_w, blocks_w = (args.weak * w, w * args.blocks_per_worker) if args.weak else (n, n_blocks)
@@ -289,14 +299,16 @@ def main():
                 latency.ENABLED = mode != "resident_default_batching"
                 DaskShards.reducers = w if mode == "resident_reducer_per_worker" else None
                 DaskShards.device_handoff = mode != "resident_socket"
+                DaskShards.chained = mode == "resident_chained"
                 client.run(use_graphs, mode != "resident_nccl_eager")  # (read in the worker processes)
                 if args.timeline:
                     dask_timeline.install(client)
                 result.setdefault(mode, {})[w] = {"n": n_w, **timed_fit(client, X, init, args.iters, allreduce,
                                                                         args.task_stream)}
-                if args.timeline and allreduce == "dask":
+                if args.timeline and allreduce == "dask" and not DaskShards.chained:
                     result[mode][w]["timeline"] = dask_timeline.segments(client)
                 latency.ENABLED, DaskShards.reducers, DaskShards.device_handoff = True, None, True
+                DaskShards.chained = False
                 print(w, "workers", mode, {k_: v for k_, v in result[mode][w].items() if k_ != "iterations"},
                       flush=True)
             del X

@@ -102,6 +102,7 @@ def distributed(name: str, r: dict) -> str:
     labels = {"resident": "dask", "resident_nccl": "nccl", "resident_default_batching": "dask, default batching",
               "resident_reducer_per_worker": "dask, reducer per worker", "resident_nccl_eager": "nccl, update op by op",
               "resident_socket": "dask, results over the socket",
+              "resident_chained": "dask, chained steps",
               "resident_default_switch": "dask, default GIL switch interval"}
     for mode, label in labels.items():
         eff = r.get(f"weak_scaling_growth_{mode}" if weak else f"strong_scaling_efficiency_{mode}") or (

@@ -140,6 +140,38 @@ def test_worker_killed_mid_fit_gives_the_same_bits(client, blobs):
     client.wait_for_workers(3, timeout=60)
 
 
+def test_chained_steps_give_the_same_bits_reseed_and_survive_a_lost_worker(client, blobs):
+    """allreduce='chained' (one task per worker and iteration, no reduction task): the same bits as in-process
+    with n_init=2, through empty-cluster re-seeding (euclidean and cosine), and with a worker killed mid-fit."""
+    params = dict(n_clusters=9, init="k-means++", random_state=0, n_init=2)
+    with get_task_stream(client) as stream:
+        got = KMeans(**params, allreduce="chained").fit(da.from_array(blobs, chunks=500))
+    assert_same_fit(got, KMeans(**params).fit(blobs))
+    names = {key_split(t["key"]) for t in stream.data}
+    assert "flashkm-step" in names and not names & {"flashkm-reduce", "flashkm-scalars"}
+    init = blobs[:9].copy()
+    init[2], init[6] = 1e4, -1e4
+    for metric in ["euclidean", "cosine"]:
+        params = dict(n_clusters=9, init=init, metric=metric, max_iter=50)
+        got = KMeans(**params, allreduce="chained").fit(da.from_array(blobs, chunks=700))
+        assert_same_fit(got, KMeans(**params).fit(blobs))
+    X, _ = make_blobs(3000, 4, centers=30, cluster_std=4.0, random_state=9)
+    params = dict(n_clusters=30, init="random", n_init=1, random_state=4, tol=0.0, max_iter=40)
+    ref = KMeans(**params).fit(X)
+    pids, killed = client.run(os.getpid), []
+
+    def kill(iteration):
+        if iteration == 2 and not killed:
+            os.kill(pids[sorted(pids)[-1]], signal.SIGKILL)
+            killed.append(iteration)
+
+    with iteration_hook(kill), dask.config.set({"distributed.deploy.lost-worker-timeout": "300s"}):
+        got = KMeans(**params, allreduce="chained").fit(da.from_array(X, chunks=250))
+    assert killed == [2] and ref.n_iter_ > 4
+    assert_same_fit(got, ref)
+    client.wait_for_workers(3, timeout=60)
+
+
 def _checkpoint_case(tmp_path, n_init: int):
     """Rows, checkpoint path, parameters and the uninterrupted in-process fit shared by the resume tests."""
     X, _ = make_blobs(3000, 4, centers=30, cluster_std=4.0, random_state=9)

@@ -37,6 +37,7 @@ class DaskShards:
     """Blocks of `x` (persisted, one column chunk) and optional weights (a Dask array with x's row chunks)."""
 
     reducers: int | None = None  # None: one per host (see `_reducers`); tests and benchmarks set a number
+    chained: bool = False  # Lloyd as chained steps (one task per worker and iteration; `driver.lloyd_chained`)
     device_handoff: bool = True  # partials to a reducer through CUDA IPC when `handoff.probe` passes (A/B: False)
 
     def __init__(self, client, x, weights, spec: worker.ShardSpec, dtype: torch.dtype):
@@ -126,7 +127,7 @@ class DaskShards:
         reducers = self._reducers(owners, k)
         steps = [self._submit(worker.step, s, "step", self.spec, numerics, self._blocks[s], centres, version,
                               previous, None if previous is None else previous[0].key,
-                              reducers == [self.addresses[s]])
+                              "device" if reducers == [self.addresses[s]] else self._remote, False)
                  for s in self.shard_ids if self._blocks[s]]
         bounds = [k * j // len(reducers) for j in range(len(reducers) + 1)]
         parts, cut = [], []
@@ -140,6 +141,38 @@ class DaskShards:
                                             key=self._key("reduce", j), workers=[reducers[j]],
                                             allow_other_workers=True, pure=False))
         return Iteration(steps, parts, self._scalars(numerics, centres, parts), cut)
+
+    @property
+    def _remote(self) -> str:
+        """Where step results bound for another worker wait (`worker.StepResult.placed`)."""
+        return "export" if self.spec.handoff == "ipc" else "host"
+
+    def _steps_where(self) -> str:
+        """Chained steps: every worker takes every step's partials (kept on the device with a single worker)."""
+        return "device" if sum(1 for s in self.shard_ids if self._blocks[s]) == 1 else self._remote
+
+    def start_chain(self, centres: list, previous: list | None, version: str, previous_version: str | None,
+                    numerics) -> list:
+        """The first steps of a chain, from explicit centres (futures of `worker.Update`s); the first carries them."""
+        owned = [s for s in self.shard_ids if self._blocks[s]]
+        return [self._submit(worker.step, s, "step", self.spec, numerics, self._blocks[s], centres, version,
+                             previous, previous_version, self._steps_where(), s == owned[0]) for s in owned]
+
+    def submit_chained(self, numerics, prior: list, iteration: int, version: str, previous_version: str,
+                       topic: str) -> list:
+        """Iteration `iteration` as one chained step per worker over every step of the iteration before (see
+        `worker.chained_step`); the first publishes the update's scalars to `topic` and carries the centres."""
+        owned = [s for s in self.shard_ids if self._blocks[s]]
+        return [self._submit(worker.chained_step, s, "step", self.spec, numerics, self._blocks[s], iteration,
+                             version, previous_version, self._steps_where(), s == owned[0],
+                             topic if s == owned[0] else None, len(prior), *prior) for s in owned]
+
+    def step_centres(self, step) -> object:
+        """A future of the host Update of the centres a chained step carries (`worker.step_centres`)."""
+        return self.client.submit(worker.step_centres, step, key=self._key("centres-of", 0), pure=False)
+
+    def chain_inertia(self, numerics, steps: list):
+        return self.client.submit(worker.chain_inertia, numerics, *steps, key=self._key("inertia", 0), pure=False)
 
     def _reducers(self, owners: list, k: int) -> list:
         """Where the reduction runs: one reducer per host (its first worker), or `reducers` of them if set.

@@ -7,6 +7,7 @@ trip hides behind the workers' compute; the queued step is exactly the final ass
 """
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from flashkm_dist import _validation as v
 from flashkm_dist.dask import checkpoint as ckpt
 from flashkm_dist.dask import latency
 from flashkm_dist.dask import worker
-from flashkm_dist.dask.cluster import DaskShards
+from flashkm_dist.dask.cluster import DaskShards, Iteration
 from flashkm_dist.init import initial_centers
 from flashkm_dist.points import Points
 
@@ -141,6 +142,106 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
     return RunResult(final, inertia, i, history)
 
 
+class _Published:
+    """Scalars the chained steps publish (iteration -> dict), and a wake-up for the loop waiting on them."""
+
+    def __init__(self):
+        self.got: dict = {}
+        self.ready = threading.Event()
+
+    def __call__(self, event) -> None:
+        self.got.setdefault(event[1]["iteration"], event[1])
+        self.ready.set()
+
+    def wait(self, i: int, watched: list) -> dict:
+        """Iteration i's scalars; a failed task among `watched` (the steps that publish them) raises instead."""
+        for f in watched:
+            f.add_done_callback(lambda _: self.ready.set())
+        while True:
+            self.ready.clear()
+            if i in self.got:
+                return self.got[i]
+            failed = next((f for f in watched if f.status == "error"), None)
+            if failed is not None:
+                failed.result()
+            self.ready.wait(0.5)
+
+
+def lloyd_chained(shards: DaskShards, centers: torch.Tensor, numerics, *, run: int, max_iter: int, tol: float,
+                  verbose: bool, desc: str, resume: ckpt.Resume | None = None, on_iteration=None) -> RunResult:
+    """`lloyd` with one task per worker and iteration (`worker.chained_step`: the update of the step before, then
+    this worker's step), so an iteration costs one scheduler hop instead of two. Iteration i's scalars come from
+    iteration i+1's steps, which publish them before stepping; the client keeps two iterations queued, so it
+    never stalls the workers, and cancels them before they start when the fit stops. Same stopping rules, same
+    bits as `lloyd`; empty clusters are re-seeded as there, and a new chain starts from the re-seeded centres."""
+    client = shards.client
+    history = [] if resume is None else list(resume.history)
+    start = 1 if resume is None else resume.iteration + 1
+    topic = shards._key("scalars", run)
+    published = _Published()
+    client.subscribe_topic(topic, published)
+    current = shards.anchor(centers)
+    previous = None if resume is None or resume.previous is None else shards.anchor(resume.previous)
+    steps = {start: shards.start_chain(current, previous, current[0].key,
+                                       None if previous is None else previous[0].key, numerics)}
+    versions, explicit = {start: current[0].key}, {start: current}  # explicit: centres held as futures
+
+    def queue_to(last: int) -> None:
+        for j in range(max(steps) + 1, min(last, max_iter + 1) + 1):
+            versions[j] = f"{topic}-{j}"
+            steps[j] = shards.submit_chained(numerics, steps[j - 1], j, versions[j], versions[j - 1], topic)
+
+    def centres_of(j: int) -> list:
+        if j not in explicit:
+            explicit[j] = [shards.step_centres(steps[j][0])]
+        return explicit[j]
+
+    def cancel_from(j: int) -> None:
+        client.cancel([f for m in sorted(steps) if m >= j for f in steps.pop(m)])
+
+    bar = tqdm(total=max_iter, initial=start - 1, desc=desc, disable=not verbose, leave=False)
+    strict, s, i = False, None, start - 1
+    try:
+        for i in range(start, max_iter + 1):
+            t0 = time.perf_counter()
+            queue_to(i + 2)
+            s = published.wait(i, steps[i + 1])
+            if s["n_empty"]:  # the steps after have skipped: re-seed, and a new chain from the new centres
+                cancel_from(i + 1)
+                it = shards.submit_reseed(Iteration(steps[i], [], None), numerics, centres_of(i), s["n_empty"])
+                s = it.scalars.result()
+                explicit[i + 1], versions[i + 1] = it.centres, it.centres[0].key
+                steps[i + 1] = shards.start_chain(it.centres, centres_of(i), versions[i + 1], versions[i],
+                                                  numerics)
+            history.append({"iteration": i, "inertia": s["inertia"], "center_shift": s["shift"],
+                            "labels_changed": s["n_changed"], "seconds": time.perf_counter() - t0,
+                            "slowest_worker_seconds": s["slowest_worker_seconds"]})
+            bar.update(1)
+            bar.set_postfix(inertia=f"{s['inertia']:.6g}", shift=f"{s['shift']:.3g}")
+            strict = s["n_changed"] == 0
+            done = strict or s["shift"] <= tol or i == max_iter
+            if on_iteration is not None:
+                on_iteration(i, lambda: shards.gather(centres_of(i + 1), centres_of(i)), history)
+            for hook in ITERATION_HOOKS:
+                hook(i)
+            if done:
+                break
+            shards.refresh()
+            for m in [m for m in steps if m <= i]:  # (Dask keeps what the queued steps still need)
+                del steps[m]
+                explicit.pop(m, None)
+        if strict and s["shift"] == 0.0:  # no label changed and the centres did not move: this step's inertia
+            final, inertia = shards.gather(centres_of(i))[0], s["inertia"]
+        else:
+            final, = shards.gather(centres_of(i + 1))
+            inertia = shards.chain_inertia(numerics, steps[i + 1]).result()
+        cancel_from(i + 1)
+    finally:
+        bar.close()
+        client.unsubscribe_topic(topic)
+    return RunResult(final, inertia, i, history)
+
+
 def lloyd_collective(shards: DaskShards, centers: torch.Tensor, numerics, *, run: int, max_iter: int, tol: float,
                      verbose: bool, desc: str, resume: ckpt.Resume | None = None, on_iteration=None) -> RunResult:
     """`lloyd` with the workers all-reducing among themselves: one task per worker runs the whole run (they stop
@@ -207,6 +308,8 @@ def _runs(model, shards: DaskShards, X, dtype, n_init: int, collective: bool):
                       on_iteration=writer)
         if collective:
             result = lloyd_collective(shards, centers, numerics, run=run, **kwargs)
+        elif shards.chained:
+            result = lloyd_chained(shards, centers, numerics, run=run, **kwargs)
         else:
             result = lloyd(shards, centers, numerics, **kwargs)
         if best is None or result.inertia < best.inertia:
@@ -219,8 +322,8 @@ def _runs(model, shards: DaskShards, X, dtype, n_init: int, collective: bool):
 def fit(model, X, sample_weight=None, client=None, allreduce: str = "dask"):
     """Fit `model` (a flashkm_dist.KMeans) on the Dask array X. See the module docstring. `allreduce`: 'dask'
     (reduction tasks; survives lost workers) or 'nccl' (workers all-reduce among themselves; see `collective`)."""
-    if allreduce not in ("dask", "nccl"):
-        raise ValueError(f"allreduce must be 'dask' or 'nccl', got {allreduce!r}")
+    if allreduce not in ("dask", "chained", "nccl"):
+        raise ValueError(f"allreduce must be 'dask', 'chained' or 'nccl', got {allreduce!r}")
     client = get_client(client)
     if model.checkpoint is None and model.resume:
         raise ValueError("resume=True needs checkpoint= (the file to resume from)")
@@ -230,6 +333,7 @@ def fit(model, X, sample_weight=None, client=None, allreduce: str = "dask"):
     spec = worker.ShardSpec(uuid.uuid4().hex, model.device, str(dtype).removeprefix("torch."),
                             model.metric == "cosine")
     shards = DaskShards(client, X, weights, spec, dtype)
+    shards.chained = shards.chained or allreduce == "chained"
     collective = allreduce == "nccl"
     with latency.Tightened(client):  # shorter message batching while the fit runs
         try:

@@ -99,27 +99,30 @@ class StepResult:
     inertia: torch.Tensor | np.ndarray  # limbs (2,)
     n_changed: int
     seconds: float
+    centers: torch.Tensor | None = None  # chained fits: the centres the step used, carried by one step of each
     lease: handoff.Lease | None = None  # set when the arrays are views of an exported buffer
 
     ARRAYS = ("sums", "weights", "inertia")
 
     @classmethod
-    def of(cls, result, where: str = "host", token: str = "") -> "StepResult":
+    def of(cls, result, where: str = "host", token: str = "", centers: torch.Tensor | None = None) -> "StepResult":
         sums = result.partials.sums
         joined = fp.join(sums)
         arrays = [sums if joined is None else joined, result.partials.weights, result.inertia]
-        return cls.placed(arrays, int(result.n_changed), float(result.seconds), where, token)
+        return cls.placed(arrays, int(result.n_changed), float(result.seconds), where, token, centers)
 
     @classmethod
-    def placed(cls, arrays: list, n_changed: int, seconds: float, where: str, token: str = "") -> "StepResult":
+    def placed(cls, arrays: list, n_changed: int, seconds: float, where: str, token: str = "",
+               centers: torch.Tensor | None = None) -> "StepResult":
         """`where`: 'device' (left as they are), 'export' (a leased buffer of fit `token`; device arrays only,
         others go to the host) or 'host'."""
         if where == "export" and torch.is_tensor(arrays[0]) and arrays[0].is_cuda:
-            lease, arrays = handoff.export(token, arrays)
-            return cls(*arrays, n_changed, seconds, lease)
+            lease, views = handoff.export(token, arrays + ([] if centers is None else [centers]))
+            return cls(*views[:3], n_changed, seconds, views[3] if centers is not None else None, lease)
         if where != "device":
             arrays = [_numpy(a) for a in arrays]
-        return cls(*arrays, n_changed, seconds)
+            centers = None if centers is None else centers.cpu()
+        return cls(*arrays, n_changed, seconds, centers)
 
     @property
     def where(self) -> str:
@@ -128,13 +131,26 @@ class StepResult:
     def __getstate__(self):
         scalars = {"n_changed": self.n_changed, "seconds": self.seconds}
         if self.lease is not None:
-            return {"device": handoff.describe(self.lease, [getattr(self, n) for n in self.ARRAYS]), **scalars}
-        return {**{name: _numpy(getattr(self, name)) for name in self.ARRAYS}, **scalars}
+            tensors = [getattr(self, n) for n in self.ARRAYS] + ([] if self.centers is None else [self.centers])
+            return {"device": handoff.describe(self.lease, tensors), **scalars}
+        return {**{name: _numpy(getattr(self, name)) for name in self.ARRAYS}, **scalars,
+                "centers": None if self.centers is None else wire(self.centers)}
 
     def __setstate__(self, state):
         if "device" in state:
-            state.update(zip(self.ARRAYS, handoff.take(state.pop("device"))))
+            tensors = handoff.take(state.pop("device"))
+            state.update(zip(self.ARRAYS, tensors), centers=tensors[3] if len(tensors) > 3 else None)
+        elif state.get("centers") is not None:
+            state["centers"] = _unwire(state["centers"])
         self.__init__(**state)
+
+
+@dataclass
+class Skipped:
+    """A chained step that did not step: its update found empty clusters (the client re-seeds them and restarts
+    the chain), or the step it follows was skipped."""
+
+    iteration: int
 
 
 def _numpy(a) -> np.ndarray:
@@ -220,15 +236,15 @@ def joined(parts: list) -> torch.Tensor:
 
 
 def step(spec: ShardSpec, numerics: FitNumerics, ids: list, centers: list, version: str,
-         previous: list | None, previous_version: str | None, reducer_here: bool, *datas):
-    """One Lloyd step over this worker's blocks (see `Shard.step` for the label-change count). `reducer_here`:
-    the reduction is planned on this worker, so the partials stay on the device."""
+         previous: list | None, previous_version: str | None, where: str, carry: bool, *datas):
+    """One Lloyd step over this worker's blocks (see `Shard.step` for the label-change count). `where` the
+    partials wait for their reducer (`StepResult.placed`); `carry`: keep the centres with them (chained fits)."""
     shard = shard_for(spec)
     with shard.lock:
-        result = shard.step(as_blocks(ids, datas), joined(centers), numerics, version, previous_version,
+        now = joined(centers)
+        result = shard.step(as_blocks(ids, datas), now, numerics, version, previous_version,
                             None if previous is None else joined(previous))
-    where = "device" if reducer_here else "export" if spec.handoff == "ipc" else "host"
-    return StepResult.of(result, where, spec.token)
+    return StepResult.of(result, where, spec.token, centers=now if carry else None)
 
 
 def rows_of(result: StepResult, lo: int, hi: int) -> StepResult:
@@ -266,20 +282,24 @@ def _combined(steps: list, scale: fp.FixedPointScale, device: torch.device):
     return reference.Partials(sums, weights, scale), inertia, sum(s.n_changed for s in steps)
 
 
-def _update(numerics: FitNumerics, centers: torch.Tensor, steps: list, found: list | None,
-            token: str | None) -> Update:
+def _new_centres(numerics: FitNumerics, centers: torch.Tensor, steps: list, found: list | None):
     """Exact all-reduce of the workers' partials (of all clusters, or of one reducer's rows), empty clusters
-    re-seeded with `found` (the workers' farthest rows) when given, and the Lloyd update of those rows. Its
-    scalars are the iteration's, but for the shift, which `scalars` computes from all rows."""
+    re-seeded with `found` (the workers' farthest rows) when given, and the Lloyd update of those rows: the new
+    centres (on the reducing device) and the iteration's scalars, but for the shift (see `scalars`)."""
     partials, inertia, changed = _combined(steps, numerics.scale, _reduce_device(numerics.metric))
     n_empty = int(empty_clusters(partials).numel())
     previous = centers.to(partials.sums.device) if n_empty else None  # (only empty clusters keep theirs)
     if found is not None:
         partials, n_empty = move_to_empty(partials, Farthest.merge(found, n_empty)), 0
     new, _ = reference.finalize(partials, dtype=centers.dtype, metric=numerics.metric, previous=previous)
-    return Update.placed(new, {"n_changed": int(changed), "n_empty": n_empty,
-                               "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
-                               "slowest_worker_seconds": max(s.seconds for s in steps)}, token)
+    return new, {"n_changed": int(changed), "n_empty": n_empty,
+                 "inertia": float(fp.to_float(inertia, numerics.scale.dist_exp)),
+                 "slowest_worker_seconds": max(s.seconds for s in steps)}
+
+
+def _update(numerics: FitNumerics, centers: torch.Tensor, steps: list, found: list | None,
+            token: str | None) -> Update:
+    return Update.placed(*_new_centres(numerics, centers, steps, found), token)
 
 
 def reduce(numerics: FitNumerics, token: str | None, lo: int, hi: int, centers: list, *steps) -> Update:
@@ -308,6 +328,44 @@ def scalars(metric: str, n_current: int, *parts) -> dict:
     out["n_empty"] = sum(p.scalars["n_empty"] for p in parts[n_current:])
     out["shift"] = center_shift(new.to(dev), current.to(dev))
     return out
+
+
+def step_centres(step: StepResult) -> Update:
+    """The centres a chained step used (it carries them), as a host Update: for the client, and as the explicit
+    centres a re-seeding or a restarted chain starts from."""
+    return Update(step.centers.cpu())
+
+
+def chain_inertia(numerics: FitNumerics, *steps) -> float:
+    """The inertia of one iteration's chained steps (the fit's final inertia): the exact sum of their shares."""
+    inertia = fp.normalize(sum(torch.as_tensor(s.inertia).cpu() for s in steps)[:, None])[:, 0]
+    return float(fp.to_float(inertia, numerics.scale.dist_exp))
+
+
+def chained_step(spec: ShardSpec, numerics: FitNumerics, ids: list, iteration: int, version: str,
+                 previous_version: str, where: str, carry: bool, topic: str | None, n_prior: int, *args):
+    """One Lloyd iteration in one task: the update from every worker's partials of the step before (the same
+    exact integer sums, so the same centres, in every worker), then this worker's step with those centres. Each
+    iteration thus costs one scheduler hop instead of two (step -> reduce -> step). The first step of the prior
+    iteration carries the centres it used (the fallback of empty clusters, the shift, and the label count of a
+    shard that lost its state). `topic`: publish the update's scalars there (the client waits on them, not on
+    a task). Empty clusters: publish and skip (the client re-seeds them and starts a new chain)."""
+    prior, datas = list(args[:n_prior]), args[n_prior:]
+    if any(isinstance(p, Skipped) for p in prior):
+        return Skipped(iteration)
+    before = prior[0].centers
+    new, out = _new_centres(numerics, before, prior, None)
+    if topic is not None:
+        dev = _reduce_device(numerics.metric)
+        out = {**out, "iteration": iteration - 1, "shift": center_shift(new.to(dev), before.to(dev))}
+        from distributed import get_worker
+        get_worker().log_event(topic, out)
+    if out["n_empty"]:
+        return Skipped(iteration)
+    shard = shard_for(spec)
+    with shard.lock:
+        result = shard.step(as_blocks(ids, datas), new, numerics, version, previous_version, before)
+    return StepResult.of(result, where, spec.token, centers=new if carry else None)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
