@@ -185,10 +185,11 @@ def lloyd_chained(shards: DaskShards, centers: torch.Tensor, numerics, *, run: i
     steps = {start: shards.start_chain(current, previous, current[0].key,
                                        None if previous is None else previous[0].key, numerics)}
     versions, explicit = {start: current[0].key}, {start: current}  # explicit: centres held as futures
+    chain = [0]  # restarts (re-seeding): a version names one chain's centres, never a skipped chain's
 
     def queue_to(last: int) -> None:
         for j in range(max(steps) + 1, min(last, max_iter + 1) + 1):
-            versions[j] = f"{topic}-{j}"
+            versions[j] = f"{topic}-{chain[0]}-{j}"
             steps[j] = shards.submit_chained(numerics, steps[j - 1], j, versions[j], versions[j - 1], topic)
 
     def centres_of(j: int) -> list:
@@ -208,6 +209,7 @@ def lloyd_chained(shards: DaskShards, centers: torch.Tensor, numerics, *, run: i
             s = published.wait(i, steps[i + 1])
             if s["n_empty"]:  # the steps after have skipped: re-seed, and a new chain from the new centres
                 cancel_from(i + 1)
+                chain[0] += 1
                 it = shards.submit_reseed(Iteration(steps[i], [], None), numerics, centres_of(i), s["n_empty"])
                 s = it.scalars.result()
                 explicit[i + 1], versions[i + 1] = it.centres, it.centres[0].key
