@@ -95,6 +95,23 @@ def _seed(init, points: Points, model, rng, seeding, shards: DaskShards):
             rng.set_state(state)
 
 
+def _record(i: int, s: dict, t0: float, history: list, bar, tol: float, max_iter: int, on_iteration,
+            centres) -> tuple[bool, bool]:
+    """Book iteration i's scalars (history, progress bar, checkpoint, hooks); returns (strict, done) by
+    scikit-learn's stopping rules. `centres`: () -> the new and current centres, for the checkpoint."""
+    history.append({"iteration": i, "inertia": s["inertia"], "center_shift": s["shift"],
+                    "labels_changed": s["n_changed"], "seconds": time.perf_counter() - t0,
+                    "slowest_worker_seconds": s["slowest_worker_seconds"]})
+    bar.update(1)
+    bar.set_postfix(inertia=f"{s['inertia']:.6g}", shift=f"{s['shift']:.3g}")
+    strict = s["n_changed"] == 0
+    if on_iteration is not None:
+        on_iteration(i, centres, history)
+    for hook in ITERATION_HOOKS:
+        hook(i)
+    return strict, strict or s["shift"] <= tol or i == max_iter
+
+
 def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int, tol: float, verbose: bool,
           desc: str, resume: ckpt.Resume | None = None, on_iteration=None) -> RunResult:
     """Lloyd iterations on the cluster with scikit-learn's stopping rules (see `lloyd.run_lloyd`)."""
@@ -115,17 +132,8 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
             it = shards.submit_reseed(it, numerics, current, s["n_empty"])
             s = it.scalars.result()
             following = shards.submit_step(numerics, k, it.centres, current)
-        history.append({"iteration": i, "inertia": s["inertia"], "center_shift": s["shift"],
-                        "labels_changed": s["n_changed"], "seconds": time.perf_counter() - t0,
-                        "slowest_worker_seconds": s["slowest_worker_seconds"]})
-        bar.update(1)
-        bar.set_postfix(inertia=f"{s['inertia']:.6g}", shift=f"{s['shift']:.3g}")
-        strict = s["n_changed"] == 0
-        done = strict or s["shift"] <= tol or i == max_iter
-        if on_iteration is not None:
-            on_iteration(i, lambda: shards.gather(it.centres, current), history)
-        for hook in ITERATION_HOOKS:
-            hook(i)
+        strict, done = _record(i, s, t0, history, bar, tol, max_iter, on_iteration,
+                               lambda: shards.gather(it.centres, current))
         if done:
             break
         shards.refresh()  # a worker came or went: the iterations queued from now on use the new placement
@@ -215,17 +223,8 @@ def lloyd_chained(shards: DaskShards, centers: torch.Tensor, numerics, *, run: i
                 explicit[i + 1], versions[i + 1] = it.centres, it.centres[0].key
                 steps[i + 1] = shards.start_chain(it.centres, centres_of(i), versions[i + 1], versions[i],
                                                   numerics)
-            history.append({"iteration": i, "inertia": s["inertia"], "center_shift": s["shift"],
-                            "labels_changed": s["n_changed"], "seconds": time.perf_counter() - t0,
-                            "slowest_worker_seconds": s["slowest_worker_seconds"]})
-            bar.update(1)
-            bar.set_postfix(inertia=f"{s['inertia']:.6g}", shift=f"{s['shift']:.3g}")
-            strict = s["n_changed"] == 0
-            done = strict or s["shift"] <= tol or i == max_iter
-            if on_iteration is not None:
-                on_iteration(i, lambda: shards.gather(centres_of(i + 1), centres_of(i)), history)
-            for hook in ITERATION_HOOKS:
-                hook(i)
+            strict, done = _record(i, s, t0, history, bar, tol, max_iter, on_iteration,
+                                   lambda: shards.gather(centres_of(i + 1), centres_of(i)))
             if done:
                 break
             shards.refresh()

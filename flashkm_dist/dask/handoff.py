@@ -29,6 +29,7 @@ _FREE: dict = {}  # (token, nbytes) -> [Buffer] returned to the pool
 _EXPORTED: dict = {}  # token -> [Buffer] ever made by this process
 _OPENED: dict = {}  # (token, handle) -> device pointer of a peer's buffer
 _CLOSED: set = set()  # tokens whose fit has ended here: buffers still leased are freed when their lease dies
+_PROBES: dict = {}  # probe token -> the lease of its test buffer
 
 
 @functools.cache
@@ -70,22 +71,18 @@ ALIGN = 16
 
 
 def _layout(specs: list) -> tuple[list, int]:
-    """Byte offsets of tensors (shape, dtype) laid out one after another, each aligned to ALIGN."""
-    offsets, at = [], 0
+    """(byte offset, byte size) of tensors (shape, dtype) laid out one after another, each aligned to ALIGN, and
+    the bytes of the whole."""
+    spans, at = [], 0
     for shape, dtype in specs:
-        offsets.append(at)
-        nbytes = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+        nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+        spans.append((at, nbytes))
         at += -(-nbytes // ALIGN) * ALIGN
-    return offsets, max(at, ALIGN)
+    return spans, max(at, ALIGN)
 
 
 def _views(flat: torch.Tensor, specs: list) -> list[torch.Tensor]:
-    offsets, _ = _layout(specs)
-    out = []
-    for (shape, dtype), at in zip(specs, offsets):
-        n = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
-        out.append(flat[at:at + n].view(dtype).view(shape))
-    return out
+    return [flat[at:at + n].view(dtype).view(shape) for (shape, dtype), (at, n) in zip(specs, _layout(specs)[0])]
 
 
 class Lease:
@@ -207,8 +204,6 @@ def _probe_end(token: str, dask_worker=None) -> None:
     _PROBES.pop(token, None)
     close(token)
 
-
-_PROBES: dict = {}
 
 
 def probe(client, addresses: list) -> bool:

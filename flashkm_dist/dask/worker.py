@@ -278,8 +278,17 @@ def _combined(steps: list, scale: fp.FixedPointScale, device: torch.device):
 
     sums = fp.normalize(sum(limbs(s) for s in steps))
     weights = fp.normalize(sum(torch.as_tensor(s.weights).to(device) for s in steps))
-    inertia = fp.normalize(sum(torch.as_tensor(s.inertia).cpu() for s in steps)[:, None])[:, 0]
-    return reference.Partials(sums, weights, scale), inertia, sum(s.n_changed for s in steps)
+    return reference.Partials(sums, weights, scale), _inertia(steps), sum(s.n_changed for s in steps)
+
+
+def _inertia(steps: list) -> torch.Tensor:
+    """The exact sum of the steps' inertia shares, as normalised limbs (2,) on the host."""
+    return fp.normalize(sum(torch.as_tensor(s.inertia).cpu() for s in steps)[:, None])[:, 0]
+
+
+def _shift(metric: str, new: torch.Tensor, current: torch.Tensor) -> float:
+    dev = _reduce_device(metric)
+    return center_shift(new.to(dev), current.to(dev))
 
 
 def _new_centres(numerics: FitNumerics, centers: torch.Tensor, steps: list, found: list | None):
@@ -323,10 +332,9 @@ def scalars(metric: str, n_current: int, *parts) -> dict:
     counted), and the shift from the current centres (the first `n_current` parts) to the new ones (the rest).
     Off the iteration's critical path: the next steps need only the new centres."""
     current, new = joined(list(parts[:n_current])), joined(list(parts[n_current:]))
-    dev = _reduce_device(metric)
     out = dict(parts[n_current].scalars)
     out["n_empty"] = sum(p.scalars["n_empty"] for p in parts[n_current:])
-    out["shift"] = center_shift(new.to(dev), current.to(dev))
+    out["shift"] = _shift(metric, new, current)
     return out
 
 
@@ -338,8 +346,7 @@ def step_centres(step: StepResult) -> Update:
 
 def chain_inertia(numerics: FitNumerics, *steps) -> float:
     """The inertia of one iteration's chained steps (the fit's final inertia): the exact sum of their shares."""
-    inertia = fp.normalize(sum(torch.as_tensor(s.inertia).cpu() for s in steps)[:, None])[:, 0]
-    return float(fp.to_float(inertia, numerics.scale.dist_exp))
+    return float(fp.to_float(_inertia(list(steps)), numerics.scale.dist_exp))
 
 
 def chained_step(spec: ShardSpec, numerics: FitNumerics, ids: list, iteration: int, version: str,
@@ -356,8 +363,7 @@ def chained_step(spec: ShardSpec, numerics: FitNumerics, ids: list, iteration: i
     before = prior[0].centers
     new, out = _new_centres(numerics, before, prior, None)
     if topic is not None:
-        dev = _reduce_device(numerics.metric)
-        out = {**out, "iteration": iteration - 1, "shift": center_shift(new.to(dev), before.to(dev))}
+        out = {**out, "iteration": iteration - 1, "shift": _shift(numerics.metric, new, before)}
         from distributed import get_worker
         get_worker().log_event(topic, out)
     if out["n_empty"]:
