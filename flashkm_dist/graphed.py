@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import traceback
 
 import torch
 
@@ -21,6 +22,12 @@ from flashkm_dist.streaming import _as_tensor
 
 ENABLED = True  # (benchmarks switch it off to measure what the graph saves)
 SLOW_ITERATION_S = 0.05  # iterations longer than this gain nothing visible from a graph: not worth its memory
+REFUSED: list = []  # why captures in this process were refused, and where (benchmarks report it)
+
+
+def _described(err: BaseException) -> str:
+    frames = traceback.extract_tb(err.__traceback__)[-8:]
+    return f"{err!r:.300} at " + " / ".join(f"{f.name}:{f.lineno}" for f in frames)
 
 
 class Replay:
@@ -53,9 +60,13 @@ class Replay:
                     torch.cuda.empty_cache()  # (op-by-op iterations' cached blocks: the graph's pool may reuse them)
                     if torch.cuda.mem_get_info()[0] < self.keep_free_bytes:
                         raise torch.OutOfMemoryError("too little free device memory to keep a graph")
-                with torch.cuda.graph(graph):
+                # thread_local: calls that other threads make meanwhile (a Dask worker's event loop copying a
+                # peer's buffer and waiting for it) neither fail nor break this capture
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     self.out = self.fn(*self.inputs)
-        except Exception:  # noqa: BLE001 - anything a capture refuses: op by op from now on
+        except Exception as err:  # noqa: BLE001 - anything a capture refuses: op by op from now on
+            REFUSED.append(_described(err) + ("" if err.__context__ is None else  # (what broke the capture)
+                                              " <- during: " + _described(err.__context__)))
             self.failed, self.out, self.inputs = True, None, None
             torch.cuda.synchronize(self.device)
             return

@@ -343,3 +343,33 @@ def test_the_device_hand_off_is_chosen_only_when_workers_can_open_each_others_gp
     assert not handoff.probe(client, workers[:1])
     assert client.run(lambda: (len(handoff._FREE), len(handoff._EXPORTED), len(handoff._OPENED))) == {
         a: (0, 0, 0) for a in workers}
+
+
+@pytest.mark.parametrize("empty", [False, True])
+def test_the_summed_vector_update_gives_the_reducers_bits(empty):
+    """Chained steps on a GPU sum the partials into one vector and replay the update (`summed`); a reducer sums
+    them one by one (`worker._new_centres`). Same centres, inertia, counts and shift, bit for bit, also with an
+    empty cluster (it keeps its centre)."""
+    gen = torch.Generator().manual_seed(0)
+    scale = fp.FixedPointScale.from_bounds(256.0, 64.0, 64.0)
+    numerics = worker.FitNumerics("euclidean", None, scale, 1.0)
+    k, d = 7, 3
+    centers = torch.randn(k, d, generator=gen).to(torch.float32)
+    steps = []
+    for j, n in enumerate((40, 25, 31)):
+        x, labels = torch.randn(n, d, generator=gen), torch.randint(0, k, (n,), generator=gen)
+        if empty:
+            labels[labels == 4] = 0
+        sums = torch.zeros(k, d, dtype=torch.float64).index_add_(0, labels, x.double())
+        weights = torch.bincount(labels, minlength=k).double()
+        partials = reference.Partials(fp.quantize(sums, scale.sum_exp), fp.quantize(weights, scale.weight_exp),
+                                      scale)
+        inertia = fp.exact_sum(torch.rand(n, generator=gen), scale.dist_exp)
+        where = ("host", "device", "host")[j]
+        steps.append(StepResult.of(EngineStep(partials, inertia, 3 + j, 0.25 * j), where))
+    new, out = worker._summed_update(worker.summed.GraphedUpdate(numerics), centers, steps)
+    ref_new, ref = worker._new_centres(numerics, centers, steps, None)
+    assert torch.equal(new, ref_new) and out["n_empty"] == ref["n_empty"] == int(empty)
+    assert out["shift"] == worker._shift("euclidean", ref_new, centers)
+    assert (out["inertia"], out["n_changed"]) == (ref["inertia"], ref["n_changed"]) == (ref["inertia"], 12)
+    assert out["slowest_worker_seconds"] == ref["slowest_worker_seconds"] == 0.5

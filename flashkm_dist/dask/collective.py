@@ -16,10 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from flashkm_dist.dask import worker
-from flashkm_dist.graphed import Replay
-from flashkm_dist.kernels import fixed_point as fp
-from flashkm_dist.kernels import reference
+from flashkm_dist.dask import summed, worker
 from flashkm_dist.lloyd import move_to_empty, update_on_device
 from flashkm_dist.streaming import Farthest
 
@@ -55,72 +52,25 @@ def leave() -> None:
 
 def _iterate(shard, blocks, starts, centers, numerics, version, previous, previous_centers, graphed=None):
     """One iteration on this worker: local step, all-reduce, re-seeding of empty clusters (all-gather of the
-    farthest rows), the update. Every worker returns the same scalars and centres. `graphed`: a `GraphedUpdate`
-    of this run (CUDA), or None to run the update op by op."""
+    farthest rows), the update. Every worker returns the same scalars and centres. `graphed`: a
+    `summed.GraphedUpdate` of this run (CUDA), or None to run the update op by op."""
     result = shard.step(blocks, centers, numerics, version, previous, previous_centers)
     dev = shard.engine.device
-    # one collective: every worker's step time (ns) sits in its own slot of the summed vector, so the slowest is
-    # read after the sum
-    counts = torch.zeros(1 + dist.get_world_size(), dtype=torch.int64)  # labels changed, then the step times
-    counts[0], counts[1 + dist.get_rank()] = result.n_changed, round(result.seconds * 1e9)
-    flat = torch.cat([result.partials.sums.reshape(-1), result.partials.weights.reshape(-1),
-                      result.inertia.reshape(-1).to(dev), counts.to(dev)]).to(dev)
+    counts = summed.counters(result.n_changed, result.seconds, dist.get_rank(), dist.get_world_size())
+    flat = summed.vector(result.partials.sums, result.partials.weights, result.inertia, counts, dev)
     if dist.get_backend() == "gloo":
         flat = flat.cpu()
-    dist.all_reduce(flat)
-    if graphed is not None and graphed.fits(flat, centers):
-        partials, new, packed = graphed(flat, centers)
-    else:
-        partials, new, packed = _after_sum(flat, centers, numerics)
-    host = packed.cpu()  # the one wait for the device in an iteration
-    n_empty, n_changed, slowest = host[:3].view(torch.int64).tolist()
-    if n_empty:  # (all workers see the same count) the farthest rows of all workers take the empty clusters
+    dist.all_reduce(flat)  # one collective for all of it
+    partials, new, packed = graphed(flat, centers) if graphed else summed.after_sum(flat, centers, numerics)
+    s = summed.read(packed)  # the one wait for the device in an iteration
+    if s["n_empty"]:  # (all workers see the same count) the farthest rows of all workers take the empty clusters
         found = [None] * dist.get_world_size()
-        dist.all_gather_object(found, shard.farthest(blocks, centers, numerics, n_empty, starts))
-        new, shift = update_on_device(move_to_empty(partials, Farthest.merge(found, n_empty)), centers,
+        dist.all_gather_object(found, shard.farthest(blocks, centers, numerics, s["n_empty"], starts))
+        new, shift = update_on_device(move_to_empty(partials, Farthest.merge(found, s["n_empty"])), centers,
                                       numerics.metric)
-        host[4] = shift.cpu()
-    return {"n_changed": n_changed, "inertia": float(host[3]), "center_shift": float(host[4]),
-            "slowest_worker_seconds": slowest / 1e9}, new.to(dev)
-
-
-def _after_sum(flat: torch.Tensor, centers: torch.Tensor, numerics):
-    """From the summed vector to the next centres, without waiting for the device: the partials, the new centres
-    and the scalars in one float64 vector (empty clusters, labels changed and the slowest step in ns as int64
-    bits, then inertia and shift)."""
-    k, d = centers.shape
-    sums, weights = flat[:2 * k * d].view(2, k, d), flat[2 * k * d:2 * k * d + 2 * k].view(2, k)
-    partials = reference.Partials(fp.normalize(sums), fp.normalize(weights), numerics.scale)
-    tail = flat[2 * k * d + 2 * k:]  # inertia limbs (2), labels changed, the step times
-    inertia = fp.to_float(fp.normalize(tail[:2][:, None])[:, 0], numerics.scale.dist_exp)
-    new, shift = update_on_device(partials, centers, numerics.metric)
-    empty = fp.to_float(partials.weights, numerics.scale.weight_exp) == 0
-    ints = torch.stack([empty.sum(), tail[2], tail[3:].max()])
-    return partials, new, torch.cat([ints.view(torch.float64), torch.stack([inertia, shift])])
-
-
-class GraphedUpdate:
-    """`_after_sum` of one run as a CUDA graph (`graphed.Replay`): some fifty short kernels on K x D values, which
-    take longer to launch one by one than to run. The same kernels on the same values: the same bits. The first
-    call runs op by op (the warm-up), the second captures; a refused capture leaves it op by op."""
-
-    def __init__(self, numerics):
-        self.numerics, self.replay, self.shapes = numerics, None, None
-
-    def fits(self, flat: torch.Tensor, centers: torch.Tensor) -> bool:
-        failed = self.replay is not None and self.replay.failed
-        return flat.is_cuda and not failed and self.shapes in (None, (flat.shape, centers.shape, centers.dtype))
-
-    def __call__(self, flat, centers):
-        if self.replay is None:
-            self.shapes = (flat.shape, centers.shape, centers.dtype)
-            self.replay = Replay(lambda f, c: _after_sum(f, c, self.numerics), flat.device)
-            return _after_sum(flat, centers, self.numerics)
-        out = self.replay(flat, centers)
-        if out is None:
-            return _after_sum(flat, centers, self.numerics)
-        partials, new, packed = out
-        return partials, new.clone(), packed  # (the next replay overwrites the graph's own outputs)
+        s["shift"] = float(shift)
+    return {"n_changed": s["n_changed"], "inertia": s["inertia"], "center_shift": s["shift"],
+            "slowest_worker_seconds": s["slowest_worker_seconds"]}, new.to(dev)
 
 
 def run_loop(spec, numerics, ids: list, starts: list, run: int, start: int, initial, previous, max_iter: int,
@@ -138,7 +88,7 @@ def run_loop(spec, numerics, ids: list, starts: list, run: int, start: int, init
         prev_version = None if previous is None else (run, start - 1)
         history = list(past)  # the iterations before a resume
         strict, s, i, new = False, None, start - 1, centers
-        graphed = GraphedUpdate(numerics) if dev.type == "cuda" and numerics.metric == "euclidean" and GRAPHS \
+        graphed = summed.GraphedUpdate(numerics) if dev.type == "cuda" and numerics.metric == "euclidean" and GRAPHS \
             else None
         for i in range(start, max_iter + 1):
             t0 = time.perf_counter()

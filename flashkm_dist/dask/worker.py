@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, is_dataclass
 import numpy as np
 import torch
 
-from flashkm_dist.dask import handoff
+from flashkm_dist.dask import handoff, summed
 from flashkm_dist.engine import FitNumerics, backend_for, unit_rows_like
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
@@ -22,6 +22,7 @@ from flashkm_dist.shard import Shard
 from flashkm_dist.streaming import Block, Engine, Farthest
 
 _SHARDS: dict = {}
+_UPDATES: dict = {}  # (worker address, fit token, scale) -> a `summed.GraphedUpdate` of the chained steps
 _REGISTRY_LOCK = threading.Lock()
 
 
@@ -191,6 +192,8 @@ def forget(token: str) -> int:
         gone = [k for k in _SHARDS if k[1] == token]
         for k in gone:
             _SHARDS.pop(k).engine.release()
+        for k in [k for k in _UPDATES if k[1] == token]:
+            del _UPDATES[k]
     return len(gone)
 
 
@@ -271,12 +274,14 @@ def _reduce_device(metric: str) -> torch.device:
     return torch.device("cuda" if metric == "euclidean" and torch.cuda.is_available() else "cpu")
 
 
-def _combined(steps: list, scale: fp.FixedPointScale, device: torch.device):
-    def limbs(s):
-        sums = torch.as_tensor(s.sums).to(device)
-        return fp.split(sums) if sums.dim() == 2 else sums
+def _limbs(sums, device: torch.device) -> torch.Tensor:
+    """A step's sums (joined int64 (K, D) or limbs (2, K, D), NumPy or torch) as limbs on `device`."""
+    sums = torch.as_tensor(sums).to(device)
+    return fp.split(sums) if sums.dim() == 2 else sums
 
-    sums = fp.normalize(sum(limbs(s) for s in steps))
+
+def _combined(steps: list, scale: fp.FixedPointScale, device: torch.device):
+    sums = fp.normalize(sum(_limbs(s.sums, device) for s in steps))
     weights = fp.normalize(sum(torch.as_tensor(s.weights).to(device) for s in steps))
     return reference.Partials(sums, weights, scale), _inertia(steps), sum(s.n_changed for s in steps)
 
@@ -349,6 +354,30 @@ def chain_inertia(numerics: FitNumerics, *steps) -> float:
     return float(fp.to_float(_inertia(list(steps)), numerics.scale.dist_exp))
 
 
+def _chained_update(spec: ShardSpec, numerics: FitNumerics, centers: torch.Tensor, steps: list):
+    """The update of a chained step and its scalars. Euclidean centres on a GPU: as one vector through this fit's
+    CUDA graph (`_summed_update`); otherwise as a reducer makes it. The same bits either way."""
+    if not (centers.is_cuda and numerics.metric == "euclidean"):
+        new, out = _new_centres(numerics, centers, steps, None)
+        return new, {**out, "shift": _shift(numerics.metric, new, centers)}
+    key = (_address(), spec.token, numerics.scale)  # (a graph bakes in the scale: each run of a fit has its own)
+    with _REGISTRY_LOCK:
+        graphed = _UPDATES.setdefault(key, summed.GraphedUpdate(numerics))
+    return _summed_update(graphed, centers, steps)
+
+
+def _summed_update(graphed: summed.GraphedUpdate, centers: torch.Tensor, steps: list):
+    """The steps' partials summed into one vector on the centres' device, and the update with one wait for the
+    device (`summed`): the same integers and the same update kernels as `_new_centres`, so the same bits."""
+    dev = centers.device
+    sums = sum(_limbs(s.sums, dev) for s in steps)
+    weights = sum(torch.as_tensor(s.weights).to(dev) for s in steps)
+    inertia = sum(torch.as_tensor(s.inertia).to(dev) for s in steps)
+    counts = sum(summed.counters(s.n_changed, s.seconds, j, len(steps)) for j, s in enumerate(steps))
+    _, new, packed = graphed(summed.vector(sums, weights, inertia, counts, dev), centers)
+    return new, summed.read(packed)
+
+
 def chained_step(spec: ShardSpec, numerics: FitNumerics, ids: list, iteration: int, version: str,
                  previous_version: str, where: str, carry: bool, topic: str | None, n_prior: int, *args):
     """One Lloyd iteration in one task: the update from every worker's partials of the step before (the same
@@ -361,15 +390,14 @@ def chained_step(spec: ShardSpec, numerics: FitNumerics, ids: list, iteration: i
     if any(isinstance(p, Skipped) for p in prior):
         return Skipped(iteration)
     before = prior[0].centers
-    new, out = _new_centres(numerics, before, prior, None)
-    if topic is not None:
-        out = {**out, "iteration": iteration - 1, "shift": _shift(numerics.metric, new, before)}
-        from distributed import get_worker
-        get_worker().log_event(topic, out)
-    if out["n_empty"]:
-        return Skipped(iteration)
     shard = shard_for(spec)
     with shard.lock:
+        new, out = _chained_update(spec, numerics, before, prior)
+        if topic is not None:
+            from distributed import get_worker
+            get_worker().log_event(topic, {**out, "iteration": iteration - 1})
+        if out["n_empty"]:
+            return Skipped(iteration)
         result = shard.step(as_blocks(ids, datas), new, numerics, version, previous_version, before)
     return StepResult.of(result, where, spec.token, centers=new if carry else None)
 
