@@ -210,6 +210,14 @@ def flash_largeN(n: int, d: int, n_blocks: int, init: np.ndarray, iters: int) ->
     return {"iteration_s": (more - one) / iters, "gpus": torch.cuda.device_count()}
 
 
+def _captures_refused(dask_worker=None) -> list:
+    """Why CUDA graph captures were refused in a worker (none expected: the update then runs op by op)."""
+    from flashkm_dist import graphed
+    refused = list(graphed.REFUSED)
+    graphed.REFUSED.clear()  # (each fit reports its own)
+    return refused
+
+
 def _handoff_left(dask_worker=None) -> tuple:
     """Device buffers a worker still holds for the hand-off (all fits have ended: must be none)."""
     from flashkm_dist.dask import handoff
@@ -305,8 +313,13 @@ def main():
                     dask_timeline.install(client)
                 result.setdefault(mode, {})[w] = {"n": n_w, **timed_fit(client, X, init, args.iters, allreduce,
                                                                         args.task_stream)}
-                if args.timeline and allreduce == "dask" and not DaskShards.chained:
-                    result[mode][w]["timeline"] = dask_timeline.segments(client)
+                result[mode][w]["graph_captures_refused"] = sorted(
+                    {e for errs in client.run(_captures_refused).values() for e in errs})
+                if args.timeline:
+                    result[mode][w]["timeline"] = (
+                        dask_timeline.collective_segments(client) if allreduce == "nccl"
+                        else dask_timeline.chained_segments(client) if DaskShards.chained
+                        else dask_timeline.segments(client))
                 latency.ENABLED, DaskShards.reducers, DaskShards.device_handoff = True, None, True
                 DaskShards.chained = False
                 print(w, "workers", mode, {k_: v for k_, v in result[mode][w].items() if k_ != "iterations"},

@@ -74,16 +74,16 @@ def main():
             res[f"empty_clusters_{where}_ms"] = timed(lambda: worker.empty_clusters(partials))
     # the collective path after its all-reduce (partials, next centres, scalars, one read), op by op and as one
     # CUDA graph, which must give the same bits
-    from flashkm_dist.dask import collective
+    from flashkm_dist.dask import summed
     on_device = centers.centers.to(dev)
     counts = torch.tensor([123, 456], dtype=torch.int64, device=dev)  # labels changed, one worker's step ns
     flat = torch.cat([step.partials.sums.reshape(-1), step.partials.weights.reshape(-1),
                       step.inertia.reshape(-1).to(dev), counts])
-    res["collective_update_ms"] = timed(lambda: collective._after_sum(flat, on_device, numerics)[2].cpu())
+    res["collective_update_ms"] = timed(lambda: summed.after_sum(flat, on_device, numerics)[2].cpu())
     if dev.type == "cuda":
-        graphed = collective.GraphedUpdate(numerics)
+        graphed = summed.GraphedUpdate(numerics)
         res["collective_update_graphed_ms"] = timed(lambda: graphed(flat, on_device)[2].cpu())
-        eager, once = collective._after_sum(flat, on_device, numerics), graphed(flat, on_device)
+        eager, once = summed.after_sum(flat, on_device, numerics), graphed(flat, on_device)
         res["collective_graphed_same_bits"] = bool(torch.equal(eager[1], once[1]) and torch.equal(
             eager[2].view(torch.int64), once[2].view(torch.int64)))
     if dev.type == "cuda":  # per-op CPU and CUDA time of one reduction over one step (torch profiler)
