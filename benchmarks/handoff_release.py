@@ -22,6 +22,26 @@ def state(dask_worker=None) -> tuple:
     return len(handoff._EXPORTED), sum(map(len, handoff._FREE.values())), len(handoff._OPENED)
 
 
+def holders(dask_worker=None) -> list:
+    """Who keeps each live lease of the hand-off alive: the result holding it, the worker's data entry (key and
+    task state) when Dask still stores it, else the types of that result's referrers."""
+    import gc as worker_gc
+
+    from flashkm_dist.dask import handoff
+    worker_gc.collect()
+    found = []
+    stored = {id(v): k for k, v in dask_worker.data.items()}
+    for lease in [o for o in worker_gc.get_objects() if isinstance(o, handoff.Lease)]:
+        for owner in worker_gc.get_referrers(lease):
+            if type(owner).__name__ in ("StepResult", "Update"):
+                key = stored.get(id(owner))
+                ts = dask_worker.state.tasks.get(key) if key is not None else None
+                found.append({"token": lease.buffer.token[:8], "result": type(owner).__name__, "key": str(key),
+                              "task_state": getattr(ts, "state", None),
+                              "referrers": sorted({type(r).__name__ for r in worker_gc.get_referrers(owner)})})
+    return found
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -55,6 +75,7 @@ def main():
                 break
             time.sleep(0.5)
         out["left_after_gc"] = sorted(set(left.values()))
+        out["holders"] = client.run(holders)
         out["seconds_to_clean"] = time.perf_counter() - t0
     print(out)
     with open(args.out, "w") as f:

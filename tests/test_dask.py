@@ -373,3 +373,27 @@ def test_the_summed_vector_update_gives_the_reducers_bits(empty):
     assert out["shift"] == worker._shift("euclidean", ref_new, centers)
     assert (out["inertia"], out["n_changed"]) == (ref["inertia"], ref["n_changed"]) == (ref["inertia"], 12)
     assert out["slowest_worker_seconds"] == ref["slowest_worker_seconds"] == 0.5
+
+
+def test_a_buffer_whose_result_outlives_its_fit_is_freed_and_the_fit_forgotten():
+    """A leased hand-off buffer whose result Dask drops only after the fit ended (`handoff.free` ran) is freed
+    then, and the fit leaves no entry behind in the worker's registry."""
+    freed = []
+
+    class Buffer:
+        token, nbytes = "ended-fit", 16
+
+        def free(self):
+            freed.append(self)
+
+    held, pooled = Buffer(), Buffer()
+    handoff._EXPORTED["ended-fit"] = [held, pooled]
+    handoff._FREE[("ended-fit", 16)] = [pooled]
+    try:
+        assert handoff.free("ended-fit") == 1 and freed == [pooled]
+        assert handoff._EXPORTED["ended-fit"] == [held]  # still leased by a live result
+        handoff._give_back(held)  # the result died
+        assert freed == [pooled, held] and "ended-fit" not in handoff._EXPORTED
+    finally:
+        handoff._CLOSED.discard("ended-fit")
+        handoff._EXPORTED.pop("ended-fit", None)

@@ -111,6 +111,8 @@ def _give_back(buffer: Buffer) -> None:
         exported = _EXPORTED.get(buffer.token, [])
         if buffer in exported:
             exported.remove(buffer)
+        if not exported:  # (the fit's last buffer: forget the fit here)
+            _EXPORTED.pop(buffer.token, None)
     buffer.free()
 
 
