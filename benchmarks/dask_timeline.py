@@ -66,13 +66,6 @@ def _wrap_in_worker(dask_worker=None):  # noqa: C901 - one wrapper per instrumen
             return out
         return inner
 
-    from flashkm_dist import graphed
-    init = graphed.Replay.__init__
-
-    def watched_init(self, fn, *args, **kwargs):  # a refused capture names the op after which it broke
-        init(self, _watched(fn, graphed.REFUSED), *args, **kwargs)
-
-    graphed.Replay.__init__ = watched_init
     w = dask_worker
     receive = w.handle_stimulus
 
@@ -96,44 +89,6 @@ def _wrap_in_worker(dask_worker=None):  # noqa: C901 - one wrapper per instrumen
     shard_mod.Shard.step = timed("engine", shard_mod.Shard.step)
     worker._TIMELINE_WRAPPED = True
     return 0
-
-
-def _watched(fn, found: list):
-    """fn run under a torch function mode that reads the capturing stream's status after every op and notes in
-    `found` where it first stopped being an active capture (the op and the Python stack)."""
-    import traceback
-
-    import cupy
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    def status():
-        return cupy.cuda.runtime.streamIsCapturing(torch.cuda.current_stream().cuda_stream)  # 1: active
-
-    class Watch(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            try:
-                out = func(*args, **(kwargs or {}))
-            except Exception as err:
-                found.append(f"watch: {getattr(func, '__name__', func)} raised {err!r:.80} at " + " / ".join(
-                    f"{f.name}:{f.lineno}" for f in traceback.extract_stack()[-9:-1]))
-                raise
-            if not noted and status() != 1:
-                noted.append(f"watch: status {status()} after {getattr(func, '__name__', func)} at " + " / ".join(
-                    f"{f.name}:{f.lineno}" for f in traceback.extract_stack()[-9:-1]))
-                found.append(noted[0])
-            return out
-
-    def inner(*args):
-        noted.clear()
-        if status() != 1:
-            found.append(f"watch: status {status()} at the start of the capture")
-            noted.append(found[-1])
-        with Watch():
-            return fn(*args)
-
-    noted: list = []
-    return inner
 
 
 def _fetch(dask_worker=None) -> list:
