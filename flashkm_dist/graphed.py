@@ -67,6 +67,7 @@ class Replay:
         except Exception as err:  # noqa: BLE001 - anything a capture refuses: op by op from now on
             REFUSED.append(_described(err) + ("" if err.__context__ is None else  # (what broke the capture)
                                               " <- during: " + _described(err.__context__)))
+            del REFUSED[:-20]  # (the latest are enough)
             self.failed, self.out, self.inputs = True, None, None
             torch.cuda.synchronize(self.device)
             return

@@ -283,12 +283,12 @@ def _limbs(sums, device: torch.device) -> torch.Tensor:
 def _combined(steps: list, scale: fp.FixedPointScale, device: torch.device):
     sums = fp.normalize(sum(_limbs(s.sums, device) for s in steps))
     weights = fp.normalize(sum(torch.as_tensor(s.weights).to(device) for s in steps))
-    return reference.Partials(sums, weights, scale), _inertia(steps), sum(s.n_changed for s in steps)
+    return reference.Partials(sums, weights, scale), _inertia(steps, device), sum(s.n_changed for s in steps)
 
 
-def _inertia(steps: list) -> torch.Tensor:
-    """The exact sum of the steps' inertia shares, as normalised limbs (2,) on the host."""
-    return fp.normalize(sum(torch.as_tensor(s.inertia).cpu() for s in steps)[:, None])[:, 0]
+def _inertia(steps: list, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """The exact sum of the steps' inertia shares, as normalised limbs (2,) on `device`."""
+    return fp.normalize(sum(torch.as_tensor(s.inertia).to(device) for s in steps)[:, None])[:, 0]
 
 
 def _shift(metric: str, new: torch.Tensor, current: torch.Tensor) -> float:
@@ -370,11 +370,9 @@ def _summed_update(graphed: summed.GraphedUpdate, centers: torch.Tensor, steps: 
     """The steps' partials summed into one vector on the centres' device, and the update with one wait for the
     device (`summed`): the same integers and the same update kernels as `_new_centres`, so the same bits."""
     dev = centers.device
-    sums = sum(_limbs(s.sums, dev) for s in steps)
-    weights = sum(torch.as_tensor(s.weights).to(dev) for s in steps)
-    inertia = sum(torch.as_tensor(s.inertia).to(dev) for s in steps)
+    partials, inertia, _ = _combined(steps, graphed.numerics.scale, dev)
     counts = sum(summed.counters(s.n_changed, s.seconds, j, len(steps)) for j, s in enumerate(steps))
-    _, new, packed = graphed(summed.vector(sums, weights, inertia, counts, dev), centers)
+    _, new, packed = graphed(summed.vector(partials.sums, partials.weights, inertia, counts, dev), centers)
     return new, summed.read(packed)
 
 
