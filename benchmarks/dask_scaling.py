@@ -224,6 +224,17 @@ def _handoff_left(dask_worker=None) -> tuple:
     return len(handoff._EXPORTED), sum(map(len, handoff._FREE.values())), len(handoff._OPENED)
 
 
+AB_MODES = {  # flag -> (name in the results, reduction, what it times); `main` sets each up before its fits
+    "batching-ab": ("resident_default_batching", "dask", "the Dask path with distributed's default message batching"),
+    "reducers-ab": ("resident_reducer_per_worker", "dask",
+                    "the Dask path with a reducer on every worker (default: one per host)"),
+    "graphs-ab": ("resident_nccl_eager", "nccl", "allreduce='nccl' with its update op by op instead of one CUDA graph"),
+    "handoff-ab": ("resident_socket", "dask",
+                   "the Dask path with the partials sent over the socket (no CUDA IPC hand-off)"),
+    "chain-ab": ("resident_chained", "dask", "the Dask path as chained steps (one task per worker and iteration)"),
+}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -241,16 +252,8 @@ def main():
     ap.add_argument("--no-exactness", action="store_true", help="skip the bitwise check (series runs)")
     ap.add_argument("--task-stream", action="store_true",
                     help="break the Dask path's iteration down by task (transfers, computes, hand-offs)")
-    ap.add_argument("--batching-ab", action="store_true",
-                    help="also time the Dask path with distributed's default message batching")
-    ap.add_argument("--graphs-ab", action="store_true",
-                    help="also time allreduce='nccl' with its update op by op instead of one CUDA graph")
-    ap.add_argument("--reducers-ab", action="store_true",
-                    help="also time the Dask path with a reducer on every worker (default: one per host)")
-    ap.add_argument("--handoff-ab", action="store_true",
-                    help="also time the Dask path with the partials sent over the socket (no CUDA IPC hand-off)")
-    ap.add_argument("--chain-ab", action="store_true",
-                    help="also time the Dask path as chained steps (one task per worker and iteration)")
+    for flag, (_, _, text) in AB_MODES.items():
+        ap.add_argument(f"--{flag}", action="store_true", help=f"also time {text}")
     ap.add_argument("--timeline", action="store_true",
                     help="the Dask path's critical path per iteration, from timestamps taken in the workers")
     args = ap.parse_args()
@@ -282,17 +285,8 @@ def main():
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
-    modes = [("resident", "dask"), ("resident_nccl", "nccl")]  # (name in the results, reduction)
-    if args.batching_ab:
-        modes.append(("resident_default_batching", "dask"))
-    if args.reducers_ab:
-        modes.append(("resident_reducer_per_worker", "dask"))
-    if args.graphs_ab:
-        modes.append(("resident_nccl_eager", "nccl"))
-    if args.handoff_ab:
-        modes.append(("resident_socket", "dask"))
-    if args.chain_ab:
-        modes.append(("resident_chained", "dask"))
+    modes = [("resident", "dask"), ("resident_nccl", "nccl")] + [  # (name in the results, reduction)
+        (mode, allreduce) for flag, (mode, allreduce, _) in AB_MODES.items() if getattr(args, flag.replace("-", "_"))]
     for w in workers:  # strong scaling, data resident on the GPUs
         with cluster(w, cpu) as lc, Client(lc) as client:
             if args.timeline:  # (before any task: workers cache the functions they unpickle)
