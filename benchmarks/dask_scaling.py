@@ -312,7 +312,8 @@ def main():
                 if args.timeline:
                     result[mode][w]["timeline"] = (
                         dask_timeline.collective_segments(client) if allreduce == "nccl"
-                        else dask_timeline.chained_segments(client) if DaskShards.chained
+                        else dask_timeline.chained_segments(client) | {
+                            "hops": dask_timeline.chained_hops(client)} if DaskShards.chained
                         else dask_timeline.segments(client))
                 latency.ENABLED, DaskShards.reducers, DaskShards.device_handoff = True, None, True
                 DaskShards.chained = False

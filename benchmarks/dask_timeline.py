@@ -72,10 +72,11 @@ def _wrap_in_worker(dask_worker=None):  # noqa: C901 - one wrapper per instrumen
     def handle_stimulus(*stims):  # when the scheduler's compute-task message for a step arrives
         for s in stims:
             if type(s).__name__ == "ComputeTaskEvent" and "-step-" in str(s.key):
-                log.append(("recv", time.perf_counter(), time.perf_counter()))
+                log.append(("recv", time.perf_counter(), time.perf_counter(), str(s.key)))
         return receive(*stims)
 
     w.handle_stimulus = handle_stimulus
+    _wrap_messaging(w, log)
     from flashkm_dist.dask import collective, summed
     worker.chained_step = tagged("chained", worker.chained_step)
     worker._chained_update = timed("centres", worker._chained_update, synced=True)
@@ -91,11 +92,106 @@ def _wrap_in_worker(dask_worker=None):  # noqa: C901 - one wrapper per instrumen
     return 0
 
 
+def _wrap_messaging(w, log: list) -> None:
+    """Worker side of the hop between chained steps: when 'task-finished' is handed to the batched stream, each
+    fetch of peers' results (gather_dep: start, end, keys), each result served to a peer, each device hand-off
+    taken (deserialised), and each chained task's own key."""
+    import functools
+
+    from distributed import get_worker
+
+    from flashkm_dist.dask import handoff, worker
+
+    send = w.batched_stream.send
+
+    def sent(*msgs):
+        for m in msgs:
+            if isinstance(m, dict) and m.get("op") == "task-finished" and "-step-" in str(m.get("key")):
+                log.append(("sent", time.perf_counter(), time.perf_counter(), str(m["key"])))
+        return send(*msgs)
+
+    w.batched_stream.send = sent
+    gather = w.gather_dep
+
+    async def gather_dep(peer, to_gather, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return await gather(peer, to_gather, *args, **kwargs)
+        finally:
+            log.append(("gather", t0, time.perf_counter(), tuple(str(k) for k in to_gather)))
+
+    w.gather_dep = gather_dep
+    serve = w.handlers["get_data"]
+
+    @functools.wraps(serve)
+    async def get_data(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return await serve(*args, **kwargs)
+        finally:
+            log.append(("served", t0, time.perf_counter(), None))
+
+    w.handlers["get_data"] = get_data
+    take = handoff.take
+
+    def timed_take(payload):
+        t0 = time.perf_counter()
+        out = take(payload)
+        log.append(("take", t0, time.perf_counter(), None))
+        return out
+
+    handoff.take = timed_take
+    chained = worker.chained_step
+
+    @functools.wraps(chained)
+    def keyed(*args):
+        log.append(("key", time.perf_counter(), time.perf_counter(), str(get_worker().get_current_task())))
+        return chained(*args)
+
+    worker.chained_step = keyed
+
+
+def _wrap_scheduler(dask_scheduler=None) -> int:
+    """Scheduler side: when a step's 'task-finished' arrives, and when a step's 'compute-task' is handed to a
+    worker's batched stream."""
+    log = dask_scheduler.__dict__.setdefault("_flashkm_timeline", [])
+    log.clear()
+    if dask_scheduler.__dict__.get("_flashkm_wrapped"):
+        return 0
+    finished = dask_scheduler.stream_handlers["task-finished"]
+
+    def on_finished(*args, **kwargs):
+        key = kwargs.get("key", args[0] if args else None)
+        if "-step-" in str(key):
+            log.append(("s_fin", time.perf_counter(), time.perf_counter(), str(key)))
+        return finished(*args, **kwargs)
+
+    dask_scheduler.stream_handlers["task-finished"] = on_finished
+
+    def wrap(stream):
+        send = stream.send
+
+        def sent(*msgs):
+            for m in msgs:
+                if isinstance(m, dict) and m.get("op") == "compute-task" and "-step-" in str(m.get("key")):
+                    log.append(("s_send", time.perf_counter(), time.perf_counter(), str(m["key"])))
+            return send(*msgs)
+
+        stream.send = sent
+
+    for stream in dask_scheduler.stream_comms.values():
+        wrap(stream)
+    dask_scheduler._flashkm_wrapped = True
+    return 0
+
+
+def _fetch_scheduler(dask_scheduler=None) -> list:
+    return list(dask_scheduler.__dict__.get("_flashkm_timeline", []))
+
+
 def _fetch(dask_worker=None) -> list:
     from flashkm_dist.dask import worker
-    out = list(worker.__dict__.get("_TIMELINE", []))
-    worker.__dict__.get("_TIMELINE", []).clear()
-    return out
+    return list(worker.__dict__.get("_TIMELINE", []))  # (`install` clears it)
 
 
 def _median_rows(rows: list) -> dict:
@@ -135,6 +231,60 @@ def chained_segments(client) -> dict:
     return _median_rows(rows)
 
 
+def chained_hops(client) -> dict:
+    """Median milliseconds of the hop between chained iterations, message by message (`_wrap_messaging`,
+    `_wrap_scheduler`), each the slowest worker's unless said:
+      finished_ms  last step's task end -> its 'task-finished' handed to the batched stream
+      to_scheduler_ms  -> the scheduler has it (batching interval, the socket, the scheduler's event loop)
+      scheduler_ms  the last 'task-finished' in -> the last 'compute-task' out
+      to_worker_ms  'compute-task' handed to the stream -> the worker has it
+      to_gather_ms  task received -> its first fetch starts;  gather_ms  first fetch start -> last fetch end
+      one_gather_ms the longest single fetch;  take_ms  device hand-offs taken (deserialised) while fetching
+      to_start_ms  last fetch end -> the task runs;  served_ms  results served to peers while they fetch"""
+    per_worker = client.run(_fetch)
+    on_scheduler = client.run_on_scheduler(_fetch_scheduler)
+    s_fin = {r[3]: r[1] for r in on_scheduler if r[0] == "s_fin"}
+    s_send = {r[3]: r[1] for r in on_scheduler if r[0] == "s_send"}
+    tasks = {}  # iteration -> [dict]
+    for address, recs in per_worker.items():
+        by_kind = {}
+        for r in recs:
+            by_kind.setdefault(r[0], []).append(r)
+        for r in by_kind.get("chained", []):
+            key = next((k[3] for k in by_kind.get("key", []) if r[1] <= k[1] <= r[2]), None)
+            recv = next((v for v in by_kind.get("recv", []) if v[3] == key), None)
+            sent = next((v[1] for v in by_kind.get("sent", []) if v[3] == key), None)
+            if key is None or recv is None or sent is None or key not in s_fin or key not in s_send:
+                continue
+            window = [g for g in by_kind.get("gather", []) if recv[1] <= g[1] and g[2] <= r[1]]
+            took = [t for t in by_kind.get("take", []) if recv[1] <= t[1] and t[2] <= r[1]]
+            served = [t for t in by_kind.get("served", []) if recv[1] - 0.05 <= t[1] and t[2] <= r[1]]
+            tasks.setdefault(r[3], []).append({
+                "start": r[1], "end": r[2], "recv": recv[1], "sent": sent, "s_fin": s_fin[key],
+                "s_send": s_send[key], "gathers": [(g[1], g[2]) for g in window],
+                "take": sum(t[2] - t[1] for t in took), "served": sum(t[2] - t[1] for t in served)})
+    rows = []
+    for j in sorted(tasks):
+        now, before = tasks[j], tasks.get(j - 1)
+        if not before or len(now) != len(before):
+            continue
+        last = max(before, key=lambda t: t["s_fin"])
+        row = {"finished_ms": max(t["sent"] - t["end"] for t in before),
+               "to_scheduler_ms": max(t["s_fin"] - t["sent"] for t in before),
+               "scheduler_ms": max(t["s_send"] for t in now) - last["s_fin"],
+               "to_worker_ms": max(t["recv"] - t["s_send"] for t in now),
+               "take_ms": max(t["take"] for t in now), "served_ms": max(t["served"] for t in now)}
+        gathered = [t for t in now if t["gathers"]]
+        if gathered:
+            row |= {"to_gather_ms": max(min(g[0] for g in t["gathers"]) - t["recv"] for t in gathered),
+                    "gather_ms": max(max(g[1] for g in t["gathers"]) - min(g[0] for g in t["gathers"])
+                                     for t in gathered),
+                    "one_gather_ms": max(g[1] - g[0] for t in gathered for g in t["gathers"]),
+                    "to_start_ms": max(t["start"] - max(g[1] for g in t["gathers"]) for t in gathered)}
+        rows.append({k: 1e3 * v for k, v in row.items()})
+    return _median_rows(rows)
+
+
 def collective_segments(client) -> dict:
     """Median milliseconds of the parts of an allreduce='nccl' iteration on its first worker."""
     recs = min(client.run(_fetch).items())[1]
@@ -149,8 +299,9 @@ def collective_segments(client) -> dict:
 
 
 def install(client) -> None:
-    """Wrap the task functions in every worker (again: clears their logs)."""
+    """Wrap the task functions in every worker and the scheduler's messaging (again: clears their logs)."""
     client.run(_wrap_in_worker)
+    client.run_on_scheduler(_wrap_scheduler)
 
 
 def _within(records, kind, lo, hi, where=None):
