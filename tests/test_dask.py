@@ -13,6 +13,7 @@ import dask.array as da
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster, get_task_stream
+from distributed.diagnostics.plugin import SchedulerPlugin
 from dask.utils import key_split
 import torch
 from sklearn.datasets import make_blobs
@@ -138,6 +139,58 @@ def test_worker_killed_mid_fit_gives_the_same_bits(client, blobs):
     assert killed == [2]
     assert_same_fit(got, ref)
     client.wait_for_workers(3, timeout=60)
+
+
+class _Recomputed(SchedulerPlugin):
+    """Counts step and reduce tasks computed again after their result was lost (in the scheduler)."""
+    name = "flashkm-test-recomputed"
+
+    def __init__(self):
+        self.done, self.n = set(), 0
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if finish == "memory" and str(key).startswith(("flashkm-step-", "flashkm-reduce-")):
+            self.n += key in self.done
+            self.done.add(key)
+
+
+@pytest.mark.parametrize("allreduce", ["dask", "chained"])
+def test_anchors_bound_what_a_lost_worker_recomputes(client, monkeypatch, allreduce):
+    """With an anchor every iteration, losing the worker that holds the newest step at iteration 8 recomputes at
+    most two tasks, not the run so far (without anchors: 25 to 29 in runs here), and the fit gives the same bits."""
+    monkeypatch.setattr(driver, "ANCHOR_EVERY_S", 0.0)
+    X, _ = make_blobs(3000, 4, centers=30, cluster_std=4.0, random_state=9)
+    params = dict(n_clusters=30, init="random", n_init=1, random_state=4, tol=0.0, max_iter=20)
+    ref = KMeans(**params).fit(X)
+    assert ref.n_iter_ == 20
+    pids, killed = client.run(os.getpid), []
+
+    def kill(iteration):
+        if iteration == 8 and not killed:
+            held = sorted((int(str(k).split("-")[2]), ws[0]) for k, ws in client.who_has().items()
+                          if str(k).startswith("flashkm-step") and ws)
+            os.kill(pids[held[-1][1]], signal.SIGKILL)
+            killed.append(iteration)
+
+    client.register_plugin(_Recomputed())
+    try:
+        with iteration_hook(kill), dask.config.set({"distributed.deploy.lost-worker-timeout": "300s"}):
+            got = KMeans(**params, allreduce=allreduce).fit(da.from_array(X, chunks=250))
+        recomputed = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins[_Recomputed.name].n)
+    finally:
+        client.unregister_scheduler_plugin(_Recomputed.name)
+    assert killed == [8]
+    assert_same_fit(got, ref)
+    assert recomputed <= 2
+    client.wait_for_workers(3, timeout=60)
+
+
+def test_blocks_stay_where_they_are(client, blobs):
+    """A Dask array not yet computed is persisted and placed where its blocks land: one step per worker."""
+    with get_task_stream(client) as stream:
+        KMeans(9, random_state=0, max_iter=3).fit(da.from_array(blobs, chunks=200))
+    workers = {t["worker"] for t in stream.data if key_split(t["key"]) == "flashkm-step"}
+    assert len(workers) == 3
 
 
 def test_chained_steps_give_the_same_bits_reseed_and_survive_a_lost_worker(client, blobs):
@@ -300,6 +353,23 @@ def test_message_batching_is_shorter_during_a_fit_and_put_back_after(client, blo
         KMeans(4, random_state=0, max_iter=3).fit(da.from_array(blobs, chunks=800))
     assert during == [([latency.INTERVAL_S], [latency.INTERVAL_S])]
     assert intervals() == before != during[0]
+
+
+def test_message_batching_is_put_back_only_on_live_workers(client, monkeypatch):
+    """A worker lost during the fit is not asked to put its batching back (it would wait out the connect
+    timeout, 30 s, at the end of the fit)."""
+    asked = []
+    run = client.run
+
+    def recording(fn, *args, workers=None, **kwargs):
+        asked.extend(workers or [])
+        return run(fn, *args, workers=workers, **kwargs)
+
+    tightened = latency.Tightened(client).__enter__()
+    tightened.workers["tcp://127.0.0.1:9"] = latency.INTERVAL_S  # a worker that has gone
+    monkeypatch.setattr(client, "run", recording)
+    tightened.__exit__(None, None, None)
+    assert asked and "tcp://127.0.0.1:9" not in asked and set(asked) <= set(client.nthreads())
 
 
 @pytest.mark.parametrize("reducers", [None, 3])

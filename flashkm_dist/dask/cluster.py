@@ -49,6 +49,7 @@ class DaskShards:
         self._names = itertools.count()
         by_key = {f.key: f for f in futures_of(x)}
         self.futures = [by_key[k] for k in flatten(x.__dask_keys__())]
+        wait(self.futures)  # (placement follows where the blocks are: a block not computed yet is held nowhere)
         if weights is not None:
             w_by_key = {f.key: f for f in futures_of(weights)}
             w_futures = [w_by_key[k] for k in flatten(weights.__dask_keys__())]
@@ -116,17 +117,19 @@ class DaskShards:
         return self.array
 
     # ------------------------------------------------------------------------------------------ Lloyd
-    def submit_step(self, numerics, k: int, centres: list, previous: list | None) -> Iteration:
+    def submit_step(self, numerics, k: int, centres: list, previous: list | None,
+                    versions: tuple | None = None) -> Iteration:
         """Queue one iteration from `centres` (futures of row slices of the K centres, `worker.Update`s);
         `previous`: the centres of the step before (None: a new run). A step per worker, then the reduction:
         the rows of the centres are cut into one range per reducer, and each reducer sums every step's partials
         of its range (a reduce-scatter: each receives 1/R of the partials), so the next steps gather R slices;
-        the scalars follow off the critical path."""
-        version = centres[0].key
+        the scalars follow off the critical path. `versions`: the names of the centres and previous centres
+        (the shards remember labels by them); default: their futures' keys."""
+        version, previous_version = versions or (centres[0].key, None if previous is None else previous[0].key)
         owners = [a for s, a in zip(self.shard_ids, self.addresses) if self._blocks[s]]
         reducers = self._reducers(owners, k)
         steps = [self._submit(worker.step, s, "step", self.spec, numerics, self._blocks[s], centres, version,
-                              previous, None if previous is None else previous[0].key,
+                              previous, previous_version,
                               "device" if reducers == [self.addresses[s]] else self._remote, False)
                  for s in self.shard_ids if self._blocks[s]]
         bounds = [k * j // len(reducers) for j in range(len(reducers) + 1)]
@@ -198,6 +201,14 @@ class DaskShards:
                                     *far,
                                     key=self._key("reseed", 0), pure=False)
         return Iteration(it.steps, [update], self._scalars(numerics, centres, [update]))
+
+    def submit_update(self, numerics, k: int, steps: list, centres: list) -> Iteration:
+        """The update of one iteration's steps (chained ones included) as a reduction task, with its scalars."""
+        owners = [a for s, a in zip(self.shard_ids, self.addresses) if self._blocks[s]]
+        update = self.client.submit(worker.reduce, numerics, self._export_token, 0, k, centres, *steps,
+                                    key=self._key("reduce", 0), workers=self._reducers(owners, k)[:1],
+                                    allow_other_workers=True, pure=False)
+        return Iteration(steps, [update], self._scalars(numerics, centres, [update]))
 
     def _scalars(self, numerics, centres: list, parts: list):
         return self.client.submit(worker.scalars, numerics.metric, len(centres), *centres, *parts,

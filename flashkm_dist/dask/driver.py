@@ -4,6 +4,13 @@ The driver places and reduces; it holds no numerics of its own. Seeding is `init
 the workers; a Lloyd iteration is a step task per worker, an exact reduction task and a scalars task. The next
 iteration is queued before the client waits for this one's scalars (centres stay futures), so the client's round
 trip hides behind the workers' compute; the queued step is exactly the final assignment when the fit stops.
+
+Recovery is bounded by anchors. Dask recomputes a lost result from its graph, and each iteration's centres come
+from the iteration before, back to the run's first centres: a lost reducer (or, chained, any lost worker) would
+recompute the whole run so far. Every `ANCHOR_EVERY_S` the client takes the current centres into its own memory
+and restarts the futures from tasks that carry them (`DaskShards.anchor`), under the same version names (so the
+shards keep their labels), so a lost worker costs at most the iterations since the last anchor. An anchor costs
+one wait of the client (that iteration is not queued ahead).
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from flashkm_dist.points import Points
 
 MAX_INIT_ATTEMPTS = 3  # a worker lost while seeding restarts the seeding from the same random state
 ITERATION_HOOKS: list = []  # callables(iteration) run after each iteration's scalars arrive (tests, instrumentation)
+ANCHOR_EVERY_S = 60.0  # at most this long between anchors (see the module docstring)
 
 
 def get_client(client=None):
@@ -120,20 +128,35 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
     start = 1 if resume is None else resume.iteration + 1
     current = shards.anchor(centers)
     previous = None if resume is None or resume.previous is None else shards.anchor(resume.previous)
-    it = shards.submit_step(numerics, k, current, previous)
+    names: dict = {}  # an anchor's key -> the version its centres had (the shards remember labels by it)
+
+    def step_from(centres: list, before: list | None) -> Iteration:
+        return shards.submit_step(numerics, k, centres, before, tuple(
+            None if c is None else names.get(c[0].key, c[0].key) for c in (centres, before)))
+
+    it = step_from(current, previous)
     bar = tqdm(total=max_iter, initial=start - 1, desc=desc, disable=not verbose, leave=False)
-    strict, s, i = False, None, start - 1
+    strict, s, i, anchored_at = False, None, start - 1, time.perf_counter()
     for i in range(start, max_iter + 1):
         t0 = time.perf_counter()
-        following = shards.submit_step(numerics, k, it.centres, current)  # speculative; the final step if we stop
+        anchoring = t0 - anchored_at >= ANCHOR_EVERY_S
+        following = None if anchoring else step_from(it.centres, current)  # speculative; the final step if we stop
         s = it.scalars.result()
         if s["n_empty"]:
-            following.cancel(client)
+            if following is not None:
+                following.cancel(client)
             it = shards.submit_reseed(it, numerics, current, s["n_empty"])
             s = it.scalars.result()
-            following = shards.submit_step(numerics, k, it.centres, current)
+            following = None if anchoring else step_from(it.centres, current)
         strict, done = _record(i, s, t0, history, bar, tol, max_iter, on_iteration,
                                lambda: shards.gather(it.centres, current))
+        if following is None and not done:  # the next steps start from centres held here
+            held = shards.gather(it.centres, current)
+            new, current = (_anchor(shards, names, c, values) for c, values in zip((it.centres, current), held))
+            it, following = Iteration(it.steps, new, it.scalars), step_from(new, current)
+            anchored_at = time.perf_counter()
+        elif following is None:
+            following = step_from(it.centres, current)
         if done:
             break
         shards.refresh()  # a worker came or went: the iterations queued from now on use the new placement
@@ -148,6 +171,13 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
     else:
         inertia = following.scalars.result()["inertia"]
     return RunResult(final, inertia, i, history)
+
+
+def _anchor(shards: DaskShards, names: dict, centres: list, values: torch.Tensor) -> list:
+    """`centres` (futures) as a task that carries their `values`, under their version name."""
+    anchored = shards.anchor(values)
+    names[anchored[0].key] = names.get(centres[0].key, centres[0].key)
+    return anchored
 
 
 class _Published:
@@ -208,13 +238,25 @@ def lloyd_chained(shards: DaskShards, centers: torch.Tensor, numerics, *, run: i
     def cancel_from(j: int) -> None:
         client.cancel([f for m in sorted(steps) if m >= j for f in steps.pop(m)])
 
+    def anchor_at(j: int) -> Iteration:
+        """Restart the chain at iteration j from centres held here: the update of steps j-1 as a reduction
+        (its scalars are iteration j-1's), then plain steps from the anchored centres under the chain's names."""
+        update = shards.submit_update(numerics, centers.shape[0], steps[j - 1], centres_of(j - 1))
+        held = shards.gather(update.centres, centres_of(j - 1))
+        explicit[j], explicit[j - 1] = (shards.anchor(values) for values in held)
+        versions[j] = f"{topic}-{chain[0]}-{j}"
+        steps[j] = shards.start_chain(explicit[j], explicit[j - 1], versions[j], versions[j - 1], numerics)
+        return update
+
     bar = tqdm(total=max_iter, initial=start - 1, desc=desc, disable=not verbose, leave=False)
-    strict, s, i = False, None, start - 1
+    strict, s, i, anchored_at = False, None, start - 1, time.perf_counter()
+    anchored: dict = {}  # iteration -> its update as a reduction (an anchor): its scalars come from there
     try:
         for i in range(start, max_iter + 1):
             t0 = time.perf_counter()
-            queue_to(i + 2)
-            s = published.wait(i, steps[i + 1])
+            anchoring = t0 - anchored_at >= ANCHOR_EVERY_S
+            queue_to(i + 1 if anchoring else i + 2)
+            s = anchored.pop(i).scalars.result() if i in anchored else published.wait(i, steps[i + 1])
             if s["n_empty"]:  # the steps after have skipped: re-seed, and a new chain from the new centres
                 cancel_from(i + 1)
                 chain[0] += 1
@@ -227,6 +269,8 @@ def lloyd_chained(shards: DaskShards, centers: torch.Tensor, numerics, *, run: i
                                    lambda: shards.gather(centres_of(i + 1), centres_of(i)))
             if done:
                 break
+            if anchoring:
+                anchored[i + 1], anchored_at = anchor_at(i + 2), time.perf_counter()
             shards.refresh()
             for m in [m for m in steps if m <= i]:  # (Dask keeps what the queued steps still need)
                 del steps[m]

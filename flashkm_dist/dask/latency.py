@@ -57,8 +57,9 @@ class Tightened:
         try:
             if self.scheduler is not None:
                 self.client.run_on_scheduler(_restore_scheduler, self.scheduler)
-            for before in set(self.workers.values()):  # (workers that left since are skipped)
+            live = set(self.client.nthreads())  # (asking a worker that died would wait out the connect timeout)
+            for before in set(self.workers.values()):
                 self.client.run(_worker_stream, before, on_error="ignore",
-                                workers=[a for a, b in self.workers.items() if b == before])
+                                workers=[a for a, b in self.workers.items() if b == before and a in live])
         except Exception as err:  # noqa: BLE001 - the fit's own outcome matters more
             logger.debug("message batching not put back: %r", err)
