@@ -232,6 +232,8 @@ AB_MODES = {  # flag -> (name in the results, reduction, what it times); `main` 
     "handoff-ab": ("resident_socket", "dask",
                    "the Dask path with the partials sent over the socket (no CUDA IPC hand-off)"),
     "chain-ab": ("resident_chained", "dask", "the Dask path as chained steps (one task per worker and iteration)"),
+    "anchor-ab": ("resident_chained_anchored", "dask",
+                  "chained steps with an anchor every iteration (what one anchor costs; default: one a minute)"),
 }
 
 
@@ -257,10 +259,11 @@ def main():
     ap.add_argument("--timeline", action="store_true",
                     help="the Dask path's critical path per iteration, from timestamps taken in the workers")
     args = ap.parse_args()
-    from flashkm_dist.dask import handoff, latency
+    from flashkm_dist.dask import driver, handoff, latency
     from flashkm_dist.dask.cluster import DaskShards
     from distributed import Client
     cpu = args.cpu_smoke
+    anchor_every = driver.ANCHOR_EVERY_S
     n, d, k = (1 << 14, 16, 32) if cpu else (args.n or 1 << args.log2n, args.d, args.k)
     workers = [int(w) for w in args.workers.split(",")]
     n_blocks = max(workers) * args.blocks_per_worker
@@ -301,7 +304,8 @@ def main():
                 latency.ENABLED = mode != "resident_default_batching"
                 DaskShards.reducers = w if mode == "resident_reducer_per_worker" else None
                 DaskShards.device_handoff = mode != "resident_socket"
-                DaskShards.chained = mode == "resident_chained"
+                DaskShards.chained = mode in ("resident_chained", "resident_chained_anchored")
+                driver.ANCHOR_EVERY_S = 0.0 if mode == "resident_chained_anchored" else anchor_every
                 client.run(use_graphs, mode != "resident_nccl_eager")  # (read in the worker processes)
                 if args.timeline:
                     dask_timeline.install(client)

@@ -37,11 +37,11 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     bfloat16, float32 or float64; default the input's float dtype, integers as float64).
 
     For Dask arrays (fitted on the Dask cluster, same bits as in process): ``checkpoint`` (a .npz path written
-    each iteration), ``resume`` (continue from it) and ``allreduce`` ('dask': reduction tasks, survives a lost
-    worker; 'chained': one task per worker and iteration that sums every worker's partials itself, one scheduler
-    hop per iteration instead of two, survives a lost worker by recomputing the run from its start; 'nccl': the
-    workers all-reduce among themselves with torch.distributed, NCCL on GPU workers and Gloo on CPU workers, for
-    the lowest per-iteration overhead, but a lost worker fails the fit).
+    each iteration), ``resume`` (continue from it) and ``allreduce`` ('dask': reduction tasks; 'chained': one task
+    per worker and iteration that sums every worker's partials itself, one scheduler hop per iteration instead of
+    two; both survive a lost worker, recomputing at most the iterations since the last anchor of the centres, once
+    a minute; 'nccl': the workers all-reduce among themselves with torch.distributed, NCCL on GPU workers and Gloo
+    on CPU workers, for the lowest per-iteration overhead, but a lost worker fails the fit).
 
     Attributes: ``cluster_centers_`` (NumPy; float32 for bfloat16), ``labels_`` (NumPy int64), ``inertia_``,
     ``n_iter_``, ``n_features_in_`` and ``history_`` (per iteration of the kept run: inertia of the centres it

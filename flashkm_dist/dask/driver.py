@@ -104,11 +104,14 @@ def _seed(init, points: Points, model, rng, seeding, shards: DaskShards):
 
 
 def _record(i: int, s: dict, t0: float, history: list, bar, tol: float, max_iter: int, on_iteration,
-            centres) -> tuple[bool, bool]:
+            centres) -> tuple[bool, bool, float]:
     """Book iteration i's scalars (history, progress bar, checkpoint, hooks); returns (strict, done) by
-    scikit-learn's stopping rules. `centres`: () -> the new and current centres, for the checkpoint."""
+    scikit-learn's stopping rules and when the iteration ended (the next one's time runs from there, so the
+    client's work between iterations, checkpoints and anchors included, counts). `centres`: () -> the new and
+    current centres, for the checkpoint."""
+    ended = time.perf_counter()
     history.append({"iteration": i, "inertia": s["inertia"], "center_shift": s["shift"],
-                    "labels_changed": s["n_changed"], "seconds": time.perf_counter() - t0,
+                    "labels_changed": s["n_changed"], "seconds": ended - t0,
                     "slowest_worker_seconds": s["slowest_worker_seconds"]})
     bar.update(1)
     bar.set_postfix(inertia=f"{s['inertia']:.6g}", shift=f"{s['shift']:.3g}")
@@ -117,7 +120,7 @@ def _record(i: int, s: dict, t0: float, history: list, bar, tol: float, max_iter
         on_iteration(i, centres, history)
     for hook in ITERATION_HOOKS:
         hook(i)
-    return strict, strict or s["shift"] <= tol or i == max_iter
+    return strict, strict or s["shift"] <= tol or i == max_iter, ended
 
 
 def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int, tol: float, verbose: bool,
@@ -136,10 +139,10 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
 
     it = step_from(current, previous)
     bar = tqdm(total=max_iter, initial=start - 1, desc=desc, disable=not verbose, leave=False)
-    strict, s, i, anchored_at = False, None, start - 1, time.perf_counter()
+    strict, s, i = False, None, start - 1
+    t0 = anchored_at = time.perf_counter()
     for i in range(start, max_iter + 1):
-        t0 = time.perf_counter()
-        anchoring = t0 - anchored_at >= ANCHOR_EVERY_S
+        anchoring = time.perf_counter() - anchored_at >= ANCHOR_EVERY_S
         following = None if anchoring else step_from(it.centres, current)  # speculative; the final step if we stop
         s = it.scalars.result()
         if s["n_empty"]:
@@ -148,8 +151,8 @@ def lloyd(shards: DaskShards, centers: torch.Tensor, numerics, *, max_iter: int,
             it = shards.submit_reseed(it, numerics, current, s["n_empty"])
             s = it.scalars.result()
             following = None if anchoring else step_from(it.centres, current)
-        strict, done = _record(i, s, t0, history, bar, tol, max_iter, on_iteration,
-                               lambda: shards.gather(it.centres, current))
+        strict, done, t0 = _record(i, s, t0, history, bar, tol, max_iter, on_iteration,
+                                   lambda: shards.gather(it.centres, current))
         if following is None and not done:  # the next steps start from centres held here
             held = shards.gather(it.centres, current)
             new, current = (_anchor(shards, names, c, values) for c, values in zip((it.centres, current), held))
@@ -249,12 +252,12 @@ def lloyd_chained(shards: DaskShards, centers: torch.Tensor, numerics, *, run: i
         return update
 
     bar = tqdm(total=max_iter, initial=start - 1, desc=desc, disable=not verbose, leave=False)
-    strict, s, i, anchored_at = False, None, start - 1, time.perf_counter()
+    strict, s, i = False, None, start - 1
+    t0 = anchored_at = time.perf_counter()
     anchored: dict = {}  # iteration -> its update as a reduction (an anchor): its scalars come from there
     try:
         for i in range(start, max_iter + 1):
-            t0 = time.perf_counter()
-            anchoring = t0 - anchored_at >= ANCHOR_EVERY_S
+            anchoring = time.perf_counter() - anchored_at >= ANCHOR_EVERY_S
             queue_to(i + 1 if anchoring else i + 2)
             s = anchored.pop(i).scalars.result() if i in anchored else published.wait(i, steps[i + 1])
             if s["n_empty"]:  # the steps after have skipped: re-seed, and a new chain from the new centres
@@ -265,8 +268,8 @@ def lloyd_chained(shards: DaskShards, centers: torch.Tensor, numerics, *, run: i
                 explicit[i + 1], versions[i + 1] = it.centres, it.centres[0].key
                 steps[i + 1] = shards.start_chain(it.centres, centres_of(i), versions[i + 1], versions[i],
                                                   numerics)
-            strict, done = _record(i, s, t0, history, bar, tol, max_iter, on_iteration,
-                                   lambda: shards.gather(centres_of(i + 1), centres_of(i)))
+            strict, done, t0 = _record(i, s, t0, history, bar, tol, max_iter, on_iteration,
+                                       lambda: shards.gather(centres_of(i + 1), centres_of(i)))
             if done:
                 break
             if anchoring:
