@@ -140,8 +140,8 @@ class DaskShards:
                                    workers=[owners[i]], allow_other_workers=True, pure=False)
                 for i, step in enumerate(steps)]
             cut += [] if len(reducers) == 1 else rows
-            parts.append(self.client.submit(worker.reduce, numerics, self._export_token, lo, hi, centres, *rows,
-                                            key=self._key("reduce", j), workers=[reducers[j]],
+            parts.append(self.client.submit(worker.reduce, numerics, self.spec.token, self._export_token, lo, hi,
+                                            centres, *rows, key=self._key("reduce", j), workers=[reducers[j]],
                                             allow_other_workers=True, pure=False))
         return Iteration(steps, parts, self._scalars(numerics, centres, parts), cut)
 
@@ -205,8 +205,8 @@ class DaskShards:
     def submit_update(self, numerics, k: int, steps: list, centres: list) -> Iteration:
         """The update of one iteration's steps (chained ones included) as a reduction task, with its scalars."""
         owners = [a for s, a in zip(self.shard_ids, self.addresses) if self._blocks[s]]
-        update = self.client.submit(worker.reduce, numerics, self._export_token, 0, k, centres, *steps,
-                                    key=self._key("reduce", 0), workers=self._reducers(owners, k)[:1],
+        update = self.client.submit(worker.reduce, numerics, self.spec.token, self._export_token, 0, k, centres,
+                                    *steps, key=self._key("reduce", 0), workers=self._reducers(owners, k)[:1],
                                     allow_other_workers=True, pure=False)
         return Iteration(steps, [update], self._scalars(numerics, centres, [update]))
 

@@ -22,7 +22,7 @@ from flashkm_dist.shard import Shard
 from flashkm_dist.streaming import Block, Engine, Farthest
 
 _SHARDS: dict = {}
-_UPDATES: dict = {}  # (worker address, fit token, scale) -> a `summed.GraphedUpdate` of the chained steps
+_UPDATES: dict = {}  # (worker address, fit token, scale) -> a `summed.GraphedUpdate` (reducers, chained steps)
 _REGISTRY_LOCK = threading.Lock()
 
 
@@ -316,11 +316,18 @@ def _update(numerics: FitNumerics, centers: torch.Tensor, steps: list, found: li
     return Update.placed(*_new_centres(numerics, centers, steps, found), token)
 
 
-def reduce(numerics: FitNumerics, token: str | None, lo: int, hi: int, centers: list, *steps) -> Update:
+def reduce(numerics: FitNumerics, fit: str, token: str | None, lo: int, hi: int, centers: list, *steps) -> Update:
     """Rows lo..hi-1 of the iteration's update, from every step's partials of those rows (`rows_of`), or of all
     rows when there is one reducer. Empty clusters are only counted here; the client then asks the workers for
-    their farthest rows and `reseed` redoes the update with them. `token`: export the centres (`Update.placed`)."""
-    return _update(numerics, joined(centers)[lo:hi], list(steps), None, token)
+    their farthest rows and `reseed` redoes the update with them. `token`: export the centres (`Update.placed`).
+    Euclidean on a GPU: through fit `fit`'s graphed update, as the chained steps make it (the same bits)."""
+    current, steps = joined(centers)[lo:hi], list(steps)
+    device = _reduce_device(numerics.metric)
+    if device.type != "cuda":
+        return _update(numerics, current, steps, None, token)
+    new, out = _graphed_update(fit, numerics, current.to(device), steps)
+    out.pop("shift")  # (the scalars task measures the shift of all rows)
+    return Update.placed(new, out, token)
 
 
 def reseed(numerics: FitNumerics, token: str | None, centers: list, n_steps: int, *parts) -> Update:
@@ -360,7 +367,12 @@ def _chained_update(spec: ShardSpec, numerics: FitNumerics, centers: torch.Tenso
     if not (centers.is_cuda and numerics.metric == "euclidean"):
         new, out = _new_centres(numerics, centers, steps, None)
         return new, {**out, "shift": _shift(numerics.metric, new, centers)}
-    key = (_address(), spec.token, numerics.scale)  # (a graph bakes in the scale: each run of a fit has its own)
+    return _graphed_update(spec.token, numerics, centers, steps)
+
+
+def _graphed_update(fit: str, numerics: FitNumerics, centers: torch.Tensor, steps: list):
+    """`_summed_update` through this worker's graph of the update of fit `fit` (made on first use)."""
+    key = (_address(), fit, numerics.scale)  # (a graph bakes in the scale: each run of a fit has its own)
     with _REGISTRY_LOCK:
         graphed = _UPDATES.setdefault(key, summed.GraphedUpdate(numerics))
     return _summed_update(graphed, centers, steps)
