@@ -92,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", help="auto (workers' GPU, else CPU), cpu, cuda")
     e.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the data's float dtype)")
     e.add_argument("--oversampling-factor", type=float, default=2.0, metavar="L", help="k-means|| candidates (2.0)")
-    e.add_argument("--allreduce", choices=("dask", "chained", "nccl"), default="dask",
-                   help="dask: reduction tasks, survives lost workers (default); chained: one task per worker and "
-                        "iteration (one scheduler hop instead of two); nccl: workers all-reduce directly")
+    e.add_argument("--allreduce", choices=("auto", "dask", "chained", "nccl"), default="auto",
+                   help="dask: reduction tasks; chained: one task per worker and iteration (one scheduler hop "
+                        "instead of two); auto (default): chained on up to 4 workers of one host, else dask; "
+                        "nccl: workers all-reduce directly (a lost worker fails the fit)")
     e.add_argument("--sample-weight", metavar="WEIGHTS", help="per-row weights, 1-D, in any INPUT format")
     e.add_argument("--checkpoint", metavar="FILE.npz", help="write a checkpoint after every iteration")
     e.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")

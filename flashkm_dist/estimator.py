@@ -39,9 +39,10 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     For Dask arrays (fitted on the Dask cluster, same bits as in process): ``checkpoint`` (a .npz path written
     each iteration), ``resume`` (continue from it) and ``allreduce`` ('dask': reduction tasks; 'chained': one task
     per worker and iteration that sums every worker's partials itself, one scheduler hop per iteration instead of
-    two; both survive a lost worker, recomputing at most the iterations since the last anchor of the centres, once
-    a minute; 'nccl': the workers all-reduce among themselves with torch.distributed, NCCL on GPU workers and Gloo
-    on CPU workers, for the lowest per-iteration overhead, but a lost worker fails the fit).
+    two; 'auto', the default: chained on up to 4 workers of one host, else 'dask'; these survive a lost worker,
+    recomputing at most the iterations since the last anchor of the centres, once a minute; 'nccl': the workers
+    all-reduce among themselves with torch.distributed, NCCL on GPU workers and Gloo on CPU workers, for the
+    lowest per-iteration overhead, but a lost worker fails the fit).
 
     Attributes: ``cluster_centers_`` (NumPy; float32 for bfloat16), ``labels_`` (NumPy int64), ``inertia_``,
     ``n_iter_``, ``n_features_in_`` and ``history_`` (per iteration of the kept run: inertia of the centres it
@@ -50,7 +51,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
 
     def __init__(self, n_clusters=8, *, init="k-means++", n_init="auto", max_iter=300, tol=1e-4, verbose=0,
                  random_state=None, metric="euclidean", device="auto", dtype=None, oversampling_factor=2.0,
-                 checkpoint=None, resume=False, allreduce="dask"):
+                 checkpoint=None, resume=False, allreduce="auto"):
         self.n_clusters = n_clusters
         self.init = init
         self.n_init = n_init

@@ -135,7 +135,7 @@ def test_worker_killed_mid_fit_gives_the_same_bits(client, blobs):
 
     # a slow restart on a busy machine must not make LocalCluster retire the worker's nanny (15 s by default)
     with iteration_hook(kill), dask.config.set({"distributed.deploy.lost-worker-timeout": "300s"}):
-        got = KMeans(**params).fit(da.from_array(X, chunks=250))
+        got = KMeans(**params, allreduce="dask").fit(da.from_array(X, chunks=250))
     assert killed == [2]
     assert_same_fit(got, ref)
     client.wait_for_workers(3, timeout=60)
@@ -266,11 +266,18 @@ def test_outputs_are_lazy_with_the_input_chunks(client, blobs):
     assert isinstance(km.cluster_centers_, np.ndarray)
 
 
-def test_task_names_on_the_dashboard(client, blobs):
-    with get_task_stream(client) as stream:
-        KMeans(9, random_state=0, max_iter=3).fit(da.from_array(blobs, chunks=600))
-    names = {key_split(t["key"]) for t in stream.data}
-    assert {"flashkm-step", "flashkm-reduce", "flashkm-scalars"} <= names
+def test_task_names_on_the_dashboard_and_the_automatic_reduction(client, blobs, monkeypatch):
+    """Readable task names; allreduce='auto' chains the steps on up to CHAIN_MAX_WORKERS workers of one host
+    (no reduction task), and reduces with tasks beyond."""
+    names = {}
+    for allreduce, most in [("dask", 4), ("auto", 4), ("auto", 2)]:
+        monkeypatch.setattr("flashkm_dist.dask.cluster.CHAIN_MAX_WORKERS", most)
+        with get_task_stream(client) as stream:
+            KMeans(9, random_state=0, max_iter=3, allreduce=allreduce).fit(da.from_array(blobs, chunks=600))
+        names[allreduce, most] = {key_split(t["key"]) for t in stream.data}
+    assert {"flashkm-step", "flashkm-reduce", "flashkm-scalars"} <= names["dask", 4]
+    assert "flashkm-step" in names["auto", 4] and not names["auto", 4] & {"flashkm-reduce", "flashkm-scalars"}
+    assert {"flashkm-step", "flashkm-reduce", "flashkm-scalars"} <= names["auto", 2]  # 3 workers > 2
 
 
 def test_edges_tiny_chunks_more_workers_than_blocks_unknown_sizes(client, blobs):
@@ -378,7 +385,7 @@ def test_one_reducer_per_host_or_a_reduce_scatter_give_the_same_bits(client, blo
     monkeypatch.setattr(DaskShards, "reducers", reducers)
     params = dict(n_clusters=9, init="k-means++", random_state=0, max_iter=30)
     with get_task_stream(client) as stream:
-        got = KMeans(**params).fit(da.from_array(blobs, chunks=400))
+        got = KMeans(**params, allreduce="dask").fit(da.from_array(blobs, chunks=400))
     assert_same_fit(got, KMeans(**params).fit(blobs))
     parts = {int(str(r["key"]).split("-")[3]) for r in stream.data if str(r["key"]).startswith("flashkm-reduce-")}
     assert parts == ({0} if reducers is None else {0, 1, 2})

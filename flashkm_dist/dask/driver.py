@@ -367,11 +367,13 @@ def _runs(model, shards: DaskShards, X, dtype, n_init: int, collective: bool):
     return best, seeding
 
 
-def fit(model, X, sample_weight=None, client=None, allreduce: str = "dask"):
+def fit(model, X, sample_weight=None, client=None, allreduce: str = "auto"):
     """Fit `model` (a flashkm_dist.KMeans) on the Dask array X. See the module docstring. `allreduce`: 'dask'
-    (reduction tasks; survives lost workers) or 'nccl' (workers all-reduce among themselves; see `collective`)."""
-    if allreduce not in ("dask", "chained", "nccl"):
-        raise ValueError(f"allreduce must be 'dask', 'chained' or 'nccl', got {allreduce!r}")
+    (reduction tasks), 'chained' (`lloyd_chained`), 'auto' (chained on a few workers of one host, see
+    `DaskShards.suits_chaining`, else 'dask'); all survive lost workers. 'nccl': the workers all-reduce among
+    themselves (see `collective`)."""
+    if allreduce not in ("auto", "dask", "chained", "nccl"):
+        raise ValueError(f"allreduce must be 'auto', 'dask', 'chained' or 'nccl', got {allreduce!r}")
     client = get_client(client)
     if model.checkpoint is None and model.resume:
         raise ValueError("resume=True needs checkpoint= (the file to resume from)")
@@ -381,7 +383,7 @@ def fit(model, X, sample_weight=None, client=None, allreduce: str = "dask"):
     spec = worker.ShardSpec(uuid.uuid4().hex, model.device, str(dtype).removeprefix("torch."),
                             model.metric == "cosine")
     shards = DaskShards(client, X, weights, spec, dtype)
-    shards.chained = shards.chained or allreduce == "chained"
+    shards.chained = shards.chained or allreduce == "chained" or (allreduce == "auto" and shards.suits_chaining())
     collective = allreduce == "nccl"
     with latency.Tightened(client):  # shorter message batching while the fit runs
         try:
