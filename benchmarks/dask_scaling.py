@@ -232,6 +232,8 @@ AB_MODES = {  # flag -> (name in the results, reduction, what it times); `main` 
     "handoff-ab": ("resident_socket", "dask",
                    "the Dask path with the partials sent over the socket (no CUDA IPC hand-off)"),
     "chain-ab": ("resident_chained", "dask", "the Dask path as chained steps (one task per worker and iteration)"),
+    "unpushed-ab": ("resident_chained_unpushed", "dask",
+                    "chained steps whose results wait to be fetched (default: pushed to the peers that need them)"),
     "anchor-ab": ("resident_chained_anchored", "dask",
                   "chained steps with an anchor every iteration (what one anchor costs; default: one a minute)"),
 }
@@ -304,7 +306,9 @@ def main():
                 latency.ENABLED = mode != "resident_default_batching"
                 DaskShards.reducers = w if mode == "resident_reducer_per_worker" else None
                 DaskShards.device_handoff = mode != "resident_socket"
-                DaskShards.chained = mode in ("resident_chained", "resident_chained_anchored")
+                DaskShards.chained = mode in ("resident_chained", "resident_chained_anchored",
+                                              "resident_chained_unpushed")
+                driver.PUSH = mode != "resident_chained_unpushed"
                 driver.ANCHOR_EVERY_S = 0.0 if mode == "resident_chained_anchored" else anchor_every
                 client.run(use_graphs, mode != "resident_nccl_eager")  # (read in the worker processes)
                 if args.timeline:

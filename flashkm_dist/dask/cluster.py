@@ -174,9 +174,10 @@ class DaskShards:
         """Iteration `iteration` as one chained step per worker over every step of the iteration before (see
         `worker.chained_step`); the first publishes the update's scalars to `topic` and carries the centres."""
         owned = [s for s in self.shard_ids if self._blocks[s]]
+        peers = [self.addresses[s] for s in owned]
         return [self._submit(worker.chained_step, s, "step", self.spec, numerics, self._blocks[s], iteration,
                              version, previous_version, self._steps_where(), s == owned[0],
-                             topic if s == owned[0] else None, len(prior), *prior) for s in owned]
+                             topic if s == owned[0] else None, peers, len(prior), *prior) for s in owned]
 
     def step_centres(self, step) -> object:
         """A future of the host Update of the centres a chained step carries (`worker.step_centres`)."""

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from flashkm_dist import _validation as v
 from flashkm_dist.dask import checkpoint as ckpt
-from flashkm_dist.dask import latency
+from flashkm_dist.dask import latency, push
 from flashkm_dist.dask import worker
 from flashkm_dist.dask.cluster import DaskShards, Iteration
 from flashkm_dist.init import initial_centers
@@ -35,6 +35,7 @@ from flashkm_dist.points import Points
 MAX_INIT_ATTEMPTS = 3  # a worker lost while seeding restarts the seeding from the same random state
 ITERATION_HOOKS: list = []  # callables(iteration) run after each iteration's scalars arrive (tests, instrumentation)
 ANCHOR_EVERY_S = 60.0  # at most this long between anchors (see the module docstring)
+PUSH = True  # chained steps push their results to the peers that need them (`push`; benchmarks switch it off)
 
 
 def get_client(client=None):
@@ -385,13 +386,18 @@ def fit(model, X, sample_weight=None, client=None, allreduce: str = "auto"):
     shards = DaskShards(client, X, weights, spec, dtype)
     shards.chained = shards.chained or allreduce == "chained" or (allreduce == "auto" and shards.suits_chaining())
     collective = allreduce == "nccl"
+    pushing = shards.chained and PUSH
     with latency.Tightened(client):  # shorter message batching while the fit runs
         try:
             if collective:
                 shards.start_collective()
+            if pushing:
+                push.install(client)
             best, seeding = _runs(model, shards, X, dtype, n_init, collective)
         finally:
             if collective:
                 shards.stop_collective()
+            if pushing:
+                push.uninstall(client)
             shards.forget()
     return best, seeding, dtype, X

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, is_dataclass
 import numpy as np
 import torch
 
-from flashkm_dist.dask import handoff, summed
+from flashkm_dist.dask import handoff, push, summed
 from flashkm_dist.engine import FitNumerics, backend_for, unit_rows_like
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
@@ -194,6 +194,7 @@ def forget(token: str) -> int:
             _SHARDS.pop(k).engine.release()
         for k in [k for k in _UPDATES if k[1] == token]:
             del _UPDATES[k]
+    push.forget(token)
     return len(gone)
 
 
@@ -389,13 +390,16 @@ def _summed_update(graphed: summed.GraphedUpdate, centers: torch.Tensor, steps: 
 
 
 def chained_step(spec: ShardSpec, numerics: FitNumerics, ids: list, iteration: int, version: str,
-                 previous_version: str, where: str, carry: bool, topic: str | None, n_prior: int, *args):
+                 previous_version: str, where: str, carry: bool, topic: str | None, peers: list, n_prior: int,
+                 *args):
     """One Lloyd iteration in one task: the update from every worker's partials of the step before (the same
     exact integer sums, so the same centres, in every worker), then this worker's step with those centres. Each
     iteration thus costs one scheduler hop instead of two (step -> reduce -> step). The first step of the prior
     iteration carries the centres it used (the fallback of empty clusters, the shift, and the label count of a
     shard that lost its state). `topic`: publish the update's scalars there (the client waits on them, not on
-    a task). Empty clusters: publish and skip (the client re-seeds them and starts a new chain)."""
+    a task). Empty clusters: publish and skip (the client re-seeds them and starts a new chain). `peers`: the
+    workers whose next steps need this result (it is pushed to them, `push`)."""
+    push.expect(peers)
     prior, datas = list(args[:n_prior]), args[n_prior:]
     if any(isinstance(p, Skipped) for p in prior):
         return Skipped(iteration)

@@ -1,0 +1,80 @@
+"""Chained steps push their results to the workers that will need them, instead of waiting to be fetched.
+
+Why: in a chained fit every worker's next step needs every other worker's step result. Dask fetches a dependency
+only once the scheduler has sent the dependent task, so each iteration paid the scheduler hop and then the fetch
+(2 ms at 2 workers, 5 ms at 4 on one H200 host). A step result is now handed to the peers the moment it is in
+memory (a worker plugin's transition hook), with Dask's own `update_data` (how `Client.scatter` places data):
+the peers hold a replica before the scheduler sends them their next task, which then finds it local.
+
+How it stays correct: a pushed result is an ordinary replica the scheduler knows of (the receiving worker reports
+it; the scheduler drops one that arrives before the producer's result is in memory, and the task then fetches it
+as before). A push that fails (a peer gone) is ignored: Dask fetches or recomputes as it always would.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+NAME = "flashkm-push"
+_EXPECTED: dict = {}  # task key -> peer addresses to hand its result to, once it is in memory
+_LOCK = threading.Lock()
+logger = logging.getLogger(__name__)
+
+
+def expect(peers: list) -> None:
+    """Called inside a task: hand its result to `peers` (worker addresses) when it is in memory."""
+    from distributed import get_worker
+    w = get_worker()
+    others = [p for p in peers if p != w.address]
+    if others:
+        with _LOCK:
+            _EXPECTED[w.get_current_task()] = others
+
+
+def forget(token: str) -> None:
+    """Drop what a fit's tasks that never finished expected (their keys end with the fit's token)."""
+    with _LOCK:
+        for key in [k for k in _EXPECTED if str(k).endswith(token)]:
+            del _EXPECTED[key]
+
+
+class Pusher(WorkerPlugin):
+    """Sends each expected result to its peers as soon as the worker holds it (see the module docstring)."""
+
+    name = NAME
+
+    def setup(self, worker):
+        self.worker = worker
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish != "memory" or not _EXPECTED:
+            return
+        with _LOCK:
+            peers = _EXPECTED.pop(key, None)
+        if peers and key in self.worker.data:
+            asyncio.ensure_future(self._send(key, self.worker.data[key], peers))
+
+    async def _send(self, key, value, peers: list) -> None:
+        from distributed.protocol import to_serialize
+
+        async def one(peer):
+            try:
+                await self.worker.rpc(peer).update_data(data={key: to_serialize(value)},
+                                                        stimulus_id=f"flashkm-push-{key}")
+            except Exception as err:  # noqa: BLE001 - Dask fetches (or recomputes) what a push did not deliver
+                logger.debug("push of %s to %s failed: %r", key, peer, err)
+        await asyncio.gather(*(one(p) for p in peers))
+
+
+def install(client) -> None:
+    client.register_plugin(Pusher(), name=NAME)
+
+
+def uninstall(client) -> None:
+    try:
+        client.unregister_worker_plugin(NAME)
+    except Exception as err:  # noqa: BLE001 - workers that left have no plugin to remove
+        logger.debug("push plugin not removed: %r", err)
