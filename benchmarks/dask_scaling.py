@@ -234,6 +234,8 @@ AB_MODES = {  # flag -> (name in the results, reduction, what it times); `main` 
     "chain-ab": ("resident_chained", "dask", "the Dask path as chained steps (one task per worker and iteration)"),
     "unpushed-ab": ("resident_chained_unpushed", "dask",
                     "chained steps whose results wait to be fetched (default: pushed to the peers that need them)"),
+    "unpushed-dask-ab": ("resident_unpushed", "dask",
+                         "the Dask path with step and reduce results fetched instead of pushed"),
     "anchor-ab": ("resident_chained_anchored", "dask",
                   "chained steps with an anchor every iteration (what one anchor costs; default: one a minute)"),
 }
@@ -308,7 +310,7 @@ def main():
                 DaskShards.device_handoff = mode != "resident_socket"
                 DaskShards.chained = mode in ("resident_chained", "resident_chained_anchored",
                                               "resident_chained_unpushed")
-                driver.PUSH = mode != "resident_chained_unpushed"
+                driver.PUSH = mode not in ("resident_chained_unpushed", "resident_unpushed")
                 driver.ANCHOR_EVERY_S = 0.0 if mode == "resident_chained_anchored" else anchor_every
                 client.run(use_graphs, mode != "resident_nccl_eager")  # (read in the worker processes)
                 if args.timeline:

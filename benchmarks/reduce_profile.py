@@ -62,10 +62,11 @@ def main():
     res["pickle_round_trip_ms"] = timed(lambda: pickle.loads(pickle.dumps(wire, protocol=5)))
     for w in [int(v) for v in args.workers.split(",")]:
         parts = [pickle.loads(pickle.dumps(wire, protocol=5)) for _ in range(w)]
-        res[f"reduce_w{w}_ms"] = timed(lambda: worker.reduce(numerics, "profile", None, 0, args.k, [centers], *parts))
+        res[f"reduce_w{w}_ms"] = timed(
+            lambda: worker.reduce(numerics, "profile", None, [], 0, args.k, [centers], *parts))
         cut = [worker.rows_of(p, 0, args.k // w) for p in parts]  # one reducer's share of w reducers
         res[f"reduce_share_w{w}_ms"] = timed(
-            lambda: worker.reduce(numerics, "profile", None, 0, args.k // w, [centers], *cut))
+            lambda: worker.reduce(numerics, "profile", None, [], 0, args.k // w, [centers], *cut))
         for where in ("cuda", "cpu") if dev.type == "cuda" else ("cpu",):
             device = torch.device(where)
             res[f"combine_w{w}_{where}_ms"] = timed(lambda: worker._combined(parts, numerics.scale, device))
@@ -90,10 +91,10 @@ def main():
     if dev.type == "cuda":  # per-op CPU and CUDA time of one reduction over one step (torch profiler)
         from torch.profiler import ProfilerActivity, profile
         parts = [pickle.loads(pickle.dumps(wire, protocol=5))]
-        worker.reduce(numerics, "profile", None, 0, args.k, [centers], *parts)
+        worker.reduce(numerics, "profile", None, [], 0, args.k, [centers], *parts)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
-                worker.reduce(numerics, "profile", None, 0, args.k, [centers], *parts)
+                worker.reduce(numerics, "profile", None, [], 0, args.k, [centers], *parts)
             torch.cuda.synchronize()
         res["reduce_w1_ops"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
         print(res["reduce_w1_ops"])

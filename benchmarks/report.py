@@ -105,6 +105,7 @@ def distributed(name: str, r: dict) -> str:
               "resident_chained": "dask, chained steps",
               "resident_chained_anchored": "dask, chained, an anchor every iteration",
               "resident_chained_unpushed": "dask, chained, results fetched (not pushed)",
+              "resident_unpushed": "dask, results fetched (not pushed)",
               "resident_default_switch": "dask, default GIL switch interval"}
     for mode, label in labels.items():
         eff = r.get(f"weak_scaling_growth_{mode}" if weak else f"strong_scaling_efficiency_{mode}") or (

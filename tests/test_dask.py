@@ -185,18 +185,20 @@ def test_anchors_bound_what_a_lost_worker_recomputes(client, monkeypatch, allred
     client.wait_for_workers(3, timeout=60)
 
 
-def test_chained_steps_push_their_results_to_the_peers(client):
-    """Each chained step hands its result to the other workers the moment it is in memory, so their next steps
-    find it local: few fetches, where results that wait to be fetched cost 2 per step and iteration here (90),
-    and the same bits."""
+@pytest.mark.parametrize("allreduce, fetched_unpushed", [("chained", 90), ("dask", 60)])
+def test_results_are_pushed_to_the_workers_that_take_them(client, allreduce, fetched_unpushed):
+    """Steps and reductions hand their results to the workers that take them next the moment they are in memory,
+    so those find them local: few fetches (2 to 8 in runs here), where results that wait to be fetched cost
+    `fetched_unpushed` (measured here), and the same bits."""
     X, _ = make_blobs(30000, 8, centers=30, cluster_std=4.0, random_state=9)
     params = dict(n_clusters=30, init="random", n_init=1, random_state=4, tol=0.0, max_iter=15)
     with get_task_stream(client) as stream:
-        got = KMeans(**params, allreduce="chained").fit(da.from_array(X, chunks=2500))
+        got = KMeans(**params, allreduce=allreduce).fit(da.from_array(X, chunks=2500))
     assert_same_fit(got, KMeans(**params).fit(X))
-    steps = [t for t in stream.data if key_split(t["key"]) == "flashkm-step"]
-    fetched = sum(s["action"] == "transfer" for t in steps for s in t["startstops"])
-    assert len({t["worker"] for t in steps}) == 3 and len(steps) >= 3 * 15 and fetched <= 45
+    tasks = [t for t in stream.data if key_split(t["key"]) in ("flashkm-step", "flashkm-reduce")]
+    fetched = sum(s["action"] == "transfer" for t in tasks for s in t["startstops"])
+    steps = [t for t in tasks if key_split(t["key"]) == "flashkm-step"]
+    assert len({t["worker"] for t in steps}) == 3 and len(steps) >= 3 * 15 and fetched <= fetched_unpushed // 2
 
 
 def test_blocks_stay_where_they_are(client, blobs):

@@ -138,7 +138,8 @@ class DaskShards:
         reducers = self._reducers(owners, k)
         steps = [self._submit(worker.step, s, "step", self.spec, numerics, self._blocks[s], centres, version,
                               previous, previous_version,
-                              "device" if reducers == [self.addresses[s]] else self._remote, False)
+                              "device" if reducers == [self.addresses[s]] else self._remote, False,
+                              reducers if len(reducers) == 1 else [])
                  for s in self.shard_ids if self._blocks[s]]
         bounds = [k * j // len(reducers) for j in range(len(reducers) + 1)]
         parts, cut = [], []
@@ -148,9 +149,9 @@ class DaskShards:
                                    workers=[owners[i]], allow_other_workers=True, pure=False)
                 for i, step in enumerate(steps)]
             cut += [] if len(reducers) == 1 else rows
-            parts.append(self.client.submit(worker.reduce, numerics, self.spec.token, self._export_token, lo, hi,
-                                            centres, *rows, key=self._key("reduce", j), workers=[reducers[j]],
-                                            allow_other_workers=True, pure=False))
+            parts.append(self.client.submit(worker.reduce, numerics, self.spec.token, self._export_token, owners,
+                                            lo, hi, centres, *rows, key=self._key("reduce", j),
+                                            workers=[reducers[j]], allow_other_workers=True, pure=False))
         return Iteration(steps, parts, self._scalars(numerics, centres, parts), cut)
 
     @property
@@ -166,8 +167,10 @@ class DaskShards:
                     numerics) -> list:
         """The first steps of a chain, from explicit centres (futures of `worker.Update`s); the first carries them."""
         owned = [s for s in self.shard_ids if self._blocks[s]]
+        peers = [self.addresses[s] for s in owned]
         return [self._submit(worker.step, s, "step", self.spec, numerics, self._blocks[s], centres, version,
-                             previous, previous_version, self._steps_where(), s == owned[0]) for s in owned]
+                             previous, previous_version, self._steps_where(), s == owned[0], peers)
+                for s in owned]
 
     def submit_chained(self, numerics, prior: list, iteration: int, version: str, previous_version: str,
                        topic: str) -> list:
@@ -221,9 +224,9 @@ class DaskShards:
     def submit_update(self, numerics, k: int, steps: list, centres: list) -> Iteration:
         """The update of one iteration's steps (chained ones included) as a reduction task, with its scalars."""
         owners = [a for s, a in zip(self.shard_ids, self.addresses) if self._blocks[s]]
-        update = self.client.submit(worker.reduce, numerics, self.spec.token, self._export_token, 0, k, centres,
-                                    *steps, key=self._key("reduce", 0), workers=self._reducers(owners, k)[:1],
-                                    allow_other_workers=True, pure=False)
+        update = self.client.submit(worker.reduce, numerics, self.spec.token, self._export_token, [], 0, k,
+                                    centres, *steps, key=self._key("reduce", 0),
+                                    workers=self._reducers(owners, k)[:1], allow_other_workers=True, pure=False)
         return Iteration(steps, [update], self._scalars(numerics, centres, [update]))
 
     def _scalars(self, numerics, centres: list, parts: list):

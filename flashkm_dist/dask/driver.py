@@ -35,7 +35,7 @@ from flashkm_dist.points import Points
 MAX_INIT_ATTEMPTS = 3  # a worker lost while seeding restarts the seeding from the same random state
 ITERATION_HOOKS: list = []  # callables(iteration) run after each iteration's scalars arrive (tests, instrumentation)
 ANCHOR_EVERY_S = 60.0  # at most this long between anchors (see the module docstring)
-PUSH = True  # chained steps push their results to the peers that need them (`push`; benchmarks switch it off)
+PUSH = True  # steps and reductions push their results to the workers that take them next (`push`; A/B: False)
 
 
 def get_client(client=None):
@@ -386,7 +386,7 @@ def fit(model, X, sample_weight=None, client=None, allreduce: str = "auto"):
     shards = DaskShards(client, X, weights, spec, dtype)
     shards.chained = shards.chained or allreduce == "chained" or (allreduce == "auto" and shards.suits_chaining())
     collective = allreduce == "nccl"
-    pushing = shards.chained and PUSH
+    pushing = PUSH and not collective
     with latency.Tightened(client):  # shorter message batching while the fit runs
         try:
             if collective:

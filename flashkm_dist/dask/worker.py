@@ -240,9 +240,11 @@ def joined(parts: list) -> torch.Tensor:
 
 
 def step(spec: ShardSpec, numerics: FitNumerics, ids: list, centers: list, version: str,
-         previous: list | None, previous_version: str | None, where: str, carry: bool, *datas):
+         previous: list | None, previous_version: str | None, where: str, carry: bool, peers: list, *datas):
     """One Lloyd step over this worker's blocks (see `Shard.step` for the label-change count). `where` the
-    partials wait for their reducer (`StepResult.placed`); `carry`: keep the centres with them (chained fits)."""
+    partials wait for their reducer (`StepResult.placed`); `carry`: keep the centres with them (chained fits);
+    `peers`: the workers that take this result next (it is pushed to them, `push`)."""
+    push.expect(peers)
     shard = shard_for(spec)
     with shard.lock:
         now = joined(centers)
@@ -317,11 +319,14 @@ def _update(numerics: FitNumerics, centers: torch.Tensor, steps: list, found: li
     return Update.placed(*_new_centres(numerics, centers, steps, found), token)
 
 
-def reduce(numerics: FitNumerics, fit: str, token: str | None, lo: int, hi: int, centers: list, *steps) -> Update:
+def reduce(numerics: FitNumerics, fit: str, token: str | None, peers: list, lo: int, hi: int, centers: list,
+           *steps) -> Update:
     """Rows lo..hi-1 of the iteration's update, from every step's partials of those rows (`rows_of`), or of all
     rows when there is one reducer. Empty clusters are only counted here; the client then asks the workers for
     their farthest rows and `reseed` redoes the update with them. `token`: export the centres (`Update.placed`).
-    Euclidean on a GPU: through fit `fit`'s graphed update, as the chained steps make it (the same bits)."""
+    Euclidean on a GPU: through fit `fit`'s graphed update, as the chained steps make it (the same bits).
+    `peers`: the workers of the next steps (the centres are pushed to them, `push`)."""
+    push.expect(peers)
     current, steps = joined(centers)[lo:hi], list(steps)
     device = _reduce_device(numerics.metric)
     if device.type != "cuda":
