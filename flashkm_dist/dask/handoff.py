@@ -28,6 +28,7 @@ _LOCK = threading.Lock()
 _FREE: dict = {}  # (token, nbytes) -> [Buffer] returned to the pool
 _EXPORTED: dict = {}  # token -> [Buffer] ever made by this process
 _OPENED: dict = {}  # (token, handle) -> device pointer of a peer's buffer
+_VIEWS: dict = {}  # (token, handle) -> a uint8 tensor over that mapping (made once: ~0.1 ms of Python each time)
 _CLOSED: set = set()  # tokens whose fit has ended here: buffers still leased are freed when their lease dies
 _PROBES: dict = {}  # probe token -> the lease of its test buffer
 
@@ -142,11 +143,12 @@ def take(payload: dict) -> list[torch.Tensor]:
                            "of a fit that checked, at its start, that its workers share one host; refit")
     key = (payload["token"], payload["handle"])
     with _LOCK:
-        ptr = _OPENED.get(key)
-        if ptr is None:
+        view = _VIEWS.get(key)
+        if view is None:
             import cupy
             ptr = _OPENED[key] = cupy.cuda.runtime.ipcOpenMemHandle(payload["handle"])
-    flat = _tensor(ptr, payload["nbytes"]).clone()
+            view = _VIEWS[key] = _tensor(ptr, payload["nbytes"])
+    flat = view.clone()
     torch.cuda.current_stream().synchronize()
     return _views(flat, [(shape, getattr(torch, dtype)) for shape, dtype in payload["specs"]])
 
@@ -156,6 +158,8 @@ def close(token: str) -> int:
     with _LOCK:
         keys = [k for k in _OPENED if k[0] == token]
         ptrs = [_OPENED.pop(k) for k in keys]
+        for k in keys:
+            _VIEWS.pop(k, None)
     if ptrs:
         import cupy
         for p in ptrs:
