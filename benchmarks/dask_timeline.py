@@ -57,12 +57,14 @@ def _wrap_in_worker(dask_worker=None):  # noqa: C901 - one wrapper per instrumen
             return out
         return inner
 
-    def tagged(kind, fn):  # (kind, start, end, iteration) for chained steps
+    def tagged(kind, fn):  # (kind, start, end, iteration, task key) for chained steps
+        from distributed import get_worker
+
         @functools.wraps(fn)
         def inner(spec, numerics, ids, iteration, *args):
             t0 = time.perf_counter()
             out = fn(spec, numerics, ids, iteration, *args)
-            log.append((kind, t0, time.perf_counter(), iteration))
+            log.append((kind, t0, time.perf_counter(), iteration, str(get_worker().get_current_task())))
             return out
         return inner
 
@@ -94,13 +96,11 @@ def _wrap_in_worker(dask_worker=None):  # noqa: C901 - one wrapper per instrumen
 
 def _wrap_messaging(w, log: list) -> None:
     """Worker side of the hop between chained steps: when 'task-finished' is handed to the batched stream, each
-    fetch of peers' results (gather_dep: start, end, keys), each result served to a peer, each device hand-off
-    taken (deserialised), and each chained task's own key."""
+    fetch of peers' results (gather_dep: start, end, keys), each result served to a peer, and each device
+    hand-off taken (deserialised)."""
     import functools
 
-    from distributed import get_worker
-
-    from flashkm_dist.dask import handoff, worker
+    from flashkm_dist.dask import handoff
 
     send = w.batched_stream.send
 
@@ -141,14 +141,6 @@ def _wrap_messaging(w, log: list) -> None:
         return out
 
     handoff.take = timed_take
-    chained = worker.chained_step
-
-    @functools.wraps(chained)
-    def keyed(*args):
-        log.append(("key", time.perf_counter(), time.perf_counter(), str(get_worker().get_current_task())))
-        return chained(*args)
-
-    worker.chained_step = keyed
 
 
 def _wrap_scheduler(dask_scheduler=None) -> int:
@@ -251,7 +243,7 @@ def chained_hops(client) -> dict:
         for r in recs:
             by_kind.setdefault(r[0], []).append(r)
         for r in by_kind.get("chained", []):
-            key = next((k[3] for k in by_kind.get("key", []) if r[1] <= k[1] <= r[2]), None)
+            key = r[4]
             recv = next((v for v in by_kind.get("recv", []) if v[3] == key), None)
             sent = next((v[1] for v in by_kind.get("sent", []) if v[3] == key), None)
             if key is None or recv is None or sent is None or key not in s_fin or key not in s_send:

@@ -102,6 +102,16 @@ class DaskShards:
         self.place()
         return True
 
+    @property
+    def _owned(self) -> list[int]:
+        """The shards that hold blocks (a worker may hold none): one step task each."""
+        return [s for s in self.shard_ids if self._blocks[s]]
+
+    @property
+    def _owners(self) -> list[str]:
+        """Their workers' addresses."""
+        return [self.addresses[s] for s in self._owned]
+
     def blocks_of(self, shard: int) -> list[int]:
         return self._blocks[shard]
 
@@ -134,13 +144,13 @@ class DaskShards:
         the scalars follow off the critical path. `versions`: the names of the centres and previous centres
         (the shards remember labels by them); default: their futures' keys."""
         version, previous_version = versions or (centres[0].key, None if previous is None else previous[0].key)
-        owners = [a for s, a in zip(self.shard_ids, self.addresses) if self._blocks[s]]
+        owners = self._owners
         reducers = self._reducers(owners, k)
         steps = [self._submit(worker.step, s, "step", self.spec, numerics, self._blocks[s], centres, version,
                               previous, previous_version,
                               "device" if reducers == [self.addresses[s]] else self._remote, False,
                               reducers if len(reducers) == 1 else [])
-                 for s in self.shard_ids if self._blocks[s]]
+                 for s in self._owned]
         bounds = [k * j // len(reducers) for j in range(len(reducers) + 1)]
         parts, cut = [], []
         for j, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
@@ -161,13 +171,12 @@ class DaskShards:
 
     def _steps_where(self) -> str:
         """Chained steps: every worker takes every step's partials (kept on the device with a single worker)."""
-        return "device" if sum(1 for s in self.shard_ids if self._blocks[s]) == 1 else self._remote
+        return "device" if len(self._owned) == 1 else self._remote
 
     def start_chain(self, centres: list, previous: list | None, version: str, previous_version: str | None,
                     numerics) -> list:
         """The first steps of a chain, from explicit centres (futures of `worker.Update`s); the first carries them."""
-        owned = [s for s in self.shard_ids if self._blocks[s]]
-        peers = [self.addresses[s] for s in owned]
+        owned, peers = self._owned, self._owners
         return [self._submit(worker.step, s, "step", self.spec, numerics, self._blocks[s], centres, version,
                              previous, previous_version, self._steps_where(), s == owned[0], peers)
                 for s in owned]
@@ -176,8 +185,7 @@ class DaskShards:
                        topic: str) -> list:
         """Iteration `iteration` as one chained step per worker over every step of the iteration before (see
         `worker.chained_step`); the first publishes the update's scalars to `topic` and carries the centres."""
-        owned = [s for s in self.shard_ids if self._blocks[s]]
-        peers = [self.addresses[s] for s in owned]
+        owned, peers = self._owned, self._owners
         return [self._submit(worker.chained_step, s, "step", self.spec, numerics, self._blocks[s], iteration,
                              version, previous_version, self._steps_where(), s == owned[0],
                              topic if s == owned[0] else None, peers, len(prior), *prior) for s in owned]
@@ -207,7 +215,7 @@ class DaskShards:
         """allreduce='auto' chains the steps when at most CHAIN_MAX_WORKERS workers of one host hold blocks: each
         worker then receives every other's partials, cheap there (measured faster on 1-4 GPUs of one host with the
         device hand-off), while the reduction moves less across a network."""
-        owners = [a for s, a in zip(self.shard_ids, self.addresses) if self._blocks[s]]
+        owners = self._owners
         return len(owners) <= CHAIN_MAX_WORKERS and len({_host(a) for a in owners}) == 1
 
     def submit_reseed(self, it: Iteration, numerics, centres: list, n_empty: int) -> Iteration:
@@ -215,7 +223,7 @@ class DaskShards:
         one reducer over the whole steps)."""
         far = [self._submit(worker.farthest, s, "farthest", self.spec, numerics, self._blocks[s],
                             [self.starts[i] for i in self._blocks[s]], centres, n_empty)
-               for s in self.shard_ids if self._blocks[s]]
+               for s in self._owned]
         update = self.client.submit(worker.reseed, numerics, self._export_token, centres, len(it.steps), *it.steps,
                                     *far,
                                     key=self._key("reseed", 0), pure=False)
@@ -223,10 +231,10 @@ class DaskShards:
 
     def submit_update(self, numerics, k: int, steps: list, centres: list) -> Iteration:
         """The update of one iteration's steps (chained ones included) as a reduction task, with its scalars."""
-        owners = [a for s, a in zip(self.shard_ids, self.addresses) if self._blocks[s]]
         update = self.client.submit(worker.reduce, numerics, self.spec.token, self._export_token, [], 0, k,
                                     centres, *steps, key=self._key("reduce", 0),
-                                    workers=self._reducers(owners, k)[:1], allow_other_workers=True, pure=False)
+                                    workers=self._reducers(self._owners, k)[:1], allow_other_workers=True,
+                                    pure=False)
         return Iteration(steps, [update], self._scalars(numerics, centres, [update]))
 
     def _scalars(self, numerics, centres: list, parts: list):

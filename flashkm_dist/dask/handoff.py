@@ -27,8 +27,7 @@ import torch
 _LOCK = threading.Lock()
 _FREE: dict = {}  # (token, nbytes) -> [Buffer] returned to the pool
 _EXPORTED: dict = {}  # token -> [Buffer] ever made by this process
-_OPENED: dict = {}  # (token, handle) -> device pointer of a peer's buffer
-_VIEWS: dict = {}  # (token, handle) -> a uint8 tensor over that mapping (made once: ~0.1 ms of Python each time)
+_OPENED: dict = {}  # (token, handle) -> a uint8 tensor over this process's mapping of a peer's buffer (made once)
 _CLOSED: set = set()  # tokens whose fit has ended here: buffers still leased are freed when their lease dies
 _PROBES: dict = {}  # probe token -> the lease of its test buffer
 
@@ -143,11 +142,11 @@ def take(payload: dict) -> list[torch.Tensor]:
                            "of a fit that checked, at its start, that its workers share one host; refit")
     key = (payload["token"], payload["handle"])
     with _LOCK:
-        view = _VIEWS.get(key)
+        view = _OPENED.get(key)
         if view is None:
             import cupy
-            ptr = _OPENED[key] = cupy.cuda.runtime.ipcOpenMemHandle(payload["handle"])
-            view = _VIEWS[key] = _tensor(ptr, payload["nbytes"])
+            ptr = cupy.cuda.runtime.ipcOpenMemHandle(payload["handle"])
+            view = _OPENED[key] = _tensor(ptr, payload["nbytes"])
     flat = view.clone()
     torch.cuda.current_stream().synchronize()
     return _views(flat, [(shape, getattr(torch, dtype)) for shape, dtype in payload["specs"]])
@@ -156,10 +155,7 @@ def take(payload: dict) -> list[torch.Tensor]:
 def close(token: str) -> int:
     """Close this process's mappings of peers' buffers of a fit (run on every worker before `free`)."""
     with _LOCK:
-        keys = [k for k in _OPENED if k[0] == token]
-        ptrs = [_OPENED.pop(k) for k in keys]
-        for k in keys:
-            _VIEWS.pop(k, None)
+        ptrs = [_OPENED.pop(k).data_ptr() for k in [k for k in _OPENED if k[0] == token]]
     if ptrs:
         import cupy
         for p in ptrs:
