@@ -438,11 +438,11 @@ def test_the_device_hand_off_is_chosen_only_when_workers_can_open_each_others_gp
         a: (0, 0, 0) for a in workers}
 
 
-@pytest.mark.parametrize("empty", [False, True])
-def test_the_summed_vector_update_gives_the_reducers_bits(empty):
+@pytest.mark.parametrize("empty, limbs", [(False, False), (True, False), (False, True)])
+def test_the_summed_vector_update_gives_the_reducers_bits(empty, limbs):
     """Chained steps on a GPU sum the partials into one vector and replay the update (`summed`); a reducer sums
     them one by one (`worker._new_centres`). Same centres, inertia, counts and shift, bit for bit, also with an
-    empty cluster (it keeps its centre)."""
+    empty cluster (it keeps its centre), and with a step whose sums came as limbs (too large to join)."""
     gen = torch.Generator().manual_seed(0)
     scale = fp.FixedPointScale.from_bounds(256.0, 64.0, 64.0)
     numerics = worker.FitNumerics("euclidean", None, scale, 1.0)
@@ -460,6 +460,8 @@ def test_the_summed_vector_update_gives_the_reducers_bits(empty):
         inertia = fp.exact_sum(torch.rand(n, generator=gen), scale.dist_exp)
         where = ("host", "device", "host")[j]
         steps.append(StepResult.of(EngineStep(partials, inertia, 3 + j, 0.25 * j), where))
+    if limbs:  # (as `StepResult.of` leaves sums that might not fit in int64)
+        steps[1].sums = fp.split(torch.as_tensor(steps[1].sums))
     new, out = worker._summed_update(worker.summed.GraphedUpdate(numerics), centers, steps)
     ref_new, ref = worker._new_centres(numerics, centers, steps, None)
     assert torch.equal(new, ref_new) and out["n_empty"] == ref["n_empty"] == int(empty)

@@ -27,7 +27,10 @@ def counters(n_changed: int, seconds: float, slot: int, n_slots: int) -> torch.T
 
 def vector(sums: torch.Tensor, weights: torch.Tensor, inertia: torch.Tensor, counts: torch.Tensor,
            device: torch.device) -> torch.Tensor:
-    """One worker's (or already summed) partials as the vector above, on `device`. `sums`: limbs (2, K, D)."""
+    """One worker's (or already summed) partials as the vector above, on `device`. `sums`: limbs (2, K, D).
+    The host counters go to a GPU from pinned memory: a copy from pageable memory would wait for the device."""
+    if device.type == "cuda":
+        counts = counts.pin_memory().to(device, non_blocking=True)
     return torch.cat([sums.reshape(-1).to(device), weights.reshape(-1).to(device),
                       inertia.reshape(-1).to(device), counts.to(device)])
 

@@ -89,11 +89,12 @@ def on_host(update: Update) -> Update:
 
 @dataclass
 class StepResult:
-    """One worker's step: exact partials (sums joined to one int64 per value when they fit: half the bytes to the
-    reducer). Where they wait for the reducer (`placed`): on the device when the reducer is the same worker (it
-    takes them with no copy); in a buffer a GPU peer of the same host opens (`handoff`) when the fit uses the
-    device hand-off; otherwise as NumPy arrays (Dask ships those without copies), which is also what a device
-    result becomes when Dask has to send it anyway (`__getstate__`: a reducer moved after a worker was lost)."""
+    """One worker's step: exact partials (sums joined to one int64 per value when they fit and are on, or go
+    through, the host: half the bytes to the reducer). Where they wait for the reducer (`placed`): on the device
+    when the reducer is the same worker (it takes them with no copy); in a buffer a GPU peer of the same host opens
+    (`handoff`) when the fit uses the device hand-off; otherwise as NumPy arrays (Dask ships those without copies),
+    which is also what a device result becomes when Dask has to send it anyway (`__getstate__`: a reducer moved
+    after a worker was lost)."""
 
     sums: torch.Tensor | np.ndarray  # int64 (K, D) joined, or limbs (2, K, D)
     weights: torch.Tensor | np.ndarray  # limbs (2, K)
@@ -107,8 +108,10 @@ class StepResult:
 
     @classmethod
     def of(cls, result, where: str = "host", token: str = "", centers: torch.Tensor | None = None) -> "StepResult":
+        """Sums are joined on the host, or to go through it (the socket); not on a GPU, where the check that they fit
+        would wait for the device at the end of the step, and the bytes saved cost next to nothing over NVLink."""
         sums = result.partials.sums
-        joined = fp.join(sums)
+        joined = fp.join(sums) if where == "host" or not sums.is_cuda else None
         arrays = [sums if joined is None else joined, result.partials.weights, result.inertia]
         return cls.placed(arrays, int(result.n_changed), float(result.seconds), where, token, centers)
 
@@ -387,11 +390,23 @@ def _graphed_update(fit: str, numerics: FitNumerics, centers: torch.Tensor, step
 def _summed_update(graphed: summed.GraphedUpdate, centers: torch.Tensor, steps: list):
     """The steps' partials summed into one vector on the centres' device, and the update with one wait for the
     device (`summed`): the same integers and the same update kernels as `_new_centres`, so the same bits."""
-    dev = centers.device
-    partials, inertia, _ = _combined(steps, graphed.numerics.scale, dev)
-    counts = sum(summed.counters(s.n_changed, s.seconds, j, len(steps)) for j, s in enumerate(steps))
-    _, new, packed = graphed(summed.vector(partials.sums, partials.weights, inertia, counts, dev), centers)
+    _, new, packed = graphed(summed_vector(steps, centers.device), centers)
     return new, summed.read(packed)
+
+
+def summed_vector(steps: list, device: torch.device) -> torch.Tensor:
+    """The steps' partials summed into one `summed` vector on `device`. Each part is stacked over the steps and
+    summed at once, and the limbs are left un-normalised (the update normalises them, as after an all-reduce):
+    some ten kernels for any number of steps, where summing step by step took a dozen per step."""
+    sums = [torch.as_tensor(s.sums).to(device) for s in steps]
+    if all(t.dim() == 2 for t in sums):  # joined int64 (K, D): split once, all steps together
+        limbs = fp.split(torch.stack(sums)).sum(dim=1)
+    else:
+        limbs = torch.stack([_limbs(t, device) for t in sums]).sum(dim=0)
+    weights, inertia = (torch.stack([torch.as_tensor(getattr(s, name)).to(device) for s in steps]).sum(dim=0)
+                        for name in ("weights", "inertia"))
+    counts = torch.tensor([sum(s.n_changed for s in steps)] + [round(s.seconds * 1e9) for s in steps])
+    return summed.vector(limbs, weights, inertia, counts, device)  # (counts: as `summed.counters` of each, summed)
 
 
 def chained_step(spec: ShardSpec, numerics: FitNumerics, ids: list, iteration: int, version: str,
