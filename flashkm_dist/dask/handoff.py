@@ -9,8 +9,9 @@ How it stays correct:
 - Exports: each worker keeps a pool of device buffers of its own (plain cudaMalloc, exported once). A result
   bound for another worker leases one, and returns it to the pool only when Dask drops that result (the lease dies
   with the object), so a buffer is never rewritten while Dask may still send the result it holds.
-- Imports: a peer opens a buffer once (cached) and copies it into its own memory at once, while Dask still holds the
-  producer's result; its copy is then an ordinary device result that owes nothing to the producer.
+- Imports: a peer opens a buffer once (cached) and copies it into its own memory at once (on a stream of its own,
+  waiting for that copy only), while Dask still holds the producer's result; its copy is then an ordinary device
+  result that owes nothing to the producer.
 - A payload names its host; a process elsewhere refuses it with a clear error. `probe` checks, per fit, that the
   workers can open each other's buffers; otherwise the fit keeps the socket path.
 """
@@ -118,11 +119,11 @@ def _give_back(buffer: Buffer) -> None:
 
 def export(token: str, tensors: list[torch.Tensor]) -> tuple[Lease, list[torch.Tensor]]:
     """Copy device tensors into one leased buffer; returns the lease and views of them in it. The copy is finished
-    before this returns (a peer reads it from another process, outside any stream order)."""
+    before this returns (a peer reads it from another process, outside any stream order). The tensors come from
+    the current stream (the engine computes on it), so the copies queued after them read them finished."""
     specs = [(tuple(t.shape), t.dtype) for t in tensors]
     lease = Lease(token, _layout(specs)[1])
     views = _views(lease.buffer.view, specs)
-    torch.cuda.synchronize()  # (the tensors may come from any of the engine's streams)
     for view, t in zip(views, tensors):
         view.copy_(t)
     torch.cuda.synchronize()
@@ -147,9 +148,19 @@ def take(payload: dict) -> list[torch.Tensor]:
             import cupy
             ptr = cupy.cuda.runtime.ipcOpenMemHandle(payload["handle"])
             view = _OPENED[key] = _tensor(ptr, payload["nbytes"])
-    flat = view.clone()
-    torch.cuda.current_stream().synchronize()
+    stream = _copy_stream(view.device)
+    with torch.cuda.stream(stream):
+        flat = view.clone()
+    stream.synchronize()  # (only the copy: this worker's own step may still be queued on its default stream)
+    flat.record_stream(torch.cuda.default_stream(view.device))  # (the tasks that read it run on the default stream)
     return _views(flat, [(shape, getattr(torch, dtype)) for shape, dtype in payload["specs"]])
+
+
+@functools.cache
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream peers' buffers are copied on. `take` runs while a result is deserialised, on the worker's event
+    loop: waiting there for the default stream would hold the loop until this worker's own step is done."""
+    return torch.cuda.Stream(device)
 
 
 def close(token: str) -> int:
