@@ -36,6 +36,7 @@ MAX_INIT_ATTEMPTS = 3  # a worker lost while seeding restarts the seeding from t
 ITERATION_HOOKS: list = []  # callables(iteration) run after each iteration's scalars arrive (tests, instrumentation)
 ANCHOR_EVERY_S = 60.0  # at most this long between anchors (see the module docstring)
 PUSH = True  # steps and reductions push their results to the workers that take them next (`push`; A/B: False)
+POLL_S = 0.5  # how often a chained fit waiting for scalars looks for a failed step
 
 
 def get_client(client=None):
@@ -196,17 +197,17 @@ class _Published:
         self.ready.set()
 
     def wait(self, i: int, watched: list) -> dict:
-        """Iteration i's scalars; a failed task among `watched` (the steps that publish them) raises instead."""
-        for f in watched:
-            f.add_done_callback(lambda _: self.ready.set())
+        """Iteration i's scalars; a failed or cancelled task among `watched` (the steps that publish them) raises
+        instead, seen within `POLL_S` (no callbacks on the steps: each would cost the scheduler's event loop, which
+        the client's shares on a local cluster, work at the moment the next steps are sent)."""
         while True:
             self.ready.clear()
             if i in self.got:
                 return self.got[i]
-            failed = next((f for f in watched if f.status == "error"), None)
+            failed = next((f for f in watched if f.status in ("error", "cancelled")), None)
             if failed is not None:
                 failed.result()
-            self.ready.wait(0.5)
+            self.ready.wait(POLL_S)
 
 
 def lloyd_chained(shards: DaskShards, centers: torch.Tensor, numerics, *, run: int, max_iter: int, tol: float,

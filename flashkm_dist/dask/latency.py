@@ -38,8 +38,8 @@ def _worker_stream(interval: float, dask_worker=None) -> float:
 class Tightened:
     """Context manager: shorter batching intervals on the client's cluster for the duration of a fit."""
 
-    def __init__(self, client, interval: float = INTERVAL_S):
-        self.client, self.interval = client, interval
+    def __init__(self, client, interval: float | None = None):
+        self.client, self.interval = client, INTERVAL_S if interval is None else interval
         self.scheduler: dict | None = None
         self.workers: dict = {}
 
