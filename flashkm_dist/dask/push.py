@@ -64,10 +64,10 @@ class Pusher(WorkerPlugin):
     async def _send(self, key, value, peers: list) -> None:
         from distributed.protocol import to_serialize
 
-        async def one(peer):
+        async def one(peer):  # (reply=False: the peer answers nothing, one message per push instead of two)
             try:
                 await self.worker.rpc(peer).update_data(data={key: to_serialize(value)},
-                                                        stimulus_id=f"flashkm-push-{key}")
+                                                        stimulus_id=f"flashkm-push-{key}", reply=False)
             except Exception as err:  # noqa: BLE001 - Dask fetches (or recomputes) what a push did not deliver
                 logger.debug("push of %s to %s failed: %r", key, peer, err)
         await asyncio.gather(*(one(p) for p in peers))
