@@ -224,6 +224,7 @@ def _handoff_left(dask_worker=None) -> tuple:
     return len(handoff._EXPORTED), sum(map(len, handoff._FREE.values())), len(handoff._OPENED)
 
 
+SWITCH_S = 0.0002  # --switch-ab
 AB_MODES = {  # flag -> (name in the results, reduction, what it times); `main` sets each up before its fits
     "batching-ab": ("resident_default_batching", "dask", "the Dask path with distributed's default message batching"),
     "reducers-ab": ("resident_reducer_per_worker", "dask",
@@ -236,6 +237,10 @@ AB_MODES = {  # flag -> (name in the results, reduction, what it times); `main` 
                     "chained steps whose results wait to be fetched (default: pushed to the peers that need them)"),
     "unpushed-dask-ab": ("resident_unpushed", "dask",
                          "the Dask path with step and reduce results fetched instead of pushed"),
+    "batched-ab": ("resident_chained_batched", "dask",
+                   "chained steps with at most one message batch per 0.5 ms during the fit (default: none)"),
+    "switch-ab": ("resident_chained_switch", "dask",
+                  "chained steps with a 0.2 ms GIL switch interval in the cluster's processes (default: 5 ms)"),
     "anchor-ab": ("resident_chained_anchored", "dask",
                   "chained steps with an anchor every iteration (what one anchor costs; default: one a minute)"),
 }
@@ -260,6 +265,8 @@ def main():
                     help="break the Dask path's iteration down by task (transfers, computes, hand-offs)")
     for flag, (_, _, text) in AB_MODES.items():
         ap.add_argument(f"--{flag}", action="store_true", help=f"also time {text}")
+    ap.add_argument("--no-dask-profiler", action="store_true",
+                    help="clusters without Dask's statistical profiler (it samples every event loop every 10 ms)")
     ap.add_argument("--timeline", action="store_true",
                     help="the Dask path's critical path per iteration, from timestamps taken in the workers")
     args = ap.parse_args()
@@ -267,18 +274,21 @@ def main():
     from flashkm_dist.dask.cluster import DaskShards
     from distributed import Client
     cpu = args.cpu_smoke
-    anchor_every = driver.ANCHOR_EVERY_S
+    anchor_every, batching, default_switch = driver.ANCHOR_EVERY_S, latency.INTERVAL_S, sys.getswitchinterval()
     n, d, k = (1 << 14, 16, 32) if cpu else (args.n or 1 << args.log2n, args.d, args.k)
     workers = [int(w) for w in args.workers.split(",")]
     n_blocks = max(workers) * args.blocks_per_worker
     init = make_block((10_000, 0), rows=k, d=d, seed=0, on_gpu=not cpu, host=True)
     import dask
     import distributed
+    if args.no_dask_profiler:  # (the worker processes take the config of this process)
+        dask.config.set({"distributed.worker.profile.enabled": False})
     result = {**provenance(), "n": n, "d": d, "k": k, "dtype": "float16", "n_blocks": n_blocks,
               "iters": args.iters,
               "weak_rows_per_worker": args.weak,
               "warmup_iters_excluded": WARMUP_ITERS, "python": sys.version.split()[0], "host": platform.node(),
-              "dask": dask.__version__, "distributed": distributed.__version__, "resident": {}}
+              "dask": dask.__version__, "distributed": distributed.__version__,
+              "dask_profiler": bool(dask.config.get("distributed.worker.profile.enabled")), "resident": {}}
     try:
         import torch
         result["torch"] = torch.__version__
@@ -309,7 +319,12 @@ def main():
                 DaskShards.reducers = w if mode == "resident_reducer_per_worker" else None
                 DaskShards.device_handoff = mode != "resident_socket"
                 DaskShards.chained = mode in ("resident_chained", "resident_chained_anchored",
-                                              "resident_chained_unpushed")
+                                              "resident_chained_unpushed", "resident_chained_batched",
+                                              "resident_chained_switch")
+                latency.INTERVAL_S = 0.0005 if mode == "resident_chained_batched" else batching
+                switch = SWITCH_S if mode == "resident_chained_switch" else default_switch
+                client.run(sys.setswitchinterval, switch)
+                client.run_on_scheduler(sys.setswitchinterval, switch)
                 driver.PUSH = mode not in ("resident_chained_unpushed", "resident_unpushed")
                 driver.ANCHOR_EVERY_S = 0.0 if mode == "resident_chained_anchored" else anchor_every
                 client.run(use_graphs, mode != "resident_nccl_eager")  # (read in the worker processes)

@@ -12,6 +12,8 @@ ends) so that each call leaves (kind, start, end) on a monotonic clock the proce
   hop_ms       last engine end of the iteration before -> the last worker receives its next task (scheduler hop)
   fetch_ms     task received -> task starts (the other workers' partials fetched), slowest worker
   update_ms    the update from every worker's partials, inside the task (device synchronised), slowest worker
+  combine_ms   the part of it that sums the partials into one vector
+  export_ms    the part of the tail that copies the partials into a buffer the peers open
   head_ms      task start -> engine start, slowest worker      gap_ms  last engine end -> last engine start
   tail_ms      engine end -> task end (partials out), slowest worker
 `collective_segments(client)` splits allreduce='nccl' iterations (rank 0): the engine's step, the all-reduce and
@@ -88,6 +90,8 @@ def _wrap_in_worker(dask_worker=None):  # noqa: C901 - one wrapper per instrumen
     worker.step = timed("step", worker.step)
     worker.reduce = timed("reduce", worker.reduce)
     worker._combined = timed("combine", worker._combined, synced=True)
+    worker.summed_vector = timed("combine", worker.summed_vector, synced=True)
+    worker.handoff.export = timed("export", worker.handoff.export)  # (it waits for the device itself)
     reference.finalize = timed("finalize", reference.finalize, synced=True)
     shard_mod.Shard.step = timed("engine", shard_mod.Shard.step)
     worker._TIMELINE_WRAPPED = True
@@ -203,11 +207,11 @@ def chained_segments(client) -> dict:
             if r[0] != "chained":
                 continue
             engine = _within(recs, "engine", r[1], r[2])
-            centres = _within(recs, "centres", r[1], r[2])
             recv = max((t for t in recvs if t <= r[1]), default=r[1])
             if engine:
-                tasks.setdefault(r[3], []).append((address, r[1], r[2], engine[-1], recv,
-                                                   sum(c[2] - c[1] for c in centres)))
+                tasks.setdefault(r[3], []).append((address, r[1], r[2], engine[-1], recv, *(
+                    sum(c[2] - c[1] for c in _within(recs, kind, r[1], r[2]))
+                    for kind in ("centres", "combine", "export"))))
     rows = []
     for j in sorted(tasks):
         if j - 1 not in tasks or len(tasks[j]) != len(tasks[j - 1]):
@@ -216,9 +220,11 @@ def chained_segments(client) -> dict:
         row = {"hop_ms": max(t[4] for t in tasks[j]) - last_end,
                "fetch_ms": max(t[1] - t[4] for t in tasks[j]),
                "update_ms": max(t[5] for t in tasks[j]),
+               "combine_ms": max(t[6] for t in tasks[j]),
                "head_ms": max(t[3][1] - t[1] for t in tasks[j]),
                "gap_ms": max(t[3][1] for t in tasks[j]) - last_end,
-               "tail_ms": max(t[2] - t[3][2] for t in tasks[j - 1])}
+               "tail_ms": max(t[2] - t[3][2] for t in tasks[j - 1]),
+               "export_ms": max(t[7] for t in tasks[j - 1])}
         rows.append({k: 1e3 * v for k, v in row.items()})
     return _median_rows(rows)
 

@@ -3,8 +3,9 @@
 Distributed batches the messages of each scheduler-worker stream, sending at most one batch per 5 ms (scheduler to
 worker) or 2 ms (worker to scheduler). That suits many small tasks; a Lloyd iteration is a short chain of few
 tasks (step, slice, reduce, next step), and each hand-off can wait out a batching interval. During a fit the
-intervals are set to `INTERVAL_S` and afterwards put back. 0 (each message goes at once) measured 7.2 ms of Dask
-overhead per iteration on 4 H200 workers against 8.2 with 0.5 ms (benchmarks/results/dask_scaling_h200x4_*.json).
+intervals are set to `INTERVAL_S` and afterwards put back. 0 (each message goes at once): in three A/B runs on 4
+H200 workers the chained fit's Dask overhead was 0.1-1.0 ms lower than with 0.5 ms (7.2 / 8.4 / 7.4 ms against
+8.2 / 8.7 / 7.5; benchmarks/results/dask_scaling_h200x4_{summed,unbatched,noreply}.json); a wash at 1-2 workers.
 Best effort: a scheduler that cannot import this module (another environment) keeps its defaults, which only
 costs time.
 """
