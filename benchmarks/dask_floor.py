@@ -1,7 +1,8 @@
 """Dask's own floor for one chained iteration on this host: the time per iteration of a chain of trivial tasks,
 one per worker and iteration, each taking every task of the iteration before (the dependency shape of the chained
 fit, with nothing computed and nothing moved but a small result, pushed to the peers as the fit pushes its results
-or fetched by them). What the fit's Dask overhead cannot go below.
+or fetched by them): about what the fit's Dask overhead cannot go below (the fit adds its update and the tail of
+its steps; the chain here is queued whole, the fit keeps two iterations queued).
 
     python benchmarks/dask_floor.py --out floor.json [--workers 1,2,4] [--iters 200]
 """
