@@ -108,6 +108,7 @@ def distributed(name: str, r: dict) -> str:
               "resident_chained_unbatched": "dask, chained, no message batching",
               "resident_chained_batched": "dask, chained, a message batch per 0.5 ms",
               "resident_chained_switch": "dask, chained, 0.2 ms GIL switch interval",
+              "resident_chained_after_report": "dask, chained, pushed after 'task-finished' left",
               "resident_unpushed": "dask, results fetched (not pushed)",
               "resident_default_switch": "dask, default GIL switch interval"}
     for mode, label in labels.items():
