@@ -120,13 +120,14 @@ def _give_back(buffer: Buffer) -> None:
 def export(token: str, tensors: list[torch.Tensor]) -> tuple[Lease, list[torch.Tensor]]:
     """Copy device tensors into one leased buffer; returns the lease and views of them in it. The copy is finished
     before this returns (a peer reads it from another process, outside any stream order). The tensors come from
-    the current stream (the engine computes on it), so the copies queued after them read them finished."""
+    the current stream (the engine computes on it), so the copies queued after them read them finished, and only
+    that stream is waited for (not the peers' results this worker copies in meanwhile, `take`)."""
     specs = [(tuple(t.shape), t.dtype) for t in tensors]
     lease = Lease(token, _layout(specs)[1])
     views = _views(lease.buffer.view, specs)
     for view, t in zip(views, tensors):
         view.copy_(t)
-    torch.cuda.synchronize()
+    torch.cuda.current_stream().synchronize()
     return lease, views
 
 

@@ -89,12 +89,12 @@ def on_host(update: Update) -> Update:
 
 @dataclass
 class StepResult:
-    """One worker's step: exact partials (sums joined to one int64 per value when they fit and are on, or go
-    through, the host: half the bytes to the reducer). Where they wait for the reducer (`placed`): on the device
-    when the reducer is the same worker (it takes them with no copy); in a buffer a GPU peer of the same host opens
-    (`handoff`) when the fit uses the device hand-off; otherwise as NumPy arrays (Dask ships those without copies),
-    which is also what a device result becomes when Dask has to send it anyway (`__getstate__`: a reducer moved
-    after a worker was lost)."""
+    """One worker's step: exact partials (sums joined to one int64 per value when they fit: half the bytes to the
+    reducer, and to each peer that copies them over NVLink). Where they wait for the reducer (`placed`): on the
+    device when the reducer is the same worker (it takes them with no copy); in a buffer a GPU peer of the same host
+    opens (`handoff`) when the fit uses the device hand-off; otherwise as NumPy arrays (Dask ships those without
+    copies), which is also what a device result becomes when Dask has to send it anyway (`__getstate__`: a reducer
+    moved after a worker was lost)."""
 
     sums: torch.Tensor | np.ndarray  # int64 (K, D) joined, or limbs (2, K, D)
     weights: torch.Tensor | np.ndarray  # limbs (2, K)
@@ -108,10 +108,8 @@ class StepResult:
 
     @classmethod
     def of(cls, result, where: str = "host", token: str = "", centers: torch.Tensor | None = None) -> "StepResult":
-        """Sums are joined on the host, or to go through it (the socket); not on a GPU, where the check that they fit
-        would wait for the device at the end of the step, and the bytes saved cost next to nothing over NVLink."""
         sums = result.partials.sums
-        joined = fp.join(sums) if where == "host" or not sums.is_cuda else None
+        joined = fp.join(sums)
         arrays = [sums if joined is None else joined, result.partials.weights, result.inertia]
         return cls.placed(arrays, int(result.n_changed), float(result.seconds), where, token, centers)
 
