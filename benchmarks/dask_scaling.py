@@ -318,9 +318,7 @@ def main():
                 latency.ENABLED = mode != "resident_default_batching"
                 DaskShards.reducers = w if mode == "resident_reducer_per_worker" else None
                 DaskShards.device_handoff = mode != "resident_socket"
-                DaskShards.chained = mode in ("resident_chained", "resident_chained_anchored",
-                                              "resident_chained_unpushed", "resident_chained_batched",
-                                              "resident_chained_switch")
+                DaskShards.chained = mode.startswith("resident_chained")
                 latency.INTERVAL_S = 0.0005 if mode == "resident_chained_batched" else batching
                 switch = SWITCH_S if mode == "resident_chained_switch" else default_switch
                 client.run(sys.setswitchinterval, switch)

@@ -106,15 +106,7 @@ def _wrap_messaging(w, log: list) -> None:
 
     from flashkm_dist.dask import handoff
 
-    send = w.batched_stream.send
-
-    def sent(*msgs):
-        for m in msgs:
-            if isinstance(m, dict) and m.get("op") == "task-finished" and "-step-" in str(m.get("key")):
-                log.append(("sent", time.perf_counter(), time.perf_counter(), str(m["key"])))
-        return send(*msgs)
-
-    w.batched_stream.send = sent
+    _stamp_sends(w.batched_stream, "task-finished", "sent", log)
     gather = w.gather_dep
 
     async def gather_dep(peer, to_gather, *args, **kwargs):
@@ -147,6 +139,19 @@ def _wrap_messaging(w, log: list) -> None:
     handoff.take = timed_take
 
 
+def _stamp_sends(stream, op: str, kind: str, log: list) -> None:
+    """Log (kind, now, now, key) whenever a step's `op` message is handed to the batched `stream`."""
+    send = stream.send
+
+    def sent(*msgs):
+        for m in msgs:
+            if isinstance(m, dict) and m.get("op") == op and "-step-" in str(m.get("key")):
+                log.append((kind, time.perf_counter(), time.perf_counter(), str(m["key"])))
+        return send(*msgs)
+
+    stream.send = sent
+
+
 def _wrap_scheduler(dask_scheduler=None) -> int:
     """Scheduler side: when a step's 'task-finished' arrives, and when a step's 'compute-task' is handed to a
     worker's batched stream."""
@@ -164,19 +169,8 @@ def _wrap_scheduler(dask_scheduler=None) -> int:
 
     dask_scheduler.stream_handlers["task-finished"] = on_finished
 
-    def wrap(stream):
-        send = stream.send
-
-        def sent(*msgs):
-            for m in msgs:
-                if isinstance(m, dict) and m.get("op") == "compute-task" and "-step-" in str(m.get("key")):
-                    log.append(("s_send", time.perf_counter(), time.perf_counter(), str(m["key"])))
-            return send(*msgs)
-
-        stream.send = sent
-
     for stream in dask_scheduler.stream_comms.values():
-        wrap(stream)
+        _stamp_sends(stream, "compute-task", "s_send", log)
     dask_scheduler._flashkm_wrapped = True
     return 0
 

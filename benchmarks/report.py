@@ -259,12 +259,10 @@ def floor(name: str, r: dict) -> str:
     """dask_floor.py: ms per chained iteration of trivial tasks, per mode and worker count."""
     per = r["ms_per_iteration"]
     counts = sorted({w for by in per.values() for w in by}, key=int)
-    rows = [f"| {mode} | " + " | ".join(f"{by[w]:.2f}" if w in by else "" for w in counts) + " |"
-            for mode, by in per.items()]
-    head = [f"**{name}** ({r.get('host', '?')}, distributed {r.get('distributed', '?')}, {r.get('iters')} "
-            "iterations, median of the runs)", "", "| ms per iteration | " + " | ".join(
-                f"{w} worker" + ("s" if w != "1" else "") for w in counts) + " |", "| --- |" + " --- |" * len(counts)]
-    return "\n".join(head + rows + ([""] + [r["note"]] if r.get("note") else []))
+    rows = [[mode] + [by.get(w) for w in counts] for mode, by in per.items()]
+    return (f"### {name}\n\n{_versions(r)}\n\n{r.get('iters')} iterations, median of the runs, ms per iteration\n\n"
+            + _table([""] + [f"{w} worker" + ("s" if w != "1" else "") for w in counts], rows)
+            + (f"\n\n{r['note']}" if r.get("note") else ""))
 
 
 def main(argv=None) -> Path:

@@ -388,7 +388,7 @@ def fit(model, X, sample_weight=None, client=None, allreduce: str = "auto"):
     shards.chained = shards.chained or allreduce == "chained" or (allreduce == "auto" and shards.suits_chaining())
     collective = allreduce == "nccl"
     pushing = PUSH and not collective
-    with latency.Tightened(client):  # shorter message batching while the fit runs
+    with latency.Tightened(client):  # no message batching while the fit runs
         try:
             if collective:
                 shards.start_collective()

@@ -25,6 +25,11 @@ def counters(n_changed: int, seconds: float, slot: int, n_slots: int) -> torch.T
     return counts
 
 
+def counters_of(n_changed: list, seconds: list) -> torch.Tensor:
+    """The tails of several workers' vectors summed (`counters` of each, in slot order), made at once."""
+    return torch.tensor([sum(n_changed)] + [round(t * 1e9) for t in seconds], dtype=torch.int64)
+
+
 def vector(sums: torch.Tensor, weights: torch.Tensor, inertia: torch.Tensor, counts: torch.Tensor,
            device: torch.device) -> torch.Tensor:
     """One worker's (or already summed) partials as the vector above, on `device`. `sums`: limbs (2, K, D).

@@ -284,10 +284,23 @@ def _limbs(sums, device: torch.device) -> torch.Tensor:
     return fp.split(sums) if sums.dim() == 2 else sums
 
 
+def _summed_limbs(steps: list, device: torch.device) -> tuple:
+    """The steps' sums, weights and inertia added up on `device`, as limbs left un-normalised. Each part is
+    stacked over the steps and summed at once: some ten kernels for any number of steps, not a dozen per step."""
+    sums = [torch.as_tensor(s.sums).to(device) for s in steps]
+    if all(t.dim() == 2 for t in sums):  # joined int64 (K, D): split once, all steps together
+        limbs = fp.split(torch.stack(sums)).sum(dim=1)
+    else:
+        limbs = torch.stack([_limbs(t, device) for t in sums]).sum(dim=0)
+    weights, inertia = (torch.stack([torch.as_tensor(getattr(s, name)).to(device) for s in steps]).sum(dim=0)
+                        for name in ("weights", "inertia"))
+    return limbs, weights, inertia
+
+
 def _combined(steps: list, scale: fp.FixedPointScale, device: torch.device):
-    sums = fp.normalize(sum(_limbs(s.sums, device) for s in steps))
-    weights = fp.normalize(sum(torch.as_tensor(s.weights).to(device) for s in steps))
-    return reference.Partials(sums, weights, scale), _inertia(steps, device), sum(s.n_changed for s in steps)
+    sums, weights, inertia = _summed_limbs(steps, device)
+    return (reference.Partials(fp.normalize(sums), fp.normalize(weights), scale),
+            fp.normalize(inertia[:, None])[:, 0], sum(s.n_changed for s in steps))
 
 
 def _inertia(steps: list, device: torch.device = torch.device("cpu")) -> torch.Tensor:
@@ -393,18 +406,10 @@ def _summed_update(graphed: summed.GraphedUpdate, centers: torch.Tensor, steps: 
 
 
 def summed_vector(steps: list, device: torch.device) -> torch.Tensor:
-    """The steps' partials summed into one `summed` vector on `device`. Each part is stacked over the steps and
-    summed at once, and the limbs are left un-normalised (the update normalises them, as after an all-reduce):
-    some ten kernels for any number of steps, where summing step by step took a dozen per step."""
-    sums = [torch.as_tensor(s.sums).to(device) for s in steps]
-    if all(t.dim() == 2 for t in sums):  # joined int64 (K, D): split once, all steps together
-        limbs = fp.split(torch.stack(sums)).sum(dim=1)
-    else:
-        limbs = torch.stack([_limbs(t, device) for t in sums]).sum(dim=0)
-    weights, inertia = (torch.stack([torch.as_tensor(getattr(s, name)).to(device) for s in steps]).sum(dim=0)
-                        for name in ("weights", "inertia"))
-    counts = torch.tensor([sum(s.n_changed for s in steps)] + [round(s.seconds * 1e9) for s in steps])
-    return summed.vector(limbs, weights, inertia, counts, device)  # (counts: as `summed.counters` of each, summed)
+    """The steps' partials summed into one `summed` vector on `device`, its limbs left for the update to
+    normalise (as after an all-reduce)."""
+    counts = summed.counters_of([s.n_changed for s in steps], [s.seconds for s in steps])
+    return summed.vector(*_summed_limbs(steps, device), counts, device)
 
 
 def chained_step(spec: ShardSpec, numerics: FitNumerics, ids: list, iteration: int, version: str,
