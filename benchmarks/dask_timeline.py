@@ -16,6 +16,7 @@ ends) so that each call leaves (kind, start, end) on a monotonic clock the proce
   export_ms    the part of the tail that copies the partials into a buffer the peers open
   head_ms      task start -> engine start, slowest worker      gap_ms  last engine end -> last engine start
   tail_ms      engine end -> task end (partials out), slowest worker
+  slowest_tail_ms, slowest_export_ms  the same for the worker whose engine ended last (the critical path)
 `collective_segments(client)` splits allreduce='nccl' iterations (rank 0): the engine's step, the all-reduce and
 the update (each device-synchronised), the rest of the iteration, and the gap to the next one.
 A development tool used by `dask_scaling.py --timeline`; it changes nothing the fit computes.
@@ -219,6 +220,8 @@ def chained_segments(client) -> dict:
                "gap_ms": max(t[3][1] for t in tasks[j]) - last_end,
                "tail_ms": max(t[2] - t[3][2] for t in tasks[j - 1]),
                "export_ms": max(t[7] for t in tasks[j - 1])}
+        slowest = max(tasks[j - 1], key=lambda t: t[3][2])  # the worker whose engine ended last
+        row |= {"slowest_tail_ms": slowest[2] - slowest[3][2], "slowest_export_ms": slowest[7]}
         rows.append({k: 1e3 * v for k, v in row.items()})
     return _median_rows(rows)
 
@@ -232,7 +235,10 @@ def chained_hops(client) -> dict:
       to_worker_ms  'compute-task' handed to the stream -> the worker has it
       to_gather_ms  task received -> its first fetch starts;  gather_ms  first fetch start -> last fetch end
       one_gather_ms the longest single fetch;  take_ms  device hand-offs taken (deserialised) while fetching
-      to_start_ms  last fetch end -> the task runs;  served_ms  results served to peers while they fetch"""
+      to_start_ms  last fetch end -> the task runs;  served_ms  results served to peers while they fetch
+      slowest_tail_ms, slowest_finished_ms, slowest_to_scheduler_ms  the same for the worker whose engine ended
+      last (the critical path; the figures above are the maximum over workers);  slowest_fin_is_last  how often
+      its 'task-finished' was also the last to reach the scheduler"""
     per_worker = client.run(_fetch)
     on_scheduler = client.run_on_scheduler(_fetch_scheduler)
     s_fin = {r[3]: r[1] for r in on_scheduler if r[0] == "s_fin"}
@@ -251,8 +257,10 @@ def chained_hops(client) -> dict:
             window = [g for g in by_kind.get("gather", []) if recv[1] <= g[1] and g[2] <= r[1]]
             took = [t for t in by_kind.get("take", []) if recv[1] <= t[1] and t[2] <= r[1]]
             served = [t for t in by_kind.get("served", []) if recv[1] - 0.05 <= t[1] and t[2] <= r[1]]
+            engine = _within(recs, "engine", r[1], r[2])
             tasks.setdefault(r[3], []).append({
                 "start": r[1], "end": r[2], "recv": recv[1], "sent": sent, "s_fin": s_fin[key],
+                "engine_end": engine[-1][2] if engine else r[2],
                 "s_send": s_send[key], "gathers": [(g[1], g[2]) for g in window],
                 "take": sum(t[2] - t[1] for t in took), "served": sum(t[2] - t[1] for t in served)})
     rows = []
@@ -266,6 +274,11 @@ def chained_hops(client) -> dict:
                "scheduler_ms": max(t["s_send"] for t in now) - last["s_fin"],
                "to_worker_ms": max(t["recv"] - t["s_send"] for t in now),
                "take_ms": max(t["take"] for t in now), "served_ms": max(t["served"] for t in now)}
+        slowest = max(before, key=lambda t: t["engine_end"])  # the critical path runs through this worker
+        row |= {"slowest_tail_ms": slowest["end"] - slowest["engine_end"],
+                "slowest_finished_ms": slowest["sent"] - slowest["end"],
+                "slowest_to_scheduler_ms": slowest["s_fin"] - slowest["sent"],
+                "slowest_fin_is_last": float(slowest is last)}
         gathered = [t for t in now if t["gathers"]]
         if gathered:
             row |= {"to_gather_ms": max(min(g[0] for g in t["gathers"]) - t["recv"] for t in gathered),
@@ -273,7 +286,7 @@ def chained_hops(client) -> dict:
                                      for t in gathered),
                     "one_gather_ms": max(g[1] - g[0] for t in gathered for g in t["gathers"]),
                     "to_start_ms": max(t["start"] - max(g[1] for g in t["gathers"]) for t in gathered)}
-        rows.append({k: 1e3 * v for k, v in row.items()})
+        rows.append({k: v if k == "slowest_fin_is_last" else 1e3 * v for k, v in row.items()})
     return _median_rows(rows)
 
 

@@ -166,18 +166,18 @@ class Shard:
 
     # ------------------------------------------------------------------------------------------ Lloyd
     def step(self, blocks, centers: torch.Tensor, numerics: FitNumerics, version, previous=None,
-             previous_centers: torch.Tensor | None = None) -> EngineStep:
+             previous_centers: torch.Tensor | None = None, *, wait: bool = True) -> EngineStep:
         """One Lloyd step. Labels changed are counted against the step at `previous` (None: a new run, all
         changed); if this shard does not remember those labels (new worker, moved block, lost state) it
         recomputes them from `previous_centers` first: that costs time, never a different count. The labels it
         remembers count only for the blocks of its step at `previous`: a block that left and came back (workers
-        lost or joined) still has labels, but from an older step."""
+        lost or joined) still has labels, but from an older step. `wait`: as `Engine.step`."""
         keys = [b.key for b in blocks]
         if previous is None or self.version != (previous, keys) or not self.engine.has_labels(blocks):
             self.engine.forget_labels()
             if previous is not None and previous_centers is not None:
                 self.engine.step(blocks, previous_centers, numerics)
-        result = self.engine.step(blocks, centers, numerics)
+        result = self.engine.step(blocks, centers, numerics, wait=wait)
         self.version = (version, keys)
         return result
 

@@ -35,6 +35,11 @@ class Block:
     weights: torch.Tensor | None = None
     key: object = None
 
+    def __post_init__(self):
+        # As a tensor once: every step looks at every block several times, and a CuPy array's DLPack hand-over
+        # costs tens of microseconds each time (outside the kernels, on every iteration).
+        self.data = _as_tensor(self.data)
+
 
 @dataclass
 class EngineStep:

@@ -19,7 +19,7 @@ import torch
 from sklearn.datasets import make_blobs
 
 from flashkm_dist import KMeans
-from flashkm_dist.dask import driver, handoff, latency, worker
+from flashkm_dist.dask import driver, handoff, latency, summed, worker
 from flashkm_dist.dask.cluster import DaskShards
 from flashkm_dist.dask.worker import StepResult
 from flashkm_dist.kernels import fixed_point as fp
@@ -468,6 +468,22 @@ def test_the_summed_vector_update_gives_the_reducers_bits(empty, limbs):
     assert out["shift"] == worker._shift("euclidean", ref_new, centers)
     assert (out["inertia"], out["n_changed"]) == (ref["inertia"], ref["n_changed"]) == (ref["inertia"], 12)
     assert out["slowest_worker_seconds"] == ref["slowest_worker_seconds"] == 0.5
+
+
+def test_counters_made_on_the_device_and_one_read_back_match_the_host_ones():
+    """The collective path queues a whole iteration before its one wait (`kernels.clock`): the labels changed and
+    the step's time from its two clock stamps make the same vector tail as the host's counters, and the step's
+    pending values come back with the scalars in the same read."""
+    from flashkm_dist.kernels import clock
+    ticks = torch.tensor([1_000, 251_000_000 + 1_000])
+    assert torch.equal(summed.device_counters(torch.tensor(7), ticks, 2, 4), summed.counters(7, 0.251, 2, 4))
+    packed = torch.cat([torch.tensor([1, 7, 251_000_000]).view(torch.float64), torch.tensor([3.5, 0.25],
+                                                                                            dtype=torch.float64)])
+    scalars = {"n_empty": 1, "n_changed": 7, "slowest_worker_seconds": 0.251, "inertia": 3.5, "shift": 0.25}
+    assert summed.read(packed) == scalars
+    host, copied = summed.copy_to_host(packed, torch.tensor([7, 0, 2]))
+    assert copied is None and summed.unpack(host) == (scalars, [7, 0, 2])
+    assert not clock.available(torch.device("cpu"))  # (CPU steps are timed on the host, synchronously)
 
 
 def test_a_buffer_whose_result_outlives_its_fit_is_freed_and_the_fit_forgotten():

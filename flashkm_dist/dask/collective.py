@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import socket
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from flashkm_dist.dask import summed, worker
+from flashkm_dist.kernels import clock
 from flashkm_dist.lloyd import move_to_empty, update_on_device
-from flashkm_dist.streaming import Farthest
+from flashkm_dist.streaming import EngineStep, Farthest
 
 TIMEOUT = timedelta(minutes=10)
 GRAPHS = True  # the update as one CUDA graph (benchmarks switch it off to measure what it saves)
@@ -50,33 +52,69 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def _iterate(shard, blocks, starts, centers, numerics, version, previous, previous_centers, graphed=None):
-    """One iteration on this worker: local step, all-reduce, re-seeding of empty clusters (all-gather of the
-    farthest rows), the update. Every worker returns the same scalars and centres. `graphed`: a
-    `summed.GraphedUpdate` of this run (CUDA), or None to run the update op by op."""
-    result = shard.step(blocks, centers, numerics, version, previous, previous_centers)
-    dev = shard.engine.device
-    counts = summed.counters(result.n_changed, result.seconds, dist.get_rank(), dist.get_world_size())
+@dataclass
+class _Queued:
+    """One iteration queued on this worker's device (step, all-reduce, update, the scalars' copy to the host) and
+    not waited for: the host can queue the next step meanwhile, so the device never idles between the two."""
+
+    result: EngineStep
+    flat: torch.Tensor  # the summed vector (the graph's outputs are overwritten by the next replay; this is not)
+    new: torch.Tensor
+    host: torch.Tensor
+    copied: torch.cuda.Event | None
+
+
+def _queue(shard, blocks, centers, numerics, version, previous, previous_centers, graphed=None) -> _Queued:
+    """Queue one iteration: local step, all-reduce, the update. With the device's clock the step is timed by
+    stamps in stream order (`kernels.clock`), so nothing here waits for it; else the step waits and is timed on
+    the host. `graphed`: a `summed.GraphedUpdate` of this run (CUDA), or None to run the update op by op."""
+    dev, rank, world = shard.engine.device, dist.get_rank(), dist.get_world_size()
+    stamped = clock.available(dev)
+    if stamped:
+        ticks = torch.empty(2, dtype=torch.int64, device=dev)
+        clock.stamp(ticks, 0)
+    result = shard.step(blocks, centers, numerics, version, previous, previous_centers, wait=not stamped)
+    if stamped:
+        clock.stamp(ticks, 1)
+        counts = summed.device_counters(result.changed, ticks, rank, world)
+    else:
+        counts = summed.counters(result.n_changed, result.seconds, rank, world)
     flat = summed.vector(result.partials.sums, result.partials.weights, result.inertia, counts, dev)
     if dist.get_backend() == "gloo":
         flat = flat.cpu()
-    dist.all_reduce(flat)  # one collective for all of it
-    partials, new, packed = graphed(flat, centers) if graphed else summed.after_sum(flat, centers, numerics)
-    s = summed.read(packed)  # the one wait for the device in an iteration
-    if s["n_empty"]:  # (all workers see the same count) the farthest rows of all workers take the empty clusters
+    if world > 1:
+        dist.all_reduce(flat)  # one collective for all of it
+    _, new, packed = graphed(flat, centers) if graphed else summed.after_sum(flat, centers, numerics)
+    return _Queued(result, flat, new, *summed.copy_to_host(packed, result.pending()))
+
+
+def _finish(queued: _Queued, shard, blocks, starts, centers, numerics) -> tuple[dict, torch.Tensor, bool]:
+    """Wait for a queued iteration's scalars (the kernels' checks raise here); empty clusters take the farthest rows
+    of all workers (all see the same count, so all re-seed together). Returns (scalars, new centres, re-seeded)."""
+    if queued.copied is not None:
+        queued.copied.synchronize()
+    s, pending = summed.unpack(queued.host)
+    queued.result.settle(pending)
+    new = queued.new
+    if s["n_empty"]:
+        partials = summed.after_sum(queued.flat, centers, numerics)[0]
         found = [None] * dist.get_world_size()
         dist.all_gather_object(found, shard.farthest(blocks, centers, numerics, s["n_empty"], starts))
         new, shift = update_on_device(move_to_empty(partials, Farthest.merge(found, s["n_empty"])), centers,
                                       numerics.metric)
         s["shift"] = float(shift)
-    return {"n_changed": s["n_changed"], "inertia": s["inertia"], "center_shift": s["shift"],
-            "slowest_worker_seconds": s["slowest_worker_seconds"]}, new.to(dev)
+    return ({"n_changed": s["n_changed"], "inertia": s["inertia"], "center_shift": s["shift"],
+             "slowest_worker_seconds": s["slowest_worker_seconds"]}, new.to(shard.engine.device),
+            bool(s["n_empty"]))
 
 
 def run_loop(spec, numerics, ids: list, starts: list, run: int, start: int, initial, previous, max_iter: int,
              tol: float, past: list, writer, channel: str, *datas) -> dict:
     """A whole Lloyd run on this worker, in step with the others: they all see the same scalars, so they all
-    stop at the same iteration. Rank 0 logs each iteration as an event (progress) and writes the checkpoint."""
+    stop at the same iteration. Rank 0 logs each iteration as an event (progress) and writes the checkpoint.
+    Each iteration's next step is queued before its scalars are read: it is the final assignment when the run
+    stops there, and is dropped when empty clusters were re-seeded (the shard then recounts the labels it
+    changed against the iteration before, from its centres: `Shard.step`)."""
     from distributed import get_worker
     shard = worker.shard_for(spec)
     rank = dist.get_rank()
@@ -87,16 +125,26 @@ def run_loop(spec, numerics, ids: list, starts: list, run: int, start: int, init
         prev_centers = None if previous is None else previous.centers.to(dev)
         prev_version = None if previous is None else (run, start - 1)
         history = list(past)  # the iterations before a resume
-        strict, s, i, new = False, None, start - 1, centers
         graphed = summed.GraphedUpdate(numerics) if dev.type == "cuda" and numerics.metric == "euclidean" and GRAPHS \
             else None
+
+        def queue(i, now, before, before_version):
+            return _queue(shard, blocks, now, numerics, (run, i), before_version, before, graphed)
+
+        strict, s, i, new = False, None, start - 1, centers
+        current = queue(start, centers, prev_centers, prev_version) if start <= max_iter else None
+        ahead = None
+        t0 = time.perf_counter()
         for i in range(start, max_iter + 1):
-            t0 = time.perf_counter()
-            s, new = _iterate(shard, blocks, starts, centers, numerics, (run, i), prev_version, prev_centers,
-                              graphed)
+            ahead = queue(i + 1, current.new, centers, (run, i))
+            s, new, reseeded = _finish(current, shard, blocks, starts, centers, numerics)
+            if reseeded:
+                ahead = None  # (it stepped from the centres before re-seeding)
+            now = time.perf_counter()
             history.append({"iteration": i, "inertia": s["inertia"], "center_shift": s["center_shift"],
-                            "labels_changed": s["n_changed"], "seconds": time.perf_counter() - t0,
+                            "labels_changed": s["n_changed"], "seconds": now - t0,
                             "slowest_worker_seconds": s["slowest_worker_seconds"]})
+            t0 = now
             if rank == 0:
                 if writer is not None:
                     writer(i, (new, centers), history)
@@ -104,9 +152,12 @@ def run_loop(spec, numerics, ids: list, starts: list, run: int, start: int, init
             strict = s["n_changed"] == 0
             if strict or s["center_shift"] <= tol or i == max_iter:
                 break
-            prev_centers, prev_version, centers = centers, (run, i), new
-        inertia = s["inertia"]
-        if not (strict and s["center_shift"] == 0.0):  # the final assignment, to the returned centres
-            inertia = _iterate(shard, blocks, starts, new, numerics, (run, i + 1), (run, i), centers,
-                               graphed)[0]["inertia"]
+            current = ahead or queue(i + 1, new, centers, (run, i))
+            prev_centers, centers = centers, new
+        inertia = None if s is None else s["inertia"]
+        final = ahead or (None if s is None else queue(i + 1, new, centers, (run, i)))
+        if final is not None:  # the final assignment, to the returned centres (waited for in any case: its
+            last = _finish(final, shard, blocks, starts, new, numerics)[0]  # all-reduce is queued everywhere)
+            if not (strict and s["center_shift"] == 0.0):
+                inertia = last["inertia"]
     return {"centers": worker.Update(new.cpu()), "inertia": inertia, "n_iter": i, "history": history}

@@ -25,6 +25,14 @@ def counters(n_changed: int, seconds: float, slot: int, n_slots: int) -> torch.T
     return counts
 
 
+def device_counters(changed: torch.Tensor, ticks: torch.Tensor, slot: int, n_slots: int) -> torch.Tensor:
+    """`counters` made on the device, in stream order: labels changed (0-d), and the step's time from its start and
+    end stamps `ticks` (2,) (`kernels.clock`), so nothing waits for the step before the vector is queued."""
+    dev = changed.device
+    return torch.cat([changed.reshape(1), torch.zeros(slot, dtype=torch.int64, device=dev), ticks[1:] - ticks[:1],
+                      torch.zeros(n_slots - slot - 1, dtype=torch.int64, device=dev)])
+
+
 def counters_of(n_changed: list, seconds: list) -> torch.Tensor:
     """The tails of several workers' vectors summed (`counters` of each, in slot order), made at once."""
     return torch.tensor([sum(n_changed)] + [round(t * 1e9) for t in seconds], dtype=torch.int64)
@@ -34,7 +42,7 @@ def vector(sums: torch.Tensor, weights: torch.Tensor, inertia: torch.Tensor, cou
            device: torch.device) -> torch.Tensor:
     """One worker's (or already summed) partials as the vector above, on `device`. `sums`: limbs (2, K, D).
     The host counters go to a GPU from pinned memory: a copy from pageable memory would wait for the device."""
-    if device.type == "cuda":
+    if device.type == "cuda" and not counts.is_cuda:
         counts = counts.pin_memory().to(device, non_blocking=True)
     return torch.cat([sums.reshape(-1).to(device), weights.reshape(-1).to(device),
                       inertia.reshape(-1).to(device), counts.to(device)])
@@ -57,10 +65,28 @@ def after_sum(flat: torch.Tensor, centers: torch.Tensor, numerics):
 
 def read(packed: torch.Tensor) -> dict:
     """`after_sum`'s scalars on the host (the one wait for the device)."""
-    host = packed.cpu()
-    n_empty, n_changed, slowest = host[:3].view(torch.int64).tolist()
-    return {"n_empty": n_empty, "n_changed": n_changed, "slowest_worker_seconds": slowest / 1e9,
-            "inertia": float(host[3]), "shift": float(host[4])}
+    return unpack(packed.view(torch.int64).cpu())[0]
+
+
+def copy_to_host(packed: torch.Tensor, also: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Queue the copy of `after_sum`'s scalars and of `also` (int64 values of the caller) to the host, without
+    waiting: (host vector, the event to wait for before reading it; None when it is already there)."""
+    both = torch.cat([packed.view(torch.int64), also.reshape(-1).to(packed.device)])
+    if not both.is_cuda:
+        return both, None
+    host = torch.empty(both.shape, dtype=torch.int64, pin_memory=True)
+    host.copy_(both, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
+
+
+def unpack(host: torch.Tensor) -> tuple[dict, list]:
+    """The scalars of an int64 host vector laid out as `copy_to_host` makes it, and the caller's values after."""
+    n_empty, n_changed, slowest = host[:3].tolist()
+    inertia, shift = host[3:5].view(torch.float64).tolist()
+    return {"n_empty": n_empty, "n_changed": n_changed, "slowest_worker_seconds": slowest / 1e9, "inertia": inertia,
+            "shift": shift}, host[5:].tolist()
 
 
 class GraphedUpdate:
