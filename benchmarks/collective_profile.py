@@ -61,7 +61,7 @@ def main():
               for i in range(args.blocks)]
     starts = [j * per for j in range(args.blocks)]
     numerics = numerics_for(blocks[0].data, None, metric="euclidean")
-    centers, before = blocks[0].data[:args.k].clone(), None
+    centers = blocks[0].data[:args.k].clone()
     shard = Shard(Engine(dev, dtype=torch.float16))
     graphed = summed.GraphedUpdate(numerics) if dev.type == "cuda" else None
     stamps = _kept_stamps()
@@ -74,7 +74,7 @@ def main():
         now = time.perf_counter()
         step = s["slowest_worker_seconds"]
         rows.append({"iteration_ms": 1e3 * (now - t0), "step_ms": 1e3 * step, "overhead_ms": 1e3 * (now - t0 - step)})
-        t0, current, before, centers = now, ahead, centers, new
+        t0, current, centers = now, ahead, new
     collective._finish(current, shard, blocks, starts, centers, numerics)
     if stamps:
         ticks = [t.tolist() for t in stamps]

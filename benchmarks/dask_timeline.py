@@ -17,8 +17,8 @@ ends) so that each call leaves (kind, start, end) on a monotonic clock the proce
   head_ms      task start -> engine start, slowest worker      gap_ms  last engine end -> last engine start
   tail_ms      engine end -> task end (partials out), slowest worker
   slowest_tail_ms, slowest_export_ms  the same for the worker whose engine ended last (the critical path)
-`collective_segments(client)` splits allreduce='nccl' iterations (rank 0): the engine's step, the all-reduce and
-the update (each device-synchronised), the rest of the iteration, and the gap to the next one.
+`collective_segments(client)` splits allreduce='nccl' iterations (rank 0) into the host's queuing and its wait.
+A step queued with its hand-over (`worker.queue_step`) counts as the engine from its queuing to the end of its wait.
 A development tool used by `dask_scaling.py --timeline`; it changes nothing the fit computes.
 """
 from __future__ import annotations
@@ -82,12 +82,11 @@ def _wrap_in_worker(dask_worker=None):  # noqa: C901 - one wrapper per instrumen
 
     w.handle_stimulus = handle_stimulus
     _wrap_messaging(w, log)
-    from flashkm_dist.dask import collective, summed
+    from flashkm_dist.dask import collective
     worker.chained_step = tagged("chained", worker.chained_step)
     worker._chained_update = timed("centres", worker._chained_update, synced=True)
-    collective._iterate = timed("iterate", collective._iterate)
-    collective.dist.all_reduce = timed("allreduce", collective.dist.all_reduce, synced=True)
-    summed.GraphedUpdate.__call__ = timed("update", summed.GraphedUpdate.__call__, synced=True)
+    collective._queue = timed("queue", collective._queue)  # (no added device waits: they would undo the queuing)
+    collective._finish = timed("finish", collective._finish)
     worker.step = timed("step", worker.step)
     worker.reduce = timed("reduce", worker.reduce)
     worker._combined = timed("combine", worker._combined, synced=True)
@@ -95,6 +94,20 @@ def _wrap_in_worker(dask_worker=None):  # noqa: C901 - one wrapper per instrumen
     worker.handoff.export = timed("export", worker.handoff.export)  # (it waits for the device itself)
     reference.finalize = timed("finalize", reference.finalize, synced=True)
     shard_mod.Shard.step = timed("engine", shard_mod.Shard.step)
+    queue, finish = worker.queue_step, worker.QueuedStep.finish
+
+    def queued(*args, **kwargs):  # a queued step's engine runs from its queuing to the end of its one wait
+        t0 = time.perf_counter()
+        out = queue(*args, **kwargs)
+        out._t0 = t0
+        return out
+
+    def finished(self):
+        out = finish(self)
+        log.append(("engine", getattr(self, "_t0", time.perf_counter()), time.perf_counter()))
+        return out
+
+    worker.queue_step, worker.QueuedStep.finish = queued, finished
     worker._TIMELINE_WRAPPED = True
     return 0
 
@@ -291,15 +304,16 @@ def chained_hops(client) -> dict:
 
 
 def collective_segments(client) -> dict:
-    """Median milliseconds of the parts of an allreduce='nccl' iteration on its first worker."""
+    """Median milliseconds of an allreduce='nccl' iteration on its first worker (`collective.run_loop`): from one
+    read-back of scalars to the next (iteration_ms), the host's time to queue an iteration (queue_ms), and the wait
+    for the scalars (finish_ms: the device's step and update, as far as the queuing did not already cover them)."""
     recs = min(client.run(_fetch).items())[1]
-    iterations = sorted((r for r in recs if r[0] == "iterate"), key=lambda r: r[1])
+    finished = sorted((r for r in recs if r[0] == "finish"), key=lambda r: r[1])
     rows = []
-    for it, nxt in zip(iterations, iterations[1:]):
-        part = {kind: sum(r[2] - r[1] for r in _within(recs, kind, it[1], it[2]))
-                for kind in ("engine", "allreduce", "update")}
-        rows.append({f"{k}_ms": 1e3 * v for k, v in part.items()} | {
-            "rest_ms": 1e3 * (it[2] - it[1] - sum(part.values())), "between_ms": 1e3 * (nxt[1] - it[2])})
+    for before, it in zip(finished, finished[1:]):
+        queued = _within(recs, "queue", before[2], it[1])
+        rows.append({"iteration_ms": 1e3 * (it[2] - before[2]), "queue_ms": 1e3 * sum(r[2] - r[1] for r in queued),
+                     "finish_ms": 1e3 * (it[2] - it[1])})
     return _median_rows(rows)
 
 

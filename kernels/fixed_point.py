@@ -117,10 +117,14 @@ def exact_total(values: torch.Tensor) -> torch.Tensor:
 def join(limbs: torch.Tensor) -> torch.Tensor | None:
     """Limbs (2, ...) -> the exact integers as one int64 array (half the bytes to send), or None when a value
     might not fit in int64."""
+    joined, fits = join_unchecked(limbs)
+    return joined if bool(fits) else None
+
+
+def join_unchecked(limbs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`join` without its wait for the device: (the int64 values, a 0-d bool tensor: whether they are exact)."""
     limbs = normalize(limbs)
-    if limbs.numel() and not bool((limbs[0].abs() < (1 << (62 - LIMB_BITS))).all()):
-        return None
-    return limbs[0] * (1 << LIMB_BITS) + limbs[1]
+    return limbs[0] * (1 << LIMB_BITS) + limbs[1], (limbs[0].abs() < (1 << (62 - LIMB_BITS))).all()
 
 
 def split(values: torch.Tensor) -> torch.Tensor:

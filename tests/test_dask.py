@@ -486,6 +486,29 @@ def test_counters_made_on_the_device_and_one_read_back_match_the_host_ones():
     assert not clock.available(torch.device("cpu"))  # (CPU steps are timed on the host, synchronously)
 
 
+def test_a_queued_step_is_read_back_once_and_hands_over_joined_sums_or_limbs():
+    """`worker.queue_step` queues a GPU step with its hand-over; `QueuedStep.finish` then reads the labels changed,
+    the join's check and the clock stamps at once. Exact joined sums go out as they are; sums too large to join
+    go out as limbs, the same integers."""
+    scale = fp.FixedPointScale.from_bounds(256.0, 64.0, 64.0)
+    sums = fp.quantize(torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+                       scale.sum_exp)
+    partials = reference.Partials(sums, fp.quantize(torch.ones(5, dtype=torch.float64), scale.weight_exp), scale)
+    inertia = fp.exact_sum(torch.rand(5, dtype=torch.float64), scale.dist_exp)
+    ticks = torch.tensor([1_000, 250_001_000])
+    joined, fits = fp.join_unchecked(sums)
+    step = EngineStep(partials, inertia, None, changed=torch.tensor(4))
+    got = worker.QueuedStep(step, ticks, fits, "lease", [joined, partials.weights, inertia], "fit", None).finish()
+    assert (got.n_changed, got.seconds, got.lease) == (4, 0.25, "lease") and bool(fits)
+    assert torch.equal(got.sums, fp.join(sums)) and got.centers is None
+    huge = fp.normalize(sums) + torch.tensor(1 << 40) * torch.tensor([1, 0]).view(2, 1, 1)  # hi limbs >= 2**40
+    big = EngineStep(reference.Partials(huge, partials.weights, scale), inertia, None, changed=torch.tensor(2))
+    _, fits = fp.join_unchecked(huge)
+    limbs = worker.QueuedStep(big, ticks, fits, "lease", [], "fit", None).finish()
+    assert (limbs.n_changed, limbs.seconds, limbs.lease, bool(fits)) == (2, 0.25, None, False)
+    assert np.array_equal(limbs.sums, huge.numpy())
+
+
 def test_a_buffer_whose_result_outlives_its_fit_is_freed_and_the_fit_forgotten():
     """A leased hand-off buffer whose result Dask drops only after the fit ended (`handoff.free` ran) is freed
     then, and the fit leaves no entry behind in the worker's registry."""

@@ -117,17 +117,19 @@ def _give_back(buffer: Buffer) -> None:
     buffer.free()
 
 
-def export(token: str, tensors: list[torch.Tensor]) -> tuple[Lease, list[torch.Tensor]]:
+def export(token: str, tensors: list[torch.Tensor], wait: bool = True) -> tuple[Lease, list[torch.Tensor]]:
     """Copy device tensors into one leased buffer; returns the lease and views of them in it. The copy is finished
     before this returns (a peer reads it from another process, outside any stream order). The tensors come from
     the current stream (the engine computes on it), so the copies queued after them read them finished, and only
-    that stream is waited for (not the peers' results this worker copies in meanwhile, `take`)."""
+    that stream is waited for (not the peers' results this worker copies in meanwhile, `take`). `wait=False`:
+    the copies are only queued; the caller waits for the current stream before anyone is told of the buffer."""
     specs = [(tuple(t.shape), t.dtype) for t in tensors]
     lease = Lease(token, _layout(specs)[1])
     views = _views(lease.buffer.view, specs)
     for view, t in zip(views, tensors):
         view.copy_(t)
-    torch.cuda.current_stream().synchronize()
+    if wait:
+        torch.cuda.current_stream().synchronize()
     return lease, views
 
 

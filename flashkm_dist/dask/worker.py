@@ -15,11 +15,12 @@ import torch
 
 from flashkm_dist.dask import handoff, push, summed
 from flashkm_dist.engine import FitNumerics, backend_for, unit_rows_like
+from flashkm_dist.kernels import clock
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
 from flashkm_dist.lloyd import center_shift, empty_clusters, move_to_empty
 from flashkm_dist.shard import Shard
-from flashkm_dist.streaming import Block, Engine, Farthest
+from flashkm_dist.streaming import Block, Engine, EngineStep, Farthest
 
 _SHARDS: dict = {}
 _UPDATES: dict = {}  # (worker address, fit token, scale) -> a `summed.GraphedUpdate` (reducers, chained steps)
@@ -148,6 +149,49 @@ class StepResult:
 
 
 @dataclass
+class QueuedStep:
+    """A step and its hand-over to the peers queued on the device and not yet waited for (`queue_step`)."""
+
+    result: EngineStep
+    ticks: torch.Tensor  # the step's start and end on the device's clock
+    fits: torch.Tensor  # whether the joined sums are exact (else the limbs are handed over)
+    lease: handoff.Lease
+    views: list
+    token: str
+    centers: torch.Tensor | None
+
+    def finish(self) -> StepResult:
+        """The step's one wait: its pending values (the kernels' checks raise here), the join's check and its
+        clock stamps in one read-back, which also waits for the copies into the exported buffer."""
+        host = torch.cat([self.result.pending(), self.fits.reshape(1).to(torch.int64), self.ticks]).tolist()
+        self.result.settle(host[:-3])
+        self.result.seconds = (host[-1] - host[-2]) / 1e9
+        if not host[-3]:  # sums too large to join exactly: hand the limbs over instead
+            return StepResult.of(self.result, "export", self.token, centers=self.centers)
+        carried = self.views[3] if self.centers is not None else None
+        return StepResult(*self.views[:3], self.result.n_changed, self.result.seconds, carried, self.lease)
+
+
+def queue_step(shard: Shard, blocks: list, centers: torch.Tensor, numerics: FitNumerics, version, previous_version,
+               previous_centers, token: str, carry: torch.Tensor | None) -> QueuedStep:
+    """`Shard.step` and `StepResult.of(..., 'export')` queued together, so that the step's end is waited for once,
+    and nothing but that read-back runs after the wait (host work right after a long wait for the device runs
+    several times slower than warm). The step is timed by the device's clock (`kernels.clock`)."""
+    ticks = torch.empty(2, dtype=torch.int64, device=shard.engine.device)
+    clock.stamp(ticks, 0)
+    result = shard.step(blocks, centers, numerics, version, previous_version, previous_centers, wait=False)
+    clock.stamp(ticks, 1)
+    joined_sums, fits = fp.join_unchecked(result.partials.sums)
+    arrays = [joined_sums, result.partials.weights, result.inertia] + ([] if carry is None else [carry])
+    return QueuedStep(result, ticks, fits, *handoff.export(token, arrays, wait=False), token, carry)
+
+
+def _queues(shard: Shard, where: str) -> bool:
+    """Whether a step of this shard is queued with its hand-over (`queue_step`): exported results on a GPU."""
+    return where == "export" and clock.available(shard.engine.device)
+
+
+@dataclass
 class Skipped:
     """A chained step that did not step: its update found empty clusters (the client re-seeds them and restarts
     the chain), or the step it follows was skipped."""
@@ -248,9 +292,11 @@ def step(spec: ShardSpec, numerics: FitNumerics, ids: list, centers: list, versi
     push.expect(peers)
     shard = shard_for(spec)
     with shard.lock:
-        now = joined(centers)
-        result = shard.step(as_blocks(ids, datas), now, numerics, version, previous_version,
-                            None if previous is None else joined(previous))
+        now, before = joined(centers), None if previous is None else joined(previous)
+        if _queues(shard, where):
+            return queue_step(shard, as_blocks(ids, datas), now, numerics, version, previous_version, before,
+                              spec.token, now if carry else None).finish()
+        result = shard.step(as_blocks(ids, datas), now, numerics, version, previous_version, before)
     return StepResult.of(result, where, spec.token, centers=now if carry else None)
 
 
@@ -435,6 +481,9 @@ def chained_step(spec: ShardSpec, numerics: FitNumerics, ids: list, iteration: i
             get_worker().log_event(topic, {**out, "iteration": iteration - 1})
         if out["n_empty"]:
             return Skipped(iteration)
+        if _queues(shard, where):
+            return queue_step(shard, as_blocks(ids, datas), new, numerics, version, previous_version, before,
+                              spec.token, new if carry else None).finish()
         result = shard.step(as_blocks(ids, datas), new, numerics, version, previous_version, before)
     return StepResult.of(result, where, spec.token, centers=new if carry else None)
 
