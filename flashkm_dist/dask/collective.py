@@ -4,7 +4,9 @@ One task per worker runs a whole Lloyd run. Each iteration sums the exact intege
 `torch.distributed.all_reduce` (NCCL when every worker has a GPU, else Gloo: the same code, tested on CPUs), then
 every worker makes the same update on its own device (integer sums, an elementwise update and an exact shift:
 identical bits everywhere), so all see the same scalars and stop together. Nothing passes through Dask between
-iterations. A collective cannot survive a lost worker (the fit fails with the worker's error); the default Dask
+iterations. The device never waits for the host: each iteration is queued whole (step, all-reduce, update, the
+scalars' copy to the host) and the next step is queued before the scalars are read (`run_loop`). A collective
+cannot survive a lost worker (the fit fails with the worker's error); the default Dask
 reduction is the one that recovers.
 """
 from __future__ import annotations
