@@ -71,15 +71,11 @@ def _queue(shard, blocks, centers, numerics, version, previous, previous_centers
     stamps in stream order (`kernels.clock`), so nothing here waits for it; else the step waits and is timed on
     the host. `graphed`: a `summed.GraphedUpdate` of this run (CUDA), or None to run the update op by op."""
     dev, rank, world = shard.engine.device, dist.get_rank(), dist.get_world_size()
-    stamped = clock.available(dev)
-    if stamped:
-        ticks = torch.empty(2, dtype=torch.int64, device=dev)
-        clock.stamp(ticks, 0)
-    result = shard.step(blocks, centers, numerics, version, previous, previous_centers, wait=not stamped)
-    if stamped:
-        clock.stamp(ticks, 1)
+    if clock.available(dev):
+        result, ticks = worker.stamped_step(shard, blocks, centers, numerics, version, previous, previous_centers)
         counts = summed.device_counters(result.changed, ticks, rank, world)
     else:
+        result = shard.step(blocks, centers, numerics, version, previous, previous_centers)
         counts = summed.counters(result.n_changed, result.seconds, rank, world)
     flat = summed.vector(result.partials.sums, result.partials.weights, result.inertia, counts, dev)
     if dist.get_backend() == "gloo":

@@ -121,11 +121,16 @@ class StepResult:
         others go to the host) or 'host'."""
         if where == "export" and torch.is_tensor(arrays[0]) and arrays[0].is_cuda:
             lease, views = handoff.export(token, arrays + ([] if centers is None else [centers]))
-            return cls(*views[:3], n_changed, seconds, views[3] if centers is not None else None, lease)
+            return cls.exported(lease, views, n_changed, seconds)
         if where != "device":
             arrays = [_numpy(a) for a in arrays]
             centers = None if centers is None else centers.cpu()
         return cls(*arrays, n_changed, seconds, centers)
+
+    @classmethod
+    def exported(cls, lease: handoff.Lease, views: list, n_changed: int, seconds: float) -> "StepResult":
+        """A result whose arrays (sums, weights, inertia, then the centres if carried) are views of `lease`."""
+        return cls(*views[:3], n_changed, seconds, views[3] if len(views) > 3 else None, lease)
 
     @property
     def where(self) -> str:
@@ -168,27 +173,39 @@ class QueuedStep:
         self.result.seconds = (host[-1] - host[-2]) / 1e9
         if not host[-3]:  # sums too large to join exactly: hand the limbs over instead
             return StepResult.of(self.result, "export", self.token, centers=self.centers)
-        carried = self.views[3] if self.centers is not None else None
-        return StepResult(*self.views[:3], self.result.n_changed, self.result.seconds, carried, self.lease)
+        return StepResult.exported(self.lease, self.views, self.result.n_changed, self.result.seconds)
+
+
+def stamped_step(shard: Shard, *args) -> tuple[EngineStep, torch.Tensor]:
+    """`Shard.step(*args)` queued without waiting, timed by two stamps of the device's clock (`kernels.clock`):
+    (the step, its start and end ticks)."""
+    ticks = torch.empty(2, dtype=torch.int64, device=shard.engine.device)
+    clock.stamp(ticks, 0)
+    result = shard.step(*args, wait=False)
+    clock.stamp(ticks, 1)
+    return result, ticks
 
 
 def queue_step(shard: Shard, blocks: list, centers: torch.Tensor, numerics: FitNumerics, version, previous_version,
                previous_centers, token: str, carry: torch.Tensor | None) -> QueuedStep:
     """`Shard.step` and `StepResult.of(..., 'export')` queued together, so that the step's end is waited for once,
     and nothing but that read-back runs after the wait (host work right after a long wait for the device runs
-    several times slower than warm). The step is timed by the device's clock (`kernels.clock`)."""
-    ticks = torch.empty(2, dtype=torch.int64, device=shard.engine.device)
-    clock.stamp(ticks, 0)
-    result = shard.step(blocks, centers, numerics, version, previous_version, previous_centers, wait=False)
-    clock.stamp(ticks, 1)
+    several times slower than warm)."""
+    result, ticks = stamped_step(shard, blocks, centers, numerics, version, previous_version, previous_centers)
     joined_sums, fits = fp.join_unchecked(result.partials.sums)
     arrays = [joined_sums, result.partials.weights, result.inertia] + ([] if carry is None else [carry])
     return QueuedStep(result, ticks, fits, *handoff.export(token, arrays, wait=False), token, carry)
 
 
-def _queues(shard: Shard, where: str) -> bool:
-    """Whether a step of this shard is queued with its hand-over (`queue_step`): exported results on a GPU."""
-    return where == "export" and clock.available(shard.engine.device)
+def _step_result(shard: Shard, blocks: list, centers: torch.Tensor, numerics: FitNumerics, version,
+                 previous_version, previous_centers, where: str, token: str, carry: torch.Tensor | None) -> StepResult:
+    """A step as the result its task returns: queued with its hand-over (`queue_step`) when it is exported from a
+    GPU, else stepped and then placed (`StepResult.of`)."""
+    if where == "export" and clock.available(shard.engine.device):
+        return queue_step(shard, blocks, centers, numerics, version, previous_version, previous_centers, token,
+                          carry).finish()
+    result = shard.step(blocks, centers, numerics, version, previous_version, previous_centers)
+    return StepResult.of(result, where, token, centers=carry)
 
 
 @dataclass
@@ -293,11 +310,8 @@ def step(spec: ShardSpec, numerics: FitNumerics, ids: list, centers: list, versi
     shard = shard_for(spec)
     with shard.lock:
         now, before = joined(centers), None if previous is None else joined(previous)
-        if _queues(shard, where):
-            return queue_step(shard, as_blocks(ids, datas), now, numerics, version, previous_version, before,
-                              spec.token, now if carry else None).finish()
-        result = shard.step(as_blocks(ids, datas), now, numerics, version, previous_version, before)
-    return StepResult.of(result, where, spec.token, centers=now if carry else None)
+        return _step_result(shard, as_blocks(ids, datas), now, numerics, version, previous_version, before, where,
+                            spec.token, now if carry else None)
 
 
 def rows_of(result: StepResult, lo: int, hi: int) -> StepResult:
@@ -481,11 +495,8 @@ def chained_step(spec: ShardSpec, numerics: FitNumerics, ids: list, iteration: i
             get_worker().log_event(topic, {**out, "iteration": iteration - 1})
         if out["n_empty"]:
             return Skipped(iteration)
-        if _queues(shard, where):
-            return queue_step(shard, as_blocks(ids, datas), new, numerics, version, previous_version, before,
-                              spec.token, new if carry else None).finish()
-        result = shard.step(as_blocks(ids, datas), new, numerics, version, previous_version, before)
-    return StepResult.of(result, where, spec.token, centers=new if carry else None)
+        return _step_result(shard, as_blocks(ids, datas), new, numerics, version, previous_version, before, where,
+                            spec.token, new if carry else None)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
