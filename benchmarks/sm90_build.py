@@ -63,20 +63,12 @@ def build_assign(k: int, d: int):
     cfg = C.assign_config(torch.device("cuda"), k, d, torch.float16)
     n_pad, k_pad, d_pad = cfg.block_n * 4, cfg.padded_k(k), cfg.padded_d(d)
     f16, f32 = torch.float16, torch.float32
-    x = torch.zeros(1, n_pad, d, dtype=f16)
-    cd = torch.zeros(1, k, d, dtype=f16)
     kernel = A._assign_kernel.warmup(
-        x, x.stride(0), x.stride(1), x.stride(2), torch.zeros(1, n_pad, d_pad, dtype=f16),
-        torch.zeros(1, n_pad, 2, dtype=f32), torch.zeros(1, k_pad, d_pad, dtype=f16),
-        torch.zeros(1, k_pad, dtype=f32), cd, cd.stride(0), cd.stride(1), cd.stride(2),
-        torch.zeros(1, n_pad, dtype=torch.int64), torch.zeros(1, n_pad, dtype=f32),
-        torch.zeros(1, n_pad, dtype=torch.int8),
-        torch.zeros(1, n_pad, dtype=f32), torch.zeros(1, n_pad, dtype=torch.int32),
-        torch.zeros(1, 4, dtype=torch.int32),
-        n_pad, n_pad, d, k_pad, d_pad,
-        COSINE=False, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, RESIDENT=cfg.resident,
-        EPI_D=cfg.epilogue_d, LOP3=True, TOP2_REDUCE=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        grid=(1, 1))
+        torch.zeros(1, n_pad, d_pad, dtype=f16), torch.zeros(1, n_pad, 2, dtype=f32),
+        torch.zeros(1, k_pad, d_pad, dtype=f16), torch.zeros(1, k_pad, dtype=f32), torch.zeros(3, n_pad, dtype=f32),
+        n_pad, n_pad, k_pad, d_pad, C.key_bits(k_pad, cfg.block_k),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, RESIDENT=cfg.resident, LOP3=True,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1, 1))
     return kernel, cfg
 
 
@@ -90,16 +82,16 @@ def build_stream(k: int, d: int, **variant):
     if cfg.stream is None:
         sys.exit(f"no sm_90 streaming pass for K={k} D={d} (see config._stream_config)")
     from flashkm_dist.kernels import assign_sm90 as G
-    sc = dataclasses.replace(cfg.stream, **variant)  # (a variant of the shipped config, e.g. overlap=True)
+    sc = dataclasses.replace(cfg.stream, **variant)  # (a variant of the shipped config, e.g. block_n=64)
     n_pad, k_pad, d_pad = 2 * sc.rows, cfg.padded_k(k), cfg.padded_d(d)
     f16, f32 = torch.float16, torch.float32
     a_desc, c_desc, n_desc = G.descriptors(torch.zeros(1, n_pad, d_pad, dtype=f16),
                                            torch.zeros(1, k_pad, d_pad, dtype=f16), torch.zeros(1, k_pad, dtype=f32),
                                            sc.block_n, sc.block_k)
     kernel = G._stream_kernel.warmup(a_desc, c_desc, n_desc, torch.zeros(1, n_pad, 2, dtype=f32),
-                                     torch.zeros(1, k_pad, dtype=f32), torch.zeros(3, n_pad, dtype=f32), n_pad, k_pad,
-                                     n_pad, BLOCK_N=sc.block_n, BLOCK_K=sc.block_k, D_PAD=d_pad,
-                                     NBUF=sc.stages, REGS=sc.regs, OVERLAP=sc.overlap, num_warps=4, grid=(1, 1))
+                                     torch.zeros(3, n_pad, dtype=f32), n_pad, k_pad,
+                                     n_pad, C.key_bits(k_pad, sc.block_k), BLOCK_N=sc.block_n, BLOCK_K=sc.block_k,
+                                     D_PAD=d_pad, NBUF=sc.stages, REGS=sc.regs, num_warps=4, grid=(1, 1))
     return kernel, cfg
 
 
@@ -138,18 +130,15 @@ def main():
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--json", action="store_true", help="also print the report as one JSON line (last)")
     ap.add_argument("--stream", action="store_true", help="the sm_90 Gluon streaming pass instead of the portable one")
-    ap.add_argument("--overlap", type=int, choices=(0, 1), default=None,
-                    help="--stream: two products in flight per scorer (1) or one (0); default: as shipped")
     ap.add_argument("--block-n", type=int, default=None, help="--stream: rows per scorer (default: as shipped)")
     ap.add_argument("--regs", type=int, default=None, help="--stream: registers per scorer thread")
     ap.add_argument("--out", default=None, help="folder for kernel.ptx / .cubin / .sass (default: a temporary one)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("sm90_build.py compiles for the GPU: run it without TRITON_INTERPRET")
-    variant = {name: value for name, value in (("overlap", None if args.overlap is None else bool(args.overlap)),
-                                                ("block_n", args.block_n), ("regs", args.regs)) if value is not None}
+    variant = {name: value for name, value in (("block_n", args.block_n), ("regs", args.regs)) if value is not None}
     if variant and not args.stream:
-        sys.exit("--overlap, --block-n and --regs are for --stream")
+        sys.exit("--block-n and --regs are for --stream")
     kernel, cfg = build_stream(args.k, args.d, **variant) if args.stream else build_assign(args.k, args.d)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or tmp

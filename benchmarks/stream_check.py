@@ -5,9 +5,9 @@
 1. Bits: for each shape, dtype and metric, `fast_assign` with the warp-specialised pass and with the portable
    kernel (`assign.SM90_STREAM` off) must agree to the bit on labels, min_dist, flags, thresholds and the number
    of flagged rows (both compute the same keys); `flash_assign`'s labels are then checked against float64.
-2. Time (CUDA events, median after warm-up): the streaming pass alone, `flash_assign`, and the estimator's
-   iteration op by op (`lloyd.lloyd_iteration`), both ways, and as the estimator runs it (a replayed CUDA graph,
-   whose bits are checked against op by op), with flash-kmeans' assign and iteration on the same tensors;
+2. Time (CUDA events, median after warm-up): the streaming pass alone, the class pass, `flash_assign`, and the
+   estimator's iteration op by op (`lloyd.lloyd_iteration`), both ways, and as the estimator runs it (a replayed
+   CUDA graph, whose bits are checked against op by op), with flash-kmeans' assign and iteration on the same tensors;
    then the device's busy time in one iteration (all kernels and copies, from the profiler) and its longest kernels.
 `--smoke` runs two small shapes only (a hang or a fault shows there first, cheaply).
 """
@@ -106,10 +106,13 @@ def time_shape(n, k, d, dtype, flash) -> dict:
     A._prepare_rows(p)
     row["sm90_pass"] = str(p.cfg.stream)
     if p.cfg.stream is not None:
-        from flashkm_dist.kernels import assign_sm90
+        from flashkm_dist.kernels import assign_sm90, config
+        key_low = config.key_bits(p.c_fast.shape[1], p.cfg.stream.block_k)
         row["stream_only_ms"] = G.cuda_ms(lambda: assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc,
-                                                                     p.cfg.stream), reps=15)
+                                                                     p.cfg.stream, key_low), reps=15)
         row["stream_tflops"] = 2 * n * k * d / row["stream_only_ms"] / 1e9
+        top = assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, p.cfg.stream, key_low)
+        row["class_pass_ms"] = G.cuda_ms(lambda: A._class_pass(p, top, p.cfg.stream.block_k), reps=15)
     engine, blocks = Engine(DEV, dtype=x.dtype, backend=backend_for(DEV)), [Block(x)]
     for tag, on in (("sm90", True), ("portable", False)):
         A.SM90_STREAM = on

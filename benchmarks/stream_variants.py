@@ -1,9 +1,9 @@
 """Variants of the sm_90 streaming pass (config.StreamConfig fields), in one process: same bits as the shipped
 config, then time (CUDA events, median after warm-up).
 
-    python benchmarks/stream_variants.py --out F.json [--variants '[{"block_n": 64, "overlap": true}]']
+    python benchmarks/stream_variants.py --out F.json [--variants '[{"block_n": 64}]']
 
-Why: the pass's shape (rows per scorer, registers, ring depth, one or two products in flight per scorer) is a
+Why: the pass's shape (rows per scorer, registers, ring depth) is a
 compile-time choice that only the GPU can rank, and run-to-run spread between processes is ~10 %, so candidates
 are compared against the shipped config in the same process, on the same prepared operands. Each variant's
 output planes (best key, second key, label) must equal the shipped config's bit for bit.
@@ -26,8 +26,7 @@ from flashkm_dist.kernels import assign_sm90, config
 DEV = G.DEV
 SHAPES = [(1 << 20, 8192, 128), (1 << 23, 1024, 128), (1 << 20, 65536, 128), (1 << 20, 4096, 64),
           (1 << 20, 8192 + 128, 128)]  # (the last: an odd number of centroid tiles)
-VARIANTS = [{}, {"overlap": True, "block_n": 64}, {"overlap": False, "block_n": 64},
-            {"overlap": True, "block_n": 64, "stages": 3}]
+VARIANTS = [{}, {"block_n": 64}, {"stages": 3}]
 
 
 def run_shape(n, k, d, variants) -> dict:
@@ -39,19 +38,21 @@ def run_shape(n, k, d, variants) -> dict:
     row = {"n": n, "k": k, "d": d, "shipped": str(p.cfg.stream), "variants": []}
     if p.cfg.stream is None:
         return row
-    base = assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, p.cfg.stream).view(torch.int32).clone()
+    key_low = config.key_bits(p.c_fast.shape[1], p.cfg.stream.block_k)
+    base = assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, p.cfg.stream, key_low).view(torch.int32).clone()
     for v in variants:
         sc = dataclasses.replace(p.cfg.stream, **v)
         if "stages" not in v:
             sc = dataclasses.replace(sc, stages=config.stream_ring_slots(
-                config.device_traits(DEV), sc.block_n, p.c_fast.shape[-1], sc.block_k, sc.overlap))
+                config.device_traits(DEV), sc.block_n, p.c_fast.shape[-1], sc.block_k))
         out = {"variant": v, "config": str(sc)}
         try:
             if p.a_fast.shape[1] % sc.rows:
                 raise ValueError(f"prepared rows {p.a_fast.shape[1]} are not a multiple of {sc.rows}")
-            top = assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, sc)
+            top = assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, sc, key_low)
             out["same_bits"] = bool(torch.equal(top.view(torch.int32), base))
-            out["ms"] = G.cuda_ms(lambda: assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, sc), reps=15)
+            out["ms"] = G.cuda_ms(lambda: assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, sc, key_low),
+                                  reps=15)
             out["tflops"] = 2 * n * k * d / out["ms"] / 1e9
         except Exception:
             out["error"] = traceback.format_exc()[-2000:]

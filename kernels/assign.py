@@ -5,16 +5,25 @@ synchronisation). A row pass turns x into centred, power-of-two scaled fp16 oper
 (|a|^2 and the error bound E). Then one program owns BLOCK_N rows and streams all centroids through shared memory
 in BLOCK_K tiles; the N x K distance matrix never exists. Scores come from fp16 tensor-core products with fp32
 accumulation (the fastest path on H100/H200, for every input dtype); the exact float64 distance of the chosen
-centroid is computed from the original x at the end. Each row keeps its best and second-best score; the provable
-per-row bound (below) decides whether the fast label is certainly the exact argmin. The few rows where it is not
-(`flagged`) are appended to a list on the device and resolved exactly by the resolve pass (`_resolve_kernel`,
-persistent programs over the list): it streams the centroids again for those rows and keeps every centroid under
-the row's threshold (a superset of the centroids that can still win), at most two per centroid tile as
-candidate slots (a tile with more hits is remembered and checked whole); the float64 argmin over those is the
-label. The rare rows it cannot settle (more than MAX_CANDIDATES candidates, wide hits in two tiles, a NaN bound)
-go to float64 brute force over all centroids (`_brute_kernel`). No step waits for the host. Labels are therefore
-the exact float64 argmin up to float64 rounding (~1e-16), far inside the contract, and ties go to the lowest
-index.
+centroid is computed from the original x at the end.
+
+The streaming pass does two ALU operations per score (the min/max pipe bounds it on sm_90): one lop3 makes the
+score's key (its place in the low bits: tile within the chunk, column within the slot) and one min folds it into
+the row's running slot minimum. A tile's columns {2g, 2g + 1, BLOCK_K/2 + 2g, BLOCK_K/2 + 2g + 1} share slot g
+(`slot_of`; on sm_90 they are four registers of one thread): BLOCK_K/4 slot minima per row, kept across a chunk of
+up to 32 tiles, then reduced to the row's best key, the smallest key of its other slots, and the label. The
+centroids of the best's slot in every tile (its class, K/32 of them for 128-wide tiles) are not covered by that
+second key: the class pass (`_class_kernel`, rows sorted by class on the device) scores each row against its
+label's class and folds the smallest of the others into the row's second. The finishing kernel (`_finish_kernel`)
+then runs the margin test with the provable per-row bound (below): it decides whether the fast label is certainly
+the exact argmin. The few rows where it is not (`flagged`) are appended to a list on the device and resolved
+exactly by the resolve pass (`_resolve_kernel`, persistent programs over the list): it streams the centroids
+again for those rows and keeps every centroid under the row's threshold (a superset of the centroids that can
+still win), at most two per centroid tile as candidate slots (a tile with more hits is remembered and checked
+whole); the float64 argmin over those is the label. The rare rows it cannot settle (more than MAX_CANDIDATES
+candidates, wide hits in two tiles, a NaN bound) go to float64 brute force over all centroids (`_brute_kernel`).
+No step waits for the host. Labels are therefore the exact float64 argmin up to float64 rounding (~1e-16), far
+inside the contract, and ties go to the lowest index.
 
 Why it is exact (everything in units scaled by alpha = 2**e, exact):
   a = alpha (x - s), b_c = alpha (c - s) exactly, with s the kernel's shift (fp32, from the data mean: a shift
@@ -29,8 +38,10 @@ Why it is exact (everything in units scaled by alpha = 2**e, exact):
                                 + 2**-13 sqrt(D_pad) (Ah + Bh)
   (cc rounding, the init add, the accumulation, a.b - ah.bh = ea.bh + ah.eb + ea.eb, and fp16 subnormals even if
   flushed), inflated for the rounding of the fp32 norms; the tests check the stored E against a sequential fp32
-  accumulator that truncates every add. The best and second keys t1 <= t2 carry the in-tile index in their low
-  log2(BLOCK_K) mantissa bits (|key - d| < BLOCK_K 2**-23 |key| =: T|key|). If
+  accumulator that truncates every add. The best and second keys t1 <= t2 carry their place in their low key_low
+  mantissa bits (`config.key_bits`, at most 7: |key - d| < 2**key_low 2**-23 |key| =: T|key|); the class pass
+  gives plain scores of the same operands. Every other centroid lies in another slot of its chunk, in another
+  chunk (whose best key the second already took), or in the label's class, so t2 is at most its key or score. If
       (t2 - t1) - T (|t1| + |t2|) > 2 E
   then S(label) < S(c) for every other c: the label is the unique exact argmin. Otherwise every c that can still
   win has d(c) - aa <= t1 + T|t1| - aa + 2E (the row's `threshold`), which the resolve pass uses: its own scores
@@ -45,13 +56,13 @@ import triton
 import triton.language as tl
 
 from . import compile_ahead, reference
-from .config import AssignConfig, assign_config, launch
+from .config import AssignConfig, assign_config, key_bits, launch
 
 MAX_CANDIDATES = 8  # a flagged row with more possible winners than this goes to float64 brute force
 _FAR = 1.0e38  # score of padded centroid columns: finite, so margins stay finite (K = 1 works)
 _ALPHA_TARGET_EXP = 10  # alpha * max|c - s| lands in [2**9, 2**10): rows up to 64x farther still fit fp16
 _COSINE_ALPHA = 2.0 ** 12  # unit rows: coordinates <= 1 -> <= 4096
-_FORCE_TOP2_REDUCE = False  # tests: run the GPU's one-pass top-2 reduction in the interpreter too
+_FORCE_TOP2_REDUCE = False  # tests: the resolve pass's one-pass top-2 reduction in the interpreter too
 SM90_STREAM = True  # sm_90: the warp-specialised streaming pass (assign_sm90); False: the portable kernel (A/B)
 
 
@@ -95,12 +106,13 @@ def _resident_rows(a_rows, offs_d, aa, RESIDENT: tl.constexpr):
 
 
 @triton.jit
-def _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, k0, offs_k, offs_d, d_pad,
+def _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, cidx, offs_d, d_pad,
                  BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr):
-    """aa + |b|^2 - 2 a.b for one BLOCK_K tile of centroids: fp16 tensor-core products, fp32 accumulation."""
-    cc = tl.load(cc_ptr + k0 + offs_k)
+    """aa + |b|^2 - 2 a.b for a tile of centroids (indices cidx, contiguous in the streaming passes, gathered in
+    the class pass): fp16 tensor-core products, fp32 accumulation."""
+    cc = tl.load(cc_ptr + cidx)
     acc = aa[:, None] + cc[None, :]
-    c_rows = cf_ptr + (k0 + offs_k)[:, None].to(tl.int64) * d_pad
+    c_rows = cf_ptr + cidx[:, None].to(tl.int64) * d_pad
     if RESIDENT:
         c = tl.load(c_rows + offs_d[None, :])
         acc = tl.dot(a_fast, tl.trans(c), acc)
@@ -190,24 +202,75 @@ def _rows_kernel(
     tl.store(rowstat_ptr + out_off * 2 + 1, err, mask=pad_mask)
 
 
-@triton.jit(do_not_specialize=["stride_xb", "n_rows"])
+@triton.jit
+def _tagged_keys(acc, tag, low_mask, LOP3: tl.constexpr):
+    """Scores with a tag in their low bits: (bits & low_mask) | tag, tag one int32 per column.
+    LOP3: one PTX lop3 per score (ptxas emits and + or otherwise); GPU only, the interpreter has no inline asm."""
+    bits = acc.to(tl.int32, bitcast=True)
+    if LOP3:
+        idx = tag[None, :] + tl.zeros(acc.shape, tl.int32)
+        mask = low_mask + tl.zeros(acc.shape, tl.int32)
+        key = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r", [bits, mask, idx],
+                                        dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        key = (bits & low_mask) | tag[None, :]
+    return key.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _slot_tags(offs_k, BLOCK_K: tl.constexpr):
+    """Each tile column's place in its slot (see `slot_of`): (j & 1) + 2 (j >= BLOCK_K / 2)."""
+    return (offs_k & 1) + 2 * (offs_k >= BLOCK_K // 2).to(tl.int32)
+
+
+@triton.jit
+def _fold_slots(key, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) keys -> (BLOCK_N, BLOCK_K / 4): the smallest of each slot's four columns
+    {2g, 2g + 1, BLOCK_K/2 + 2g, BLOCK_K/2 + 2g + 1} (on sm_90 the four registers one thread holds)."""
+    a, b = tl.split(tl.reshape(key, (BLOCK_N, BLOCK_K // 2, 2)))
+    pair = tl.minimum(a, b)
+    lo, hi = tl.split(tl.permute(tl.reshape(pair, (BLOCK_N, 2, BLOCK_K // 4)), (0, 2, 1)))
+    return tl.minimum(lo, hi)
+
+
+@triton.jit
+def _chunk_top(run, c0, key_low, BLOCK_K: tl.constexpr):
+    """A chunk's best key, the smallest key of its other slots, and the label of the best (slot ties -> lowest
+    slot, which is the lowest label: equal keys carry the same tile and place)."""
+    S: tl.constexpr = BLOCK_K // 4
+    g = tl.arange(0, S)
+    t1 = tl.min(run, 1)
+    g1 = tl.minimum(tl.min(tl.where(run == t1[:, None], g[None, :], S), 1), S - 1)
+    t2 = tl.min(tl.where(g[None, :] == g1[:, None], 3.0e38, run), 1)
+    low = t1.to(tl.int32, bitcast=True) & ((1 << key_low) - 1)
+    label = c0 + (low >> 2) * BLOCK_K + 2 * (g1 + S * ((low >> 1) & 1)) + (low & 1)
+    return t1, t2, label
+
+
+@triton.jit
+def _merge_top(best, second, best_idx, t1, t2, i1):
+    """Fold a chunk's (best, second, label) into the row's: strict, so an earlier chunk keeps a tie (and the tie
+    shows as a zero margin)."""
+    better = t1 < best
+    second = tl.where(better, tl.minimum(best, t2), tl.minimum(second, t1))
+    best_idx = tl.where(better, i1, best_idx)
+    best = tl.where(better, t1, best)
+    return best, second, best_idx
+
+
+@triton.jit(do_not_specialize=["n_pad"])
 def _assign_kernel(
-    x_ptr, stride_xb, stride_xn, stride_xd, a_ptr, rowstat_ptr,
-    cf_ptr, cc_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
-    labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr,
-    n_rows, n_pad, D, k_pad, d_pad,
-    COSINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    RESIDENT: tl.constexpr, EPI_D: tl.constexpr, LOP3: tl.constexpr, TOP2_REDUCE: tl.constexpr,
+    a_ptr, rowstat_ptr, cf_ptr, cc_ptr, top_ptr, top_stride, n_pad, k_pad, d_pad, key_low,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
+    LOP3: tl.constexpr,
 ):
-    """Streaming pass: scores of BLOCK_N prepared rows against every centroid tile, running best/second key per
-    row, then the margin test, the exact distance of the label, and the flagged rows appended to the batch's
-    list (`list_ptr[b, :count[b, 0]]`, batch stride n_pad, in no particular order; count is (B, 4)) for the
-    resolve pass."""
+    """Streaming pass (portable): scores of BLOCK_N prepared rows against every centroid tile, reduced per slot
+    (see `slot_of`): one min per score into the chunk's running slot minima, no per-tile row reduction. Writes
+    each row's (best key, smallest key outside the best's slot, label) to top_ptr's three planes; the class pass
+    then covers the best's slot and `_finish_kernel` the rest."""
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < n_rows
-    out_off = pid_b.to(tl.int64) * n_rows + rows
     a_off = pid_b.to(tl.int64) * n_pad + rows  # prepared rows are padded to n_pad: no masks in the stream
     a_rows = a_ptr + a_off[:, None] * d_pad
     offs_d = tl.arange(0, BLOCK_D)
@@ -215,43 +278,77 @@ def _assign_kernel(
     cf_ptr += pid_b.to(tl.int64) * k_pad * d_pad
     cc_ptr += pid_b.to(tl.int64) * k_pad
     aa = tl.load(rowstat_ptr + a_off * 2)
-
     a_fast = _resident_rows(a_rows, offs_d, aa, RESIDENT)
+    place = _slot_tags(offs_k, BLOCK_K)
+    low_mask = -(1 << key_low)
+    chunk = BLOCK_K << (key_low - 2)
     best = tl.full([BLOCK_N], 3.0e38, tl.float32)
     second = tl.full([BLOCK_N], 3.0e38, tl.float32)
     best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for c0 in range(0, k_pad, chunk):
+        run = tl.full([BLOCK_N, BLOCK_K // 4], 3.0e38, tl.float32)
+        for k0 in range(c0, tl.minimum(c0 + chunk, k_pad), BLOCK_K):
+            acc = _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, k0 + offs_k, offs_d, d_pad, BLOCK_D, RESIDENT)
+            key = _tagged_keys(acc, (((k0 - c0) // BLOCK_K) << 2) + place, low_mask, LOP3)
+            run = tl.minimum(run, _fold_slots(key, BLOCK_N, BLOCK_K))
+        t1, t2, i1 = _chunk_top(run, c0, key_low, BLOCK_K)
+        best, second, best_idx = _merge_top(best, second, best_idx, t1, t2, i1)
+    tl.store(top_ptr + a_off, best)
+    tl.store(top_ptr + top_stride + a_off, second)
+    tl.store(top_ptr + 2 * top_stride + a_off, best_idx.to(tl.float32, bitcast=True))
 
-    for k0 in range(0, k_pad, BLOCK_K):
-        acc = _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, k0, offs_k, offs_d, d_pad, BLOCK_D, RESIDENT)
-        # key = score with its in-tile index in the low mantissa bits: one min gives value and argmin
-        key = _score_keys(acc, offs_k, BLOCK_K, LOP3)
-        if TOP2_REDUCE:  # one pass (3 min/max per score); the interpreter runs custom combines slowly
-            t1, t2 = _row_top2(key, BLOCK_N, BLOCK_K)
-        else:  # keys are distinct (distinct index bits), so dropping the minimum leaves the second
-            t1 = tl.min(key, 1)
-            t2 = tl.min(tl.where(key == t1[:, None], 3.0e38, key), 1)
-        i1 = (t1.to(tl.int32, bitcast=True) & (BLOCK_K - 1)) + k0
-        better = t1 < best  # strict: an earlier tile keeps a tie (and the tie shows as a zero margin)
-        second = tl.where(better, tl.minimum(best, t2), tl.minimum(second, t1))
-        best_idx = tl.where(better, i1, best_idx)
-        best = tl.where(better, t1, best)
 
-    _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid_b,
-                 x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
-                 labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr, n_pad, D,
-                 COSINE, BLOCK_N, BLOCK_K, EPI_D)
+@triton.jit(do_not_specialize=["n_total"])
+def _class_kernel(
+    order_ptr, group_ptr, top_ptr, top_stride, a_ptr, rowstat_ptr, cf_ptr, cc_ptr,
+    n_total, k_pad, d_pad, class_size,
+    TILE_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    RESIDENT: tl.constexpr,
+):
+    """Class pass: for every prepared row, the smallest score over the other centroids of its label's class
+    (the label's slot in every tile: `class_of`), folded into the row's second plane. The rows come sorted by
+    (batch, class) (`order_ptr`, `group_ptr` = batch * slots + class, both over B n_pad), so a tile of rows
+    shares one or two classes and their centroids are gathered once per tile."""
+    S: tl.constexpr = TILE_K // 4
+    pos = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = pos < n_total
+    flat = tl.load(order_ptr + pos, mask=valid, other=0).to(tl.int64)
+    group = tl.load(group_ptr + pos, mask=valid, other=-1).to(tl.int32)
+    label = tl.load(top_ptr + 2 * top_stride + flat).to(tl.int32, bitcast=True)
+    aa = tl.load(rowstat_ptr + flat * 2)
+    a_rows = a_ptr + flat[:, None] * d_pad
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, BLOCK_C)
+    a_fast = _resident_rows(a_rows, offs_d, aa, RESIDENT)
+    low = tl.full([BLOCK_N], 3.0e38, tl.float32)
+    g_first = tl.min(tl.where(valid, group, 2147483647), 0)
+    g_last = tl.max(group, 0)
+    for grp in range(g_first, g_last + 1):
+        pid_b = grp // S
+        g = grp % S
+        member = valid & (group == grp)
+        for m0 in range(0, class_size, BLOCK_C):
+            m = tl.minimum(m0 + offs_c, class_size - 1)  # (a repeated member changes no minimum)
+            cidx = (m >> 2) * TILE_K + 2 * (g + S * ((m >> 1) & 1)) + (m & 1)
+            acc = _tile_scores(aa, a_fast, a_rows, cf_ptr + pid_b.to(tl.int64) * k_pad * d_pad,
+                               cc_ptr + pid_b.to(tl.int64) * k_pad, cidx, offs_d, d_pad, BLOCK_D, RESIDENT)
+            acc = tl.where(cidx[None, :] == label[:, None], 3.0e38, acc)
+            low = tl.where(member, tl.minimum(low, tl.min(acc, 1)), low)
+    second = tl.load(top_ptr + top_stride + flat, mask=valid)
+    tl.store(top_ptr + top_stride + flat, tl.minimum(second, low), mask=valid)
 
 
 @triton.jit
 def _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid_b,
                  x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
-                 labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr, n_pad, D,
-                 COSINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_D: tl.constexpr):
+                 labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr, n_pad, D, key_low,
+                 COSINE: tl.constexpr, BLOCK_N: tl.constexpr, EPI_D: tl.constexpr):
     """After the stream: the margin test, the label, the resolve threshold, the flagged rows appended to the
     batch's list, and the exact distance of the label (shared by both streaming passes: same bits)."""
     U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
     bound = 2.0 * tl.load(rowstat_ptr + a_off * 2 + 1) * (1.0 + 1.52587890625e-05)
-    trunc = BLOCK_K * 1.1920928955078125e-07 + 2.384185791015625e-07
+    # a key differs from its score in the low key_low bits: |key - d| < 2**key_low ulp(d)
+    trunc = (1 << key_low).to(tl.float32) * 1.1920928955078125e-07 + 2.384185791015625e-07
     gap = (second - best) * (1.0 - 2.384185791015625e-07) - trunc * (tl.abs(best) + tl.abs(second)) - 1e-36
     exact = gap > bound  # False for NaN / inf bounds: such rows are re-checked
     thr_out = best + trunc * tl.abs(best) - aa + bound
@@ -285,11 +382,11 @@ def _finish_kernel(
     top_ptr, top_stride, x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr,
     cd_ptr, stride_cdb, stride_cdk, stride_cdd,
     labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr,
-    n_rows, n_pad, D,
-    COSINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_D: tl.constexpr,
+    n_rows, n_pad, D, key_low,
+    COSINE: tl.constexpr, BLOCK_N: tl.constexpr, EPI_D: tl.constexpr,
 ):
-    """The rest of the streaming pass after `assign_sm90.stream`: reads each row's (best key, second key,
-    label) from its three planes and runs `_finish_rows` as `_assign_kernel` does."""
+    """The rest of FlashAssign's fast pass after the streaming pass (either one) and the class pass: reads each
+    row's (best key, second key, label) from its three planes and runs `_finish_rows`."""
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -302,8 +399,8 @@ def _finish_kernel(
     best_idx = tl.load(top_ptr + 2 * top_stride + a_off).to(tl.int32, bitcast=True)
     _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid_b,
                  x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
-                 labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr, n_pad, D,
-                 COSINE, BLOCK_N, BLOCK_K, EPI_D)
+                 labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr, n_pad, D, key_low,
+                 COSINE, BLOCK_N, EPI_D)
 
 
 @triton.jit
@@ -447,7 +544,7 @@ def _resolve_kernel(
         n_wide = tl.zeros([BLOCK_N], dtype=tl.int32)  # tiles with more than two hits
         wide_k0 = tl.zeros([BLOCK_N], dtype=tl.int32)  # the first of them
         for k0 in range(0, k_pad, BLOCK_K):
-            acc = _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, k0, offs_k, offs_d, d_pad, BLOCK_D, RESIDENT)
+            acc = _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, k0 + offs_k, offs_d, d_pad, BLOCK_D, RESIDENT)
             hit = acc <= lim[:, None]
             key = tl.where(hit, _score_keys(acc, offs_k, BLOCK_K, LOP3), BIG)
             if TOP2_REDUCE:
@@ -784,12 +881,12 @@ def _prepare_rows(p: _Prepared) -> None:
 
 
 def _fast_pass(p: _Prepared) -> FastAssignment:
-    """The row pass and the streaming pass: no host synchronisation."""
+    """The row pass, the streaming pass, the class pass and the margin test: no host synchronisation."""
     b, n, _ = p.x.shape
     dev = p.x.device
     cfg = p.cfg
     _prepare_rows(p)
-    n_pad, d_pad = p.a_fast.shape[1], p.a_fast.shape[2]
+    n_pad = p.a_fast.shape[1]
     fast = FastAssignment(torch.empty((b, n), dtype=torch.int64, device=dev),
                           torch.empty((b, n), dtype=torch.float32, device=dev),
                           torch.empty((b, n), dtype=torch.int8, device=dev),
@@ -798,26 +895,50 @@ def _fast_pass(p: _Prepared) -> FastAssignment:
                           torch.empty((2, b, n_pad), dtype=torch.int32, device=dev),
                           torch.zeros((b, 4), dtype=torch.int32, device=dev))
     x, cd = p.x, p.c_dist
-    if cfg.stream is not None and SM90_STREAM:
-        from . import assign_sm90
-        top = assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, cfg.stream)
-        launch(_finish_kernel, (n_pad // cfg.block_n, b),
-               top, top.stride(0), x, x.stride(0), x.stride(1), x.stride(2), p.rowstat,
-               cd, cd.stride(0), cd.stride(1), cd.stride(2),
-               fast.labels, fast.min_dist, fast.flag, fast.threshold, fast.lists[0], fast.counts,
-               n, n_pad, x.shape[2], COSINE=p.cosine, BLOCK_N=cfg.block_n, BLOCK_K=cfg.stream.block_k,
-               EPI_D=cfg.epilogue_d, num_warps=cfg.num_warps)
-        return fast
-    launch(_assign_kernel, (n_pad // cfg.block_n, b),
-           x, x.stride(0), x.stride(1), x.stride(2), p.a_fast, p.rowstat,
-           p.c_fast, p.cc, cd, cd.stride(0), cd.stride(1), cd.stride(2),
+    top, tile_k, key_low = _stream(p)
+    _class_pass(p, top, tile_k)
+    launch(_finish_kernel, (n_pad // cfg.block_n, b),
+           top, top.stride(0), x, x.stride(0), x.stride(1), x.stride(2), p.rowstat,
+           cd, cd.stride(0), cd.stride(1), cd.stride(2),
            fast.labels, fast.min_dist, fast.flag, fast.threshold, fast.lists[0], fast.counts,
-           n, n_pad, x.shape[2], p.c_fast.shape[1], d_pad,
-           COSINE=p.cosine, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
-           RESIDENT=cfg.resident, EPI_D=cfg.epilogue_d, LOP3=not cfg.interpreted,
-           TOP2_REDUCE=not cfg.interpreted or _FORCE_TOP2_REDUCE,
-           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+           n, n_pad, x.shape[2], key_low, COSINE=p.cosine, BLOCK_N=cfg.block_n, EPI_D=cfg.epilogue_d,
+           num_warps=cfg.num_warps)
     return fast
+
+
+def _stream(p: _Prepared) -> tuple[torch.Tensor, int, int]:
+    """The streaming pass over the prepared rows (sm_90's or the portable one): its three (B n_pad) planes, the
+    width of its centroid tiles and the place bits of its keys."""
+    b, n_pad, d_pad = p.a_fast.shape
+    cfg, k_pad = p.cfg, p.c_fast.shape[1]
+    sm90 = cfg.stream is not None and SM90_STREAM
+    tile_k = cfg.stream.block_k if sm90 else cfg.block_k
+    key_low = key_bits(k_pad, tile_k)
+    if sm90:
+        from . import assign_sm90
+        return assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, cfg.stream, key_low), tile_k, key_low
+    top = torch.empty((3, b * n_pad), dtype=torch.float32, device=p.a_fast.device)
+    launch(_assign_kernel, (n_pad // cfg.block_n, b),
+           p.a_fast, p.rowstat, p.c_fast, p.cc, top, top.stride(0), n_pad, k_pad, d_pad, key_low,
+           BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, RESIDENT=cfg.resident,
+           LOP3=not cfg.interpreted, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return top, tile_k, key_low
+
+
+def _class_pass(p: _Prepared, top: torch.Tensor, tile_k: int) -> None:
+    """The class pass over the streaming pass's planes: rows sorted by (batch, class of their label) on the
+    device (no host synchronisation), then `_class_kernel` folds each row's class minimum into its second."""
+    b, n_pad, d_pad = p.a_fast.shape
+    k_pad = p.c_fast.shape[1]
+    slots = tile_k // 4
+    labels = top[2].view(torch.int32).view(b, n_pad)
+    group = slot_of(labels, tile_k) + slots * torch.arange(b, dtype=torch.int32, device=labels.device)[:, None]
+    group, order = torch.sort(group.view(-1).to(torch.int16 if b * slots < 2 ** 15 else torch.int32))
+    cc = p.cfg.class_pass
+    launch(_class_kernel, (triton.cdiv(b * n_pad, cc.block_n),),
+           order, group, top, top.stride(0), p.a_fast, p.rowstat, p.c_fast, p.cc, b * n_pad, k_pad, d_pad,
+           4 * (k_pad // tile_k), TILE_K=tile_k, BLOCK_N=cc.block_n, BLOCK_C=cc.block_c, BLOCK_D=p.cfg.block_d,
+           RESIDENT=p.cfg.resident, num_warps=cc.num_warps, num_stages=cc.num_stages)
 
 
 def _resolve_launch(p: _Prepared, fast: FastAssignment) -> None:
@@ -853,6 +974,12 @@ def _brute_launch(p: _Prepared, fast: FastAssignment) -> None:
            fast.labels, fast.min_dist, lists[1], fast.counts[:, 1:], n, cd.shape[1], d, lists.stride(1),
            COSINE=p.cosine, BLOCK_N=block_n, BLOCK_K=16 if cfg.interpreted else 32, EPI_D=cfg.epilogue_d,
            num_warps=4)
+
+
+def slot_of(labels: torch.Tensor, tile_k: int) -> torch.Tensor:
+    """The slot of centroid `labels` in its tile_k-wide tile: columns {2g, 2g + 1, tile_k/2 + 2g,
+    tile_k/2 + 2g + 1} share slot g (the four accumulator registers one thread holds on sm_90)."""
+    return (labels % tile_k) % (tile_k // 2) // 2
 
 
 def _as_batched(x: torch.Tensor, centroids: torch.Tensor):

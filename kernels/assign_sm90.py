@@ -1,33 +1,31 @@
 """FlashAssign's streaming pass for Hopper (sm_90), in Gluon: warp-specialised, TMA-fed, no CTA-wide barriers.
 
 Why a second version of the loop: in the portable `assign._assign_kernel` all warps of a program load each
-centroid tile through registers, meet at a CTA barrier, multiply, wait for the product, then reduce the scores
-(index bits, top-2) on the ALU pipe; warps mostly wait (profile at N=1M, K=8192, D=128: ALU pipe 54 % busy, issue
-slots 43 %, 46 % of the fp16 matmul rate).
+centroid tile through registers, meet at a CTA barrier, multiply, wait for the product, then reduce the scores on
+the ALU pipe; warps mostly wait.
 
 Here a program owns 2 x BLOCK_N rows and runs three partitions (`gl.warp_specialize`):
   - a loader (the default partition; it gives its registers up): TMA of the scorers' row tiles once, then every
-    centroid tile into a ring of NBUF shared-memory slots, each refilled as soon as both scorers freed it;
+    centroid tile and its norms into a ring of NBUF shared-memory slots, each refilled as soon as both scorers
+    freed it (the norms ride in the ring: from global memory their L2 latency stalled every tile, prefetched into
+    registers they cost 32 registers a thread);
   - two scorers (one warpgroup each, BLOCK_N rows each): wait for a slot, tensor-core product of their rows with
-    it, free the slot, reduce the scores. Only the slots' mbarriers couple them, so one scorer's product runs on
-    the tensor cores while another reduces its scores on the ALUs. The next tile's centroid norms are loaded
-    under the product (the ring leaves L1 too small to keep them; loaded at use, their L2 latency stalled
-    every tile).
+    it, free the slot, fold the scores into the chunk's slot minima (one lop3 and one min per score, see
+    `assign`'s module docstring). Only the slots' mbarriers couple them, so one scorer's product runs on the
+    tensor cores while the other folds its scores on the ALUs.
 All row tiles of a program share each centroid tile: 2 x 128 rows (config.STREAM_SHAPE) read the centroids from
-L2 half as often as the portable kernel's 128-row programs. Measured on an H200 (benchmarks/stream_check.py, same
-process): the streaming pass at N=1M, K=8192, D=128 takes 4.47 ms (about 480 TFLOP/s) against about 5.3 for the portable
-kernel; tensor pipe ~55 % and ALU pipe ~60 % busy, so the two still overlap only partly (ncu: stalls on the
-warpgroup barrier Triton puts before each mbarrier wait, on the ALU pipe, on dependencies). Making the two scorers
-take strict turns on the tensor cores (FA3-style ping-pong, tried with mbarriers) was slower or no faster.
+L2 half as often as the portable kernel's 128-row programs. A thread's four registers of a slot are the columns
+8i + 2q + {0, 1} and those 64 further, so folding a tile moves no data between threads; the row reduction runs
+once per chunk of up to 32 tiles. Measured on an H200 (benchmarks/stream_check.py, same process as flash-kmeans):
+the pass alone at N=1M, K=8192, D=128 takes 3.25 ms (676 TFLOP/s), against 4.49 ms for the earlier per-tile
+top-2 reduction (three min/max per score plus shuffles), which left the tensor and ALU pipes 55 % and 60 % busy.
 
 Same operands, same accumulation (`aa + cc` as the accumulator's start, one m64n128k16 fp32 wgmma chain over D),
-same keys and top-2 as the portable kernel, whose register layout this is: each scorer writes its rows' (best key,
-second key, label) and `assign._finish_kernel` runs the margin test and everything after the loop with the
-portable kernel's own code, so both paths give the same bits (benchmarks/stream_check.py checks labels, distances,
-flags and thresholds to the bit on the GPU). Used on sm_90 for resident rows with padded D <= 128
-(`config.assign_config` decides); the interpreter and every other GPU run the portable kernel.
-An option (`StreamConfig.overlap`) keeps two products in flight per scorer (64 rows each); it gives the same bits
-but is faster at only some shapes (see config.StreamConfig), so it is off.
+same keys, slots and chunk order as the portable kernel: each scorer writes its rows' (best key, smallest key of
+the other slots, label) and the class pass and `assign._finish_kernel` run after it with the portable kernel's
+own code, so both paths give the same bits (benchmarks/stream_check.py checks labels, distances, flags and
+thresholds to the bit on the GPU; `reference.stream_slots` is the torch twin). Used on sm_90 for resident rows
+with padded D <= 128 (`config.assign_config` decides); the interpreter and every other GPU run the portable kernel.
 """
 from __future__ import annotations
 
@@ -46,32 +44,33 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared 
 
 
 @gluon.jit
-def _top2_combine(a1, a2, b1, b2):
-    """(smallest, second smallest) of two pairs: as `assign._top2_combine`."""
-    return gl.minimum(a1, b1), gl.minimum(gl.maximum(a1, b1), gl.minimum(a2, b2))
+def _fold_slots(key, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+    """As `assign._fold_slots`: the smallest of each slot's four columns, which are four accumulator registers of
+    one thread here (columns 8i + 2q + {0, 1} and 64 more), so no data moves between threads."""
+    a, b = gl.split(gl.reshape(key, (BLOCK_N, BLOCK_K // 2, 2)))
+    pair = gl.minimum(a, b)
+    lo, hi = gl.split(gl.permute(gl.reshape(pair, (BLOCK_N, 2, BLOCK_K // 4)), (0, 2, 1)))
+    return gl.minimum(lo, hi)
 
 
 @gluon.jit
-def _tile_top2(acc, offs_k, BLOCK_K: gl.constexpr):
-    """Keys (score bits with the in-tile index in the low log2(BLOCK_K) bits, one lop3) and their per-row
-    (smallest, second smallest): the same keys and the same pairing as `assign._row_top2`."""
-    layout: gl.constexpr = acc.type.layout
-    bits = acc.to(gl.int32, bitcast=True)
-    idx = gl.zeros(acc.shape, gl.int32, layout) + offs_k[None, :]
-    mask = gl.full(acc.shape, -BLOCK_K, gl.int32, layout)
-    key = gl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r", [bits, mask, idx],
-                                    dtype=gl.int32, is_pure=True, pack=1).to(gl.float32, bitcast=True)
-    a, b = gl.split(gl.reshape(key, (acc.shape[0], BLOCK_K // 2, 2)))
-    t1, t2 = gl.reduce((gl.minimum(a, b), gl.maximum(a, b)), 1, _top2_combine)
-    rows_l: gl.constexpr = gl.SliceLayout(1, layout)  # (the same rows per thread: no data moves)
-    return gl.convert_layout(t1, rows_l), gl.convert_layout(t2, rows_l)
+def _chunk_top(run, c0, key_low, BLOCK_K: gl.constexpr):
+    """As `assign._chunk_top`: a chunk's best key, the smallest key of its other slots, the label of the best."""
+    S: gl.constexpr = BLOCK_K // 4
+    g = gl.arange(0, S, layout=gl.SliceLayout(0, run.type.layout))
+    t1 = gl.min(run, 1)
+    g1 = gl.minimum(gl.min(gl.where(run == t1[:, None], g[None, :], S), 1), S - 1)
+    t2 = gl.min(gl.where(g[None, :] == g1[:, None], 3.0e38, run), 1)
+    low = t1.to(gl.int32, bitcast=True) & ((1 << key_low) - 1)
+    label = c0 + (low >> 2) * BLOCK_K + 2 * (g1 + S * ((low >> 1) & 1)) + (low & 1)
+    return t1, t2, label
 
 
 @gluon.jit
 def _load_partition(a_desc, c_desc, n_desc, a_smem, c_smem, n_smem, a_bar, ready, empty, n_pad, k_pad,
-                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NBUF: gl.constexpr, NORMS: gl.constexpr):
-    """The two scorers' row tiles once, then centroid tile t (with NORMS, its norms too) into slot t % NBUF once
-    both scorers freed that slot."""
+                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NBUF: gl.constexpr):
+    """The two scorers' row tiles once, then centroid tile t and its norms into slot t % NBUF once both scorers
+    freed that slot."""
     pid_n = gl.program_id(0)
     pid_b = gl.program_id(1)
     a_row = pid_b * n_pad + pid_n * (2 * BLOCK_N)
@@ -82,119 +81,77 @@ def _load_partition(a_desc, c_desc, n_desc, a_smem, c_smem, n_smem, a_bar, ready
     for t in range(k_pad // BLOCK_K):
         slot = t % NBUF
         mbarrier.wait(empty.index(slot), ((t // NBUF) & 1) ^ 1)  # (a fresh barrier passes phase 1 at once)
-        if NORMS:
-            mbarrier.expect(ready.index(slot), c_desc.block_type.nbytes + n_desc.block_type.nbytes)
-            _tma_load(n_desc, [c_row + t * BLOCK_K], ready.index(slot), n_smem.index(slot))
-        else:
-            mbarrier.expect(ready.index(slot), c_desc.block_type.nbytes)
+        mbarrier.expect(ready.index(slot), c_desc.block_type.nbytes + n_desc.block_type.nbytes)
+        _tma_load(n_desc, [c_row + t * BLOCK_K], ready.index(slot), n_smem.index(slot))
         _tma_load(c_desc, [c_row + t * BLOCK_K, 0], ready.index(slot), c_smem.index(slot))
 
 
 @gluon.jit
-def _tile_merge(acc, t, offs_k, best, second, best_idx, BLOCK_K: gl.constexpr):
-    """Fold tile t's scores into the running (best key, second key, label) per row; an earlier tile keeps a tie."""
-    t1, t2 = _tile_top2(acc, offs_k, BLOCK_K)
-    i1 = (t1.to(gl.int32, bitcast=True) & (BLOCK_K - 1)) + t * BLOCK_K
-    better = t1 < best  # strict: an earlier tile keeps a tie
-    second = gl.where(better, gl.minimum(best, t2), gl.minimum(second, t1))
-    best_idx = gl.where(better, i1, best_idx)
-    best = gl.where(better, t1, best)
-    return best, second, best_idx
-
-
-@gluon.jit
-def _issue(a_tile, c_smem, n_smem, ready, t, aa, cols_l: gl.constexpr, NBUF: gl.constexpr):
-    """OVERLAP: start tile t's product once its slot is filled, seeded with aa + the tile's norms (read from the
-    slot, where the loader put them: two accumulators leave no registers to hold the next tile's norms)."""
-    slot = t % NBUF
-    mbarrier.wait(ready.index(slot), (t // NBUF) & 1)
-    cc = n_smem.index(slot).load(cols_l)
-    return warpgroup_mma(a_tile, c_smem.index(slot).permute((1, 0)), aa[:, None] + cc[None, :], is_async=True)
-
-
-@gluon.jit
-def _retire(acc, empty, t, offs_k, best, second, best_idx, PENDING: gl.constexpr, BLOCK_K: gl.constexpr,
-            NBUF: gl.constexpr):
-    """Wait for tile t's product (PENDING later ones may stay in flight), free its slot, fold its scores in."""
-    acc = warpgroup_mma_wait(num_outstanding=PENDING, deps=(acc,))
-    mbarrier.arrive(empty.index(t % NBUF), count=1)  # (the product is done: the slot may be refilled)
-    return _tile_merge(acc, t, offs_k, best, second, best_idx, BLOCK_K)
-
-
-@gluon.jit
-def _score_partition(a_smem, c_smem, n_smem, a_bar, ready, empty, rowstat_ptr, cc_ptr, top_ptr, n_pad, k_pad,
-                     top_stride, H: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NBUF: gl.constexpr,
-                     OVERLAP: gl.constexpr):
-    """Scorer H: its BLOCK_N rows against every centroid tile, running best / second key and label per row as in
-    the portable kernel (an earlier tile keeps a tie), written to top_ptr's three planes.
-
-    OVERLAP (config.StreamConfig.overlap): two products in flight, tile t+1's issued before tile t's scores are
-    reduced, so this scorer's own tensor-core work runs under its ALU work; it needs two accumulators, so 64 rows
-    per scorer. The loop is unrolled by two so that each accumulator keeps its registers: an in-flight
-    accumulator copied at the loop's back edge makes ptxas serialise every wgmma (C7514), and so did the other
-    shapes of this loop tried (the tail below without its branch; two half-tile accumulators of 128 rows);
-    benchmarks/sm90_build.py --overlap 1 --block-n 64 prints ptxas's notes. Same keys and merge order, so the
-    same output to the bit."""
+def _score_partition(a_smem, c_smem, n_smem, a_bar, ready, empty, rowstat_ptr, top_ptr, n_pad, k_pad, top_stride,
+                     key_low, H: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NBUF: gl.constexpr):
+    """Scorer H: its BLOCK_N rows against every centroid tile. Per score one lop3 (the key: score bits with the
+    tile within the chunk and the column within the slot in the low key_low bits) and one min into the chunk's
+    running slot minima (`_fold_slots`); the row reduction runs once per chunk of 2**(key_low - 2) tiles, not
+    per tile. Writes the rows' (best key, smallest key outside the best's slot, label) to top_ptr's planes, as
+    the portable kernel does."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, BLOCK_K, 16])
     rows_l: gl.constexpr = gl.SliceLayout(1, mma)
     cols_l: gl.constexpr = gl.SliceLayout(0, mma)
     pid_n = gl.program_id(0)
     pid_b = gl.program_id(1)
-    local = pid_n * (2 * BLOCK_N) + H * BLOCK_N + gl.arange(0, BLOCK_N, layout=rows_l)
-    rows = (pid_b * n_pad + local).to(gl.int64)
+    row0 = pid_b * n_pad + pid_n * (2 * BLOCK_N) + H * BLOCK_N  # (int64 row offsets only at the ends: registers)
     offs_k = gl.arange(0, BLOCK_K, layout=cols_l)
-    aa = gl.load(rowstat_ptr + rows * 2)
+    place = (offs_k & 1) + 2 * (offs_k >= BLOCK_K // 2).to(gl.int32)
+    low_mask = gl.full([BLOCK_N, BLOCK_K], -1, gl.int32, mma) << key_low
+    aa = gl.load(rowstat_ptr + (row0 + gl.arange(0, BLOCK_N, layout=rows_l)).to(gl.int64) * 2)
     best = gl.full([BLOCK_N], 3.0e38, gl.float32, rows_l)
     second = gl.full([BLOCK_N], 3.0e38, gl.float32, rows_l)
     best_idx = gl.zeros([BLOCK_N], gl.int32, rows_l)
     a_tile = a_smem.index(H)
-    last = k_pad // BLOCK_K - 1
-    if OVERLAP:
-        mbarrier.wait(a_bar, 0)
-        acc_a = _issue(a_tile, c_smem, n_smem, ready, 0, aa, cols_l, NBUF)
-        for p in range(last // 2):  # tiles t (in flight in acc_a) and t + 1
-            t = 2 * p
-            acc_b = _issue(a_tile, c_smem, n_smem, ready, t + 1, aa, cols_l, NBUF)
-            best, second, best_idx = _retire(acc_a, empty, t, offs_k, best, second, best_idx, 1, BLOCK_K, NBUF)
-            acc_a = _issue(a_tile, c_smem, n_smem, ready, t + 2, aa, cols_l, NBUF)
-            best, second, best_idx = _retire(acc_b, empty, t + 1, offs_k, best, second, best_idx, 1, BLOCK_K,
-                                             NBUF)
-        t = last - last % 2  # acc_a holds tile t; an even tile count leaves one more
-        if t < last:
-            acc_b = _issue(a_tile, c_smem, n_smem, ready, last, aa, cols_l, NBUF)
-            best, second, best_idx = _retire(acc_a, empty, t, offs_k, best, second, best_idx, 1, BLOCK_K, NBUF)
-            best, second, best_idx = _retire(acc_b, empty, last, offs_k, best, second, best_idx, 0, BLOCK_K,
-                                             NBUF)
-        else:
-            best, second, best_idx = _retire(acc_a, empty, t, offs_k, best, second, best_idx, 0, BLOCK_K, NBUF)
-    else:
-        cc_row = cc_ptr + pid_b * k_pad
-        cc = gl.load(cc_row + offs_k)
-        mbarrier.wait(a_bar, 0)
-        for t in range(last + 1):
+    n_tiles = k_pad // BLOCK_K
+    chunk = 1 << (key_low - 2)
+    mbarrier.wait(a_bar, 0)
+    for c in range(0, n_tiles, chunk):
+        run = _fold_slots(gl.full([BLOCK_N, BLOCK_K], 3.0e38, gl.float32, mma), BLOCK_N, BLOCK_K)
+        for t in range(c, gl.minimum(c + chunk, n_tiles)):
             slot = t % NBUF
             mbarrier.wait(ready.index(slot), (t // NBUF) & 1)
+            # the tile's norms come with it through the ring (from global memory their L2 latency stalled every
+            # tile; prefetched into registers they cost 32 registers per thread)
+            cc = n_smem.index(slot).load(cols_l)
             acc = warpgroup_mma(a_tile, c_smem.index(slot).permute((1, 0)), aa[:, None] + cc[None, :],
                                 is_async=True)
-            # the next tile's norms, loaded under the product (the centroid ring leaves L1 too small to keep
-            # them: loaded just before use, their L2 latency stalled every tile)
-            cc = gl.load(cc_row + gl.minimum(t + 1, last) * BLOCK_K + offs_k)
-            best, second, best_idx = _retire(acc, empty, t, offs_k, best, second, best_idx, 0, BLOCK_K, NBUF)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index(slot), count=1)  # (the product is done: the slot may be refilled)
+            tag = gl.zeros([BLOCK_N, BLOCK_K], gl.int32, mma) + (((t - c) << 2) + place)[None, :]
+            key = gl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r",
+                                            [acc.to(gl.int32, bitcast=True), low_mask, tag],
+                                            dtype=gl.int32, is_pure=True, pack=1).to(gl.float32, bitcast=True)
+            run = gl.minimum(run, _fold_slots(key, BLOCK_N, BLOCK_K))
+        t1, t2, i1 = _chunk_top(run, c * BLOCK_K, key_low, BLOCK_K)
+        t1 = gl.convert_layout(t1, rows_l)
+        t2 = gl.convert_layout(t2, rows_l)
+        i1 = gl.convert_layout(i1, rows_l)
+        better = t1 < best  # strict: an earlier chunk keeps a tie
+        second = gl.where(better, gl.minimum(best, t2), gl.minimum(second, t1))
+        best_idx = gl.where(better, i1, best_idx)
+        best = gl.where(better, t1, best)
+    rows = (row0 + gl.arange(0, BLOCK_N, layout=rows_l)).to(gl.int64)
     gl.store(top_ptr + rows, best)
     gl.store(top_ptr + top_stride + rows, second)
     gl.store(top_ptr + 2 * top_stride + rows, best_idx.to(gl.float32, bitcast=True))
 
 
 @gluon.jit
-def _stream_kernel(a_desc, c_desc, n_desc, rowstat_ptr, cc_ptr, top_ptr, n_pad, k_pad, top_stride,
+def _stream_kernel(a_desc, c_desc, n_desc, rowstat_ptr, top_ptr, n_pad, k_pad, top_stride, key_low,
                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, D_PAD: gl.constexpr, NBUF: gl.constexpr,
-                   REGS: gl.constexpr, OVERLAP: gl.constexpr):
+                   REGS: gl.constexpr):
     """Rows [2 BLOCK_N pid_n, +2 BLOCK_N) of batch pid_b against all k_pad centroids, by two scorers of REGS
     registers per thread (see the module docstring)."""
     a_smem = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, D_PAD], a_desc.layout)
     c_smem = gl.allocate_shared_memory(gl.float16, [NBUF, BLOCK_K, D_PAD], c_desc.layout)
-    n_smem = gl.allocate_shared_memory(gl.float32, [NBUF if OVERLAP else 1, BLOCK_K], n_desc.layout)
+    n_smem = gl.allocate_shared_memory(gl.float32, [NBUF, BLOCK_K], n_desc.layout)
     a_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout()).index(0)
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
@@ -205,11 +162,11 @@ def _stream_kernel(a_desc, c_desc, n_desc, rowstat_ptr, cc_ptr, top_ptr, n_pad, 
     fence_async_shared()
     gl.warp_specialize([
         (_load_partition, (a_desc, c_desc, n_desc, a_smem, c_smem, n_smem, a_bar, ready, empty, n_pad, k_pad,
-                           BLOCK_N, BLOCK_K, NBUF, OVERLAP)),
-        (_score_partition, (a_smem, c_smem, n_smem, a_bar, ready, empty, rowstat_ptr, cc_ptr, top_ptr, n_pad,
-                            k_pad, top_stride, 0, BLOCK_N, BLOCK_K, NBUF, OVERLAP)),
-        (_score_partition, (a_smem, c_smem, n_smem, a_bar, ready, empty, rowstat_ptr, cc_ptr, top_ptr, n_pad,
-                            k_pad, top_stride, 1, BLOCK_N, BLOCK_K, NBUF, OVERLAP)),
+                           BLOCK_N, BLOCK_K, NBUF)),
+        (_score_partition, (a_smem, c_smem, n_smem, a_bar, ready, empty, rowstat_ptr, top_ptr, n_pad, k_pad,
+                            top_stride, key_low, 0, BLOCK_N, BLOCK_K, NBUF)),
+        (_score_partition, (a_smem, c_smem, n_smem, a_bar, ready, empty, rowstat_ptr, top_ptr, n_pad, k_pad,
+                            top_stride, key_low, 1, BLOCK_N, BLOCK_K, NBUF)),
     ], [4, 4], [REGS, REGS])
 
 
@@ -231,14 +188,16 @@ def descriptors(a_fast: torch.Tensor, c_fast: torch.Tensor, cc: torch.Tensor, bl
             TensorDescriptor(n1, list(n1.shape), list(n1.stride()), [block_k], n_layout))
 
 
-def stream(a_fast: torch.Tensor, rowstat: torch.Tensor, c_fast: torch.Tensor, cc: torch.Tensor, sc) -> torch.Tensor:
-    """(3, B n_pad) fp32 planes: best key, second key, label bits (int32) of every prepared row.
-    `sc` is the `config.StreamConfig`; n_pad must be a multiple of sc.rows, k_pad of sc.block_k."""
+def stream(a_fast: torch.Tensor, rowstat: torch.Tensor, c_fast: torch.Tensor, cc: torch.Tensor, sc,
+           key_low: int) -> torch.Tensor:
+    """(3, B n_pad) fp32 planes: best key, smallest key outside the best's slot, label bits (int32) of every
+    prepared row (twin: `reference.stream_slots`). `sc` is the `config.StreamConfig`; n_pad must be a multiple
+    of sc.rows, k_pad of sc.block_k; key_low is `config.key_bits(k_pad, sc.block_k)`."""
     b, n_pad, d_pad = a_fast.shape
     k_pad = c_fast.shape[1]
     a_desc, c_desc, n_desc = descriptors(a_fast, c_fast, cc, sc.block_n, sc.block_k)
     top = torch.empty((3, b * n_pad), dtype=torch.float32, device=a_fast.device)
-    launch(_stream_kernel, (n_pad // sc.rows, b), a_desc, c_desc, n_desc, rowstat, cc, top, n_pad, k_pad, b * n_pad,
-           BLOCK_N=sc.block_n, BLOCK_K=sc.block_k, D_PAD=d_pad, NBUF=sc.stages, REGS=sc.regs, OVERLAP=sc.overlap,
+    launch(_stream_kernel, (n_pad // sc.rows, b), a_desc, c_desc, n_desc, rowstat, top, n_pad, k_pad, b * n_pad,
+           key_low, BLOCK_N=sc.block_n, BLOCK_K=sc.block_k, D_PAD=d_pad, NBUF=sc.stages, REGS=sc.regs,
            num_warps=4, num_stages=None)
     return top

@@ -75,6 +75,27 @@ class ResolveConfig:
 
 
 @dataclass(frozen=True)
+class ClassConfig:
+    """The class pass of FlashAssign (every row against the other centroids of its label's slot, K / 32 of them
+    for 128-wide tiles): `block_n` rows sorted by class per program, `block_c` gathered centroids per product."""
+
+    block_n: int
+    block_c: int
+    num_warps: int
+    num_stages: int
+
+
+MAX_CHUNK_TILES = 32  # tiles whose slot minima the streaming passes keep before folding them into the row's top two
+
+
+def key_bits(k_pad: int, tile_k: int) -> int:
+    """Low bits of a score key that carry its place (tile within the chunk, then column within the slot): as few
+    as K needs, at most 7, the width of the old in-tile index (the keys' truncation enters the error margin)."""
+    tiles = min(k_pad // tile_k, MAX_CHUNK_TILES)
+    return 2 + max(0, tiles - 1).bit_length()
+
+
+@dataclass(frozen=True)
 class StreamConfig:
     """The warp-specialised streaming pass of FlashAssign on sm_90 (kernels/assign_sm90.py): a program's two
     scorer warpgroups (`regs` registers per thread each) score `block_n` rows each against `block_k`-wide centroid
@@ -84,10 +105,6 @@ class StreamConfig:
     block_k: int
     stages: int
     regs: int = 232
-    # two products in flight per scorer (assign_sm90._score_partition; block_n 64 at most: registers). H200,
-    # benchmarks/stream_variants.py: 64 rows per scorer with it 4.31 ms at N=1M, K=8192, D=128 against 4.47 for
-    # the shipped 128 rows without, but slower at K=1024, K=8320, K=65536 and D=64 (twice the programs), so off
-    overlap: bool = False
 
     @property
     def rows(self) -> int:
@@ -110,6 +127,7 @@ class AssignConfig:
     rows_warps: int = 0  # row pass: warps (0: num_warps)
     rows_stages: int = 2
     stream: StreamConfig | None = None  # sm_90: the Gluon streaming pass replaces the portable one
+    class_pass: ClassConfig = ClassConfig(32, 16, 1, 1)
 
     @property
     def row_multiple(self) -> int:
@@ -179,7 +197,10 @@ def assign_config(device, k: int, d: int, dtype: torch.dtype) -> AssignConfig:
     # row pass: 64-row programs of 4 warps (H200 sweep, N=8M D=128: 1.18 ms against 1.45 at 128 rows, 8 warps)
     return AssignConfig(block_n, block_k, block_d, resident, 32, num_warps, stages, False,
                         _resolve_config(t, block_d, resident, block_k), rows_block_n=64, rows_block_d=64,
-                        rows_warps=4, rows_stages=2, stream=_stream_config(t, block_d, resident, block_k))
+                        rows_warps=4, rows_stages=2, stream=_stream_config(t, block_d, resident, block_k),
+                        # (H200, benchmarks/class_sweep.py: 128 x 32, 4 warps best of five shapes at N=8M K=1024,
+                        # N=1M K=8192 and N=1M K=4096 D=64; 1.38 ms against 2.50 for 128 x 64, 8 warps at 8M)
+                        class_pass=ClassConfig(128, 32, 4, 2))
 
 
 # sm_90 pass: rows per scorer, registers per scorer thread. (H200, N=1M K=8192 D=128, streaming pass alone: 4.47 ms
@@ -194,14 +215,14 @@ def _stream_config(t: DeviceTraits, block_d: int, resident: bool, block_k: int) 
     if t.capability != (9, 0) or not resident or block_d > 128 or block_k != 128 or not _has_gluon():
         return None
     block_n, regs = STREAM_SHAPE
-    stages = stream_ring_slots(t, block_n, block_d, block_k, overlap=False)
+    stages = stream_ring_slots(t, block_n, block_d, block_k)
     return StreamConfig(block_n, block_k, stages, regs) if stages >= 2 else None
 
 
-def stream_ring_slots(t: DeviceTraits, block_n: int, block_d: int, block_k: int, overlap: bool) -> int:
-    """Ring slots of the sm_90 pass: as many centroid tiles (with `overlap`, each with its norms) as shared memory
-    holds next to the two scorers' row tiles, at most 6."""
-    rows, tile = 2 * block_n * block_d * 2, block_k * block_d * 2 + (block_k * 4 if overlap else 0)
+def stream_ring_slots(t: DeviceTraits, block_n: int, block_d: int, block_k: int) -> int:
+    """Ring slots of the sm_90 pass: as many centroid tiles (each with its norms) as shared memory holds next to
+    the two scorers' row tiles, at most 6."""
+    rows, tile = 2 * block_n * block_d * 2, block_k * block_d * 2 + block_k * 4
     return min(6, (t.smem_per_block - _SMEM_RESERVE - rows) // tile)
 
 

@@ -125,28 +125,55 @@ class Partials:
         return Partials(self.sums.to(device), self.weights.to(device), self.scale)
 
 
-def stream_top2(a_fast: torch.Tensor, rowstat: torch.Tensor, c_fast: torch.Tensor, cc: torch.Tensor,
-                block_k: int) -> torch.Tensor:
-    """Twin of FlashAssign's sm_90 streaming pass (kernels/assign_sm90.stream) on its prepared operands: per row
-    the smallest and second smallest score key and the label of the smallest, as (3, B n_pad) fp32 planes (the
-    label as int32 bits). Scores aa + cc + a.b_fast in fp32 (the summation order differs from the tensor cores',
-    so the last bit may too); a key is a score's bits with its in-tile index in the low log2(block_k) bits; tiles
-    are merged in order and an earlier tile keeps a tie, as in the kernels."""
+def _prepared_scores(a_fast, rowstat, c_fast, cc):
+    """aa + cc + a.c_fast in fp32 for every prepared row and centroid (B, n_pad, k_pad); the summation order
+    differs from the tensor cores', so the last bit may too."""
+    return (rowstat[..., :1] + cc[:, None, :]) + torch.bmm(a_fast.float(), c_fast.float().transpose(1, 2))
+
+
+def stream_slots(a_fast: torch.Tensor, rowstat: torch.Tensor, c_fast: torch.Tensor, cc: torch.Tensor,
+                 tile_k: int, key_low: int) -> torch.Tensor:
+    """Twin of FlashAssign's streaming passes (`assign._assign_kernel`, `assign_sm90.stream`) on their prepared
+    operands, as (3, B n_pad) fp32 planes: per row the smallest score key, the smallest key outside the best's
+    slot, and the label of the best (int32 bits). A key is a score's bits with its place in the low key_low bits:
+    tile within the chunk (chunks of 2**(key_low - 2) tiles of tile_k centroids), then the column's place in its
+    slot ((j & 1) + 2 (j >= tile_k / 2); slots as `assign.slot_of`). Chunks are merged in order; an earlier chunk
+    keeps a tie."""
     b, n_pad, _ = a_fast.shape
     k_pad = c_fast.shape[1]
-    scores = (rowstat[..., :1] + cc[:, None, :]) + torch.bmm(a_fast.float(), c_fast.float().transpose(1, 2))
-    idx = (torch.arange(k_pad, device=cc.device, dtype=torch.int32) % block_k)
-    keys = ((scores.view(torch.int32) & -block_k) | idx).view(torch.float32)
-    two = keys.view(b, n_pad, k_pad // block_k, block_k).topk(2, dim=-1, largest=False).values
-    best = torch.full((b, n_pad), 3.0e38, device=cc.device)
-    second, label = best.clone(), torch.zeros((b, n_pad), dtype=torch.int32, device=cc.device)
-    for t in range(k_pad // block_k):
-        t1, t2 = two[..., t, 0], two[..., t, 1]
+    dev = cc.device
+    keys = _prepared_scores(a_fast, rowstat, c_fast, cc).view(torch.int32)
+    j = torch.arange(k_pad, device=dev, dtype=torch.int32)
+    col, chunk_tiles, slots = j % tile_k, 1 << (key_low - 2), tile_k // 4
+    tag = (((j // tile_k) % chunk_tiles) << 2) | ((col & 1) + 2 * (col >= tile_k // 2).to(torch.int32))
+    keys = ((keys & -(1 << key_low)) | tag).view(torch.float32)
+    best = torch.full((b, n_pad), 3.0e38, device=dev)
+    second, label = best.clone(), torch.zeros((b, n_pad), dtype=torch.int32, device=dev)
+    width = chunk_tiles * tile_k
+    for c0 in range(0, k_pad, width):
+        part = keys[..., c0:c0 + width]
+        # columns of a tile in the order (half h, slot g, pair member p): col = h tile_k/2 + 2 g + p
+        run = part.reshape(b, n_pad, -1, 2, slots, 2).amin(dim=(2, 3, 5))
+        t1, g1 = run.min(dim=-1)  # (the first minimum: the lowest slot)
+        t2 = run.scatter(-1, g1[..., None], 3.0e38).amin(dim=-1)
+        low = t1.view(torch.int32) & ((1 << key_low) - 1)
+        i1 = c0 + (low >> 2) * tile_k + 2 * (g1.to(torch.int32) + slots * ((low >> 1) & 1)) + (low & 1)
         better = t1 < best
         second = torch.where(better, torch.minimum(best, t2), torch.minimum(second, t1))
-        label = torch.where(better, (t1.view(torch.int32) & (block_k - 1)) + t * block_k, label)
+        label = torch.where(better, i1, label)
         best = torch.where(better, t1, best)
     return torch.stack([best, second, label.view(torch.float32)]).reshape(3, b * n_pad)
+
+
+def class_minimum(a_fast: torch.Tensor, rowstat: torch.Tensor, c_fast: torch.Tensor, cc: torch.Tensor,
+                  labels: torch.Tensor, tile_k: int) -> torch.Tensor:
+    """Twin of FlashAssign's class pass: per prepared row (labels (B, n_pad)), the smallest score over the other
+    centroids of its label's slot in every tile (3e38 if there are none)."""
+    scores = _prepared_scores(a_fast, rowstat, c_fast, cc)
+    j = torch.arange(c_fast.shape[1], device=cc.device)
+    slot = (j % tile_k) % (tile_k // 2) // 2
+    same = (slot[None, None, :] == ((labels % tile_k) % (tile_k // 2) // 2)[..., None]) & (j != labels[..., None])
+    return torch.where(same, scores, torch.full_like(scores, 3.0e38)).amin(dim=-1)
 
 
 def weighted_rows(x: torch.Tensor, weights, square: bool = False) -> torch.Tensor:

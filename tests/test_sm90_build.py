@@ -37,11 +37,4 @@ def test_sm90_streaming_pass_builds_warp_specialised_with_no_spills():
     assert rep["hgmma"] > 0 and rep["spill_bytes"] == 0
     assert not rep["ptxas_notes"]  # e.g. C7514: ptxas serialising the wgmma pipeline
     assert rep["sass_ops"].get("FMNMX", 0) > 0  # the score epilogue is there
-
-
-def test_sm90_streaming_pass_with_two_products_in_flight_keeps_its_wgmma_pipeline():
-    """The overlap option (config.StreamConfig.overlap, 64 rows per scorer): ptxas must not serialise its wgmma
-    pipeline (the whole point of the option; small changes to that loop's shape brought C7514 back)."""
-    rep = _build_stream("--overlap", "1", "--block-n", "64")
-    assert rep["hgmma"] > 0 and rep["spill_bytes"] == 0
-    assert not rep["ptxas_notes"]
+    assert rep["sass_ops"].get("LDS", 0) > 0  # the centroid norms come through the shared-memory ring

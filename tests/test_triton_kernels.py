@@ -350,6 +350,57 @@ def test_gpu_top2_reduction_matches(monkeypatch):
     assert_exact(x, c, labels, min_dist)
 
 
+def _stream_planes(x, c):
+    """The portable streaming pass's planes on exact arithmetic (small integers, no shift: every score is the
+    same fp32 number in any summation order), with what the twins need."""
+    from flashkm_dist.kernels import assign as A
+
+    p = A._prepare(x[None], c[None], "euclidean", torch.zeros(x.shape[1], dtype=torch.float64))
+    A._prepare_rows(p)
+    top, tile_k, key_low = A._stream(p)
+    return A, p, top, tile_k, key_low
+
+
+@pytest.mark.parametrize("k", [5, 40, 1100])  # one tile; one chunk of three tiles; three chunks (tile 16 here)
+def test_slot_minima_and_class_pass_equal_their_twins(k):
+    """Both passes give their torch twins' bits: ties everywhere (integer data), several tiles, several chunks."""
+    g = gen(41)
+    x = torch.randint(-4, 5, (70, 6), generator=g).float()
+    c = torch.randint(-4, 5, (k, 6), generator=g).float()
+    A, p, top, tile_k, key_low = _stream_planes(x, c)
+    assert key_low == 2 + max(0, min(-(-k // tile_k), 32) - 1).bit_length()
+    twin = reference.stream_slots(p.a_fast, p.rowstat, p.c_fast, p.cc, tile_k, key_low)
+    assert torch.equal(top.view(torch.int32), twin.view(torch.int32))
+    labels = top[2].view(torch.int32).view(1, -1).long()
+    others = reference.class_minimum(p.a_fast, p.rowstat, p.c_fast, p.cc, labels, tile_k).view(-1)
+    A._class_pass(p, top, tile_k)
+    assert torch.equal(top[1], torch.minimum(twin[1], others))
+    assert torch.equal(top[0::2].view(torch.int32), twin[0::2].view(torch.int32))  # (untouched)
+
+
+def test_near_ties_within_one_slot_are_caught_by_the_class_pass(monkeypatch):
+    """Near-tied centroids in the same slot of different tiles (j and j + tile_k): the slot minima alone cannot
+    see the second of them, the class pass does. Without it the margin test would pass wrong labels."""
+    from flashkm_dist.kernels import assign as A
+
+    g = gen(42)
+    d, k, n = 7, 96, 200
+    tile_k = assign_config("cpu", k, d, torch.float32).block_k
+    c = 5.0 * torch.randn(k, d, generator=g)
+    j = torch.randint(0, k - tile_k, (n,), generator=g)
+    c[tile_k:] = c[:k - tile_k] + 0.05 * torch.randn(k - tile_k, d, generator=g)  # j + tile_k near j
+    ci, cj = c[j], c[j + tile_k]
+    eps = 10.0 ** torch.empty(n).uniform_(-8, -3, generator=g)
+    x = 0.5 * (ci + cj) + 0.01 * torch.randn(n, d, generator=g) + eps[:, None] * (ci - cj)
+    best = torch.from_numpy(oracle_distances(x, c).argmin(1))
+    fast = fast_assign(x, c)
+    assert torch.equal(fast.labels[0][~fast.flagged[0]], best[~fast.flagged[0]])
+    assert_exact(x, c, *flash_assign(x, c))
+    monkeypatch.setattr(A, "_class_pass", lambda p, top, tile_k: None)
+    blind = fast_assign(x, c)
+    assert int((blind.labels[0][~blind.flagged[0]] != best[~blind.flagged[0]]).sum()) > 0
+
+
 def test_fast_pass_flags_few_rows_on_random_data():
     g = gen(13)
     for dtype in (torch.float32, torch.float16):
@@ -580,8 +631,8 @@ def _with_sm90_pass(monkeypatch):
         cfg = real(*args, **kwargs)
         return dataclasses.replace(cfg, stream=config.StreamConfig(cfg.block_n, cfg.block_k, 2, 232))
     monkeypatch.setattr(assign_module, "assign_config", with_stream)
-    monkeypatch.setattr(assign_sm90, "stream", lambda a, rowstat, c, cc, sc: reference.stream_top2(
-        a, rowstat, c, cc, sc.block_k))
+    monkeypatch.setattr(assign_sm90, "stream", lambda a, rowstat, c, cc, sc, key_low: reference.stream_slots(
+        a, rowstat, c, cc, sc.block_k, key_low))
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
