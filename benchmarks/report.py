@@ -59,7 +59,8 @@ def streaming_pass(name: str, r: dict) -> str:
     """stream_check.py: the sm_90 streaming pass against the portable kernel, same process."""
     bits = r.get("bits", [])
     ok = sum(bool(b.get("ok")) for b in bits)
-    rows = [[t.get("dtype"), t["n"], t["k"], t["d"], t.get("stream_only_ms"), t.get("sm90_fast_pass_ms"),
+    rows = [[t.get("dtype"), t["n"], t["k"], t["d"], t.get("stream_only_ms"), t.get("class_pass_ms"),
+             t.get("sm90_fast_pass_ms"),
              t.get("portable_fast_pass_ms"), t.get("sm90_assign_ms"), t.get("portable_assign_ms"),
              t.get("flash_assign_ms"), t.get("sm90_graphed_iter_ms"), t.get("sm90_iter_ms"), t.get("portable_iter_ms"),
              t.get("flash_iter_ms")]
@@ -69,11 +70,22 @@ def streaming_pass(name: str, r: dict) -> str:
                   if graphs else "")
     return (f"### {name}\n\n{_versions(r)}\n\nSame bits as the portable kernel (labels, min_dist, flags, "
             f"thresholds): {ok} of {len(bits)} cases.{graph_line} Times in ms; 'fast pass' = row pass + streaming "
-            f"pass; 'iter graphed' = the estimator's iteration (sm_90 pass, replayed CUDA graph), the other iteration "
+            f"pass (+ class pass and margin test where the run has a class-pass column); 'iter graphed' = the "
+            f"estimator's iteration (sm_90 pass, replayed CUDA graph), the other iteration "
             f"columns launch op by op.{' ' + r['note'] if r.get('note') else ''}\n\n"
-            + _table(["dtype", "N", "K", "D", "sm_90 pass alone", "fast pass sm_90", "fast pass portable",
+            + _table(["dtype", "N", "K", "D", "sm_90 pass alone", "class pass", "fast pass sm_90",
+                      "fast pass portable",
                       "assign sm_90", "assign portable", "assign flash", "iter graphed", "iter sm_90",
                       "iter portable", "iter flash"], rows))
+
+
+def class_sweep(name: str, r: dict) -> str:
+    """class_sweep.py: launch shapes of the class pass, same process."""
+    rows = [[f"{s['n']} x {s['k']} x {s['d']}", v["variant"], v.get("ms_with_sort"), v.get("same_bits"),
+             s.get("sort_ms")] for s in r.get("shapes", []) for v in s.get("variants", [])]
+    return (f"### {name}\n\n{_versions(r)}\n\n{r.get('note', '')}\n\n"
+            + _table(["N x K x D", "block_n, block_c, warps, stages", "ms with sort", "same bits", "sort alone"],
+                     rows))
 
 
 def stream_variants(name: str, r: dict) -> str:
@@ -279,6 +291,7 @@ def main(argv=None) -> Path:
                 "The sm_90 streaming pass against the portable kernel (stream_check.py)": ("stream_check",
                                                                                          streaming_pass),
                 "Variants of the sm_90 streaming pass (stream_variants.py)": ("stream_variants", stream_variants),
+                "Launch shapes of the class pass (class_sweep.py)": ("class_sweep", class_sweep),
                 "Engine, data larger than or as large as one GPU (engine_check.py)": ("engine_check", engine),
                 "Distributed (dask_scaling.py)": ("dask_scaling", distributed),
                 "Weak scaling (dask_scaling.py --weak)": ("dask_weak", distributed),

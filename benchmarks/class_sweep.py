@@ -1,0 +1,73 @@
+"""Launch shapes of FlashAssign's class pass (config.ClassConfig), in one process: same planes as the shipped
+shape, then time (CUDA events, median after warm-up), with the sort that feeds it and without.
+
+    python benchmarks/class_sweep.py --out F.json
+
+Why: the pass gathers rows sorted by class, so it is bound by memory latency, not arithmetic; only the GPU can
+rank its tile shapes, and the spread between processes is larger than the differences.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import traceback
+
+import torch
+
+import gpu_check as G
+from provenance import gpu_run
+from flashkm_dist.engine import numerics_for
+from flashkm_dist.kernels import assign as A
+from flashkm_dist.kernels import config
+
+DEV = G.DEV
+SHAPES = [(1 << 23, 1024, 128), (1 << 20, 8192, 128), (1 << 20, 4096, 64)]
+VARIANTS = [(128, 64, 8, 2), (256, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (256, 32, 8, 1)]
+
+
+def run_shape(n, k, d) -> dict:
+    x = G.blobs(n, d, min(k, 4096), torch.float16, seed=4)
+    c = x[torch.randperm(n, device=DEV)[:k]].clone()
+    p = A._prepare(x[None], c[None], "euclidean", numerics_for(x, None, metric="euclidean").shift)
+    A._prepare_rows(p)
+    top, tile_k, _ = A._stream(p)
+    shipped = p.cfg.class_pass
+    row = {"n": n, "k": k, "d": d, "shipped": str(shipped), "variants": []}
+    base = top.clone()
+    A._class_pass(p, base, tile_k)
+    for v in VARIANTS:
+        p.cfg = dataclasses.replace(p.cfg, class_pass=config.ClassConfig(*v))
+        out = {"variant": list(v)}
+        try:
+            t = top.clone()
+            A._class_pass(p, t, tile_k)
+            out["same_bits"] = bool(torch.equal(t.view(torch.int32), base.view(torch.int32)))
+            out["ms_with_sort"] = G.cuda_ms(lambda: A._class_pass(p, t, tile_k), reps=15)
+        except Exception:
+            out["error"] = traceback.format_exc()[-2000:]
+        row["variants"].append(out)
+        print(json.dumps(out), flush=True)
+    labels = top[2].view(torch.int32).view(1, -1)
+    row["sort_ms"] = G.cuda_ms(lambda: torch.sort(A.slot_of(labels, tile_k).view(-1).to(torch.int16)), reps=15)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    result = {**gpu_run(DEV), "shapes": []}
+    for n, k, d in SHAPES:
+        try:
+            row = run_shape(n, k, d)
+        except Exception:
+            row = {"n": n, "k": k, "d": d, "error": traceback.format_exc()}
+        result["shapes"].append(row)
+        print(json.dumps({kk: v for kk, v in row.items() if kk != "variants"}), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
