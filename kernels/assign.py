@@ -124,21 +124,6 @@ def _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, cidx, offs_d, d_pad,
     return acc
 
 
-@triton.jit
-def _score_keys(acc, offs_k, BLOCK_K: tl.constexpr, LOP3: tl.constexpr):
-    """Scores with the in-tile index in their low log2(BLOCK_K) mantissa bits: (bits & -BLOCK_K) | k.
-    LOP3: one PTX lop3 per score (ptxas emits and + or otherwise); GPU only, the interpreter has no inline asm."""
-    bits = acc.to(tl.int32, bitcast=True)
-    if LOP3:
-        idx = offs_k[None, :] + tl.zeros(acc.shape, tl.int32)
-        mask = tl.full(acc.shape, -BLOCK_K, tl.int32)
-        key = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r", [bits, mask, idx],
-                                        dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        key = (bits & (-BLOCK_K)) | offs_k[None, :]
-    return key.to(tl.float32, bitcast=True)
-
-
 @triton.jit(do_not_specialize=["stride_xb", "n_rows"])
 def _rows_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd, shift_ptr, stats_ptr, a_ptr, rowstat_ptr,
@@ -344,7 +329,7 @@ def _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid
                  labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr, n_pad, D, key_low,
                  COSINE: tl.constexpr, BLOCK_N: tl.constexpr, EPI_D: tl.constexpr):
     """After the stream: the margin test, the label, the resolve threshold, the flagged rows appended to the
-    batch's list, and the exact distance of the label (shared by both streaming passes: same bits)."""
+    batch's list, and the exact distance of the label."""
     U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
     bound = 2.0 * tl.load(rowstat_ptr + a_off * 2 + 1) * (1.0 + 1.52587890625e-05)
     # a key differs from its score in the low key_low bits: |key - d| < 2**key_low ulp(d)
@@ -546,7 +531,7 @@ def _resolve_kernel(
         for k0 in range(0, k_pad, BLOCK_K):
             acc = _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, k0 + offs_k, offs_d, d_pad, BLOCK_D, RESIDENT)
             hit = acc <= lim[:, None]
-            key = tl.where(hit, _score_keys(acc, offs_k, BLOCK_K, LOP3), BIG)
+            key = tl.where(hit, _tagged_keys(acc, offs_k, -BLOCK_K, LOP3), BIG)  # (in-tile index in the low bits)
             if TOP2_REDUCE:
                 t1, t2 = _row_top2(key, BLOCK_N, BLOCK_K)
             else:
@@ -934,11 +919,11 @@ def _class_pass(p: _Prepared, top: torch.Tensor, tile_k: int) -> None:
     labels = top[2].view(torch.int32).view(b, n_pad)
     group = slot_of(labels, tile_k) + slots * torch.arange(b, dtype=torch.int32, device=labels.device)[:, None]
     group, order = torch.sort(group.view(-1).to(torch.int16 if b * slots < 2 ** 15 else torch.int32))
-    cc = p.cfg.class_pass
-    launch(_class_kernel, (triton.cdiv(b * n_pad, cc.block_n),),
+    cp = p.cfg.class_pass
+    launch(_class_kernel, (triton.cdiv(b * n_pad, cp.block_n),),
            order, group, top, top.stride(0), p.a_fast, p.rowstat, p.c_fast, p.cc, b * n_pad, k_pad, d_pad,
-           4 * (k_pad // tile_k), TILE_K=tile_k, BLOCK_N=cc.block_n, BLOCK_C=cc.block_c, BLOCK_D=p.cfg.block_d,
-           RESIDENT=p.cfg.resident, num_warps=cc.num_warps, num_stages=cc.num_stages)
+           4 * (k_pad // tile_k), TILE_K=tile_k, BLOCK_N=cp.block_n, BLOCK_C=cp.block_c, BLOCK_D=p.cfg.block_d,
+           RESIDENT=p.cfg.resident, num_warps=cp.num_warps, num_stages=cp.num_stages)
 
 
 def _resolve_launch(p: _Prepared, fast: FastAssignment) -> None:
