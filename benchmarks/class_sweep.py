@@ -31,25 +31,26 @@ def run_shape(n, k, d) -> dict:
     c = x[torch.randperm(n, device=DEV)[:k]].clone()
     p = A._prepare(x[None], c[None], "euclidean", numerics_for(x, None, metric="euclidean").shift)
     A._prepare_rows(p)
-    top, tile_k, _ = A._stream(p)
+    top, tile_k, key_low = A._stream(p)
     shipped = p.cfg.class_pass
     row = {"n": n, "k": k, "d": d, "shipped": str(shipped), "variants": []}
     base = top.clone()
-    A._class_pass(p, base, tile_k)
+    A._class_pass(p, base, tile_k, key_low)
     for v in VARIANTS:
         p.cfg = dataclasses.replace(p.cfg, class_pass=config.ClassConfig(*v))
         out = {"variant": list(v)}
         try:
             t = top.clone()
-            A._class_pass(p, t, tile_k)
+            A._class_pass(p, t, tile_k, key_low)
             out["same_bits"] = bool(torch.equal(t.view(torch.int32), base.view(torch.int32)))
-            out["ms_with_sort"] = G.cuda_ms(lambda: A._class_pass(p, t, tile_k), reps=15)
+            out["ms_with_sort"] = G.cuda_ms(lambda: A._class_pass(p, t, tile_k, key_low), reps=15)
         except Exception:
             out["error"] = traceback.format_exc()[-2000:]
         row["variants"].append(out)
         print(json.dumps(out), flush=True)
     labels = top[2].view(torch.int32).view(1, -1)
-    row["sort_ms"] = G.cuda_ms(lambda: torch.sort(A.slot_of(labels, tile_k).view(-1).to(torch.int16)), reps=15)
+    row["sort_ms"] = G.cuda_ms(lambda: torch.sort(A.class_of(labels, tile_k, key_low).view(-1).to(torch.int16)),
+                               reps=15)
     return row
 
 

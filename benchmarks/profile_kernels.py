@@ -2,7 +2,7 @@
 margin test flags (and how the resolve pass's tiers split them), the time of each piece of FlashAssign, a sweep
 of the resolve pass's launch configuration, and optionally of the streaming kernel's (--sweep-main).
 
-    python benchmarks/profile_kernels.py --out profile.json [--old kernels/_old_assign.py] [--sweep-main]
+    python benchmarks/profile_kernels.py --out profile.json [--cases A,B] [--old kernels/_old_assign.py] [--sweep-main]
 
 --old names a previous version of kernels/assign.py placed inside kernels/ (e.g. `git show REV:kernels/assign.py
 > kernels/_old_assign.py`): its flash_assign is timed on the same tensors, in the same process; --old-update
@@ -109,13 +109,13 @@ def resolve_sweep(x, c, nm, combos):
     base = p.cfg
     sms = C.device_traits(DEV).sm_count
     results = []
-    for bn, bk, w, s, per_sm in combos:
-        p.cfg = dataclasses.replace(base, resolve=C.ResolveConfig(bn, bk, w, s, per_sm * sms))
+    for bn, bk, w, s, per_sm, quick in combos:
+        p.cfg = dataclasses.replace(base, resolve=C.ResolveConfig(bn, bk, w, s, per_sm * sms, quick))
 
         def run():
             fast.counts.copy_(saved)
             A._resolve_launch(p, fast)
-        row = {"block_n": bn, "block_k": bk, "warps": w, "stages": s, "programs_per_sm": per_sm}
+        row = {"block_n": bn, "block_k": bk, "warps": w, "stages": s, "programs_per_sm": per_sm, "quick": quick}
         try:
             row["ms"] = cuda_ms(run, 2, 7)
         except Exception as err:
@@ -145,13 +145,20 @@ def rows_sweep(x, c, nm):
                         base.rows_stages], "best": ok[:6], "all": results}
 
 
-# (block_n, block_k, warps, stages, programs per SM); the first is repeated last to show the noise
-RESOLVE_COMBOS = [(64, 128, 4, 2, 2), (64, 128, 4, 2, 4), (128, 128, 4, 2, 2), (64, 64, 4, 3, 4),
-                  (128, 64, 4, 2, 2), (64, 128, 8, 2, 2), (64, 128, 4, 2, 2)]
+# (block_n, block_k, warps, stages, programs per SM, quick); the first is repeated last to show the noise
+RESOLVE_COMBOS = [(64, 128, 4, 2, 2, True), (64, 128, 4, 2, 2, False), (64, 128, 4, 2, 4, True),
+                  (128, 128, 4, 2, 2, True), (128, 128, 8, 2, 1, True), (64, 64, 4, 3, 4, True),
+                  (64, 128, 8, 2, 2, True), (64, 128, 4, 2, 2, True)]
 
 
-def case(n, k, d, dtype, old=None, old_update=None):
-    x = blobs(n, d, min(k, 4096), dtype)
+# (N, K, D, dtype); blobs, or standard normal rows (the Dask benchmarks' data) for names ending in "normal"
+CASES = {"1M_8192_fp16": (1 << 20, 8192, 128, torch.float16), "8M_1024_fp16": (1 << 23, 1024, 128, torch.float16),
+         "1M_8192_fp32": (1 << 20, 8192, 128, torch.float32), "1M_65536_fp16": (1 << 20, 65536, 128, torch.float16),
+         "16M_32768_fp16_normal": (1 << 24, 32768, 128, torch.float16)}
+
+
+def case(n, k, d, dtype, old=None, old_update=None, normal=False):
+    x = torch.randn(n, d, device=DEV).to(dtype) if normal else blobs(n, d, min(k, 4096), dtype)
     c = x[torch.randperm(n, device=DEV)[:k]].clone()
     nm = numerics_for(x, None, metric="euclidean")
     out = {"shape": [n, k, d, str(dtype)]}
@@ -261,6 +268,8 @@ def main():
     ap.add_argument("--old", help="a previous assign.py inside kernels/, timed on the same tensors")
     ap.add_argument("--old-update", help="a previous update.py inside kernels/, timed on the same tensors")
     ap.add_argument("--batched", action="store_true", help="only profile the batched API (gpu_check's row)")
+    ap.add_argument("--cases", default="1M_8192_fp16,8M_1024_fp16,1M_8192_fp32",
+                    help=f"comma-separated, of {', '.join(CASES)}")
     args = ap.parse_args()
     old, old_update = (importlib.import_module("flashkm_dist.kernels." + os.path.splitext(os.path.basename(p))[0])
                        if p else None for p in (args.old, args.old_update))
@@ -278,14 +287,13 @@ def main():
             json.dump(res, f, indent=1)
         return
     result = {}
-    for name, shape in [("1M_8192_fp16", (1 << 20, 8192, 128, torch.float16)),
-                        ("8M_1024_fp16", (1 << 23, 1024, 128, torch.float16)),
-                        ("1M_8192_fp32", (1 << 20, 8192, 128, torch.float32))]:
+    for name in args.cases.split(","):
+        shape = CASES[name]
         try:
-            out, x, c, nm = case(*shape, old=old, old_update=old_update)
+            out, x, c, nm = case(*shape, old=old, old_update=old_update, normal=name.endswith("normal"))
             if name == "1M_8192_fp16" and args.sweep_main:
                 out["sweep"] = sweep(x, c, nm)
-            if name in ("1M_8192_fp16", "1M_8192_fp32") and not args.no_resolve_sweep:
+            if not args.no_resolve_sweep:
                 out["resolve_sweep"] = resolve_sweep(x, c, nm, RESOLVE_COMBOS)
             if name == "8M_1024_fp16" and args.rows_sweep:
                 out["rows_sweep"] = rows_sweep(x, c, nm)

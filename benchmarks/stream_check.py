@@ -112,7 +112,7 @@ def time_shape(n, k, d, dtype, flash) -> dict:
                                                                      p.cfg.stream, key_low), reps=15)
         row["stream_tflops"] = 2 * n * k * d / row["stream_only_ms"] / 1e9
         top = assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, p.cfg.stream, key_low)
-        row["class_pass_ms"] = G.cuda_ms(lambda: A._class_pass(p, top, p.cfg.stream.block_k), reps=15)
+        row["class_pass_ms"] = G.cuda_ms(lambda: A._class_pass(p, top, p.cfg.stream.block_k, key_low), reps=15)
     engine, blocks = Engine(DEV, dtype=x.dtype, backend=backend_for(DEV)), [Block(x)]
     for tag, on in (("sm90", True), ("portable", False)):
         A.SM90_STREAM = on

@@ -8,22 +8,22 @@ accumulation (the fastest path on H100/H200, for every input dtype); the exact f
 centroid is computed from the original x at the end.
 
 The streaming pass does two ALU operations per score (the min/max pipe bounds it on sm_90): one lop3 makes the
-score's key (its place in the low bits: tile within the chunk, column within the slot) and one min folds it into
-the row's running slot minimum. A tile's columns {2g, 2g + 1, BLOCK_K/2 + 2g, BLOCK_K/2 + 2g + 1} share slot g
+score's key (its place in the low bits: tile within the chunk, column within the slot) and one min folds it into the
+row's running slot minimum. A tile's columns {2g, 2g + 1, BLOCK_K/2 + 2g, BLOCK_K/2 + 2g + 1} share slot g
 (`slot_of`; on sm_90 they are four registers of one thread): BLOCK_K/4 slot minima per row, kept across a chunk of
 up to 32 tiles, then reduced to the row's best key, the smallest key of its other slots, and the label. The
-centroids of the best's slot in every tile (its class, K/32 of them for 128-wide tiles) are not covered by that
-second key: the class pass (`_class_kernel`, rows sorted by class on the device) scores each row against its
-label's class and folds the smallest of the others into the row's second. The finishing kernel (`_finish_kernel`)
-then runs the margin test with the provable per-row bound (below): it decides whether the fast label is certainly
-the exact argmin. The few rows where it is not (`flagged`) are appended to a list on the device and resolved
-exactly by the resolve pass (`_resolve_kernel`, persistent programs over the list): it streams the centroids
-again for those rows and keeps every centroid under the row's threshold (a superset of the centroids that can
-still win), at most two per centroid tile as candidate slots (a tile with more hits is remembered and checked
-whole); the float64 argmin over those is the label. The rare rows it cannot settle (more than MAX_CANDIDATES
-candidates, wide hits in two tiles, a NaN bound) go to float64 brute force over all centroids (`_brute_kernel`).
-No step waits for the host. Labels are therefore the exact float64 argmin up to float64 rounding (~1e-16), far
-inside the contract, and ties go to the lowest index.
+centroids of the best's slot in the other tiles of its chunk (its class: at most 4 x 32 = 128 of them) are not
+covered by that second key (other chunks are: a chunk's best key bounds all of it): the class pass (`_class_kernel`,
+rows sorted by class on the device) scores each row against its label's class and folds the smallest of the others
+into the row's second. The finishing kernel (`_finish_kernel`) then runs the margin test with the provable per-row
+bound (below): it decides whether the fast label is certainly the exact argmin. The few rows where it is not
+(`flagged`) are appended to a list on the device and resolved exactly by the resolve pass (`_resolve_kernel`,
+persistent programs over the list): it streams the centroids again for those rows and keeps every centroid under the
+row's threshold (a superset of the centroids that can still win), at most two per centroid tile as candidate slots
+(a tile with more hits is remembered and checked whole); the float64 argmin over those is the label. The rare rows
+it cannot settle (more than MAX_CANDIDATES candidates, wide hits in two tiles, a NaN bound) go to float64 brute
+force over all centroids (`_brute_kernel`). No step waits for the host. Labels are therefore the exact float64
+argmin up to float64 rounding (~1e-16), far inside the contract, and ties go to the lowest index.
 
 Why it is exact (everything in units scaled by alpha = 2**e, exact):
   a = alpha (x - s), b_c = alpha (c - s) exactly, with s the kernel's shift (fp32, from the data mean: a shift
@@ -286,15 +286,17 @@ def _assign_kernel(
 @triton.jit(do_not_specialize=["n_total"])
 def _class_kernel(
     order_ptr, group_ptr, top_ptr, top_stride, a_ptr, rowstat_ptr, cf_ptr, cc_ptr,
-    n_total, k_pad, d_pad, class_size,
+    n_total, k_pad, d_pad, chunk_tiles,
     TILE_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     RESIDENT: tl.constexpr,
 ):
     """Class pass: for every prepared row, the smallest score over the other centroids of its label's class
-    (the label's slot in every tile: `class_of`), folded into the row's second plane. The rows come sorted by
-    (batch, class) (`order_ptr`, `group_ptr` = batch * slots + class, both over B n_pad), so a tile of rows
-    shares one or two classes and their centroids are gathered once per tile."""
+    (the label's slot in every tile of the label's chunk: `class_of`), folded into the row's second plane. The
+    rows come sorted by (batch, class) (`order_ptr`, `group_ptr` = batch * classes + class, both over B n_pad), so
+    a tile of rows shares one or two classes and their centroids are gathered once per tile."""
     S: tl.constexpr = TILE_K // 4
+    tiles = k_pad // TILE_K
+    classes = tl.cdiv(tiles, chunk_tiles) * S
     pos = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     valid = pos < n_total
     flat = tl.load(order_ptr + pos, mask=valid, other=0).to(tl.int64)
@@ -309,12 +311,15 @@ def _class_kernel(
     g_first = tl.min(tl.where(valid, group, 2147483647), 0)
     g_last = tl.max(group, 0)
     for grp in range(g_first, g_last + 1):
-        pid_b = grp // S
+        pid_b = grp // classes
+        chunk = (grp % classes) // S
         g = grp % S
+        class_size = 4 * tl.minimum(chunk_tiles, tiles - chunk * chunk_tiles)
+        c0 = chunk * chunk_tiles * TILE_K
         member = valid & (group == grp)
         for m0 in range(0, class_size, BLOCK_C):
             m = tl.minimum(m0 + offs_c, class_size - 1)  # (a repeated member changes no minimum)
-            cidx = (m >> 2) * TILE_K + 2 * (g + S * ((m >> 1) & 1)) + (m & 1)
+            cidx = c0 + (m >> 2) * TILE_K + 2 * (g + S * ((m >> 1) & 1)) + (m & 1)
             acc = _tile_scores(aa, a_fast, a_rows, cf_ptr + pid_b.to(tl.int64) * k_pad * d_pad,
                                cc_ptr + pid_b.to(tl.int64) * k_pad, cidx, offs_d, d_pad, BLOCK_D, RESIDENT)
             acc = tl.where(cidx[None, :] == label[:, None], 3.0e38, acc)
@@ -486,7 +491,7 @@ def _resolve_kernel(
     n_rows, n_pad, D, K, k_pad, d_pad, stride_list,
     COSINE: tl.constexpr, MAX_CAND: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
-    EPI_D: tl.constexpr, LOP3: tl.constexpr, TOP2_REDUCE: tl.constexpr,
+    EPI_D: tl.constexpr, LOP3: tl.constexpr, TOP2_REDUCE: tl.constexpr, QUICK: tl.constexpr,
 ):
     """Makes the flagged rows exact, in place. Persistent: the programs of batch b walk the tiles of BLOCK_N rows
     of its list (`list_ptr[b, :count[b, 0]]`, batch stride stride_list; count is (B, 4)). For each row it
@@ -530,24 +535,30 @@ def _resolve_kernel(
         wide_k0 = tl.zeros([BLOCK_N], dtype=tl.int32)  # the first of them
         for k0 in range(0, k_pad, BLOCK_K):
             acc = _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, k0 + offs_k, offs_d, d_pad, BLOCK_D, RESIDENT)
-            hit = acc <= lim[:, None]
-            key = tl.where(hit, _tagged_keys(acc, offs_k, -BLOCK_K, LOP3), BIG)  # (in-tile index in the low bits)
-            if TOP2_REDUCE:
-                t1, t2 = _row_top2(key, BLOCK_N, BLOCK_K)
-            else:
-                t1 = tl.min(key, 1)
-                t2 = tl.min(tl.where(key == t1[:, None], BIG, key), 1)
-            n_hit = tl.sum(hit.to(tl.int32), 1)
-            i1 = (t1.to(tl.int32, bitcast=True) & (BLOCK_K - 1)) + k0
-            i2 = (t2.to(tl.int32, bitcast=True) & (BLOCK_K - 1)) + k0
-            # slots count, count + 1 take i1, i2 (what lands at or beyond the final count is never read)
-            # (a (BLOCK_N, MAX_CAND) tile; eight per-row vectors measured slower on H200)
-            cand = tl.where(offs_m[None, :] == count[:, None], i1[:, None],
-                            tl.where(offs_m[None, :] == count[:, None] + 1, i2[:, None], cand))
-            wide = n_hit > 2
-            wide_k0 = tl.where(wide & (n_wide == 0), k0, wide_k0)
-            n_wide += wide.to(tl.int32)
-            count += tl.where(wide, 0, n_hit)
+            # QUICK: a tile where no row has a hit changes nothing (a row's few hits among many tiles); one min
+            # per score tells, instead of the top-2 reduction (when lim is finite, so is every score of the row)
+            go = True
+            if QUICK:
+                go = tl.max((tl.min(acc, 1) <= lim).to(tl.int32), 0) > 0
+            if go:
+                hit = acc <= lim[:, None]
+                key = tl.where(hit, _tagged_keys(acc, offs_k, -BLOCK_K, LOP3), BIG)  # (in-tile index: low bits)
+                if TOP2_REDUCE:
+                    t1, t2 = _row_top2(key, BLOCK_N, BLOCK_K)
+                else:
+                    t1 = tl.min(key, 1)
+                    t2 = tl.min(tl.where(key == t1[:, None], BIG, key), 1)
+                n_hit = tl.sum(hit.to(tl.int32), 1)
+                i1 = (t1.to(tl.int32, bitcast=True) & (BLOCK_K - 1)) + k0
+                i2 = (t2.to(tl.int32, bitcast=True) & (BLOCK_K - 1)) + k0
+                # slots count, count + 1 take i1, i2 (what lands at or beyond the final count is never read)
+                # (a (BLOCK_N, MAX_CAND) tile; eight per-row vectors measured slower on H200)
+                cand = tl.where(offs_m[None, :] == count[:, None], i1[:, None],
+                                tl.where(offs_m[None, :] == count[:, None] + 1, i2[:, None], cand))
+                wide = n_hit > 2
+                wide_k0 = tl.where(wide & (n_wide == 0), k0, wide_k0)
+                n_wide += wide.to(tl.int32)
+                count += tl.where(wide, 0, n_hit)
         settle = valid & (count <= MAX_CAND) & (((n_wide == 0) & (count >= 1)) | (n_wide == 1))
         widened = settle & (n_wide == 1)
 
@@ -869,7 +880,6 @@ def _fast_pass(p: _Prepared) -> FastAssignment:
     """The row pass, the streaming pass, the class pass and the margin test: no host synchronisation."""
     b, n, _ = p.x.shape
     dev = p.x.device
-    cfg = p.cfg
     _prepare_rows(p)
     n_pad = p.a_fast.shape[1]
     fast = FastAssignment(torch.empty((b, n), dtype=torch.int64, device=dev),
@@ -879,16 +889,24 @@ def _fast_pass(p: _Prepared) -> FastAssignment:
                           # (rows padded to n_pad: strides and alignment independent of N, no recompiles)
                           torch.empty((2, b, n_pad), dtype=torch.int32, device=dev),
                           torch.zeros((b, 4), dtype=torch.int32, device=dev))
-    x, cd = p.x, p.c_dist
     top, tile_k, key_low = _stream(p)
-    _class_pass(p, top, tile_k)
-    launch(_finish_kernel, (n_pad // cfg.block_n, b),
+    _class_pass(p, top, tile_k, key_low)
+    _finish_launch(p, top, key_low, fast)
+    return fast
+
+
+def _finish_launch(p: _Prepared, top: torch.Tensor, key_low: int, fast: FastAssignment, shape=None) -> None:
+    """The margin test and the exact distances over the planes (`_finish_kernel`); shape (rows per program,
+    float64 chunk, warps) defaults to the config's (benchmarks try others)."""
+    b, n, _ = p.x.shape
+    n_pad = p.a_fast.shape[1]
+    block_n, epi_d, warps = shape or p.cfg.finish or (p.cfg.block_n, p.cfg.epilogue_d, p.cfg.num_warps)
+    x, cd = p.x, p.c_dist
+    launch(_finish_kernel, (n_pad // block_n, b),
            top, top.stride(0), x, x.stride(0), x.stride(1), x.stride(2), p.rowstat,
            cd, cd.stride(0), cd.stride(1), cd.stride(2),
            fast.labels, fast.min_dist, fast.flag, fast.threshold, fast.lists[0], fast.counts,
-           n, n_pad, x.shape[2], key_low, COSINE=p.cosine, BLOCK_N=cfg.block_n, EPI_D=cfg.epilogue_d,
-           num_warps=cfg.num_warps)
-    return fast
+           n, n_pad, x.shape[2], key_low, COSINE=p.cosine, BLOCK_N=block_n, EPI_D=epi_d, num_warps=warps)
 
 
 def _stream(p: _Prepared) -> tuple[torch.Tensor, int, int]:
@@ -910,19 +928,20 @@ def _stream(p: _Prepared) -> tuple[torch.Tensor, int, int]:
     return top, tile_k, key_low
 
 
-def _class_pass(p: _Prepared, top: torch.Tensor, tile_k: int) -> None:
+def _class_pass(p: _Prepared, top: torch.Tensor, tile_k: int, key_low: int) -> None:
     """The class pass over the streaming pass's planes: rows sorted by (batch, class of their label) on the
     device (no host synchronisation), then `_class_kernel` folds each row's class minimum into its second."""
     b, n_pad, d_pad = p.a_fast.shape
     k_pad = p.c_fast.shape[1]
-    slots = tile_k // 4
+    classes = class_count(k_pad, tile_k, key_low)
     labels = top[2].view(torch.int32).view(b, n_pad)
-    group = slot_of(labels, tile_k) + slots * torch.arange(b, dtype=torch.int32, device=labels.device)[:, None]
-    group, order = torch.sort(group.view(-1).to(torch.int16 if b * slots < 2 ** 15 else torch.int32))
+    group = class_of(labels, tile_k, key_low) + classes * torch.arange(b, dtype=torch.int32,
+                                                                         device=labels.device)[:, None]
+    group, order = torch.sort(group.view(-1).to(torch.int16 if b * classes < 2 ** 15 else torch.int32))
     cp = p.cfg.class_pass
     launch(_class_kernel, (triton.cdiv(b * n_pad, cp.block_n),),
            order, group, top, top.stride(0), p.a_fast, p.rowstat, p.c_fast, p.cc, b * n_pad, k_pad, d_pad,
-           4 * (k_pad // tile_k), TILE_K=tile_k, BLOCK_N=cp.block_n, BLOCK_C=cp.block_c, BLOCK_D=p.cfg.block_d,
+           1 << (key_low - 2), TILE_K=tile_k, BLOCK_N=cp.block_n, BLOCK_C=cp.block_c, BLOCK_D=p.cfg.block_d,
            RESIDENT=p.cfg.resident, num_warps=cp.num_warps, num_stages=cp.num_stages)
 
 
@@ -943,7 +962,7 @@ def _resolve_launch(p: _Prepared, fast: FastAssignment) -> None:
            # (centroid tiles no wider than the streaming pass's: the padding of K stays a multiple)
            BLOCK_N=r.block_n, BLOCK_K=min(r.block_k, cfg.block_k), BLOCK_D=cfg.block_d,
            RESIDENT=cfg.resident, EPI_D=cfg.epilogue_d, LOP3=not cfg.interpreted,
-           TOP2_REDUCE=not cfg.interpreted or _FORCE_TOP2_REDUCE,
+           TOP2_REDUCE=not cfg.interpreted or _FORCE_TOP2_REDUCE, QUICK=r.quick,
            num_warps=r.num_warps, num_stages=r.num_stages)
 
 
@@ -965,6 +984,18 @@ def slot_of(labels: torch.Tensor, tile_k: int) -> torch.Tensor:
     """The slot of centroid `labels` in its tile_k-wide tile: columns {2g, 2g + 1, tile_k/2 + 2g,
     tile_k/2 + 2g + 1} share slot g (the four accumulator registers one thread holds on sm_90)."""
     return (labels % tile_k) % (tile_k // 2) // 2
+
+
+def class_of(labels: torch.Tensor, tile_k: int, key_low: int) -> torch.Tensor:
+    """The class of centroid `labels`: its slot in every tile of its chunk (chunks of 2**(key_low - 2) tiles),
+    numbered chunk * (tile_k / 4) + slot. The streaming pass's second key covers every other centroid: those
+    in other slots of the label's chunk, and those of other chunks (each chunk's best key bounds all of it)."""
+    return labels // (tile_k << (key_low - 2)) * (tile_k // 4) + slot_of(labels, tile_k)
+
+
+def class_count(k_pad: int, tile_k: int, key_low: int) -> int:
+    """Classes per batch: (chunks of K) x (slots per tile)."""
+    return triton.cdiv(k_pad, tile_k << (key_low - 2)) * (tile_k // 4)
 
 
 def _as_batched(x: torch.Tensor, centroids: torch.Tensor):

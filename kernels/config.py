@@ -72,6 +72,7 @@ class ResolveConfig:
     num_warps: int
     num_stages: int
     programs: int
+    quick: bool = True  # skip the candidate work of a centroid tile where no row of the program has a hit
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ class AssignConfig:
     rows_stages: int = 2
     stream: StreamConfig | None = None  # sm_90: the Gluon streaming pass replaces the portable one
     class_pass: ClassConfig = ClassConfig(32, 16, 1, 1)
+    finish: tuple[int, int, int] | None = None  # finishing kernel: rows per program, float64 chunk, warps
+    #                                             (None: block_n, epilogue_d, num_warps)
 
     @property
     def row_multiple(self) -> int:
@@ -196,11 +199,14 @@ def assign_config(device, k: int, d: int, dtype: torch.dtype) -> AssignConfig:
     num_warps = 8 if block_n >= 128 else 4
     # row pass: 64-row programs of 4 warps (H200 sweep, N=8M D=128: 1.18 ms against 1.45 at 128 rows, 8 warps)
     return AssignConfig(block_n, block_k, block_d, resident, 32, num_warps, stages, False,
-                        _resolve_config(t, block_d, resident, block_k), rows_block_n=64, rows_block_d=64,
+                        _resolve_config(t, block_d, resident, block_k, k), rows_block_n=64, rows_block_d=64,
                         rows_warps=4, rows_stages=2, stream=_stream_config(t, block_d, resident, block_k),
                         # (H200, benchmarks/class_sweep.py: 128 x 32, 4 warps best of five shapes at N=8M K=1024,
                         # N=1M K=8192 and N=1M K=4096 D=64; 1.38 ms against 2.50 for 128 x 64, 8 warps at 8M)
-                        class_pass=ClassConfig(128, 32, 4, 2))
+                        class_pass=ClassConfig(128, 32, 4, 2),
+                        # (H200, benchmarks/finish_sweep.py: 64 rows, float64 chunks of 64, 4 warps best of eight
+                        # shapes; 1.00 ms against 1.50 for 128, 32, 8 at N=8M K=1024, 0.21 against 0.26 at 1M)
+                        finish=(64, 64, 4))
 
 
 # sm_90 pass: rows per scorer, registers per scorer thread. (H200, N=1M K=8192 D=128, streaming pass alone: 4.47 ms
@@ -235,15 +241,18 @@ def _has_gluon() -> bool:
     return True
 
 
-def _resolve_config(t: DeviceTraits, block_d: int, resident: bool, block_k: int) -> ResolveConfig:
+def _resolve_config(t: DeviceTraits, block_d: int, resident: bool, block_k: int, k: int) -> ResolveConfig:
     """Resolve pass: 64-row tiles (the flagged rows are few: more programs), centroid tiles as wide as the
     streaming pass's, two stages; persistent, two programs per SM. (H200 sweeps, D=128, 2% and 10.4% of 1M rows
-    flagged: within noise of the best of 64/128 rows, 64/128 centroids, 4/8 warps, 2/3 stages, 1-4 per SM.)"""
+    flagged: within noise of the best of 64/128 rows, 64/128 centroids, 4/8 warps, 2/3 stages, 1-4 per SM.)
+    Tiles without a hit are skipped from 128 tiles on: a flagged row has a few hits in all, so with many tiles
+    most have none in a 64-row program (H200, benchmarks/profile_kernels.py: 6.70 -> 5.0-5.4 ms at K=65536,
+    7% of 1M rows flagged; 9.36 -> 7.9-8.5 at K=32768, 16M normal rows; at K=8192 it cost 0.29 -> 0.34)."""
     block_n = 64
     stages = 2
     if resident and block_n * block_d * 2 + stages * block_k * block_d * 2 > t.smem_per_block - _SMEM_RESERVE:
         block_k = max(16, block_k // 2)
-    return ResolveConfig(block_n, block_k, 4, stages, 2 * t.sm_count)
+    return ResolveConfig(block_n, block_k, 4, stages, 2 * t.sm_count, quick=-(-k // block_k) >= 128)
 
 
 @dataclass(frozen=True)

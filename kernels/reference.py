@@ -166,13 +166,19 @@ def stream_slots(a_fast: torch.Tensor, rowstat: torch.Tensor, c_fast: torch.Tens
 
 
 def class_minimum(a_fast: torch.Tensor, rowstat: torch.Tensor, c_fast: torch.Tensor, cc: torch.Tensor,
-                  labels: torch.Tensor, tile_k: int) -> torch.Tensor:
+                  labels: torch.Tensor, tile_k: int, key_low: int) -> torch.Tensor:
     """Twin of FlashAssign's class pass: per prepared row (labels (B, n_pad)), the smallest score over the other
-    centroids of its label's slot in every tile (3e38 if there are none)."""
+    centroids of its label's slot in every tile of the label's chunk (chunks of 2**(key_low - 2) tiles; 3e38 if
+    there are none)."""
     scores = _prepared_scores(a_fast, rowstat, c_fast, cc)
     j = torch.arange(c_fast.shape[1], device=cc.device)
-    slot = (j % tile_k) % (tile_k // 2) // 2
-    same = (slot[None, None, :] == ((labels % tile_k) % (tile_k // 2) // 2)[..., None]) & (j != labels[..., None])
+    width = tile_k << (key_low - 2)
+
+    def place(c):  # (chunk, slot)
+        return c // width, (c % tile_k) % (tile_k // 2) // 2
+
+    (chunk, slot), (l_chunk, l_slot) = place(j), place(labels)
+    same = (slot == l_slot[..., None]) & (chunk == l_chunk[..., None]) & (j != labels[..., None])
     return torch.where(same, scores, torch.full_like(scores, 3.0e38)).amin(dim=-1)
 
 

@@ -11,7 +11,7 @@ import torch
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
 from flashkm_dist.kernels.assign import fast_assign, flash_assign
-from flashkm_dist.kernels.config import assign_config, update_config
+from flashkm_dist.kernels.config import MAX_CHUNK_TILES, assign_config, update_config
 from flashkm_dist.kernels.checks import DeferredChecks
 from flashkm_dist.kernels.update import sort_inverse_update
 
@@ -118,6 +118,37 @@ def test_assign_near_ties_are_resolved_exactly(dtype):
     assert torch.equal(fast.labels[0][unflagged], best[unflagged])  # the bound is sound where it claims
     labels, min_dist = flash_assign(x, c)
     assert_exact(x, c, labels, min_dist)
+
+
+def test_resolve_skipping_tiles_without_hits_changes_nothing():
+    """The resolve pass skips the candidate work of a centroid tile where none of its rows has a hit: labels,
+    distances and the tiers' counts equal those of the pass that does all of it, on rows flagged by near-ties
+    spread over many tiles."""
+    import copy
+    import dataclasses
+
+    from flashkm_dist.kernels import assign as A
+
+    g = gen(8)
+    d, k, n = 9, 200, 150
+    c = torch.randn(k, d, generator=g)
+    c[1::2] = c[0::2] + 0.05 * torch.randn(k // 2, d, generator=g)  # close pairs in every tile
+    pair = torch.randint(0, k // 2, (n,), generator=g)
+    eps = 10.0 ** torch.empty(n).uniform_(-8, -3, generator=g)
+    x = 0.5 * (c[2 * pair] + c[2 * pair + 1]) + 0.01 * torch.randn(n, d, generator=g) \
+        + eps[:, None] * (c[2 * pair] - c[2 * pair + 1])
+    p = A._prepare(x[None], c[None], "euclidean", None)
+    fast = A._fast_pass(p)
+    assert int(fast.counts[0, 0]) > 10 and p.c_fast.shape[1] // p.cfg.resolve.block_k > 4
+    out = []
+    for quick in (True, False):
+        p.cfg = dataclasses.replace(p.cfg, resolve=dataclasses.replace(p.cfg.resolve, quick=quick))
+        f = copy.deepcopy(fast)
+        A._resolve(p, f)
+        out.append(f)
+    for field in ("labels", "min_dist", "counts"):
+        assert torch.equal(getattr(out[0], field), getattr(out[1], field)), field
+    assert_exact(x, c, out[0].labels[0], out[0].min_dist[0])
 
 
 def test_assign_batched_near_ties_resolved_per_batch():
@@ -372,8 +403,8 @@ def test_slot_minima_and_class_pass_equal_their_twins(k):
     twin = reference.stream_slots(p.a_fast, p.rowstat, p.c_fast, p.cc, tile_k, key_low)
     assert torch.equal(top.view(torch.int32), twin.view(torch.int32))
     labels = top[2].view(torch.int32).view(1, -1).long()
-    others = reference.class_minimum(p.a_fast, p.rowstat, p.c_fast, p.cc, labels, tile_k).view(-1)
-    A._class_pass(p, top, tile_k)
+    others = reference.class_minimum(p.a_fast, p.rowstat, p.c_fast, p.cc, labels, tile_k, key_low).view(-1)
+    A._class_pass(p, top, tile_k, key_low)
     assert torch.equal(top[1], torch.minimum(twin[1], others))
     assert torch.equal(top[0::2].view(torch.int32), twin[0::2].view(torch.int32))  # (untouched)
 
@@ -396,9 +427,34 @@ def test_near_ties_within_one_slot_are_caught_by_the_class_pass(monkeypatch):
     fast = fast_assign(x, c)
     assert torch.equal(fast.labels[0][~fast.flagged[0]], best[~fast.flagged[0]])
     assert_exact(x, c, *flash_assign(x, c))
-    monkeypatch.setattr(A, "_class_pass", lambda p, top, tile_k: None)
+    monkeypatch.setattr(A, "_class_pass", lambda p, top, tile_k, key_low: None)
     blind = fast_assign(x, c)
     assert int((blind.labels[0][~blind.flagged[0]] != best[~blind.flagged[0]]).sum()) > 0
+
+
+def test_near_ties_across_chunks_need_no_class_pass():
+    """Near-tied centroids in the same slot of different chunks (j and j + the chunk's width): each chunk's best
+    key bounds its whole chunk, so the merged second covers them and the class stays inside the label's chunk."""
+    from flashkm_dist.kernels import assign as A
+
+    g = gen(43)
+    d, n = 5, 120
+    tile_k = assign_config("cpu", 1100, d, torch.float32).block_k
+    width = tile_k * MAX_CHUNK_TILES
+    k = 2 * width + 3
+    c = 5.0 * torch.randn(k, d, generator=g)
+    c[width:2 * width] = c[:width] + 0.05 * torch.randn(width, d, generator=g)  # j + width near j
+    j = torch.randint(0, width, (n,), generator=g)
+    ci, cj = c[j], c[j + width]
+    eps = 10.0 ** torch.empty(n).uniform_(-8, -3, generator=g)
+    x = 0.5 * (ci + cj) + 0.01 * torch.randn(n, d, generator=g) + eps[:, None] * (ci - cj)
+    best = torch.from_numpy(oracle_distances(x, c).argmin(1))
+    _, p, top, tile_k, key_low = _stream_planes(x, c)
+    assert A.class_count(p.c_fast.shape[1], tile_k, key_low) == 3 * (tile_k // 4)
+    fast = fast_assign(x, c)
+    assert int(fast.flagged.sum()) > 0  # (the near-ties reach the margin test)
+    assert torch.equal(fast.labels[0][~fast.flagged[0]], best[~fast.flagged[0]])
+    assert_exact(x, c, *flash_assign(x, c))
 
 
 def test_fast_pass_flags_few_rows_on_random_data():
