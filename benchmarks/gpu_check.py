@@ -116,6 +116,24 @@ def check_partials_bitwise():
     return {"same_as_reference": bool(same_as_reference), "any_chunking_same_bits": bool(chunkings_equal)}
 
 
+def check_limbs_bitwise():
+    """The fixed-point grid's kernels (kernels/limbs.py, what fixed_point runs on a GPU) against their torch twins
+    run on the CPU: the same bits."""
+    from flashkm_dist.kernels import fixed_point as fp, limbs
+    g = torch.Generator(device=DEV).manual_seed(5)
+    raw = torch.randint(-(1 << 36), 1 << 36, (2, 8192, 128), device=DEV, generator=g)
+    v = torch.randn(1 << 20, device=DEV, generator=g) * 1e4
+    w = torch.rand(1 << 20, device=DEV, generator=g, dtype=torch.float64)
+    sq = torch.randn(8192 * 128, device=DEV, generator=g, dtype=torch.float64) ** 2
+    cpu = [t.cpu() for t in (raw, v, w, sq)]
+    exp = fp.exponent_for(float(v.abs().max()) * v.numel())
+    out = {"to_float": all(torch.equal(limbs.to_float(raw, e).cpu(), fp.to_float(cpu[0], e)) for e in (-40, 0, 30)),
+           "exact_sum": torch.equal(fp.exact_sum(v, exp, weights=w).cpu(), fp.exact_sum(cpu[1], exp, weights=cpu[2])),
+           "exact_total": torch.equal(fp.exact_total(sq).cpu().view(torch.int64),
+                                      fp.exact_total(cpu[3]).view(torch.int64))}
+    return {k: bool(t) for k, t in out.items()}
+
+
 def check_estimator_end_to_end():
     x = blobs(100_000, 32, 64, torch.float32, seed=3, offset=50.0)
     init = x[:64].clone()
@@ -281,7 +299,7 @@ def main():
     result["triton"] = triton.__version__
     result["first_call"] = first_call_seconds()
     for name, fn in [("assign_exact", check_assign_exact), ("partials", check_partials_bitwise),
-                     ("estimator", check_estimator_end_to_end)]:
+                     ("limbs", check_limbs_bitwise), ("estimator", check_estimator_end_to_end)]:
         try:
             result[name] = fn()
         except Exception:

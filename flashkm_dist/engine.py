@@ -140,10 +140,7 @@ def exact_inertia(min_dist: torch.Tensor, weights: torch.Tensor | None, numerics
                   deferred=None) -> torch.Tensor:
     """Fixed-point limbs (2,) of sum(w * min_dist): inertia that is the same bits for any split of the rows.
     `deferred`: a `DeferredChecks` that takes the range check (else it waits for the device)."""
-    weighted = min_dist.to(torch.float64)
-    if weights is not None:
-        weighted = weighted * weights.to(torch.float64)
-    return fp.exact_sum(weighted, numerics.scale.dist_exp, deferred)
+    return fp.exact_sum(min_dist, numerics.scale.dist_exp, deferred, weights=weights)
 
 
 def unit_rows_like(x: torch.Tensor) -> torch.Tensor:

@@ -60,8 +60,14 @@ def next_centers(partials: reference.Partials, centers: torch.Tensor, metric: st
 def update_on_device(partials: reference.Partials, centers: torch.Tensor, metric: str):
     """`next_centers` without waiting: the new centres and their shift (0-d float64) on the partials' device.
     Both are elementwise or exact sums, so any device gives the same bits."""
-    new, _ = reference.finalize(partials, dtype=centers.dtype, metric=metric, previous=centers.to(partials.sums.device))
-    return new, shift_tensor(new, centers)
+    return update_with_weights(partials, centers, metric)[:2]
+
+
+def update_with_weights(partials: reference.Partials, centers: torch.Tensor, metric: str):
+    """`update_on_device` and the clusters' weights (float64, K), which the update computes anyway."""
+    new, weights = reference.finalize(partials, dtype=centers.dtype, metric=metric,
+                                      previous=centers.to(partials.sums.device))
+    return new, shift_tensor(new, centers), weights
 
 
 @dataclass
@@ -86,8 +92,7 @@ def iteration_on_device(engine, blocks, centers: torch.Tensor, numerics: FitNume
     is one int64 vector: the step's pending values, the number of empty clusters, then inertia and shift as
     float64 bits (what the host half reads back in one transfer)."""
     step = engine.step(blocks, centers, numerics, wait=False)
-    new, shift = update_on_device(step.partials, centers, numerics.metric)
-    weights = fp.to_float(step.partials.weights, step.partials.scale.weight_exp)
+    new, shift, weights = update_with_weights(step.partials, centers, numerics.metric)
     floats = torch.stack([fp.to_float(step.inertia, numerics.scale.dist_exp), shift])
     return step, new, torch.cat([step.pending(), (weights == 0).sum().reshape(1), floats.view(torch.int64)])
 

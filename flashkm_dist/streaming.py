@@ -114,6 +114,21 @@ def _as_tensor(data) -> torch.Tensor:
         return torch.from_numpy(arr if all(s >= 0 for s in arr.strides) else np.ascontiguousarray(arr))
 
 
+def _summed(parts: list, k: int, d: int, device) -> tuple:
+    """Normalised limbs of the chunks' (sums, counts, inertia): one chunk's as they are (already normalised; one
+    chunk is the common case on a GPU, and its K x D additions and carries would be pure overhead)."""
+    if len(parts) == 1:
+        return parts[0]
+    sums = torch.zeros((2, k, d), dtype=torch.int64, device=device)
+    counts = torch.zeros((2, k), dtype=torch.int64, device=device)
+    inertia = torch.zeros(2, dtype=torch.int64, device=device)
+    for s, c, i in parts:
+        sums += s
+        counts += c
+        inertia += i
+    return fp.normalize(sums), fp.normalize(counts), fp.normalize(inertia[:, None])[:, 0]
+
+
 @dataclass
 class Engine:
     """Lloyd steps of one device over the blocks it holds.
@@ -239,22 +254,19 @@ class Engine:
 
     def _step(self, blocks, centroids, numerics) -> EngineStep:
         k, d = centroids.shape
-        sums = torch.zeros((2, k, d), dtype=torch.int64, device=self.device)
-        counts = torch.zeros((2, k), dtype=torch.int64, device=self.device)
-        inertia = torch.zeros(2, dtype=torch.int64, device=self.device)
+        parts = []  # (sums, counts, inertia) limbs of each chunk, each normalised
         changed = torch.zeros((), dtype=torch.int64, device=self.device)  # no host sync per chunk
         checks = DeferredChecks()
         for chunk in self._chunks(blocks):
             labels, dist = self.backend.assign(chunk.x, centroids, metric=numerics.metric, shift=numerics.shift)
             part = self.backend.partial_sums(chunk.x, labels, k, chunk.weights, scale=numerics.scale,
                                              deferred=checks)
-            sums += part.sums
-            counts += part.weights
-            inertia += exact_inertia(dist, chunk.weights, numerics, checks)
+            parts.append((part.sums, part.weights, exact_inertia(dist, chunk.weights, numerics, checks)))
             changed += self._remember(blocks, chunk, labels)
+        sums, counts, inertia = _summed(parts, k, d, self.device)
         # (settling reads `changed` back, which waits for the stream: host labels have landed too)
-        return EngineStep(reference.Partials(fp.normalize(sums), fp.normalize(counts), numerics.scale),
-                          fp.normalize(inertia[:, None])[:, 0], None, changed=changed, checks=checks)
+        return EngineStep(reference.Partials(sums, counts, numerics.scale), inertia, None, changed=changed,
+                          checks=checks)
 
     def _remember(self, blocks, chunk: _Chunk, labels: torch.Tensor) -> torch.Tensor:
         """Keep this chunk's labels and count (on the device, no host sync) how many changed. Device blocks keep

@@ -328,6 +328,20 @@ def _class_kernel(
     tl.store(top_ptr + top_stride + flat, tl.minimum(second, low), mask=valid)
 
 
+@triton.jit(do_not_specialize=["n_total", "n_pad"])
+def _group_kernel(top_ptr, top_stride, group_ptr, n_total, n_pad, classes, chunk_tiles, TILE_K: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """The class pass's sort key of every row: batch * classes + `class_of` its label (one pass, not a chain of
+    torch operations over B n_pad rows)."""
+    S: tl.constexpr = TILE_K // 4
+    pos = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = pos < n_total
+    label = tl.load(top_ptr + 2 * top_stride + pos, mask=m, other=0.0).to(tl.int32, bitcast=True)
+    col = label % TILE_K
+    key = (pos // n_pad) * classes + label // (chunk_tiles * TILE_K) * S + (col % (TILE_K // 2)) // 2
+    tl.store(group_ptr + pos, key.to(group_ptr.dtype.element_ty), mask=m)
+
+
 @triton.jit
 def _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid_b,
                  x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
@@ -934,10 +948,11 @@ def _class_pass(p: _Prepared, top: torch.Tensor, tile_k: int, key_low: int) -> N
     b, n_pad, d_pad = p.a_fast.shape
     k_pad = p.c_fast.shape[1]
     classes = class_count(k_pad, tile_k, key_low)
-    labels = top[2].view(torch.int32).view(b, n_pad)
-    group = class_of(labels, tile_k, key_low) + classes * torch.arange(b, dtype=torch.int32,
-                                                                         device=labels.device)[:, None]
-    group, order = torch.sort(group.view(-1).to(torch.int16 if b * classes < 2 ** 15 else torch.int32))
+    group = torch.empty(b * n_pad, dtype=torch.int16 if b * classes < 2 ** 15 else torch.int32,
+                        device=top.device)
+    launch(_group_kernel, (triton.cdiv(b * n_pad, 1024),), top, top.stride(0), group, b * n_pad, n_pad, classes,
+           1 << (key_low - 2), TILE_K=tile_k, BLOCK=1024)
+    group, order = torch.sort(group)
     cp = p.cfg.class_pass
     launch(_class_kernel, (triton.cdiv(b * n_pad, cp.block_n),),
            order, group, top, top.stride(0), p.a_fast, p.rowstat, p.c_fast, p.cc, b * n_pad, k_pad, d_pad,

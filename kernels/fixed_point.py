@@ -52,13 +52,18 @@ def quantize(values: torch.Tensor, exp: int, deferred: DeferredChecks | None = N
     A value off the grid raises OverflowError, at once or at `deferred`'s verify."""
     q = torch.round(values.to(torch.float64) * (2.0 ** exp))
     if q.numel():
-        largest = q.abs().max().view(torch.int64)  # (float64 bits; NaN stays NaN and is off the grid too)
-        check = functools.partial(_check_grid, exp=exp)
-        if deferred is None:
-            check(largest.reshape(1).tolist())
-        else:
-            deferred.add(largest, check)
+        # (float64 bits; NaN stays NaN and is off the grid too)
+        _defer_or_check(q.abs().max().view(torch.int64), exp, deferred)
     return split(q.to(torch.int64))
+
+
+def _defer_or_check(largest: torch.Tensor, exp: int, deferred: DeferredChecks | None) -> None:
+    """The range check of quantised values whose largest |q| has the float64 bits `largest`: now, or queued."""
+    check = functools.partial(_check_grid, exp=exp)
+    if deferred is None:
+        check(largest.reshape(1).tolist())
+    else:
+        deferred.add(largest, check)
 
 
 def _check_grid(found: list, *, exp: int) -> None:
@@ -76,7 +81,11 @@ def normalize(limbs: torch.Tensor) -> torch.Tensor:
 
 
 def to_float(limbs: torch.Tensor, exp: int) -> torch.Tensor:
-    """Limbs (2, ...) -> float64 (...): a deterministic function of the exact integer, so bitwise order-free."""
+    """Limbs (2, ...) -> float64 (...): a deterministic function of the exact integer, so bitwise order-free.
+    (On a GPU one kernel, `limbs.to_float`, gives the same bits.)"""
+    if limbs.is_cuda:
+        from . import limbs as gpu
+        return gpu.to_float(limbs, exp)
     return _assemble(normalize(limbs), 2.0 ** -exp)
 
 
@@ -85,9 +94,19 @@ def _assemble(limbs: torch.Tensor, unit) -> torch.Tensor:
     return (limbs[0].to(torch.float64) * float(1 << LIMB_BITS) + limbs[1].to(torch.float64)) * unit
 
 
-def exact_sum(values: torch.Tensor, exp: int, deferred: DeferredChecks | None = None) -> torch.Tensor:
-    """Normalised limbs (2,) of the exact sum of quantised values (any shape): one canonical form per integer."""
-    return normalize(quantize(values.reshape(-1), exp, deferred).sum(dim=1))
+def exact_sum(values: torch.Tensor, exp: int, deferred: DeferredChecks | None = None,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised limbs (2,) of the exact sum of quantised values (any shape; times `weights` in float64, one
+    IEEE product each, if given): one canonical form per integer. (On a GPU one kernel, `limbs.exact_sum`.)"""
+    if values.is_cuda:
+        from . import limbs as gpu
+        sums, largest = gpu.exact_sum(values, exp, weights)
+        _defer_or_check(largest, exp, deferred)
+        return normalize(sums)
+    values = values.reshape(-1).to(torch.float64)
+    if weights is not None:
+        values = values * weights.reshape(-1).to(torch.float64)
+    return normalize(quantize(values, exp, deferred).sum(dim=1))
 
 
 def exponent_of(bound: torch.Tensor) -> torch.Tensor:
@@ -106,6 +125,9 @@ def exact_total(values: torch.Tensor) -> torch.Tensor:
     """float64 0-d tensor: the exact sum of `values` on the grid set by their largest magnitude, rounded once.
     The same bits as `to_float(exact_sum(values, exp), exp)` with `exp = exponent_for(max |values|)`, on any
     device, without synchronising with it (nothing is checked: the grid fits every value by construction)."""
+    if values.is_cuda:
+        from . import limbs as gpu
+        return gpu.exact_total(values)
     values = values.reshape(-1).to(torch.float64)
     if not values.numel():
         return torch.zeros((), dtype=torch.float64, device=values.device)

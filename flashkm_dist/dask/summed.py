@@ -15,7 +15,7 @@ import torch
 from flashkm_dist.graphed import Replay
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
-from flashkm_dist.lloyd import update_on_device
+from flashkm_dist.lloyd import update_with_weights
 
 
 def counters(n_changed: int, seconds: float, slot: int, n_slots: int) -> torch.Tensor:
@@ -57,8 +57,8 @@ def after_sum(flat: torch.Tensor, centers: torch.Tensor, numerics):
     partials = reference.Partials(fp.normalize(sums), fp.normalize(weights), numerics.scale)
     tail = flat[2 * k * d + 2 * k:]  # inertia limbs (2), labels changed, the step times
     inertia = fp.to_float(fp.normalize(tail[:2][:, None])[:, 0], numerics.scale.dist_exp)
-    new, shift = update_on_device(partials, centers, numerics.metric)
-    empty = fp.to_float(partials.weights, numerics.scale.weight_exp) == 0
+    new, shift, weights = update_with_weights(partials, centers, numerics.metric)
+    empty = weights == 0
     ints = torch.stack([empty.sum(), tail[2], tail[3:].max()])
     return partials, new, torch.cat([ints.view(torch.float64), torch.stack([inertia, shift])])
 
