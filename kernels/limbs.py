@@ -15,9 +15,8 @@ import triton.language as tl
 from .config import device_traits, launch
 from .update import _power_of_two, _to_int64
 
-LIMB_BITS = 26  # (as fixed_point's)
-VALUE_BITS = 2 * LIMB_BITS
-BLOCK = 1024
+BLOCK = 1024  # (the kernels write fixed_point's constants out: 26-bit limbs, |q| < 2**52; compiled kernels
+#                read no module globals)
 
 
 @triton.jit(do_not_specialize=["n", "exp"])
@@ -76,7 +75,7 @@ def _grid_exponent(big_ptr):
     sub = big < 2.2250738585072014e-308
     scaled = tl.where(sub, big * 18446744073709551616.0, big)  # (2**64: a subnormal becomes normal)
     e = ((scaled.to(tl.int64, bitcast=True) >> 52) & 2047) - 1022 - tl.where(sub, 64, 0)
-    exp = tl.minimum(tl.maximum(VALUE_BITS - 1 - e, -1000), 1000)
+    exp = tl.minimum(tl.maximum(51 - e, -1000), 1000)  # (51: fixed_point.VALUE_BITS - 1)
     return tl.where(big > 0.0, exp, 0)
 
 
