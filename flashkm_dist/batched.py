@@ -102,7 +102,10 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
 
     state = _Progress(centers, torch.ones(b, dtype=torch.bool, device=x.device),
                       torch.zeros(b, dtype=torch.int64, device=x.device))
-    on_device = functools.partial(_iteration_on_device, backend, x, offsets, k, scale, tols, metric, shift)
+    kept = backend.kept_rows(x)  # (the rows' prepared operands, made once for all iterations)
+    assign = functools.partial(backend.assign, **({} if kept is None else {"rows": kept}))
+    on_device = functools.partial(_iteration_on_device, assign, backend, x, offsets, k, scale, tols, metric,
+                                  shift)
     # the device half as one CUDA graph, once an op-by-op iteration with previous labels (kernels compiled) showed
     # that queuing its launches takes nearly all of its time (small problems); a device-bound one gains nothing
     replay = Replay(lambda c, active, n_iter, prev, it: on_device(_Progress(c, active, n_iter), prev, it), x.device,
@@ -130,16 +133,17 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
         if not running:
             break
     centers, n_iter = state.centers, state.n_iter
-    labels, min_dist = backend.assign(x, centers, metric=metric, shift=shift)
+    labels, min_dist = assign(x, centers, metric=metric, shift=shift)
     inertia = fp.to_float(fp.quantize(min_dist.to(torch.float64), scale.dist_exp).sum(dim=2), scale.dist_exp)
     return BatchedResult(labels, centers, n_iter, inertia)
 
 
-def _iteration_on_device(backend, x, offsets, k: int, scale, tols, metric: str, shift, state: "_Progress", prev, it):
+def _iteration_on_device(assign, backend, x, offsets, k: int, scale, tols, metric: str, shift, state: "_Progress",
+                         prev, it):
     """The device half of a batched iteration, without waiting: labels, partials, the next state, and one int64
     vector to read back (any empty cluster, any problem still running, then the kernels' checks)."""
     b, n, d = x.shape
-    labels, _ = backend.assign(x, state.centers, metric=metric, shift=shift)
+    labels, _ = assign(x, state.centers, metric=metric, shift=shift)
     checks = DeferredChecks()
     partials = backend.partial_sums(x.reshape(b * n, d), (labels + offsets).reshape(-1), b * k, scale=scale,
                                     deferred=checks)

@@ -23,6 +23,19 @@ class Backend:
     name: str
     assign: Callable
     partial_sums: Callable
+    prepared_rows: Callable | None = None  # makes what `assign(rows=...)` keeps across calls (None: no such thing)
+
+    def kept_rows(self, x: torch.Tensor):
+        """A fresh `prepared_rows()` for repeated assignments of the rows x when the backend keeps rows and, on a
+        GPU, they take at most a quarter of the device memory free now; None otherwise. (On the CPU only the
+        interpreted Triton backend of the tests keeps rows.)"""
+        if self.prepared_rows is None:
+            return None
+        if x.device.type == "cuda":
+            need = x.numel() // x.shape[-1] * (2 * max(16, x.shape[-1]) + 64)  # (fp16 operands, norms, padding)
+            if need > torch.cuda.mem_get_info(x.device)[0] // 4:
+                return None
+        return self.prepared_rows()
 
 
 REFERENCE = Backend("reference", reference.assign, reference.partial_sums)
@@ -30,11 +43,11 @@ REFERENCE = Backend("reference", reference.assign, reference.partial_sums)
 
 def _triton_backend():
     try:
-        from flashkm_dist.kernels.assign import flash_assign
+        from flashkm_dist.kernels.assign import PreparedRows, flash_assign
         from flashkm_dist.kernels.update import sort_inverse_update
     except ImportError:
         return None
-    return Backend("triton", flash_assign, sort_inverse_update)
+    return Backend("triton", flash_assign, sort_inverse_update, PreparedRows)
 
 
 def backend_for(device: torch.device) -> Backend:

@@ -135,6 +135,8 @@ class Engine:
 
     chunk_rows: rows per streamed chunk (default: a 256 MiB staging buffer). cache_bytes: device memory kept for
     resident copies of host rows ('auto': 80 % of what is free when the first step starts; 0: stream everything).
+    Torch blocks already on the device also keep their rows prepared for the assignment across steps
+    (`Backend.kept_rows`: while each takes at most a quarter of the memory then free; dropped on an OOM back-off).
     """
 
     device: torch.device | str = "cpu"
@@ -149,6 +151,7 @@ class Engine:
     _last_rows: int = 0  # rows of the largest chunk of the current pass (what an OOM back-off halves)
     _streams: tuple | None = field(default=None, repr=False)
     _registered: dict = field(default_factory=dict, repr=False)  # data_ptr -> host tensor page-locked in place
+    _kept: dict = field(default_factory=dict, repr=False)  # (block key, chunk start) -> kept rows, or None
 
     def __post_init__(self):
         self.device = torch.device(self.device)
@@ -258,7 +261,9 @@ class Engine:
         changed = torch.zeros((), dtype=torch.int64, device=self.device)  # no host sync per chunk
         checks = DeferredChecks()
         for chunk in self._chunks(blocks):
-            labels, dist = self.backend.assign(chunk.x, centroids, metric=numerics.metric, shift=numerics.shift)
+            kept = self._kept_rows(blocks, chunk)
+            labels, dist = self.backend.assign(chunk.x, centroids, metric=numerics.metric, shift=numerics.shift,
+                                               **({} if kept is None else {"rows": kept}))
             part = self.backend.partial_sums(chunk.x, labels, k, chunk.weights, scale=numerics.scale,
                                              deferred=checks)
             parts.append((part.sums, part.weights, exact_inertia(dist, chunk.weights, numerics, checks)))
@@ -267,6 +272,20 @@ class Engine:
         # (settling reads `changed` back, which waits for the stream: host labels have landed too)
         return EngineStep(reference.Partials(sums, counts, numerics.scale), inertia, None, changed=changed,
                           checks=checks)
+
+    def _kept_rows(self, blocks, chunk: _Chunk):
+        """The rows a chunk of a torch block on this device keeps prepared across steps (made at its first step,
+        if the backend keeps rows and memory allows), else None. Other blocks (host rows, CuPy blocks, whose
+        tensor is new at every step) are prepared afresh each time."""
+        data = blocks[chunk.index].data
+        if not (torch.is_tensor(data) and data.device == self.device):
+            return None
+        if chunk.x._base is not (data if data._base is None else data._base):  # (converted: new every step)
+            return None
+        key = (self._key(blocks[chunk.index], chunk.index), chunk.start)
+        if key not in self._kept:
+            self._kept[key] = self.backend.kept_rows(chunk.x)
+        return self._kept[key]
 
     def _remember(self, blocks, chunk: _Chunk, labels: torch.Tensor) -> torch.Tensor:
         """Keep this chunk's labels and count (on the device, no host sync) how many changed. Device blocks keep
@@ -293,6 +312,7 @@ class Engine:
 
     def _back_off(self) -> None:
         """Out of device memory: give the cache back first, then halve the chunk."""
+        self._kept.clear()
         if self._cache:
             self._cache.clear()
             self._cache_used = 0

@@ -124,18 +124,26 @@ def _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, cidx, offs_d, d_pad,
     return acc
 
 
-@triton.jit(do_not_specialize=["stride_xb", "n_rows"])
-def _rows_kernel(
-    x_ptr, stride_xb, stride_xn, stride_xd, shift_ptr, stats_ptr, a_ptr, rowstat_ptr,
-    n_rows, n_pad, D, d_pad,
-    COSINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Row pass: the fp16 operand ah = fp16(a_comp) of every row (zero-padded to (n_pad, d_pad)), and per row
-    aa = |a_comp|^2 and the error bound E. Keeping this out of the streaming kernel lets its x tile come straight
-    from memory into shared memory (tensor-core operands read from there; far fewer registers)."""
+@triton.jit
+def _row_bound(aa, a_hat, e_a, stats_ptr, pid_b, d_pad):
+    """The error bound E of the module docstring from a row's aa, |ah| and |a - ah| bounds and the centroid side's
+    bounds (stats): one formula for the row pass and for `_bound_kernel` (rows kept across calls)."""
     U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
-    pid_n = tl.program_id(0)
-    pid_b = tl.program_id(1)
+    b_hat = tl.load(stats_ptr + pid_b * 4 + 1)
+    e_b = tl.load(stats_ptr + pid_b * 4 + 2)
+    b_sq = tl.load(stats_ptr + pid_b * 4 + 3)
+    init = (aa + b_sq) * (1.0 + 2.0 * U)
+    gamma = (3 * d_pad + 16) * 1.1920928955078125e-07
+    # (+ 2**-13 sqrt(D) (|ah| + |bh|): products of fp16 subnormals, < 2**-14, even if tensor cores flushed them)
+    return 2.0 * U * b_sq + U * init + gamma * (init + 2.0 * a_hat * b_hat) \
+        + 2.0 * (e_a * b_hat + a_hat * e_b + e_a * e_b) + 1.220703125e-04 * tl.sqrt(d_pad * 1.0) * (a_hat + b_hat)
+
+
+@triton.jit
+def _row_pass(x_ptr, stride_xb, stride_xn, stride_xd, shift_ptr, stats_ptr, a_ptr, rowstat_ptr, rownorm_ptr,
+              n_rows, n_pad, D, d_pad, pid_n, pid_b,
+              COSINE: tl.constexpr, NORMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     pad_mask = rows < n_pad
@@ -144,9 +152,6 @@ def _rows_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     shift_ptr += pid_b * D
     alpha = tl.load(stats_ptr + pid_b * 4 + 0)
-    b_hat = tl.load(stats_ptr + pid_b * 4 + 1)
-    e_b = tl.load(stats_ptr + pid_b * 4 + 2)
-    b_sq = tl.load(stats_ptr + pid_b * 4 + 3)
 
     # per-row scale: alpha, or for cosine the power of two just below alpha/|x| (so x * scale is exact)
     row_scale = tl.zeros([BLOCK_N], dtype=tl.float32) + alpha
@@ -178,13 +183,45 @@ def _rows_kernel(
     # (+1.1e-19 >= sqrt(2**-126): a flush-to-zero approximate sqrt of a subnormal must not shrink a norm)
     a_hat = tl.sqrt(ah_sq) * slack + 1.1e-19
     e_a = tl.sqrt(res_sq) * slack + 1.01 * U * (tl.sqrt(aa) * slack + 1.1e-19) + 1.1e-19
-    init = (aa + b_sq) * (1.0 + 2.0 * U)
-    gamma = (3 * d_pad + 16) * 1.1920928955078125e-07
-    # (+ 2**-13 sqrt(D) (|ah| + |bh|): products of fp16 subnormals, < 2**-14, even if tensor cores flushed them)
-    err = 2.0 * U * b_sq + U * init + gamma * (init + 2.0 * a_hat * b_hat) \
-        + 2.0 * (e_a * b_hat + a_hat * e_b + e_a * e_b) + 1.220703125e-04 * tl.sqrt(d_pad * 1.0) * (a_hat + b_hat)
     tl.store(rowstat_ptr + out_off * 2, aa, mask=pad_mask)
-    tl.store(rowstat_ptr + out_off * 2 + 1, err, mask=pad_mask)
+    tl.store(rowstat_ptr + out_off * 2 + 1, _row_bound(aa, a_hat, e_a, stats_ptr, pid_b, d_pad), mask=pad_mask)
+    if NORMS:  # (kept rows: `_bound_kernel` recomputes E from these when the centroids change)
+        tl.store(rownorm_ptr + out_off * 2, a_hat, mask=pad_mask)
+        tl.store(rownorm_ptr + out_off * 2 + 1, e_a, mask=pad_mask)
+
+
+@triton.jit(do_not_specialize=["stride_xb", "n_rows"])
+def _rows_kernel(
+    x_ptr, stride_xb, stride_xn, stride_xd, shift_ptr, stats_ptr, a_ptr, rowstat_ptr, rownorm_ptr, stale_ptr,
+    n_rows, n_pad, D, d_pad,
+    COSINE: tl.constexpr, KEPT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Row pass: the fp16 operand ah = fp16(a_comp) of every row (zero-padded to (n_pad, d_pad)), and per row
+    aa = |a_comp|^2 and the error bound E. Keeping this out of the streaming kernel lets its x tile come straight
+    from memory into shared memory (tensor-core operands read from there; far fewer registers).
+    KEPT (`PreparedRows`): the rows of an earlier call are still valid unless stale_ptr says otherwise (the
+    kernel's shift or scale changed): then nothing is read or written; the norms behind E are stored too."""
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    if KEPT:
+        if tl.load(stale_ptr) != 0:
+            _row_pass(x_ptr, stride_xb, stride_xn, stride_xd, shift_ptr, stats_ptr, a_ptr, rowstat_ptr,
+                      rownorm_ptr, n_rows, n_pad, D, d_pad, pid_n, pid_b, COSINE, True, BLOCK_N, BLOCK_D)
+    else:
+        _row_pass(x_ptr, stride_xb, stride_xn, stride_xd, shift_ptr, stats_ptr, a_ptr, rowstat_ptr, rownorm_ptr,
+                  n_rows, n_pad, D, d_pad, pid_n, pid_b, COSINE, False, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _bound_kernel(rowstat_ptr, rownorm_ptr, stats_ptr, n_pad, d_pad, BLOCK_N: tl.constexpr):
+    """E of kept rows for this call's centroids (`_row_bound` from the stored aa, |ah| and |a - ah| bounds)."""
+    pid_b = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    off = pid_b.to(tl.int64) * n_pad + rows
+    aa = tl.load(rowstat_ptr + off * 2)
+    err = _row_bound(aa, tl.load(rownorm_ptr + off * 2), tl.load(rownorm_ptr + off * 2 + 1), stats_ptr, pid_b,
+                     d_pad)
+    tl.store(rowstat_ptr + off * 2 + 1, err)
 
 
 @triton.jit
@@ -874,27 +911,75 @@ def _prepare(x: torch.Tensor, centroids: torch.Tensor, metric: str, shift) -> _P
                      c_dist)
 
 
-def _prepare_rows(p: _Prepared) -> None:
-    """The row pass: fp16 operands and (aa, E) of every row of x."""
+class PreparedRows:
+    """The row pass's output for one x, kept across calls: a Lloyd fit scores the same rows against new centroids
+    every iteration, and the prepared operands depend on the rows and on the kernel's shift and scale only (which
+    the centroids move rarely: a power of two and a per-feature choice). Pass one to `flash_assign(rows=...)`
+    for the same rows each time; it re-prepares them whenever they may differ: another tensor or view, a write
+    into x since (its version counter), or another shift or scale (compared on the device, no host sync). Only
+    the error bound E, which the centroids' bounds enter, is recomputed every call (a pass over 16 bytes per
+    row). Holds about N (2 D + 16) bytes of device memory while it lives."""
+
+    def __init__(self):
+        self._ref = None  # weak reference to the tensor whose storage holds the rows
+        self._geometry = None
+        self.a_fast = self.rowstat = self.rownorm = self.stamp = None
+
+    def _place(self, x: torch.Tensor, cosine: bool, n_pad: int, d_pad: int) -> tuple:
+        return (x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version, cosine,
+                n_pad, d_pad)
+
+    def _holds(self, x: torch.Tensor, place: tuple) -> bool:
+        base = x._base if x._base is not None else x
+        return self._ref is not None and self._ref() is base and self._geometry == place
+
+    def _bind(self, x: torch.Tensor, place: tuple, n_pad: int, d_pad: int, words: int) -> None:
+        """Fresh buffers for x; the stamp matches no shift and scale, so the next row pass runs."""
+        import weakref
+        b, dev = x.shape[0], x.device
+        self._ref, self._geometry = weakref.ref(x._base if x._base is not None else x), place
+        self.a_fast = torch.empty((b, n_pad, d_pad), dtype=torch.float16, device=dev)
+        self.rowstat = torch.empty((b, n_pad, 2), dtype=torch.float32, device=dev)
+        self.rownorm = torch.empty((b, n_pad, 2), dtype=torch.float32, device=dev)
+        self.stamp = torch.full((words,), -1, dtype=torch.int32, device=dev)  # (-1: a NaN pattern no s has)
+
+
+def _prepare_rows(p: _Prepared, rows: PreparedRows | None = None) -> None:
+    """The row pass: fp16 operands and (aa, E) of every row of x (with `rows`: kept from an earlier call where
+    still valid, E recomputed)."""
     b, n, d = p.x.shape
     cfg = p.cfg
     n_pad = triton.cdiv(n, cfg.row_multiple) * cfg.row_multiple
     block_n = min(cfg.rows_block_n or cfg.block_n, cfg.block_n)  # divides n_pad (powers of two)
     d_pad = p.c_fast.shape[2]
-    p.a_fast = torch.empty((b, n_pad, d_pad), dtype=torch.float16, device=p.x.device)
-    p.rowstat = torch.empty((b, n_pad, 2), dtype=torch.float32, device=p.x.device)
     x = p.x
+    if rows is None:
+        p.a_fast = torch.empty((b, n_pad, d_pad), dtype=torch.float16, device=x.device)
+        p.rowstat = torch.empty((b, n_pad, 2), dtype=torch.float32, device=x.device)
+        norms = stale = p.rowstat  # (unused)
+    else:
+        # the shift and scale the rows were made with, as int32 bits
+        stamp = torch.cat([p.sigma.view(torch.int32).reshape(-1), p.stats[:, 0].view(torch.int32)])
+        place = rows._place(x, p.cosine, n_pad, d_pad)
+        if not rows._holds(x, place):
+            rows._bind(x, place, n_pad, d_pad, stamp.numel())
+        stale = (rows.stamp != stamp).sum()
+        p.a_fast, p.rowstat, norms = rows.a_fast, rows.rowstat, rows.rownorm
     launch(_rows_kernel, (n_pad // block_n, b),
-           x, x.stride(0), x.stride(1), x.stride(2), p.sigma, p.stats, p.a_fast, p.rowstat,
-           n, n_pad, d, d_pad, COSINE=p.cosine, BLOCK_N=block_n, BLOCK_D=cfg.row_block_d,
+           x, x.stride(0), x.stride(1), x.stride(2), p.sigma, p.stats, p.a_fast, p.rowstat, norms, stale,
+           n, n_pad, d, d_pad, COSINE=p.cosine, KEPT=rows is not None, BLOCK_N=block_n, BLOCK_D=cfg.row_block_d,
            num_warps=cfg.rows_warps or cfg.num_warps, num_stages=cfg.rows_stages)
+    if rows is not None:
+        launch(_bound_kernel, (n_pad // block_n, b), p.rowstat, norms, p.stats, n_pad, d_pad, BLOCK_N=block_n,
+               num_warps=4)
+        rows.stamp.copy_(stamp)
 
 
-def _fast_pass(p: _Prepared) -> FastAssignment:
+def _fast_pass(p: _Prepared, rows: PreparedRows | None = None) -> FastAssignment:
     """The row pass, the streaming pass, the class pass and the margin test: no host synchronisation."""
     b, n, _ = p.x.shape
     dev = p.x.device
-    _prepare_rows(p)
+    _prepare_rows(p, rows)
     n_pad = p.a_fast.shape[1]
     fast = FastAssignment(torch.empty((b, n), dtype=torch.int64, device=dev),
                           torch.empty((b, n), dtype=torch.float32, device=dev),
@@ -1044,12 +1129,14 @@ def _resolve(p: _Prepared, fast: FastAssignment) -> None:
     _brute_launch(p, fast)
 
 
-def flash_assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euclidean", shift=None):
+def flash_assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euclidean", shift=None,
+                 rows: PreparedRows | None = None):
     """Nearest centroid of every row: (labels int64, min_dist), the semantics of `reference.assign`.
 
     x (N, D) with centroids (K, D), or batched x (B, N, D) with centroids (B, K, D) in one launch. fp16, bf16 and
     fp32 run on the kernel (float64 goes to the reference). Labels are exact (see the module docstring);
-    min_dist is the float64 distance to the chosen centroid, returned as float32.
+    min_dist is the float64 distance to the chosen centroid, returned as float32. `rows`: a `PreparedRows` that
+    keeps the prepared rows of x across calls (the same results, less work).
     """
     reference.check_metric(metric)
     xb, cb, batched = _as_batched(x, centroids)
@@ -1059,16 +1146,17 @@ def flash_assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euc
         shape = xb.shape[:2] if batched else xb.shape[1:2]
         return (torch.empty(shape, dtype=torch.int64, device=x.device),
                 torch.empty(shape, dtype=torch.float32, device=x.device))
-    _compile_once(xb, cb, metric, shift)
-    fast = _assign(xb, cb, metric, shift)
+    _compile_once(xb, cb, metric, shift, rows is not None)
+    fast = _assign(xb, cb, metric, shift, rows)
     if batched:
         return fast.labels, fast.min_dist
     return fast.labels[0], fast.min_dist[0]
 
 
-def _assign(xb: torch.Tensor, cb: torch.Tensor, metric: str, shift) -> FastAssignment:
+def _assign(xb: torch.Tensor, cb: torch.Tensor, metric: str, shift, rows: PreparedRows | None = None
+            ) -> FastAssignment:
     p = _prepare(xb, cb, metric, shift)
-    fast = _fast_pass(p)
+    fast = _fast_pass(p, rows)
     _resolve(p, fast)
     return fast
 
@@ -1077,15 +1165,15 @@ COMPILE_AHEAD = True  # (benchmarks switch it off to measure what it saves)
 _COMPILED: set = set()
 
 
-def _compile_once(xb: torch.Tensor, cb: torch.Tensor, metric: str, shift) -> None:
+def _compile_once(xb: torch.Tensor, cb: torch.Tensor, metric: str, shift, kept: bool = False) -> None:
     """The first call of a kind of problem compiles all its kernels concurrently (a dry run of the passes inside
     `compile_ahead.ahead`), instead of one by one as each is first launched. The kind: what the kernels'
     specialisations can depend on (N never does: it is a run-time argument the kernels do not specialise on)."""
     if xb.device.type != "cuda" or not COMPILE_AHEAD:
         return
-    key = (xb.device, xb.dtype, cb.dtype, metric, shift is None, cb.shape[1], xb.shape[2], xb.shape[0] > 1)
+    key = (xb.device, xb.dtype, cb.dtype, metric, shift is None, cb.shape[1], xb.shape[2], xb.shape[0] > 1, kept)
     if key in _COMPILED:
         return
-    with compile_ahead.ahead():
-        _assign(xb, cb, metric, shift)
+    with compile_ahead.ahead():  # (kept rows: a throwaway PreparedRows; nothing runs here, so none may be bound)
+        _assign(xb, cb, metric, shift, PreparedRows() if kept else None)
     _COMPILED.add(key)

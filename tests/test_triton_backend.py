@@ -54,3 +54,28 @@ def test_column_moments_on_triton_path_are_the_exact_float64_moments(triton_on_c
     assert sums.shape == (2, 4, 7)
     for j in range(4):
         assert torch.equal(squares[:, j], fp.normalize(fp.quantize(x64[groups == j] ** 2, exps[1]).sum(dim=1)))
+
+
+def test_engine_keeps_prepared_rows_across_steps_with_the_same_bits(triton_on_cpu):
+    """A torch block on the engine's device keeps FlashAssign's prepared rows from step to step: every step
+    equals a fresh engine's, also after the centroids' scale changes and after a write into the block."""
+    from flashkm_dist.engine import numerics_for
+    from flashkm_dist.kernels.assign import PreparedRows
+    from flashkm_dist.streaming import Block, Engine
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(150, 9, generator=g) + 20
+    nm = numerics_for(x, None, metric="euclidean")
+    engine, blocks = Engine("cpu"), [Block(x)]
+    # (the write comes before centroids made before it: the same shift and scale, only x changed)
+    for c in (x[:7].clone(), 3.0 * x[:7], x[7:14].clone(), None, x[7:14].clone()):
+        if c is None:  # a write into the block: the kept rows must not be trusted
+            x[::3] *= 0.5
+            continue
+        got = engine.step(blocks, c, nm)
+        want = Engine("cpu").step([Block(x.clone())], c, nm)
+        assert torch.equal(got.partials.sums, want.partials.sums) and torch.equal(got.inertia, want.inertia)
+        fresh = Engine("cpu")
+        fresh.step([Block(x)], c, nm)
+        assert torch.equal(engine.labels(blocks)[0], fresh.labels([Block(x)])[0])
+    assert [type(v) for v in engine._kept.values()] == [PreparedRows]

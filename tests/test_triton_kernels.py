@@ -457,6 +457,51 @@ def test_near_ties_across_chunks_need_no_class_pass():
     assert_exact(x, c, *flash_assign(x, c))
 
 
+def test_prepared_rows_are_kept_across_calls_and_redone_when_they_may_differ():
+    """`PreparedRows`: the same results as fresh rows for new centroids; the row pass is skipped while x, the
+    shift and the scale stay (shown by a poisoned buffer surviving), and redone after a write into x, a change of
+    scale, or for another tensor."""
+    from flashkm_dist.kernels import assign as A
+
+    g = gen(44)
+    x = torch.randn(200, 12, generator=g)
+    c = x[:30].clone()
+    shift = x.double().mean(0)
+
+    def fresh(x, c):
+        p = A._prepare(x[None], c[None], "euclidean", shift)
+        return p, A._fast_pass(p)
+
+    def kept(x, c, rows):
+        p = A._prepare(x[None], c[None], "euclidean", shift)
+        return p, A._fast_pass(p, rows)
+
+    def same(a, b):
+        (pa, fa), (pb, fb) = a, b
+        n = pa.x.shape[1]
+        assert torch.equal(pa.a_fast[:, :n], pb.a_fast[:, :n]) and torch.equal(pa.rowstat[:, :n], pb.rowstat[:, :n])
+        for field in ("labels", "min_dist", "flag", "threshold"):
+            assert torch.equal(getattr(fa, field), getattr(fb, field)), field
+
+    rows = A.PreparedRows()
+    same(kept(x, c, rows), fresh(x, c))
+    c2 = c + 0.01 * torch.randn(c.shape, generator=g)  # (same scale: alpha's power of two does not move)
+    same(kept(x, c2, rows), fresh(x, c2))  # E follows the centroids
+    poisoned = rows.a_fast.clone()
+    rows.a_fast[0, 0, 0] += 1.0
+    kept(x, c2, rows)
+    assert not torch.equal(rows.a_fast, poisoned)  # skipped: the poison stays
+    x.mul_(1.0)  # a write into x (its version counter moves)
+    same(kept(x, c2, rows), fresh(x, c2))
+    rows.a_fast[0, 0, 0] += 1.0
+    same(kept(x, 8.0 * c2, rows), fresh(x, 8.0 * c2))  # another scale: redone
+    y = x.clone()
+    rows.a_fast[0, 0, 0] += 1.0
+    same(kept(y, c2, rows), fresh(y, c2))  # another tensor: redone
+    labels, min_dist = A.flash_assign(y, c2, shift=shift, rows=rows)
+    assert_exact(y, c2, labels, min_dist)
+
+
 def test_fast_pass_flags_few_rows_on_random_data():
     g = gen(13)
     for dtype in (torch.float32, torch.float16):
