@@ -676,19 +676,22 @@ def _brute_kernel(
         inv_norm = _inv_norm(x_ptr, row_off, stride_xd, D, valid, COSINE, BLOCK_N, EPI_D)
         best = tl.full([BLOCK_N], float("inf"), tl.float64)
         best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+        offs_e = tl.arange(0, EPI_D)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + offs_k
             k_mask = ks < K
             c_off = pid_b.to(tl.int64) * stride_cdb + ks.to(tl.int64) * stride_cdk
             acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float64)
-            for d in range(0, D):
-                xv = tl.load(x_ptr + row_off + d * stride_xd, mask=valid, other=0.0).to(tl.float64)
-                cv = tl.load(cd_ptr + c_off + d * stride_cdd, mask=k_mask, other=0.0).to(tl.float64)
+            # (EPI_D features per step, as `_exact_score` sums them: one element per feature at a time made a
+            # serial chain of K D / BLOCK_K dependent loads, 53 ms for one row at K=4096, D=1024 on an H100)
+            for d0 in range(0, D, EPI_D):
+                xv = _rows64(x_ptr, row_off, stride_xd, d0, offs_e, D, valid)
+                cv = _rows64(cd_ptr, c_off, stride_cdd, d0, offs_e, D, k_mask)
                 if COSINE:
-                    acc -= (xv * inv_norm)[:, None] * cv[None, :]
+                    acc -= tl.sum((xv * inv_norm[:, None])[:, None, :] * cv[None, :, :], 2)
                 else:
-                    diff = xv[:, None] - cv[None, :]
-                    acc += diff * diff
+                    diff = xv[:, None, :] - cv[None, :, :]
+                    acc += tl.sum(diff * diff, 2)
             acc = tl.where(k_mask[None, :] & (acc == acc), acc, float("inf"))
             t = tl.min(acc, 1)
             ti = tl.min(tl.where(acc == t[:, None], ks[None, :], 2147483647), 1)
@@ -1070,14 +1073,14 @@ def _brute_launch(p: _Prepared, fast: FastAssignment) -> None:
     """Last tier: float64 brute force over fast.lists[1] (usually empty: the launch finds nothing to do)."""
     b, n, d = p.x.shape
     cfg = p.cfg
-    block_n = cfg.resolve.block_n
+    block_n = 8  # (few rows come here: small row tiles spread them over more programs)
     programs = max(1, min(triton.cdiv(n, block_n), cfg.resolve.programs))
     x, cd, lists = p.x, p.c_dist, fast.lists
     launch(_brute_kernel, (programs, b),
            x, x.stride(0), x.stride(1), x.stride(2), cd, cd.stride(0), cd.stride(1), cd.stride(2),
            fast.labels, fast.min_dist, lists[1], fast.counts[:, 1:], n, cd.shape[1], d, lists.stride(1),
-           COSINE=p.cosine, BLOCK_N=block_n, BLOCK_K=16 if cfg.interpreted else 32, EPI_D=cfg.epilogue_d,
-           num_warps=4)
+           COSINE=p.cosine, BLOCK_N=block_n, BLOCK_K=16 if cfg.interpreted else 64, EPI_D=16,
+           num_warps=1 if cfg.interpreted else 8)
 
 
 def slot_of(labels: torch.Tensor, tile_k: int) -> torch.Tensor:
