@@ -85,7 +85,14 @@ def pieces(x, c, nm):
         fast.counts.copy_(saved)
         A._resolve(p, fast)
 
-    return {"prepare_ms": cuda_ms(lambda: A._prepare(x[None], c[None], "euclidean", nm.shift)),
+    def brute(rows):  # the last tier on `rows` rows forced into its list (it usually has none)
+        fast.counts.copy_(saved)
+        fast.counts[:, 1] = rows
+        fast.lists[1, 0, :rows] = torch.arange(rows, device=x.device, dtype=torch.int32)
+        A._brute_launch(p, fast)
+
+    return {"brute_1_row_ms": cuda_ms(lambda: brute(1)), "brute_64_rows_ms": cuda_ms(lambda: brute(64)),
+            "prepare_ms": cuda_ms(lambda: A._prepare(x[None], c[None], "euclidean", nm.shift)),
             "row_pass_ms": cuda_ms(lambda: A._prepare_rows(p)),
             "row_and_main_ms": cuda_ms(lambda: A._fast_pass(p)),
             "resolve_pass_ms": cuda_ms(resolve_only),
