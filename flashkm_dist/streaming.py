@@ -114,18 +114,21 @@ def _as_tensor(data) -> torch.Tensor:
         return torch.from_numpy(arr if all(s >= 0 for s in arr.strides) else np.ascontiguousarray(arr))
 
 
-def _summed(parts: list, k: int, d: int, device) -> tuple:
-    """Normalised limbs of the chunks' (sums, counts, inertia): one chunk's as they are (already normalised; one
-    chunk is the common case on a GPU, and its K x D additions and carries would be pure overhead)."""
-    if len(parts) == 1:
-        return parts[0]
-    sums = torch.zeros((2, k, d), dtype=torch.int64, device=device)
-    counts = torch.zeros((2, k), dtype=torch.int64, device=device)
-    inertia = torch.zeros(2, dtype=torch.int64, device=device)
-    for s, c, i in parts:
-        sums += s
-        counts += c
-        inertia += i
+def _added(total: tuple | None, part: tuple) -> tuple:
+    """The running (sums, counts, inertia) limbs of a step's chunks plus one chunk's: the first chunk's as they
+    are (one chunk is the common case on a GPU: no K x D zero-fill, additions and carries), then exact integer
+    sums (at most two K x D arrays alive: a step over many chunks holds no chunk's partials)."""
+    return part if total is None else tuple(a + b for a, b in zip(total, part))
+
+
+def _normalised(total: tuple | None, chunks: int, k: int, d: int, device) -> tuple:
+    """Carry the limbs of a sum of several chunks (one chunk's are normalised already); zeros for none."""
+    if total is None:
+        return (torch.zeros((2, k, d), dtype=torch.int64, device=device),
+                torch.zeros((2, k), dtype=torch.int64, device=device), torch.zeros(2, dtype=torch.int64, device=device))
+    if chunks == 1:
+        return total
+    sums, counts, inertia = total
     return fp.normalize(sums), fp.normalize(counts), fp.normalize(inertia[:, None])[:, 0]
 
 
@@ -257,7 +260,7 @@ class Engine:
 
     def _step(self, blocks, centroids, numerics) -> EngineStep:
         k, d = centroids.shape
-        parts = []  # (sums, counts, inertia) limbs of each chunk, each normalised
+        total, chunks = None, 0  # (sums, counts, inertia) limbs of the chunks so far
         changed = torch.zeros((), dtype=torch.int64, device=self.device)  # no host sync per chunk
         checks = DeferredChecks()
         for chunk in self._chunks(blocks):
@@ -266,9 +269,10 @@ class Engine:
                                                **({} if kept is None else {"rows": kept}))
             part = self.backend.partial_sums(chunk.x, labels, k, chunk.weights, scale=numerics.scale,
                                              deferred=checks)
-            parts.append((part.sums, part.weights, exact_inertia(dist, chunk.weights, numerics, checks)))
+            total = _added(total, (part.sums, part.weights, exact_inertia(dist, chunk.weights, numerics, checks)))
+            chunks += 1
             changed += self._remember(blocks, chunk, labels)
-        sums, counts, inertia = _summed(parts, k, d, self.device)
+        sums, counts, inertia = _normalised(total, chunks, k, d, self.device)
         # (settling reads `changed` back, which waits for the stream: host labels have landed too)
         return EngineStep(reference.Partials(sums, counts, numerics.scale), inertia, None, changed=changed,
                           checks=checks)

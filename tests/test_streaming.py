@@ -110,6 +110,30 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_bits():
             split(x, w, []), c, nm)
 
 
+def test_a_step_over_many_chunks_holds_no_chunks_partials():
+    """The step adds each chunk's partials into its running total: by the time a chunk is summed, the partials of
+    the chunks two or more before it are gone (device memory stays two K x D arrays, not one per chunk)."""
+    import gc
+    import weakref
+
+    x, _, c = problem()
+    made, alive_at_call = [], []
+
+    def partial_sums(*args, **kw):
+        gc.collect()
+        alive_at_call.append(sum(r() is not None for r in made[:-1]))
+        part = reference.partial_sums(*args, **kw)
+        made.append(weakref.ref(part.sums))
+        return part
+
+    nm = numerics_for(torch.as_tensor(x), None, metric="euclidean")
+    step = Engine("cpu", backend=Backend("spy", reference.assign, partial_sums), chunk_rows=100).step(
+        [Block(x)], c, nm)
+    whole = Engine("cpu").step([Block(x)], c, nm)
+    assert len(made) == 5 and alive_at_call == [0, 0, 0, 0, 0]
+    assert torch.equal(step.partials.sums, whole.partials.sums) and torch.equal(step.inertia, whole.inertia)
+
+
 def test_host_rows_are_used_in_place_without_copies():
     x, _, c = problem()
     base, end = x.ctypes.data, x.ctypes.data + x.nbytes
