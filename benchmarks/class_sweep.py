@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import traceback
 
 import torch
 
 import gpu_check as G
 from provenance import gpu_run
-from flashkm_dist.engine import numerics_for
+from sweeps import measured, prepared, run_shapes
 from flashkm_dist.kernels import assign as A
 from flashkm_dist.kernels import config
 
@@ -27,27 +25,21 @@ VARIANTS = [(128, 64, 8, 2), (256, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (
 
 
 def run_shape(n, k, d) -> dict:
-    x = G.blobs(n, d, min(k, 4096), torch.float16, seed=4)
-    c = x[torch.randperm(n, device=DEV)[:k]].clone()
-    p = A._prepare(x[None], c[None], "euclidean", numerics_for(x, None, metric="euclidean").shift)
+    p = prepared(n, k, d)
     A._prepare_rows(p)
     top, tile_k, key_low = A._stream(p)
-    shipped = p.cfg.class_pass
-    row = {"n": n, "k": k, "d": d, "shipped": str(shipped), "variants": []}
+    row = {"n": n, "k": k, "d": d, "shipped": str(p.cfg.class_pass), "variants": []}
     base = top.clone()
     A._class_pass(p, base, tile_k, key_low)
     for v in VARIANTS:
         p.cfg = dataclasses.replace(p.cfg, class_pass=config.ClassConfig(*v))
-        out = {"variant": list(v)}
-        try:
+
+        def measure(out):
             t = top.clone()
             A._class_pass(p, t, tile_k, key_low)
             out["same_bits"] = bool(torch.equal(t.view(torch.int32), base.view(torch.int32)))
             out["ms_with_sort"] = G.cuda_ms(lambda: A._class_pass(p, t, tile_k, key_low), reps=15)
-        except Exception:
-            out["error"] = traceback.format_exc()[-2000:]
-        row["variants"].append(out)
-        print(json.dumps(out), flush=True)
+        measured(row, {"variant": list(v)}, measure)
     labels = top[2].view(torch.int32).view(1, -1)
     row["sort_ms"] = G.cuda_ms(lambda: torch.sort(A.class_of(labels, tile_k, key_low).view(-1).to(torch.int16)),
                                reps=15)
@@ -58,16 +50,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    result = {**gpu_run(DEV), "shapes": []}
-    for n, k, d in SHAPES:
-        try:
-            row = run_shape(n, k, d)
-        except Exception:
-            row = {"n": n, "k": k, "d": d, "error": traceback.format_exc()}
-        result["shapes"].append(row)
-        print(json.dumps({kk: v for kk, v in row.items() if kk != "variants"}), flush=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    run_shapes(gpu_run(DEV), SHAPES, run_shape, args.out)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,12 @@ trade against memory latency.
 from __future__ import annotations
 
 import argparse
-import json
-import traceback
 
 import torch
 
 import gpu_check as G
 from provenance import gpu_run
-from flashkm_dist.engine import numerics_for
+from sweeps import measured, prepared, run_shapes
 from flashkm_dist.kernels import assign as A
 
 DEV = G.DEV
@@ -27,20 +25,17 @@ VARIANTS = [(128, 32, 8), (64, 32, 4), (128, 64, 4), (64, 64, 4), (32, 32, 2), (
 
 
 def run_shape(n, k, d) -> dict:
-    x = G.blobs(n, d, min(k, 4096), torch.float16, seed=4)
-    c = x[torch.randperm(n, device=DEV)[:k]].clone()
-    p = A._prepare(x[None], c[None], "euclidean", numerics_for(x, None, metric="euclidean").shift)
+    p = prepared(n, k, d)
     base = A._fast_pass(p)
     top, tile_k, key_low = A._stream(p)
     A._class_pass(p, top, tile_k, key_low)
     row = {"n": n, "k": k, "d": d, "shipped": [p.cfg.block_n, p.cfg.epilogue_d, p.cfg.num_warps], "variants": []}
-    out = {"variant": "zeroing the count alone"}
     counts = base.counts.clone()
-    out["ms"] = G.cuda_ms(lambda: counts.zero_(), reps=15)
-    row["variants"].append(out)
+    measured(row, {"variant": "zeroing the count alone"},
+             lambda out: out.update(ms=G.cuda_ms(lambda: counts.zero_(), reps=15)))
     for v in VARIANTS:
-        out = {"variant": list(v)}
-        try:
+
+        def measure(out):
             fast = A._fast_pass(p)  # (fresh outputs: the kernel appends flagged rows to the list)
             fast.counts.zero_()
             A._finish_launch(p, top, key_low, fast, v)
@@ -50,10 +45,7 @@ def run_shape(n, k, d) -> dict:
             # (the list of flagged rows restarts every time: its count only grows, and would run past its end)
             out["ms"] = G.cuda_ms(lambda: (fast.counts.zero_(), A._finish_launch(p, top, key_low, fast, v)),
                                   reps=15)
-        except Exception:
-            out["error"] = traceback.format_exc()[-2000:]
-        row["variants"].append(out)
-        print(json.dumps(out), flush=True)
+        measured(row, {"variant": list(v)}, measure)
     return row
 
 
@@ -61,16 +53,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    result = {**gpu_run(DEV), "shapes": []}
-    for n, k, d in SHAPES:
-        try:
-            row = run_shape(n, k, d)
-        except Exception:
-            row = {"n": n, "k": k, "d": d, "error": traceback.format_exc()}
-        result["shapes"].append(row)
-        print(json.dumps({kk: v for kk, v in row.items() if kk != "variants"}), flush=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    run_shapes(gpu_run(DEV), SHAPES, run_shape, args.out)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import traceback
 
 import torch
 
 import gpu_check as G
 from provenance import gpu_run
-from flashkm_dist.engine import numerics_for
+from sweeps import measured, prepared, run_shapes
 from flashkm_dist.kernels import assign as A
 from flashkm_dist.kernels import assign_sm90, config
 
@@ -30,10 +29,7 @@ VARIANTS = [{}, {"block_n": 64}, {"stages": 3}]
 
 
 def run_shape(n, k, d, variants) -> dict:
-    x = G.blobs(n, d, min(k, 4096), torch.float16, seed=4)
-    c = x[torch.randperm(n, device=DEV)[:k]].clone()
-    nm = numerics_for(x, None, metric="euclidean")
-    p = A._prepare(x[None], c[None], "euclidean", nm.shift)
+    p = prepared(n, k, d)
     A._prepare_rows(p)
     row = {"n": n, "k": k, "d": d, "shipped": str(p.cfg.stream), "variants": []}
     if p.cfg.stream is None:
@@ -45,8 +41,8 @@ def run_shape(n, k, d, variants) -> dict:
         if "stages" not in v:
             sc = dataclasses.replace(sc, stages=config.stream_ring_slots(
                 config.device_traits(DEV), sc.block_n, p.c_fast.shape[-1], sc.block_k))
-        out = {"variant": v, "config": str(sc)}
-        try:
+
+        def measure(out, sc=sc):
             if p.a_fast.shape[1] % sc.rows:
                 raise ValueError(f"prepared rows {p.a_fast.shape[1]} are not a multiple of {sc.rows}")
             top = assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, sc, key_low)
@@ -54,10 +50,7 @@ def run_shape(n, k, d, variants) -> dict:
             out["ms"] = G.cuda_ms(lambda: assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, sc, key_low),
                                   reps=15)
             out["tflops"] = 2 * n * k * d / out["ms"] / 1e9
-        except Exception:
-            out["error"] = traceback.format_exc()[-2000:]
-        row["variants"].append(out)
-        print(json.dumps(out), flush=True)
+        measured(row, {"variant": v, "config": str(sc)}, measure)
     return row
 
 
@@ -67,15 +60,8 @@ def main():
     ap.add_argument("--variants", default=None, help="JSON list of StreamConfig overrides ({} = shipped)")
     args = ap.parse_args()
     variants = json.loads(args.variants) if args.variants else VARIANTS
-    result = {**gpu_run(DEV), "matmul_tflops_fp16": G.matmul_tflops(torch.float16), "shapes": []}
-    for n, k, d in SHAPES:
-        try:
-            row = run_shape(n, k, d, variants)
-        except Exception:
-            row = {"n": n, "k": k, "d": d, "error": traceback.format_exc()}
-        result["shapes"].append(row)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    result = {**gpu_run(DEV), "matmul_tflops_fp16": G.matmul_tflops(torch.float16)}
+    run_shapes(result, SHAPES, lambda n, k, d: run_shape(n, k, d, variants), args.out)
 
 
 if __name__ == "__main__":
