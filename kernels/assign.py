@@ -49,6 +49,7 @@ Why it is exact (everything in units scaled by alpha = 2**e, exact):
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -932,15 +933,18 @@ class PreparedRows:
         return (x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version, cosine,
                 n_pad, d_pad)
 
+    @staticmethod
+    def _root(x: torch.Tensor) -> torch.Tensor:
+        """The tensor that owns x's storage (x itself unless x is a view)."""
+        return x if x._base is None else x._base
+
     def _holds(self, x: torch.Tensor, place: tuple) -> bool:
-        base = x._base if x._base is not None else x
-        return self._ref is not None and self._ref() is base and self._geometry == place
+        return self._ref is not None and self._ref() is self._root(x) and self._geometry == place
 
     def _bind(self, x: torch.Tensor, place: tuple, n_pad: int, d_pad: int, words: int) -> None:
         """Fresh buffers for x; the stamp matches no shift and scale, so the next row pass runs."""
-        import weakref
         b, dev = x.shape[0], x.device
-        self._ref, self._geometry = weakref.ref(x._base if x._base is not None else x), place
+        self._ref, self._geometry = weakref.ref(self._root(x)), place
         self.a_fast = torch.empty((b, n_pad, d_pad), dtype=torch.float16, device=dev)
         self.rowstat = torch.empty((b, n_pad, 2), dtype=torch.float32, device=dev)
         self.rownorm = torch.empty((b, n_pad, 2), dtype=torch.float32, device=dev)
