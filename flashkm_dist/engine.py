@@ -32,10 +32,14 @@ class Backend:
         if self.prepared_rows is None:
             return None
         if x.device.type == "cuda":
-            need = x.numel() // x.shape[-1] * (2 * max(16, x.shape[-1]) + 64)  # (fp16 operands, norms, padding)
-            if need > torch.cuda.mem_get_info(x.device)[0] // 4:
+            if x.numel() // x.shape[-1] * prepared_row_bytes(x.shape[-1]) > torch.cuda.mem_get_info(x.device)[0] // 4:
                 return None
         return self.prepared_rows()
+
+
+def prepared_row_bytes(d: int) -> int:
+    """Device memory a row's kept `PreparedRows` take (fp16 operands, norms, padding), a bound."""
+    return 2 * max(16, d) + 64
 
 
 REFERENCE = Backend("reference", reference.assign, reference.partial_sums)

@@ -18,13 +18,15 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from flashkm_dist.engine import Backend, FitNumerics, backend_for, exact_inertia, unit_rows_like
+from flashkm_dist.engine import (Backend, FitNumerics, backend_for, exact_inertia, prepared_row_bytes,
+                                 unit_rows_like)
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import reference
 from flashkm_dist.kernels.checks import DeferredChecks
 
 CHUNK_BYTES = 256 << 20  # one staging buffer
 CACHE_FRACTION = 0.8  # of the free device memory, for 'auto'
+CACHED_CHUNK_FACTOR = 4  # rows served from the cache go through the kernels this many staging chunks at a time
 
 
 @dataclass
@@ -101,6 +103,24 @@ class _Chunk:
     start: int
     x: torch.Tensor  # rows on the engine's device, compute dtype
     weights: torch.Tensor | None
+    cached: bool = False  # host rows served from the device cache (their labels stay on the device too)
+
+
+def cached_prefix(n: int, rows: int, n_cached: int, filling: bool) -> int:
+    """Rows [0, end) of a host block that a pass serves from the device cache: the whole staging chunks inside
+    the cache, or all of it when all of it is cached; none in the pass that fills the cache."""
+    if filling:
+        return 0
+    return n if n_cached >= n else n_cached // rows * rows
+
+
+def cached_chunks(end: int, rows: int) -> list:
+    """(start, stop) of the chunks the cached rows [0, end) go through the kernels in: CACHED_CHUNK_FACTOR staging
+    chunks at a time (nothing is copied for them, and every chunk costs some fixed kernel work), at the
+    multiples of that size, so each chunk is the same view of the cache at every step (its prepared rows can be
+    kept)."""
+    size = rows * CACHED_CHUNK_FACTOR
+    return [(s, min(s + size, end)) for s in range(0, end, size)]
 
 
 def _as_tensor(data) -> torch.Tensor:
@@ -154,7 +174,9 @@ class Engine:
     _last_rows: int = 0  # rows of the largest chunk of the current pass (what an OOM back-off halves)
     _streams: tuple | None = field(default=None, repr=False)
     _registered: dict = field(default_factory=dict, repr=False)  # data_ptr -> host tensor page-locked in place
-    _kept: dict = field(default_factory=dict, repr=False)  # (block key, chunk start) -> kept rows, or None
+    _kept: dict = field(default_factory=dict, repr=False)  # (block key, chunk start[, 'cached']) -> kept rows
+    _device_labels: dict = field(default_factory=dict, repr=False)  # block key -> labels of its cached rows
+    _prepare_cached: bool | None = None  # cached rows keep their prepared rows too (decided with the first entry)
 
     def __post_init__(self):
         self.device = torch.device(self.device)
@@ -240,6 +262,7 @@ class Engine:
     def forget_labels(self) -> None:
         """Start a new run: the next step counts every label as changed (as scikit-learn's first iteration)."""
         self._labels.clear()
+        self._device_labels.clear()
 
     def has_labels(self, blocks) -> bool:
         """Whether every block has labels from an earlier step (a label-change count against them is meaningful)."""
@@ -252,7 +275,14 @@ class Engine:
     def labels(self, blocks) -> list:
         """Labels (int64 tensors) of the last step of every block: on the host for blocks streamed from the host,
         on the device for blocks computed in place (empty blocks: empty)."""
+        self._gather_device_labels()
         return [self._labels.get(self._key(b, i), torch.empty(0, dtype=torch.int64)) for i, b in enumerate(blocks)]
+
+    def _gather_device_labels(self) -> None:
+        """Copy the labels of cached host rows, which stay on the device between steps, into their blocks' host
+        label tensors (waits for the device)."""
+        for key, dev in self._device_labels.items():
+            self._labels[key][:dev.shape[0]].copy_(dev)
 
     # ------------------------------------------------------------------------------------------- internals
     def _key(self, block: Block, position: int):
@@ -282,6 +312,13 @@ class Engine:
         if the backend keeps rows and memory allows), else None. Other blocks (host rows, CuPy blocks, whose
         tensor is new at every step) are prepared afresh each time."""
         data = blocks[chunk.index].data
+        if chunk.cached:  # (a fixed view of the cache: `cached_chunks`; memory reserved with the entry)
+            if not self._prepare_cached:
+                return None
+            key = (self._key(blocks[chunk.index], chunk.index), chunk.start, "cached")
+            if key not in self._kept:
+                self._kept[key] = self.backend.prepared_rows()
+            return self._kept[key]
         if not (torch.is_tensor(data) and data.device == self.device):
             return None
         if chunk.x._base is not (data if data._base is None else data._base):  # (converted: new every step)
@@ -304,6 +341,11 @@ class Engine:
             store = torch.full((data.shape[0],), -1, dtype=torch.int64, device=self.device if in_place else "cpu",
                                pin_memory=not in_place and self.device.type == "cuda")
             self._labels[key] = store
+            self._device_labels.pop(key, None)
+        if chunk.cached:  # rows kept on the device keep their labels there: no PCIe traffic for them per step
+            if key not in self._device_labels:
+                self._device_labels[key] = store[:self._cache[(key, self.dtype)].shape[0]].to(self.device, copy=True)
+            store = self._device_labels[key]
         seg = store[chunk.start:chunk.start + len(labels)]
         changed = (seg.to(self.device, non_blocking=True) != labels).sum()
         seg.copy_(labels, non_blocking=True)
@@ -318,8 +360,11 @@ class Engine:
         """Out of device memory: give the cache back first, then halve the chunk."""
         self._kept.clear()
         if self._cache:
+            self._gather_device_labels()
+            self._device_labels.clear()
             self._cache.clear()
             self._cache_used = 0
+            self._prepare_cached = None
             self.cache_bytes = 0 if self.cache_bytes == "auto" else int(self.cache_bytes) // 2
         elif self._last_rows > 1:
             self.chunk_rows = max(1, self._last_rows // 2)
@@ -334,8 +379,42 @@ class Engine:
             self.cache_bytes = int(free * CACHE_FRACTION) - 4 * CHUNK_BYTES
         return max(0, int(self.cache_bytes))
 
+    def _cache_row_bytes(self, d: int) -> int:
+        """Device memory one cached host row takes: the row in the compute dtype, its label, and its prepared
+        rows where the engine keeps those."""
+        return d * self.dtype.itemsize + 8 + (prepared_row_bytes(d) if self._prepare_cached else 0)
+
+    def _decide_prepared_cache(self, blocks) -> None:
+        """Before the first cache entry: whether cached rows also keep their prepared rows (`PreparedRows`, about
+        half the size of fp32 rows). Only if every host row of the step fits in the cache with them: a row the
+        cache holds saves its PCIe copy, worth far more than the row pass a prepared row saves."""
+        if self._prepare_cached is not None or self._cache:
+            return
+        host = [_as_tensor(b.data) for b in blocks]
+        host = [t for t in host if t.dim() == 2 and t.device != self.device]
+        if not host:
+            return
+        if self.backend.prepared_rows is None or self.unit_rows:  # (unit rows: new tensors at every step)
+            self._prepare_cached = False
+            return
+        need = sum(t.shape[0] * (t.shape[1] * self.dtype.itemsize + 8 + prepared_row_bytes(t.shape[1]))
+                   for t in host)
+        self._prepare_cached = need <= self._cache_budget()
+
+    def _cache_room(self, d: int) -> int:
+        """Host rows of D features the cache can still take."""
+        return max(0, self._cache_budget() - self._cache_used) // self._cache_row_bytes(d)
+
+    def _new_cache_entry(self, key, n: int, d: int) -> torch.Tensor:
+        cached = torch.empty((n, d), dtype=self.dtype, device=self.device)
+        self._cache[(key, self.dtype)] = cached
+        self._cache_used += n * self._cache_row_bytes(d)
+        return cached
+
     def _chunks(self, blocks):
         """Every block's rows in chunks, on this device in the compute dtype (unit rows for cosine)."""
+        if self.device.type == "cuda":
+            self._decide_prepared_cache(blocks)
         for index, block in enumerate(blocks):
             data = _as_tensor(block.data)
             if data.dim() != 2 or data.shape[0] == 0:
@@ -384,22 +463,18 @@ class Engine:
                 pass
 
     def _streamed(self, index, key, data: torch.Tensor, weights, rows: int):
-        """Host rows to the device: cached rows first-hand, the rest through double-buffered pinned staging
-        on a copy stream (the copy of chunk i+1 is queued before chunk i is handed out for compute)."""
+        """Host rows to the device: cached rows first-hand (CACHED_CHUNK_FACTOR staging chunks at a time), the
+        rest through double-buffered pinned staging on a copy stream (the copy of chunk i+1 is queued before
+        chunk i is handed out for compute; the first streamed chunk's before the cached rows are)."""
         if self._streams is None:
             self._streams = (torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device))
         copy_stream, compute = self._streams
         cached = self._cache.get((key, self.dtype))
-        n_cached = 0 if cached is None else cached.shape[0]
-        if cached is None and self._cache_budget() - self._cache_used >= data.shape[1] * self.dtype.itemsize:
-            room = (self._cache_budget() - self._cache_used) // (data.shape[1] * self.dtype.itemsize)
-            cached = torch.empty((min(room, data.shape[0]), data.shape[1]), dtype=self.dtype, device=self.device)
-            self._cache[(key, self.dtype)] = cached
-            self._cache_used += cached.numel() * cached.element_size()
-            fill = True
-        else:
-            fill = False
-        starts = list(range(0, data.shape[0], rows))
+        fill = cached is None and self._cache_room(data.shape[1]) > 0
+        if fill:
+            cached = self._new_cache_entry(key, min(self._cache_room(data.shape[1]), data.shape[0]), data.shape[1])
+        end = cached_prefix(data.shape[0], rows, 0 if cached is None else cached.shape[0], fill)
+        starts = list(range(end, data.shape[0], rows))
         pinned = data.is_pinned() or self._pin_in_place(data)
         # two device buffers, reused: the copy into one waits (on the device) until the kernels of the chunk that
         # used it were queued and ran, so nothing on the host waits and memory stays two chunks whatever the host
@@ -408,11 +483,8 @@ class Engine:
         landed, used, consumed = [None, None], [None, None], [None, None]
 
         def queue_copy(i):
-            start = starts[i]
-            if not fill and start + rows <= n_cached:
-                return None
             slot = i % 2
-            src = data[start:start + rows]
+            src = data[starts[i]:starts[i] + rows]
             if not pinned:
                 if staging[slot] is None or staging[slot].shape != src.shape:
                     staging[slot] = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
@@ -432,22 +504,24 @@ class Engine:
                 event.record(copy_stream)
             used[slot] = event
             landed[slot] = (dev, event)
-            return slot
 
-        slot = queue_copy(0)
+        if starts:
+            queue_copy(0)
+        for start, stop in cached_chunks(end, rows):
+            self._last_rows = max(self._last_rows, stop - start)
+            w = None if weights is None else weights[start:stop].to(self.device, non_blocking=True)
+            x = cached[start:stop]
+            yield _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w, cached=True)
         for i, start in enumerate(starts):
-            next_slot = queue_copy(i + 1) if i + 1 < len(starts) else None
-            if slot is None:
-                x = cached[start:start + rows]
-            else:
-                dev, event = landed[slot]
-                compute.wait_event(event)
-                x = dev.to(self.dtype)
-                if fill and start < cached.shape[0]:
-                    cached[start:start + rows] = x[:cached.shape[0] - start]
+            if i + 1 < len(starts):
+                queue_copy(i + 1)
+            slot = i % 2
+            dev, event = landed[slot]
+            compute.wait_event(event)
+            x = dev.to(self.dtype)
+            if fill and start < cached.shape[0]:
+                cached[start:start + rows] = x[:cached.shape[0] - start]
             w = None if weights is None else weights[start:start + rows].to(self.device, non_blocking=True)
             yield _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w)
-            if slot is not None:  # the consumer has queued its kernels on this chunk
-                consumed[slot] = torch.cuda.Event()
-                consumed[slot].record(compute)
-            slot = next_slot
+            consumed[slot] = torch.cuda.Event()  # the consumer has queued its kernels on this chunk
+            consumed[slot].record(compute)

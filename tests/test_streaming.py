@@ -7,7 +7,7 @@ import torch
 
 from flashkm_dist.engine import Backend, exact_inertia, numerics_for
 from flashkm_dist.kernels import reference
-from flashkm_dist.streaming import Block, Engine
+from flashkm_dist.streaming import CACHED_CHUNK_FACTOR, Block, Engine, _Chunk, cached_chunks, cached_prefix
 
 
 def whole_step(x, c, nm, w=None):
@@ -132,6 +132,39 @@ def test_a_step_over_many_chunks_holds_no_chunks_partials():
     whole = Engine("cpu").step([Block(x)], c, nm)
     assert len(made) == 5 and alive_at_call == [0, 0, 0, 0, 0]
     assert torch.equal(step.partials.sums, whole.partials.sums) and torch.equal(step.inertia, whole.inertia)
+
+
+def test_cached_rows_are_served_in_whole_chunks_of_fixed_places():
+    """The pass that fills the cache streams everything; later passes serve the whole staging chunks inside the
+    cache (all rows when all are cached) in CACHED_CHUNK_FACTOR-wide chunks at fixed starts, then stream the rest."""
+    assert cached_prefix(1000, 300, 1000, filling=True) == 0
+    assert cached_prefix(1000, 300, 1000, filling=False) == 1000  # (the short last chunk too)
+    assert cached_prefix(1000, 300, 700, filling=False) == 600  # (the chunk across the cache's end is streamed)
+    assert cached_prefix(1000, 300, 0, filling=False) == 0
+    size = 300 * CACHED_CHUNK_FACTOR
+    plan = cached_chunks(5 * size + 7, 300)
+    assert plan[0] == (0, size) and plan[-1] == (5 * size, 5 * size + 7)
+    assert all(b == c for (_, b), (c, _) in zip(plan, plan[1:]))
+    assert cached_chunks(0, 300) == []
+
+
+def test_labels_of_cached_rows_stay_on_the_device_and_come_back_on_request():
+    """Cached rows keep their labels in a device copy (no transfer per step): counted against the labels the
+    host tensor had, then against their own; `labels()` returns them in the host tensor."""
+    x, _, c = problem(n=40)
+    block = Block(x, key="b")
+    engine = Engine("cpu")
+    engine._cache[("b", torch.float32)] = torch.as_tensor(x[:24])
+    old = torch.arange(40) % 3
+    engine._labels["b"] = old.clone()
+    new = (torch.arange(24) + 1) % 3  # every cached row moves
+    assert int(engine._remember([block], _Chunk(0, 0, torch.as_tensor(x[:24]), None, cached=True), new)) == 24
+    assert torch.equal(engine._labels["b"], old)  # (the host tensor is left alone until asked)
+    assert int(engine._remember([block], _Chunk(0, 0, torch.as_tensor(x[:24]), None, cached=True), new)) == 0
+    assert int(engine._remember([block], _Chunk(0, 24, torch.as_tensor(x[24:]), None), old[24:])) == 0
+    assert torch.equal(engine.labels([block])[0], torch.cat([new, old[24:]]))
+    engine.forget_labels()
+    assert not engine._device_labels and not engine.has_labels([block])
 
 
 def test_host_rows_are_used_in_place_without_copies():
