@@ -18,10 +18,10 @@ rows sorted by class on the device) scores each row against its label's class an
 into the row's second. The finishing kernel (`_finish_kernel`) then runs the margin test with the provable per-row
 bound (below): it decides whether the fast label is certainly the exact argmin. The few rows where it is not
 (`flagged`) are appended to a list on the device and resolved exactly by the resolve pass: its scan
-(`_resolve_scan_kernel`, persistent programs over the list, with K split into parts when few rows are flagged)
+(`_resolve_kernel`, persistent programs over the list, with K split into parts when few rows are flagged)
 streams the centroids again for those rows and keeps every centroid under the row's threshold (a superset of the
 centroids that can still win), at most two per centroid tile as candidates (a tile with more hits is remembered
-and checked whole); the float64 argmin over those is the label (`_resolve_settle_kernel`). The rare rows
+and checked whole); the float64 argmin over those is the label (`_settle_rows`). The rare rows
 it cannot settle (more than MAX_CANDIDATES candidates, wide hits in two tiles, a NaN bound) go to float64 brute
 force over all centroids (`_brute_kernel`). No step waits for the host. Labels are therefore the exact float64
 argmin up to float64 rounding (~1e-16), far inside the contract, and ties go to the lowest index.
@@ -537,23 +537,86 @@ def _exact_score4(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdk, stride_c
     return t0, t1, t2, t3
 
 
-@triton.jit(do_not_specialize=["n_pad"])
-def _resolve_scan_kernel(
-    a_ptr, rowstat_ptr, thr_ptr, cf_ptr, cc_ptr, list_ptr, count_ptr, found_ptr, cand_ptr,
-    n_rows, n_pad, k_pad, d_pad, stride_list,
-    MAX_CAND: tl.constexpr, SPREAD: tl.constexpr,
+@triton.jit
+def _settle_rows(slot, valid, pid_b, found_ptr, cand_ptr, list_ptr, count_ptr, rest_ptr, x_ptr, stride_xb,
+                 stride_xn, stride_xd, cd_ptr, stride_cdb, stride_cdk, stride_cdd, labels_ptr, dist_ptr,
+                 n_rows, n_pad, D, K, stride_list,
+                 COSINE: tl.constexpr, MAX_CAND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EPI_D: tl.constexpr):
+    """The resolve pass's float64 half for the listed rows at `slot` (list_ptr already at batch pid_b): the
+    argmin (ties -> lowest index) over a row's candidates, plus every centroid of its remembered tile (BLOCK_K
+    wide). Rows this cannot settle (no candidate, more than MAX_CAND, or two tiles with more than two hits) are
+    appended to the batch's `rest` list (`rest_ptr[b, :count[b, 1]]`) for `_brute_kernel`; count[b, 2] counts
+    the rows settled through a remembered tile. (found / cand were written by other programs: read from L2.)"""
+    offs_m = tl.arange(0, MAX_CAND)
+    rows = tl.load(list_ptr + slot, mask=valid, other=0)
+    out_off = pid_b.to(tl.int64) * n_rows + rows
+    at = pid_b.to(tl.int64) * n_pad + slot
+    count = tl.load(found_ptr + at * 3, mask=valid, other=0, cache_modifier=".cg")
+    n_wide = tl.load(found_ptr + at * 3 + 1, mask=valid, other=0, cache_modifier=".cg")
+    wide_k0 = tl.load(found_ptr + at * 3 + 2, mask=valid, other=0, cache_modifier=".cg")
+    settle = valid & (count <= MAX_CAND) & (((n_wide == 0) & (count >= 1)) | (n_wide == 1))
+    widened = settle & (n_wide == 1)
+
+    # float64 argmin among the candidates; ties go to the lowest index (candidates come in no order)
+    row_off = pid_b.to(tl.int64) * stride_xb + rows.to(tl.int64) * stride_xn
+    inv_norm = _inv_norm(x_ptr, row_off, stride_xd, D, settle, COSINE, BLOCK_N, EPI_D)
+    best = tl.full([BLOCK_N], float("inf"), tl.float64)
+    best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+    n_slots = tl.max(tl.where(settle, count, 0), 0)
+    for j in range(0, n_slots):
+        use = settle & (j < count)
+        idx = tl.load(cand_ptr + at * MAX_CAND + j, mask=use, other=0, cache_modifier=".cg")
+        c_off = pid_b.to(tl.int64) * stride_cdb + idx.to(tl.int64) * stride_cdk
+        score = _exact_score(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdd, D, use, inv_norm,
+                             COSINE, BLOCK_N, EPI_D)
+        best, best_idx = _take(best, best_idx, score, idx, use)
+    # every centroid of the remembered tile (a superset of its hits: non-hits cannot win)
+    # (four centroids per step, in one pass over D: their loads are in flight together)
+    n_widened = tl.sum(widened.to(tl.int32), 0)
+    for j in range(0, tl.where(n_widened > 0, BLOCK_K, 0), 4):
+        idx = wide_k0 + j
+        c_off = pid_b.to(tl.int64) * stride_cdb + idx.to(tl.int64) * stride_cdk
+        e0, e1, e2, e3 = _exact_score4(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdk, stride_cdd, D,
+                                       widened, idx, K, inv_norm, COSINE, BLOCK_N, EPI_D)
+        best, best_idx = _take(best, best_idx, e0, idx, widened & (idx < K))
+        best, best_idx = _take(best, best_idx, e1, idx + 1, widened & (idx + 1 < K))
+        best, best_idx = _take(best, best_idx, e2, idx + 2, widened & (idx + 2 < K))
+        best, best_idx = _take(best, best_idx, e3, idx + 3, widened & (idx + 3 < K))
+    tl.atomic_add(count_ptr + pid_b * 4 + 2, n_widened, mask=n_widened > 0)
+    if COSINE:
+        best = _cosine_dist(best)
+    tl.store(labels_ptr + out_off, best_idx.to(tl.int64), mask=settle)
+    tl.store(dist_ptr + out_off, best.to(tl.float32), mask=settle)
+    # the rest, appended to the batch's second list
+    rest = valid & ~settle
+    ri = rest.to(tl.int32)
+    n_rest = tl.sum(ri, 0)
+    base = tl.atomic_add(count_ptr + pid_b * 4 + 1, n_rest, mask=n_rest > 0)
+    tl.store(rest_ptr + pid_b.to(tl.int64) * stride_list + base + tl.cumsum(ri, 0) - ri, rows, mask=rest)
+
+
+@triton.jit(do_not_specialize=["stride_xb", "n_rows", "n_pad"])
+def _resolve_kernel(
+    x_ptr, stride_xb, stride_xn, stride_xd, a_ptr, rowstat_ptr, thr_ptr,
+    cf_ptr, cc_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
+    labels_ptr, dist_ptr, list_ptr, count_ptr, rest_ptr, found_ptr, cand_ptr, done_ptr,
+    n_rows, n_pad, D, K, k_pad, d_pad, stride_list,
+    COSINE: tl.constexpr, MAX_CAND: tl.constexpr, SPREAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
-    LOP3: tl.constexpr, TOP2_REDUCE: tl.constexpr, QUICK: tl.constexpr,
+    EPI_D: tl.constexpr, LOP3: tl.constexpr, TOP2_REDUCE: tl.constexpr, QUICK: tl.constexpr,
 ):
-    """The resolve pass's scan: for each flagged row (`list_ptr[b, :count[b, 0]]`, batch stride stride_list;
+    """Makes the flagged rows exact, in place. Its scan: for each flagged row (`list_ptr[b, :count[b, 0]]`, batch stride stride_list;
     count is (B, 4)) it streams the centroid tiles again and keeps every centroid under the row's threshold
     (`hit`: a superset of the centroids that can still win): per tile, the two lowest keys among the hits are
     the row's candidates; a tile with more than two hits is remembered instead. Persistent: the programs of
     batch b walk items (tile of BLOCK_N listed rows, part of the centroid tiles): with few flagged rows the
     centroid tiles are split into parts, so that every program has about SPREAD items (one program walking
-    all of K for its rows set the pass's time). Each item adds what it found to the row's slot of found_ptr
-    ((B, n_pad, 3) int32, zeroed: candidates, wide tiles, the first wide tile's start) and cand_ptr
-    ((B, n_pad, MAX_CAND) int32), by atomics per row and item: any order of the items gives the same sets."""
+    all of K for its rows set the pass's time; with B batches, about SPREAD / B per program and batch). Each item
+    adds what it found to the row's slot of found_ptr ((B, n_pad, 3) int32, zeroed: candidates, wide tiles, the
+    first wide tile's start) and cand_ptr ((B, n_pad, MAX_CAND) int32), by atomics per row and item: any order of
+    the items gives the same sets. The program that finishes a tile's last part (done_ptr: (B, tiles) zeroed
+    counters) then settles its rows in float64 (`_settle_rows`)."""
     U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
     BIG: tl.constexpr = 3.0e38
     pid = tl.program_id(0)
@@ -562,7 +625,7 @@ def _resolve_scan_kernel(
     n_flag = tl.load(count_ptr + pid_b * 4)
     tiles = tl.cdiv(n_flag, BLOCK_N)
     k_tiles = k_pad // BLOCK_K
-    parts = tl.maximum(1, tl.minimum(k_tiles, tl.cdiv(SPREAD * nprog, tl.maximum(tiles, 1))))
+    parts = tl.maximum(1, tl.minimum(k_tiles, tl.cdiv(SPREAD * nprog, tl.maximum(tiles, 1) * tl.num_programs(1))))
     span = tl.cdiv(k_tiles, parts) * BLOCK_K
     parts = tl.cdiv(k_pad, span)  # (no empty part)
     offs_d = tl.arange(0, BLOCK_D)
@@ -573,7 +636,8 @@ def _resolve_scan_kernel(
     list_ptr += pid_b.to(tl.int64) * stride_list
     for item in range(pid, tiles * parts, nprog):
         k_lo = (item % parts) * span
-        slot = (item // parts) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tile = item // parts
+        slot = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         valid = slot < n_flag
         rows = tl.load(list_ptr + slot, mask=valid, other=0)
         out_off = pid_b.to(tl.int64) * n_rows + rows
@@ -626,75 +690,14 @@ def _resolve_scan_kernel(
         some_wide = valid & (n_wide > 0)
         first = tl.atomic_add(found + 1, n_wide, mask=some_wide)
         tl.store(found + 2, wide_k0, mask=some_wide & (first == 0))
-
-
-@triton.jit(do_not_specialize=["stride_xb", "n_rows"])
-def _resolve_settle_kernel(
-    x_ptr, stride_xb, stride_xn, stride_xd, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
-    labels_ptr, dist_ptr, list_ptr, count_ptr, rest_ptr, found_ptr, cand_ptr,
-    n_rows, n_pad, D, K, stride_list,
-    COSINE: tl.constexpr, MAX_CAND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EPI_D: tl.constexpr,
-):
-    """The resolve pass's float64 half, persistent over tiles of BLOCK_N listed rows: the argmin (ties -> lowest
-    index) over a row's candidates from `_resolve_scan_kernel`, plus every centroid of its remembered tile
-    (BLOCK_K wide, as the scan's). Rows this cannot settle (no candidate, more than MAX_CAND, or two tiles with
-    more than two hits) are appended to the batch's `rest` list (`rest_ptr[b, :count[b, 1]]`) for
-    `_brute_kernel`; count[b, 2] counts the rows settled through a remembered tile."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    pid_b = tl.program_id(1)
-    n_flag = tl.load(count_ptr + pid_b * 4)
-    offs_m = tl.arange(0, MAX_CAND)
-    list_ptr += pid_b.to(tl.int64) * stride_list
-    for tile in range(pid, tl.cdiv(n_flag, BLOCK_N), nprog):
-        slot = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid = slot < n_flag
-        rows = tl.load(list_ptr + slot, mask=valid, other=0)
-        out_off = pid_b.to(tl.int64) * n_rows + rows
-        at = pid_b.to(tl.int64) * n_pad + slot
-        count = tl.load(found_ptr + at * 3, mask=valid, other=0)
-        n_wide = tl.load(found_ptr + at * 3 + 1, mask=valid, other=0)
-        wide_k0 = tl.load(found_ptr + at * 3 + 2, mask=valid, other=0)
-        settle = valid & (count <= MAX_CAND) & (((n_wide == 0) & (count >= 1)) | (n_wide == 1))
-        widened = settle & (n_wide == 1)
-
-        # float64 argmin among the candidates; ties go to the lowest index (candidates come in no order)
-        row_off = pid_b.to(tl.int64) * stride_xb + rows.to(tl.int64) * stride_xn
-        inv_norm = _inv_norm(x_ptr, row_off, stride_xd, D, settle, COSINE, BLOCK_N, EPI_D)
-        best = tl.full([BLOCK_N], float("inf"), tl.float64)
-        best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
-        n_slots = tl.max(tl.where(settle, count, 0), 0)
-        for j in range(0, n_slots):
-            use = settle & (j < count)
-            idx = tl.load(cand_ptr + at * MAX_CAND + j, mask=use, other=0)
-            c_off = pid_b.to(tl.int64) * stride_cdb + idx.to(tl.int64) * stride_cdk
-            score = _exact_score(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdd, D, use, inv_norm,
-                                 COSINE, BLOCK_N, EPI_D)
-            best, best_idx = _take(best, best_idx, score, idx, use)
-        # every centroid of the remembered tile (a superset of its hits: non-hits cannot win)
-        # (four centroids per step, in one pass over D: their loads are in flight together)
-        n_widened = tl.sum(widened.to(tl.int32), 0)
-        for j in range(0, tl.where(n_widened > 0, BLOCK_K, 0), 4):
-            idx = wide_k0 + j
-            c_off = pid_b.to(tl.int64) * stride_cdb + idx.to(tl.int64) * stride_cdk
-            e0, e1, e2, e3 = _exact_score4(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdk, stride_cdd, D,
-                                           widened, idx, K, inv_norm, COSINE, BLOCK_N, EPI_D)
-            best, best_idx = _take(best, best_idx, e0, idx, widened & (idx < K))
-            best, best_idx = _take(best, best_idx, e1, idx + 1, widened & (idx + 1 < K))
-            best, best_idx = _take(best, best_idx, e2, idx + 2, widened & (idx + 2 < K))
-            best, best_idx = _take(best, best_idx, e3, idx + 3, widened & (idx + 3 < K))
-        tl.atomic_add(count_ptr + pid_b * 4 + 2, n_widened, mask=n_widened > 0)
-        if COSINE:
-            best = _cosine_dist(best)
-        tl.store(labels_ptr + out_off, best_idx.to(tl.int64), mask=settle)
-        tl.store(dist_ptr + out_off, best.to(tl.float32), mask=settle)
-        # the rest, appended to the batch's second list
-        rest = valid & ~settle
-        ri = rest.to(tl.int32)
-        n_rest = tl.sum(ri, 0)
-        base = tl.atomic_add(count_ptr + pid_b * 4 + 1, n_rest, mask=n_rest > 0)
-        tl.store(rest_ptr + pid_b.to(tl.int64) * stride_list + base + tl.cumsum(ri, 0) - ri, rows, mask=rest)
+        # the last part of the tile to finish settles it: every part's findings are in by then (the barrier
+        # orders this program's writes before its release; the acquiring program reads them from L2)
+        tl.debug_barrier()
+        if tl.atomic_add(done_ptr + pid_b.to(tl.int64) * tl.cdiv(n_pad, BLOCK_N) + tile, 1) == parts - 1:
+            tl.debug_barrier()
+            _settle_rows(slot, valid, pid_b, found_ptr, cand_ptr, list_ptr, count_ptr, rest_ptr, x_ptr, stride_xb,
+                         stride_xn, stride_xd, cd_ptr, stride_cdb, stride_cdk, stride_cdd, labels_ptr, dist_ptr,
+                         n_rows, n_pad, D, K, stride_list, COSINE, MAX_CAND, BLOCK_N, BLOCK_K, EPI_D)
 
 
 @triton.jit(do_not_specialize=["stride_xb", "n_rows"])
@@ -1098,31 +1101,28 @@ def _class_pass(p: _Prepared, top: torch.Tensor, tile_k: int, key_low: int) -> N
 
 
 def _resolve_launch(p: _Prepared, fast: FastAssignment) -> None:
-    """The resolve pass over fast.lists[0]: the scan, then the float64 settling; sizes come from the device
-    (persistent programs): no host sync."""
+    """The resolve pass over fast.lists[0]; sizes come from the device (persistent programs): no host sync."""
     b, n, _ = p.x.shape
     cfg = p.cfg
     r = cfg.resolve
     n_pad, d_pad = p.a_fast.shape[1], p.a_fast.shape[2]
     programs = max(1, min(triton.cdiv(n, r.block_n), r.programs))
     x, cd, lists = p.x, p.c_dist, fast.lists
-    found = torch.zeros((b, n_pad, 3), dtype=torch.int32, device=x.device)
+    tiles = triton.cdiv(n_pad, r.block_n)
+    state = torch.zeros(b * (n_pad * 3 + tiles), dtype=torch.int32, device=x.device)  # (one zero-fill)
+    found, done = state[:b * n_pad * 3].view(b, n_pad, 3), state[b * n_pad * 3:].view(b, tiles)
     cand = torch.empty((b, n_pad, MAX_CANDIDATES), dtype=torch.int32, device=x.device)
-    # (centroid tiles no wider than the streaming pass's: the padding of K stays a multiple)
-    block_k = min(r.block_k, cfg.block_k)
-    launch(_resolve_scan_kernel, (programs, b),
-           p.a_fast, p.rowstat, fast.threshold, p.c_fast, p.cc, lists[0], fast.counts, found, cand,
-           n, n_pad, p.c_fast.shape[1], d_pad, lists.stride(1),
-           MAX_CAND=MAX_CANDIDATES, SPREAD=RESOLVE_SPREAD, BLOCK_N=r.block_n, BLOCK_K=block_k,
-           BLOCK_D=cfg.block_d, RESIDENT=cfg.resident, LOP3=not cfg.interpreted,
+    launch(_resolve_kernel, (programs, b),
+           x, x.stride(0), x.stride(1), x.stride(2), p.a_fast, p.rowstat, fast.threshold,
+           p.c_fast, p.cc, cd, cd.stride(0), cd.stride(1), cd.stride(2),
+           fast.labels, fast.min_dist, lists[0], fast.counts, lists[1], found, cand, done,
+           n, n_pad, x.shape[2], cd.shape[1], p.c_fast.shape[1], d_pad, lists.stride(1),
+           COSINE=p.cosine, MAX_CAND=MAX_CANDIDATES, SPREAD=RESOLVE_SPREAD,
+           # (centroid tiles no wider than the streaming pass's: the padding of K stays a multiple)
+           BLOCK_N=r.block_n, BLOCK_K=min(r.block_k, cfg.block_k), BLOCK_D=cfg.block_d,
+           RESIDENT=cfg.resident, EPI_D=cfg.epilogue_d, LOP3=not cfg.interpreted,
            TOP2_REDUCE=not cfg.interpreted or _FORCE_TOP2_REDUCE, QUICK=r.quick,
            num_warps=r.num_warps, num_stages=r.num_stages)
-    launch(_resolve_settle_kernel, (programs, b),
-           x, x.stride(0), x.stride(1), x.stride(2), cd, cd.stride(0), cd.stride(1), cd.stride(2),
-           fast.labels, fast.min_dist, lists[0], fast.counts, lists[1], found, cand,
-           n, n_pad, x.shape[2], cd.shape[1], lists.stride(1),
-           COSINE=p.cosine, MAX_CAND=MAX_CANDIDATES, BLOCK_N=r.block_n, BLOCK_K=block_k, EPI_D=cfg.epilogue_d,
-           num_warps=r.num_warps)
 
 
 def _brute_launch(p: _Prepared, fast: FastAssignment) -> None:
