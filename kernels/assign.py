@@ -548,7 +548,6 @@ def _settle_rows(slot, valid, pid_b, found_ptr, cand_ptr, list_ptr, count_ptr, r
     wide). Rows this cannot settle (no candidate, more than MAX_CAND, or two tiles with more than two hits) are
     appended to the batch's `rest` list (`rest_ptr[b, :count[b, 1]]`) for `_brute_kernel`; count[b, 2] counts
     the rows settled through a remembered tile. (found / cand were written by other programs: read from L2.)"""
-    offs_m = tl.arange(0, MAX_CAND)
     rows = tl.load(list_ptr + slot, mask=valid, other=0)
     out_off = pid_b.to(tl.int64) * n_rows + rows
     at = pid_b.to(tl.int64) * n_pad + slot
@@ -606,17 +605,17 @@ def _resolve_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
     EPI_D: tl.constexpr, LOP3: tl.constexpr, TOP2_REDUCE: tl.constexpr, QUICK: tl.constexpr,
 ):
-    """Makes the flagged rows exact, in place. Its scan: for each flagged row (`list_ptr[b, :count[b, 0]]`, batch stride stride_list;
-    count is (B, 4)) it streams the centroid tiles again and keeps every centroid under the row's threshold
-    (`hit`: a superset of the centroids that can still win): per tile, the two lowest keys among the hits are
-    the row's candidates; a tile with more than two hits is remembered instead. Persistent: the programs of
-    batch b walk items (tile of BLOCK_N listed rows, part of the centroid tiles): with few flagged rows the
-    centroid tiles are split into parts, so that every program has about SPREAD items (one program walking
-    all of K for its rows set the pass's time; with B batches, about SPREAD / B per program and batch). Each item
-    adds what it found to the row's slot of found_ptr ((B, n_pad, 3) int32, zeroed: candidates, wide tiles, the
-    first wide tile's start) and cand_ptr ((B, n_pad, MAX_CAND) int32), by atomics per row and item: any order of
-    the items gives the same sets. The program that finishes a tile's last part (done_ptr: (B, tiles) zeroed
-    counters) then settles its rows in float64 (`_settle_rows`)."""
+    """Makes the flagged rows exact, in place. Its scan: for each flagged row (`list_ptr[b, :count[b, 0]]`,
+    batch stride stride_list; count is (B, 4)) it streams the centroid tiles again and keeps every centroid under
+    the row's threshold (`hit`: a superset of the centroids that can still win): per tile, the two lowest keys
+    among the hits are the row's candidates; a tile with more than two hits is remembered instead. Persistent:
+    the programs of batch b walk items (a tile of BLOCK_N listed rows, a part of the centroid tiles): with few
+    flagged rows the centroid tiles are split into parts, so that every program has about SPREAD items (one
+    program walking all of K for its rows set the pass's time; with B batches, SPREAD / B per program and
+    batch). Each item adds what it found to the row's slot of found_ptr ((B, n_pad, 3) int32, zeroed:
+    candidates, wide tiles, the first wide tile's start) and cand_ptr ((B, n_pad, MAX_CAND) int32), by atomics
+    per row and item: any order of the items gives the same sets. The program that finishes a tile's last part
+    (done_ptr: (B, n_pad / BLOCK_N) zeroed counters) then settles its rows in float64 (`_settle_rows`)."""
     U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
     BIG: tl.constexpr = 3.0e38
     pid = tl.program_id(0)
@@ -625,7 +624,8 @@ def _resolve_kernel(
     n_flag = tl.load(count_ptr + pid_b * 4)
     tiles = tl.cdiv(n_flag, BLOCK_N)
     k_tiles = k_pad // BLOCK_K
-    parts = tl.maximum(1, tl.minimum(k_tiles, tl.cdiv(SPREAD * nprog, tl.maximum(tiles, 1) * tl.num_programs(1))))
+    aim = tl.cdiv(SPREAD * nprog, tl.maximum(tiles, 1) * tl.num_programs(1))  # (parts per row tile wanted)
+    parts = tl.maximum(1, tl.minimum(k_tiles, aim))
     span = tl.cdiv(k_tiles, parts) * BLOCK_K
     parts = tl.cdiv(k_pad, span)  # (no empty part)
     offs_d = tl.arange(0, BLOCK_D)
