@@ -177,6 +177,7 @@ class Engine:
     _kept: dict = field(default_factory=dict, repr=False)  # (block key, chunk start[, 'cached']) -> kept rows
     _device_labels: dict = field(default_factory=dict, repr=False)  # block key -> labels of its cached rows
     _prepare_cached: bool | None = None  # cached rows keep their prepared rows too (decided with the first entry)
+    _changed: torch.Tensor | None = field(default=None, repr=False)  # labels changed so far in the step under way
 
     def __post_init__(self):
         self.device = torch.device(self.device)
@@ -191,7 +192,11 @@ class Engine:
         """Assign every row, sum rows per centroid exactly, remember the labels; restarts on CUDA OOM.
         wait=False: nothing is read back (the caller settles the step with its own scalars, in one transfer)."""
         start = time.perf_counter()
-        result = self._retrying(lambda: self._step(blocks, centroids.to(self.device), self.local(numerics)))
+        self._changed = None
+        try:
+            result = self._retrying(lambda: self._step(blocks, centroids.to(self.device), self.local(numerics)))
+        finally:
+            self._changed = None
         if wait:
             result.settle()
         result.seconds = time.perf_counter() - start
@@ -291,7 +296,12 @@ class Engine:
     def _step(self, blocks, centroids, numerics) -> EngineStep:
         k, d = centroids.shape
         total, chunks = None, 0  # (sums, counts, inertia) limbs of the chunks so far
-        changed = torch.zeros((), dtype=torch.int64, device=self.device)  # no host sync per chunk
+        # labels changed, counted on the device (no host sync per chunk). Kept across an OOM back-off: the chunks
+        # the failed attempt finished have stored their new labels already, so the retry counts 0 for their rows
+        # (a row's exact label does not depend on its chunk) and their changes must come from that attempt.
+        if self._changed is None:
+            self._changed = torch.zeros((), dtype=torch.int64, device=self.device)
+        changed = self._changed
         checks = DeferredChecks()
         for chunk in self._chunks(blocks):
             kept = self._kept_rows(blocks, chunk)

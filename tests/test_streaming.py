@@ -110,6 +110,30 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_bits():
             split(x, w, []), c, nm)
 
 
+def test_labels_changed_are_counted_once_across_an_out_of_memory_retry():
+    """A back-off in the middle of a step reruns it after the chunks already done stored their new labels: their
+    changes still count (from the failed attempt), once, so the count equals that of a step without failure."""
+    x, w, c = problem()
+    nm = numerics_for(torch.as_tensor(x), torch.as_tensor(w), metric="euclidean")
+    fail = {"at": None, "calls": 0}
+
+    def assign(chunk, centroids, **kw):
+        fail["calls"] += 1
+        if fail["calls"] == fail["at"]:
+            raise torch.OutOfMemoryError("injected: the fourth chunk of the second step")
+        return reference.assign(chunk, centroids, **kw)
+
+    engine = Engine("cpu", backend=Backend("flaky", assign, reference.partial_sums), chunk_rows=100)
+    clean = Engine("cpu", chunk_rows=100)
+    moved = c + 0.7
+    for centers in (c, moved):
+        fail["at"], fail["calls"] = (4 if centers is moved else None), 0
+        got, want = engine.step(split(x, w, []), centers, nm), clean.step(split(x, w, []), centers, nm)
+        assert got.n_changed == want.n_changed > 0
+        assert torch.equal(got.partials.sums, want.partials.sums)
+    assert engine.chunk_rows == 50 and fail["calls"] > 5  # (it did back off, after three chunks)
+
+
 def test_a_step_over_many_chunks_holds_no_chunks_partials():
     """The step adds each chunk's partials into its running total: by the time a chunk is summed, the partials of
     the chunks two or more before it are gone (device memory stays two K x D arrays, not one per chunk)."""
