@@ -17,11 +17,10 @@ covered by that second key (other chunks are: a chunk's best key bounds all of i
 rows sorted by class on the device) scores each row against its label's class and folds the smallest of the others
 into the row's second. The finishing kernel (`_finish_kernel`) then runs the margin test with the provable per-row
 bound (below): it decides whether the fast label is certainly the exact argmin. The few rows where it is not
-(`flagged`) are appended to a list on the device and resolved exactly by the resolve pass: its scan
-(`_resolve_kernel`, persistent programs over the list, with K split into parts when few rows are flagged)
-streams the centroids again for those rows and keeps every centroid under the row's threshold (a superset of the
-centroids that can still win), at most two per centroid tile as candidates (a tile with more hits is remembered
-and checked whole); the float64 argmin over those is the label (`_settle_rows`). The rare rows
+(`flagged`) are appended to a list on the device and resolved exactly by the resolve pass (`_resolve_kernel`,
+persistent programs over the list): it streams the centroids again for those rows and keeps every centroid under the
+row's threshold (a superset of the centroids that can still win), at most two per centroid tile as candidate slots
+(a tile with more hits is remembered and checked whole); the float64 argmin over those is the label. The rare rows
 it cannot settle (more than MAX_CANDIDATES candidates, wide hits in two tiles, a NaN bound) go to float64 brute
 force over all centroids (`_brute_kernel`). No step waits for the host. Labels are therefore the exact float64
 argmin up to float64 rounding (~1e-16), far inside the contract, and ties go to the lowest index.
@@ -61,7 +60,6 @@ from . import compile_ahead, reference
 from .config import AssignConfig, assign_config, key_bits, launch
 
 MAX_CANDIDATES = 8  # a flagged row with more possible winners than this goes to float64 brute force
-RESOLVE_SPREAD = 4  # resolve scan: items (rows x part of K) per program it aims at when few rows are flagged
 _FAR = 1.0e38  # score of padded centroid columns: finite, so margins stay finite (K = 1 works)
 _ALPHA_TARGET_EXP = 10  # alpha * max|c - s| lands in [2**9, 2**10): rows up to 64x farther still fit fp16
 _COSINE_ALPHA = 2.0 ** 12  # unit rows: coordinates <= 1 -> <= 4096
@@ -537,106 +535,38 @@ def _exact_score4(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdk, stride_c
     return t0, t1, t2, t3
 
 
-@triton.jit
-def _settle_rows(slot, valid, pid_b, found_ptr, cand_ptr, list_ptr, count_ptr, rest_ptr, x_ptr, stride_xb,
-                 stride_xn, stride_xd, cd_ptr, stride_cdb, stride_cdk, stride_cdd, labels_ptr, dist_ptr,
-                 n_rows, n_pad, D, K, stride_list,
-                 COSINE: tl.constexpr, MAX_CAND: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EPI_D: tl.constexpr):
-    """The resolve pass's float64 half for the listed rows at `slot` (list_ptr already at batch pid_b): the
-    argmin (ties -> lowest index) over a row's candidates, plus every centroid of its remembered tile (BLOCK_K
-    wide). Rows this cannot settle (no candidate, more than MAX_CAND, or two tiles with more than two hits) are
-    appended to the batch's `rest` list (`rest_ptr[b, :count[b, 1]]`) for `_brute_kernel`; count[b, 2] counts
-    the rows settled through a remembered tile. (found / cand were written by other programs: read from L2.)"""
-    rows = tl.load(list_ptr + slot, mask=valid, other=0)
-    out_off = pid_b.to(tl.int64) * n_rows + rows
-    at = pid_b.to(tl.int64) * n_pad + slot
-    count = tl.load(found_ptr + at * 3, mask=valid, other=0, cache_modifier=".cg")
-    n_wide = tl.load(found_ptr + at * 3 + 1, mask=valid, other=0, cache_modifier=".cg")
-    wide_k0 = tl.load(found_ptr + at * 3 + 2, mask=valid, other=0, cache_modifier=".cg")
-    settle = valid & (count <= MAX_CAND) & (((n_wide == 0) & (count >= 1)) | (n_wide == 1))
-    widened = settle & (n_wide == 1)
-
-    # float64 argmin among the candidates; ties go to the lowest index (candidates come in no order)
-    row_off = pid_b.to(tl.int64) * stride_xb + rows.to(tl.int64) * stride_xn
-    inv_norm = _inv_norm(x_ptr, row_off, stride_xd, D, settle, COSINE, BLOCK_N, EPI_D)
-    best = tl.full([BLOCK_N], float("inf"), tl.float64)
-    best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
-    n_slots = tl.max(tl.where(settle, count, 0), 0)
-    for j in range(0, n_slots):
-        use = settle & (j < count)
-        idx = tl.load(cand_ptr + at * MAX_CAND + j, mask=use, other=0, cache_modifier=".cg")
-        c_off = pid_b.to(tl.int64) * stride_cdb + idx.to(tl.int64) * stride_cdk
-        score = _exact_score(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdd, D, use, inv_norm,
-                             COSINE, BLOCK_N, EPI_D)
-        best, best_idx = _take(best, best_idx, score, idx, use)
-    # every centroid of the remembered tile (a superset of its hits: non-hits cannot win)
-    # (four centroids per step, in one pass over D: their loads are in flight together)
-    n_widened = tl.sum(widened.to(tl.int32), 0)
-    for j in range(0, tl.where(n_widened > 0, BLOCK_K, 0), 4):
-        idx = wide_k0 + j
-        c_off = pid_b.to(tl.int64) * stride_cdb + idx.to(tl.int64) * stride_cdk
-        e0, e1, e2, e3 = _exact_score4(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdk, stride_cdd, D,
-                                       widened, idx, K, inv_norm, COSINE, BLOCK_N, EPI_D)
-        best, best_idx = _take(best, best_idx, e0, idx, widened & (idx < K))
-        best, best_idx = _take(best, best_idx, e1, idx + 1, widened & (idx + 1 < K))
-        best, best_idx = _take(best, best_idx, e2, idx + 2, widened & (idx + 2 < K))
-        best, best_idx = _take(best, best_idx, e3, idx + 3, widened & (idx + 3 < K))
-    tl.atomic_add(count_ptr + pid_b * 4 + 2, n_widened, mask=n_widened > 0)
-    if COSINE:
-        best = _cosine_dist(best)
-    tl.store(labels_ptr + out_off, best_idx.to(tl.int64), mask=settle)
-    tl.store(dist_ptr + out_off, best.to(tl.float32), mask=settle)
-    # the rest, appended to the batch's second list
-    rest = valid & ~settle
-    ri = rest.to(tl.int32)
-    n_rest = tl.sum(ri, 0)
-    base = tl.atomic_add(count_ptr + pid_b * 4 + 1, n_rest, mask=n_rest > 0)
-    tl.store(rest_ptr + pid_b.to(tl.int64) * stride_list + base + tl.cumsum(ri, 0) - ri, rows, mask=rest)
-
-
-@triton.jit(do_not_specialize=["stride_xb", "n_rows", "n_pad"])
+@triton.jit(do_not_specialize=["stride_xb", "n_rows"])
 def _resolve_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd, a_ptr, rowstat_ptr, thr_ptr,
     cf_ptr, cc_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
-    labels_ptr, dist_ptr, list_ptr, count_ptr, rest_ptr, found_ptr, cand_ptr, done_ptr,
+    labels_ptr, dist_ptr, list_ptr, count_ptr, rest_ptr,
     n_rows, n_pad, D, K, k_pad, d_pad, stride_list,
-    COSINE: tl.constexpr, MAX_CAND: tl.constexpr, SPREAD: tl.constexpr,
+    COSINE: tl.constexpr, MAX_CAND: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
     EPI_D: tl.constexpr, LOP3: tl.constexpr, TOP2_REDUCE: tl.constexpr, QUICK: tl.constexpr,
 ):
-    """Makes the flagged rows exact, in place. Its scan: for each flagged row (`list_ptr[b, :count[b, 0]]`,
-    batch stride stride_list; count is (B, 4)) it streams the centroid tiles again and keeps every centroid under
-    the row's threshold (`hit`: a superset of the centroids that can still win): per tile, the two lowest keys
-    among the hits are the row's candidates; a tile with more than two hits is remembered instead. Persistent:
-    the programs of batch b walk items (a tile of BLOCK_N listed rows, a part of the centroid tiles): with few
-    flagged rows the centroid tiles are split into parts, so that every program has about SPREAD items (one
-    program walking all of K for its rows set the pass's time; with B batches, SPREAD / B per program and
-    batch). Each item adds what it found to the row's slot of found_ptr ((B, n_pad, 3) int32, zeroed:
-    candidates, wide tiles, the first wide tile's start) and cand_ptr ((B, n_pad, MAX_CAND) int32), by atomics
-    per row and item: any order of the items gives the same sets. The program that finishes a tile's last part
-    (done_ptr: (B, n_pad / BLOCK_N) zeroed counters) then settles its rows in float64 (`_settle_rows`)."""
+    """Makes the flagged rows exact, in place. Persistent: the programs of batch b walk the tiles of BLOCK_N rows
+    of its list (`list_ptr[b, :count[b, 0]]`, batch stride stride_list; count is (B, 4)). For each row it
+    streams every centroid tile again and keeps every centroid under the row's threshold (`hit`: a superset of
+    the centroids that can still win): per tile, the two lowest keys among the hits go to the row's candidate
+    slots; a tile with more than two hits is remembered instead (the row's first such tile). Then the float64
+    argmin (ties -> lowest index) over the slots, plus every centroid of the remembered tile, is the label.
+    Rows this cannot settle (no candidate, more than MAX_CAND in the slots, or two tiles with more than two hits)
+    are appended to the batch's `rest` list (`rest_ptr[b, :count[b, 1]]`) for `_brute_kernel`; count[b, 2]
+    counts the rows settled through a remembered tile."""
     U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
     BIG: tl.constexpr = 3.0e38
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     pid_b = tl.program_id(1)
     n_flag = tl.load(count_ptr + pid_b * 4)
-    tiles = tl.cdiv(n_flag, BLOCK_N)
-    k_tiles = k_pad // BLOCK_K
-    aim = tl.cdiv(SPREAD * nprog, tl.maximum(tiles, 1) * tl.num_programs(1))  # (parts per row tile wanted)
-    parts = tl.maximum(1, tl.minimum(k_tiles, aim))
-    span = tl.cdiv(k_tiles, parts) * BLOCK_K
-    parts = tl.cdiv(k_pad, span)  # (no empty part)
     offs_d = tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, MAX_CAND)
     cf_ptr += pid_b.to(tl.int64) * k_pad * d_pad
     cc_ptr += pid_b.to(tl.int64) * k_pad
     list_ptr += pid_b.to(tl.int64) * stride_list
-    for item in range(pid, tiles * parts, nprog):
-        k_lo = (item % parts) * span
-        tile = item // parts
+    for tile in range(pid, tl.cdiv(n_flag, BLOCK_N), nprog):
         slot = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         valid = slot < n_flag
         rows = tl.load(list_ptr + slot, mask=valid, other=0)
@@ -655,7 +585,7 @@ def _resolve_kernel(
         count = tl.zeros([BLOCK_N], dtype=tl.int32)
         n_wide = tl.zeros([BLOCK_N], dtype=tl.int32)  # tiles with more than two hits
         wide_k0 = tl.zeros([BLOCK_N], dtype=tl.int32)  # the first of them
-        for k0 in range(k_lo, tl.minimum(k_lo + span, k_pad), BLOCK_K):
+        for k0 in range(0, k_pad, BLOCK_K):
             acc = _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, k0 + offs_k, offs_d, d_pad, BLOCK_D, RESIDENT)
             # QUICK: a tile where no row has a hit changes nothing (a row's few hits among many tiles); one min
             # per score tells, instead of the top-2 reduction (when lim is finite, so is every score of the row)
@@ -681,23 +611,45 @@ def _resolve_kernel(
                 wide_k0 = tl.where(wide & (n_wide == 0), k0, wide_k0)
                 n_wide += wide.to(tl.int32)
                 count += tl.where(wide, 0, n_hit)
-        # the item's findings, added to the row's: its candidates at the places one atomic per row reserves
-        found = found_ptr + (pid_b.to(tl.int64) * n_pad + slot) * 3
-        base = tl.atomic_add(found, count, mask=valid & (count > 0))
-        place = base[:, None] + offs_m[None, :]
-        tl.store(cand_ptr + (pid_b.to(tl.int64) * n_pad + slot)[:, None] * MAX_CAND + place, cand,
-                 mask=(valid & (count > 0))[:, None] & (offs_m[None, :] < count[:, None]) & (place < MAX_CAND))
-        some_wide = valid & (n_wide > 0)
-        first = tl.atomic_add(found + 1, n_wide, mask=some_wide)
-        tl.store(found + 2, wide_k0, mask=some_wide & (first == 0))
-        # the last part of the tile to finish settles it: every part's findings are in by then (the barrier
-        # orders this program's writes before its release; the acquiring program reads them from L2)
-        tl.debug_barrier()
-        if tl.atomic_add(done_ptr + pid_b.to(tl.int64) * tl.cdiv(n_pad, BLOCK_N) + tile, 1) == parts - 1:
-            tl.debug_barrier()
-            _settle_rows(slot, valid, pid_b, found_ptr, cand_ptr, list_ptr, count_ptr, rest_ptr, x_ptr, stride_xb,
-                         stride_xn, stride_xd, cd_ptr, stride_cdb, stride_cdk, stride_cdd, labels_ptr, dist_ptr,
-                         n_rows, n_pad, D, K, stride_list, COSINE, MAX_CAND, BLOCK_N, BLOCK_K, EPI_D)
+        settle = valid & (count <= MAX_CAND) & (((n_wide == 0) & (count >= 1)) | (n_wide == 1))
+        widened = settle & (n_wide == 1)
+
+        # float64 argmin among the candidates; ties go to the lowest index (slots are not in index order)
+        row_off = pid_b.to(tl.int64) * stride_xb + rows.to(tl.int64) * stride_xn
+        inv_norm = _inv_norm(x_ptr, row_off, stride_xd, D, settle, COSINE, BLOCK_N, EPI_D)
+        best = tl.full([BLOCK_N], float("inf"), tl.float64)
+        best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+        n_slots = tl.max(tl.where(settle, count, 0), 0)
+        for j in range(0, n_slots):
+            idx = tl.sum(tl.where(offs_m[None, :] == j, cand, 0), 1)
+            use = settle & (j < count)
+            c_off = pid_b.to(tl.int64) * stride_cdb + idx.to(tl.int64) * stride_cdk
+            score = _exact_score(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdd, D, use, inv_norm,
+                                 COSINE, BLOCK_N, EPI_D)
+            best, best_idx = _take(best, best_idx, score, idx, use)
+        # every centroid of the remembered tile (a superset of its hits: non-hits cannot win)
+        # (four centroids per step, in one pass over D: their loads are in flight together)
+        n_widened = tl.sum(widened.to(tl.int32), 0)
+        for j in range(0, tl.where(n_widened > 0, BLOCK_K, 0), 4):
+            idx = wide_k0 + j
+            c_off = pid_b.to(tl.int64) * stride_cdb + idx.to(tl.int64) * stride_cdk
+            e0, e1, e2, e3 = _exact_score4(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdk, stride_cdd, D,
+                                           widened, idx, K, inv_norm, COSINE, BLOCK_N, EPI_D)
+            best, best_idx = _take(best, best_idx, e0, idx, widened & (idx < K))
+            best, best_idx = _take(best, best_idx, e1, idx + 1, widened & (idx + 1 < K))
+            best, best_idx = _take(best, best_idx, e2, idx + 2, widened & (idx + 2 < K))
+            best, best_idx = _take(best, best_idx, e3, idx + 3, widened & (idx + 3 < K))
+        tl.atomic_add(count_ptr + pid_b * 4 + 2, n_widened, mask=n_widened > 0)
+        if COSINE:
+            best = _cosine_dist(best)
+        tl.store(labels_ptr + out_off, best_idx.to(tl.int64), mask=settle)
+        tl.store(dist_ptr + out_off, best.to(tl.float32), mask=settle)
+        # the rest, appended to the batch's second list
+        rest = valid & ~settle
+        ri = rest.to(tl.int32)
+        n_rest = tl.sum(ri, 0)
+        base = tl.atomic_add(count_ptr + pid_b * 4 + 1, n_rest, mask=n_rest > 0)
+        tl.store(rest_ptr + pid_b.to(tl.int64) * stride_list + base + tl.cumsum(ri, 0) - ri, rows, mask=rest)
 
 
 @triton.jit(do_not_specialize=["stride_xb", "n_rows"])
@@ -708,7 +660,7 @@ def _brute_kernel(
 ):
     """Last tier (rows with more than MAX_CAND possible winners: duplicated centroids, or no usable bound): the
     float64 score of every centroid, straight from the difference (no expansion, so exact ties stay ties), the
-    first minimum wins. Persistent over `list_ptr[b, :count[b, 0]]` like the resolve pass. A NaN score never
+    first minimum wins. Persistent over `list_ptr[b, :count[b, 0]]` like `_resolve_kernel`. A NaN score never
     wins; a row without any finite score keeps centroid 0 (its NaN / inf distance)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -1108,16 +1060,12 @@ def _resolve_launch(p: _Prepared, fast: FastAssignment) -> None:
     n_pad, d_pad = p.a_fast.shape[1], p.a_fast.shape[2]
     programs = max(1, min(triton.cdiv(n, r.block_n), r.programs))
     x, cd, lists = p.x, p.c_dist, fast.lists
-    tiles = triton.cdiv(n_pad, r.block_n)
-    state = torch.zeros(b * (n_pad * 3 + tiles), dtype=torch.int32, device=x.device)  # (one zero-fill)
-    found, done = state[:b * n_pad * 3].view(b, n_pad, 3), state[b * n_pad * 3:].view(b, tiles)
-    cand = torch.empty((b, n_pad, MAX_CANDIDATES), dtype=torch.int32, device=x.device)
     launch(_resolve_kernel, (programs, b),
            x, x.stride(0), x.stride(1), x.stride(2), p.a_fast, p.rowstat, fast.threshold,
            p.c_fast, p.cc, cd, cd.stride(0), cd.stride(1), cd.stride(2),
-           fast.labels, fast.min_dist, lists[0], fast.counts, lists[1], found, cand, done,
+           fast.labels, fast.min_dist, lists[0], fast.counts, lists[1],
            n, n_pad, x.shape[2], cd.shape[1], p.c_fast.shape[1], d_pad, lists.stride(1),
-           COSINE=p.cosine, MAX_CAND=MAX_CANDIDATES, SPREAD=RESOLVE_SPREAD,
+           COSINE=p.cosine, MAX_CAND=MAX_CANDIDATES,
            # (centroid tiles no wider than the streaming pass's: the padding of K stays a multiple)
            BLOCK_N=r.block_n, BLOCK_K=min(r.block_k, cfg.block_k), BLOCK_D=cfg.block_d,
            RESIDENT=cfg.resident, EPI_D=cfg.epilogue_d, LOP3=not cfg.interpreted,

@@ -151,39 +151,6 @@ def test_resolve_skipping_tiles_without_hits_changes_nothing():
     assert_exact(x, c, out[0].labels[0], out[0].min_dist[0])
 
 
-@pytest.mark.parametrize("spread", [1, 64])
-def test_resolve_scan_split_over_parts_of_k_changes_nothing(monkeypatch, spread):
-    """The resolve scan splits the centroid tiles into parts when few rows are flagged (up to one part per tile
-    here); the parts' candidates and wide tiles, added by atomics in any order, give the labels, distances and
-    tier counts of the unsplit scan, on near-ties spread over many tiles and duplicated centroids (wide tiles)."""
-    import copy
-
-    from flashkm_dist.kernels import assign as A
-
-    g = gen(8)
-    d, k, n = 9, 200, 150
-    c = torch.randn(k, d, generator=g)
-    c[1::2] = c[0::2] + 0.05 * torch.randn(k // 2, d, generator=g)  # close pairs in every tile
-    c[150:154] = c[40].clone()  # a centroid four more times, in another tile: wide hits
-    pair = torch.randint(0, k // 2, (n,), generator=g)
-    eps = 10.0 ** torch.empty(n).uniform_(-8, -3, generator=g)
-    x = 0.5 * (c[2 * pair] + c[2 * pair + 1]) + 0.01 * torch.randn(n, d, generator=g) \
-        + eps[:, None] * (c[2 * pair] - c[2 * pair + 1])
-    x[:12] = c[40] + 1e-4 * torch.randn(12, d, generator=g)
-    p = A._prepare(x[None], c[None], "euclidean", None)
-    fast = A._fast_pass(p)
-    out = []
-    for value in (0, spread):  # 0: one part, the whole of K per item
-        monkeypatch.setattr(A, "RESOLVE_SPREAD", value)
-        f = copy.deepcopy(fast)
-        A._resolve(p, f)
-        out.append(f)
-    for field in ("labels", "min_dist", "counts"):
-        assert torch.equal(getattr(out[0], field), getattr(out[1], field)), field
-    assert int(out[0].counts[0, 0]) > 10
-    assert_exact(x, c, out[1].labels[0], out[1].min_dist[0])
-
-
 def test_assign_batched_near_ties_resolved_per_batch():
     """Batched input with many flagged rows per batch (each batch's own list, different lengths): every batch's
     labels are exact, including rows the fast pass got wrong."""
