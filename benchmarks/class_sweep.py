@@ -8,14 +8,12 @@ rank its tile shapes, and the spread between processes is larger than the differ
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import torch
 
 import gpu_check as G
-from provenance import gpu_run
-from sweeps import measured, prepared, run_shapes
+from sweeps import measured, prepared, sweep_main
 from flashkm_dist.kernels import assign as A
 from flashkm_dist.kernels import config
 
@@ -47,10 +45,7 @@ def run_shape(n, k, d) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    run_shapes(gpu_run(DEV), SHAPES, run_shape, args.out)
+    sweep_main(SHAPES, run_shape)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,11 @@ trade against memory latency.
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 import gpu_check as G
-from provenance import gpu_run
-from sweeps import measured, prepared, run_shapes
+from sweeps import measured, prepared, sweep_main
 from flashkm_dist.kernels import assign as A
 
 DEV = G.DEV
@@ -50,10 +48,7 @@ def run_shape(n, k, d) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    run_shapes(gpu_run(DEV), SHAPES, run_shape, args.out)
+    sweep_main(SHAPES, run_shape)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@ shape, one variant measured in its own try (a variant that fails to build or run
 the loop over shapes that writes the result after each (a run cut short keeps what it measured)."""
 from __future__ import annotations
 
+import argparse
 import json
 import traceback
 
 import torch
 
 import gpu_check as G
+from provenance import gpu_run
 from flashkm_dist.engine import numerics_for
 from flashkm_dist.kernels import assign as A
 
@@ -42,3 +44,11 @@ def run_shapes(result: dict, shapes, run_shape, path: str) -> None:
         print(json.dumps({key: v for key, v in row.items() if key != "variants"}), flush=True)
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def sweep_main(shapes, run_shape) -> None:
+    """The command line of a sweep that takes only --out: every shape through `run_shapes`."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    run_shapes(gpu_run(G.DEV), shapes, run_shape, args.out)
