@@ -480,9 +480,10 @@ class Engine:
             self._streams = (torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device))
         copy_stream, compute = self._streams
         cached = self._cache.get((key, self.dtype))
-        fill = cached is None and self._cache_room(data.shape[1]) > 0
+        room = 0 if cached is not None else min(self._cache_room(data.shape[1]), data.shape[0])
+        fill = room > 0
         if fill:
-            cached = self._new_cache_entry(key, min(self._cache_room(data.shape[1]), data.shape[0]), data.shape[1])
+            cached = self._new_cache_entry(key, room, data.shape[1])
         end = cached_prefix(data.shape[0], rows, 0 if cached is None else cached.shape[0], fill)
         starts = list(range(end, data.shape[0], rows))
         pinned = data.is_pinned() or self._pin_in_place(data)
