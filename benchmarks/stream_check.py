@@ -69,7 +69,10 @@ def bit_cases(smoke: bool):
         cases += [(200_000, 1024, 128, torch.float16, "euclidean"), (200_000, 1024, 128, torch.bfloat16, "euclidean"),
                   (200_000, 1024, 128, torch.float32, "euclidean"), (100_000, 8192, 128, torch.float16, "cosine"),
                   (77_777, 4096, 64, torch.float16, "euclidean"), (50_000, 999, 17, torch.float16, "euclidean"),
-                  (20_000, 20_000, 128, torch.float16, "euclidean")]
+                  (20_000, 20_000, 128, torch.float16, "euclidean"),
+                  # D padded to 256: the pass's 64-row scorers (config.STREAM_SHAPE_WIDE_D)
+                  (100_000, 2048, 256, torch.float16, "euclidean"), (60_000, 1500, 200, torch.float32, "euclidean"),
+                  (50_000, 1024, 256, torch.bfloat16, "cosine")]
     for n, k, d, dtype, metric in cases:
         x = G.blobs(n, d, min(k, 512), dtype, seed=n % 97)
         yield x, x[torch.randperm(n, device=DEV, generator=g)[:k]].clone(), metric
@@ -163,7 +166,7 @@ def main():
     result["peer_errors"] = {k: v for k, v in p.items() if k.endswith("_error")}
     shapes = [(1 << 20, 8192, 128, torch.float16), (1 << 23, 1024, 128, torch.float16),
               (1 << 20, 65536, 128, torch.float16), (1 << 20, 8192, 128, torch.float32),
-              (1 << 20, 4096, 64, torch.float16)]
+              (1 << 20, 4096, 64, torch.float16), (1 << 20, 4096, 256, torch.float16)]
     for n, k, d, dtype in shapes:
         try:
             row = time_shape(n, k, d, dtype, flash)

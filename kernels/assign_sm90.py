@@ -14,7 +14,8 @@ Here a program owns 2 x BLOCK_N rows and runs three partitions (`gl.warp_special
     `assign`'s module docstring). Only the slots' mbarriers couple them, so one scorer's product runs on the
     tensor cores while the other folds its scores on the ALUs.
 All row tiles of a program share each centroid tile: 2 x 128 rows (config.STREAM_SHAPE) read the centroids from
-L2 half as often as the portable kernel's 128-row programs. A thread's four registers of a slot are the columns
+L2 half as often as the portable kernel's 128-row programs. At D = 256 two 128-row tiles would leave room for one
+ring slot, so the scorers take 64 rows each there (config.STREAM_SHAPE_WIDE_D). A thread's four registers of a slot are the columns
 8i + 2q + {0, 1} and those 64 further, so folding a tile moves no data between threads; the row reduction runs
 once per chunk of up to 32 tiles. Measured on an H200 (benchmarks/stream_check.py, same process as flash-kmeans):
 the pass alone at N=1M, K=8192, D=128 takes 3.25 ms (676 TFLOP/s), against 4.49 ms for the earlier per-tile
@@ -25,7 +26,7 @@ same keys, slots and chunk order as the portable kernel: each scorer writes its 
 the other slots, label) and the class pass and `assign._finish_kernel` run after it with the portable kernel's
 own code, so both paths give the same bits (benchmarks/stream_check.py checks labels, distances, flags and
 thresholds to the bit on the GPU; `reference.stream_slots` is the torch twin). Used on sm_90 for resident rows
-with padded D <= 128 (`config.assign_config` decides); the interpreter and every other GPU run the portable kernel.
+with padded D <= 256 (`config.assign_config` decides); the interpreter and every other GPU run the portable kernel.
 """
 from __future__ import annotations
 

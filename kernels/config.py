@@ -212,17 +212,24 @@ def assign_config(device, k: int, d: int, dtype: torch.dtype) -> AssignConfig:
 # sm_90 pass: rows per scorer, registers per scorer thread. (H200, N=1M K=8192 D=128, streaming pass alone: 4.47 ms
 # for 2 scorers x 128 rows against 4.72 for 4 x 64 rows at 112 registers, which spills two; 4 scorers were dropped)
 STREAM_SHAPE = (128, 232)
+# where two 128-row tiles leave no room for two ring slots (D = 256: 128 KB of rows, 64 KB a slot), 64 rows each:
+# the product of a tile then takes twice the time of folding its scores, so one scorer's wgmma still covers the
+# other's fold
+STREAM_SHAPE_WIDE_D = (64, 232)
 
 
 def _stream_config(t: DeviceTraits, block_d: int, resident: bool, block_k: int) -> StreamConfig | None:
-    """sm_90 (wgmma + TMA; other GPUs keep the portable kernel), rows resident with D <= 128 and 128-wide centroid
-    tiles (the portable kernel's key width, so both give the same keys): STREAM_SHAPE, as many ring slots as
-    shared memory holds, at most 6 (the loader only has to stay a few tiles ahead)."""
-    if t.capability != (9, 0) or not resident or block_d > 128 or block_k != 128 or not _has_gluon():
+    """sm_90 (wgmma + TMA; other GPUs keep the portable kernel), rows resident (D <= 256) and 128-wide centroid
+    tiles (the portable kernel's key width, so both give the same keys): STREAM_SHAPE, or STREAM_SHAPE_WIDE_D if
+    that leaves fewer than two ring slots, with as many ring slots as shared memory holds, at most 6 (the loader
+    only has to stay a few tiles ahead)."""
+    if t.capability != (9, 0) or not resident or block_k != 128 or not _has_gluon():
         return None
-    block_n, regs = STREAM_SHAPE
-    stages = stream_ring_slots(t, block_n, block_d, block_k)
-    return StreamConfig(block_n, block_k, stages, regs) if stages >= 2 else None
+    for block_n, regs in (STREAM_SHAPE, STREAM_SHAPE_WIDE_D):
+        stages = stream_ring_slots(t, block_n, block_d, block_k)
+        if stages >= 2:
+            return StreamConfig(block_n, block_k, stages, regs)
+    return None
 
 
 def stream_ring_slots(t: DeviceTraits, block_n: int, block_d: int, block_k: int) -> int:

@@ -766,7 +766,11 @@ def test_sm90_pass_is_chosen_from_the_device_only_where_it_builds(monkeypatch):
     rows, tile = sc.rows * 128 * 2, sc.stages * sc.block_k * 128 * 2
     assert rows + tile <= hopper.smem_per_block
     assert config.assign_config("cuda", 8192, 128, torch.float16).row_multiple == sc.rows
-    assert config.assign_config("cuda", 8192, 256, torch.float16).stream is None  # D > 128: portable
+    wide = config.assign_config("cuda", 4096, 200, torch.float16)  # D pads to 256: 128-row tiles leave one slot
+    assert wide.stream is not None and wide.stream.block_n == 64 and wide.stream.stages >= 2
+    assert wide.stream.rows * 256 * 2 + wide.stream.stages * (128 * 256 * 2 + 128 * 4) <= hopper.smem_per_block
+    assert wide.row_multiple == 128 and wide.padded_d(200) == 256
+    assert config.assign_config("cuda", 8192, 512, torch.float16).stream is None  # rows not resident: portable
     for cap in ((8, 0), (10, 0)):  # no wgmma / another MMA: portable
         other = dataclasses.replace(hopper, capability=cap)
         monkeypatch.setattr(config, "device_traits", lambda device, other=other: other)
