@@ -211,28 +211,92 @@ def sweep(x, c, nm):
 
 
 def update_sweep():
-    """Sort-inverse update time against the number of programs and the tile height."""
+    """Sort-inverse update time against the tile height and width, the warps and the chunk length, on long runs
+    (N=8M, K=1024: 8192 rows a cluster), short ones (N=1M, K=8192; gpu_check's batched row: B * K = 32000 runs
+    of about 75 rows) and at D=256. The range checks are deferred, as a Lloyd step defers them: no wait inside
+    the timing."""
     from flashkm_dist.kernels import update as U
+    from flashkm_dist.kernels.checks import DeferredChecks
     out = []
-    for n, k in ((1 << 20, 8192), (1 << 23, 1024)):
-        x = blobs(n, 128, 1024, torch.float16)
+    for n, k, d in ((1 << 23, 1024, 128), (32 * 75_600, 32 * 1000, 128), (1 << 20, 8192, 128), (1 << 20, 4096, 256)):
+        x = blobs(n, d, 1024, torch.float16)
         labels = torch.randint(0, k, (n,), device=DEV)
         nm = numerics_for(x, None, metric="euclidean")
-        base = C.update_config(DEV, 128, x.dtype)
-        for tiles, block_n, block_d, warps in itertools.product((1, 4, 16), (64, 128, 256), (64, 128), (4, 8)):
+        base = C.update_config(DEV, d, x.dtype)
+        run = lambda: sort_inverse_update(x, labels, k, scale=nm.scale, deferred=DeferredChecks())  # noqa: E731
+        for tiles, block_n, block_d, warps in itertools.product((16, 64), (8, 16, 32), (64, 128), (1, 2, 4)):
             cfg = dataclasses.replace(base, tiles_per_chunk=tiles, block_n=block_n, block_d=block_d,
                                       num_warps=warps)
             U.update_config = lambda *a, _cfg=cfg, **kw: _cfg
             try:
-                ms = cuda_ms(lambda: sort_inverse_update(x, labels, k, scale=nm.scale), 1, 3)
+                ms = cuda_ms(run, 1, 5)
             except Exception as err:
                 ms = repr(err)[:100]
-            out.append({"n": n, "k": k, "tiles": tiles, "block_n": block_n, "block_d": block_d, "warps": warps,
-                        "ms": ms})
+            out.append({"n": n, "k": k, "d": d, "tiles": tiles, "block_n": block_n, "block_d": block_d,
+                        "warps": warps, "ms": ms})
         U.update_config = C.update_config
-        out.append({"n": n, "k": k, "derived": dataclasses.asdict(base),
-                    "ms": cuda_ms(lambda: sort_inverse_update(x, labels, k, scale=nm.scale), 1, 3)})
+        out.append({"n": n, "k": k, "d": d, "derived": dataclasses.asdict(base), "ms": cuda_ms(run, 1, 5)})
     return out
+
+
+def batched_phases(x, c, k):
+    """CUDA ms of the pieces of a batched fit, each timed alone: the set-up (moments and per-problem numerics),
+    the kept rows, one assign with them, one update of all B * N rows, and fits of 1, 2 and 10 iterations (their
+    differences are the cost of an iteration with everything around it)."""
+    from flashkm_dist import batched, batched_kmeans
+    b, n, d = x.shape
+    backend = backend_for(DEV)
+    out = {"moments_ms": cuda_ms(lambda: batched._problem_moments(x), 1, 3)}
+    moments = batched._problem_moments(x)
+    out["numerics_ms"] = cuda_ms(lambda: batched._problem_numerics(moments, "euclidean", 0.0), 1, 3)
+    nm = batched._problem_numerics(moments, "euclidean", 0.0)
+    shift = torch.stack([m.shift for m in nm])
+    out["kept_rows_ms"] = cuda_ms(lambda: backend.kept_rows(x), 1, 3)
+    kept = backend.kept_rows(x)
+    out["assign_kept_ms"] = cuda_ms(lambda: backend.assign(x, c, shift=shift, rows=kept), 1, 5)
+    out["assign_fresh_ms"] = cuda_ms(lambda: backend.assign(x, c, shift=shift), 1, 5)
+    labels, _ = backend.assign(x, c, shift=shift, rows=kept)
+    flat = (labels + (torch.arange(b, device=DEV) * k)[:, None]).reshape(-1)
+    out["update_ms"] = cuda_ms(lambda: backend.partial_sums(x.reshape(b * n, d), flat, b * k, scale=nm[0].scale),
+                               1, 5)
+    for iters in (1, 2, 10):
+        out[f"fit_{iters}_iters_ms"] = cuda_ms(lambda: batched_kmeans(x, k, init=c, max_iter=iters, tol=0.0), 1, 3)
+    out["loop"] = batched_loop_times(x, c, k, nm, shift, kept)
+    launch_bound = batched.LAUNCH_BOUND
+    try:  # every iteration after the first replayed as a graph, whatever its launches took
+        batched.LAUNCH_BOUND = 0.0
+        out["fit_10_iters_graphed_ms"] = cuda_ms(lambda: batched_kmeans(x, k, init=c, max_iter=10, tol=0.0), 1, 3)
+    finally:
+        batched.LAUNCH_BOUND = launch_bound
+    return out
+
+
+def batched_loop_times(x, c, k, nm, shift, kept, iters=6):
+    """Host ms of each batched iteration op by op: queuing its launches, then waiting for its one read-back
+    (a device-bound iteration waits; a launch-bound one hardly does)."""
+    import functools
+    import time
+
+    from flashkm_dist import batched
+    b = x.shape[0]
+    backend = backend_for(DEV)
+    tols = torch.zeros(b, dtype=torch.float64, device=DEV)
+    offsets = (torch.arange(b, device=DEV) * k)[:, None]
+    assign = functools.partial(backend.assign, rows=kept)
+    state = batched._Progress(c.clone(), torch.ones(b, dtype=torch.bool, device=DEV),
+                              torch.zeros(b, dtype=torch.int64, device=DEV))
+    prev, rows = None, []
+    torch.cuda.synchronize()
+    for it in range(1, iters + 1):
+        t0 = time.perf_counter()
+        labels, _, after, packed, _ = batched._iteration_on_device(assign, backend, x, offsets, k, nm[0].scale, tols,
+                                                                   "euclidean", shift, state, prev, it)
+        t1 = time.perf_counter()
+        packed.tolist()
+        t2 = time.perf_counter()
+        rows.append({"queue_ms": (t1 - t0) * 1e3, "wait_ms": (t2 - t1) * 1e3})
+        state, prev = after, labels
+    return rows
 
 
 def batched_profile():
@@ -247,7 +311,9 @@ def batched_profile():
     x = torch.randn(b, n, d, device=DEV, dtype=torch.float16)
     c = x[:, :k].clone()
     run = lambda: batched_kmeans(x, k, init=c, max_iter=10, tol=0.0)  # noqa: E731
-    out = {"ms": cuda_ms(run, 1, 3), "kernels": kernel_table(run, top=20)}
+    out = {"ms": cuda_ms(run, 1, 3), "kernels": kernel_table(run, top=20), "phases": batched_phases(x, c, k)}
+    small = torch.randn(8, 10_000, 64, device=DEV, dtype=torch.float16)  # (gpu_check's small batched row)
+    out["small_phases"] = batched_phases(small, small[:, :64].clone(), 64)
     reseeds = []
     original = batched.reseed_empty_clusters
     batched.reseed_empty_clusters = lambda *a, **kw: reseeds.append(1) or original(*a, **kw)
