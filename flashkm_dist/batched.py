@@ -43,7 +43,8 @@ class BatchedResult:
 def _problem_moments(x: torch.Tensor):
     """Bounds and exact per-problem moments (2, B, D) on one shared fixed-point grid (the batch's max |x|)."""
     b, n, d = x.shape
-    bounds = DataBounds(n, d, float(x.abs().max()) if x.numel() else 0.0, 1.0)
+    lo, hi = torch.aminmax(x)  # (max |x| = max(-min, max) exactly, without an |x| copy of the batch)
+    bounds = DataBounds(n, d, float(torch.maximum(-lo, hi)), 1.0)
     problem = torch.arange(b, device=x.device).repeat_interleave(n)
     return bounds, *column_moments(x.reshape(b * n, d), moment_exponents(bounds), problem, b)
 
@@ -82,14 +83,14 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
     k, backend, rng = n_clusters, backend_for(x.device), check_random_state(random_state)
 
     moments = _problem_moments(x)
-    seeding = _problem_numerics(moments, metric, 0.0)
     if not isinstance(init, str) and not callable(init):
         init = torch.as_tensor(init)
         if init.shape != (b, k, d):
             raise ValueError(f"an init array for batched_kmeans must have shape (B, K, D) = {(b, k, d)}, "
                              f"got {tuple(init.shape)}")
     engine = Engine(x.device, dtype=x.dtype, backend=backend)
-    if isinstance(init, str) or callable(init):
+    if isinstance(init, str) or callable(init):  # (seeding numerics: what the seeding's distances need)
+        seeding = _problem_numerics(moments, metric, 0.0)
         centers = torch.stack([initial_centers(init, local_points(engine, [Block(x[i])]), k, rng, seeding[i],
                                                oversampling_factor=oversampling_factor, tol=tol) for i in range(b)])
     else:  # all problems' arrays checked and moved at once, as initial_centers does for one
