@@ -15,11 +15,12 @@ Here a program owns 2 x BLOCK_N rows and runs three partitions (`gl.warp_special
     tensor cores while the other folds its scores on the ALUs.
 All row tiles of a program share each centroid tile: 2 x 128 rows (config.STREAM_SHAPE) read the centroids from
 L2 half as often as the portable kernel's 128-row programs. At D = 256 two 128-row tiles would leave room for one
-ring slot, so the scorers take 64 rows each there (config.STREAM_SHAPE_WIDE_D). A thread's four registers of a slot are the columns
-8i + 2q + {0, 1} and those 64 further, so folding a tile moves no data between threads; the row reduction runs
-once per chunk of up to 32 tiles. Measured on an H200 (benchmarks/stream_check.py, same process as flash-kmeans):
-the pass alone at N=1M, K=8192, D=128 takes 3.25 ms (676 TFLOP/s), against 4.49 ms for the earlier per-tile
-top-2 reduction (three min/max per score plus shuffles), which left the tensor and ALU pipes 55 % and 60 % busy.
+ring slot, so the scorers take 64 rows each there (config.STREAM_SHAPE_WIDE_D; H200, N=1M K=4096: the pass alone
+2.99-3.14 ms, 684-734 TFLOP/s). A thread's four registers of a slot are the columns 8i + 2q + {0, 1} and those 64
+further, so folding a tile moves no data between threads; the row reduction runs once per chunk of up to 32 tiles.
+Measured on an H200 (benchmarks/stream_check.py, same process as flash-kmeans): the pass alone at N=1M, K=8192,
+D=128 takes 3.25 ms (676 TFLOP/s), against 4.49 ms for the earlier per-tile top-2 reduction (three min/max per
+score plus shuffles), which left the tensor and ALU pipes 55 % and 60 % busy.
 
 Same operands, same accumulation (`aa + cc` as the accumulator's start, one m64n128k16 fp32 wgmma chain over D),
 same keys, slots and chunk order as the portable kernel: each scorer writes its rows' (best key, smallest key of

@@ -212,9 +212,9 @@ def assign_config(device, k: int, d: int, dtype: torch.dtype) -> AssignConfig:
 # sm_90 pass: rows per scorer, registers per scorer thread. (H200, N=1M K=8192 D=128, streaming pass alone: 4.47 ms
 # for 2 scorers x 128 rows against 4.72 for 4 x 64 rows at 112 registers, which spills two; 4 scorers were dropped)
 STREAM_SHAPE = (128, 232)
-# where two 128-row tiles leave no room for two ring slots (D = 256: 128 KB of rows, 64 KB a slot), 64 rows each:
-# the product of a tile then takes twice the time of folding its scores, so one scorer's wgmma still covers the
-# other's fold
+# where two 128-row tiles leave no room for two ring slots (D = 256: 128 KB of rows, 64 KB a slot), 64 rows each
+# (at D = 256 a tile's product takes twice as long per score as at D = 128 and its fold no longer, so the two
+# scorers still keep the tensor cores busy; H200, N=1M K=4096: 684-734 TFLOP/s for the pass alone)
 STREAM_SHAPE_WIDE_D = (64, 232)
 
 
