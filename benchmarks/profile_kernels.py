@@ -239,44 +239,6 @@ def update_sweep():
     return out
 
 
-def fused_finish_ab():
-    """The class pass that finishes the rows itself against the class pass followed by the separate finishing
-    pass (`assign.FUSED_FINISH`), and the fused pass's float64 chunk: fast pass and assign times, same bits."""
-    out = []
-    shapes = [(1 << 23, 1024, 128, torch.float16, 1), (1 << 20, 8192, 128, torch.float16, 1),
-              (1 << 20, 8192, 128, torch.float32, 1), (1 << 20, 4096, 64, torch.float16, 1),
-              (1 << 20, 4096, 256, torch.float16, 1), (75_600, 1000, 128, torch.float16, 32)]
-    for n, k, d, dtype, b in shapes:
-        x = torch.stack([blobs(n, d, min(k, 1024), dtype, seed=s) for s in range(b)])
-        c = x[:, torch.randperm(n, device=DEV)[:k]].clone()
-        shift = x.mean(dim=1, dtype=torch.float64)
-        p = A._prepare(x, c, "euclidean", shift)
-        row = {"n": n, "k": k, "d": d, "b": b, "dtype": str(dtype).removeprefix("torch.")}
-        base, results = p.cfg, {}
-        for tag, fused, epi in (("separate", False, None), ("fused_16", True, 16), ("fused_32", True, 32)):
-            A.FUSED_FINISH = fused
-            p.cfg = base if epi is None else dataclasses.replace(
-                base, class_pass=dataclasses.replace(base.class_pass, epi_d=epi))
-            try:
-                results[tag] = A._fast_pass(p)
-                row[f"{tag}_fast_pass_ms"] = cuda_ms(lambda: A._fast_pass(p), 2, 10)
-                A.assign_config = lambda *a, _cfg=p.cfg, **kw: _cfg
-                row[f"{tag}_assign_ms"] = cuda_ms(lambda: A.flash_assign(x, c, shift=shift), 2, 10)
-            finally:
-                A.FUSED_FINISH, A.assign_config = True, C.assign_config
-        ref = results["separate"]
-        # (min_dist: float64 sums in other chunks of D may round to another fp32 in the last bit)
-        row["same_bits"] = {tag: [name for name in ("labels", "min_dist", "flag", "threshold", "counts")
-                                  if torch.equal(getattr(f, name), getattr(ref, name))] for tag, f in results.items()}
-        row["min_dist_max_rel_diff"] = {tag: float(((f.min_dist.double() - ref.min_dist.double()).abs()
-                                                    / ref.min_dist.double().abs().clamp_min(1e-30)).max())
-                                        for tag, f in results.items()}
-        p.cfg = base
-        print(json.dumps(row), flush=True)
-        out.append(row)
-    return out
-
-
 def batched_phases(x, c, k):
     """CUDA ms of the pieces of a batched fit, each timed alone: the set-up (moments and per-problem numerics),
     the kept rows, one assign with them, one update of all B * N rows, and fits of 1, 2 and 10 iterations (their
@@ -380,17 +342,11 @@ def main():
     ap.add_argument("--old", help="a previous assign.py inside kernels/, timed on the same tensors")
     ap.add_argument("--old-update", help="a previous update.py inside kernels/, timed on the same tensors")
     ap.add_argument("--batched", action="store_true", help="only profile the batched API (gpu_check's row)")
-    ap.add_argument("--fused-finish", action="store_true", help="only the fused class + finish pass A/B")
     ap.add_argument("--cases", default="1M_8192_fp16,8M_1024_fp16,1M_8192_fp32",
                     help=f"comma-separated, of {', '.join(CASES)}")
     args = ap.parse_args()
     old, old_update = (importlib.import_module("flashkm_dist.kernels." + os.path.splitext(os.path.basename(p))[0])
                        if p else None for p in (args.old, args.old_update))
-    if args.fused_finish:
-        res = fused_finish_ab()
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-        return
     if args.batched:
         res = batched_profile()
         print(json.dumps(res, indent=1))

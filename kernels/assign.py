@@ -65,8 +65,6 @@ _ALPHA_TARGET_EXP = 10  # alpha * max|c - s| lands in [2**9, 2**10): rows up to 
 _COSINE_ALPHA = 2.0 ** 12  # unit rows: coordinates <= 1 -> <= 4096
 _FORCE_TOP2_REDUCE = False  # tests: the resolve pass's one-pass top-2 reduction in the interpreter too
 SM90_STREAM = True  # sm_90: the warp-specialised streaming pass (assign_sm90); False: the portable kernel (A/B)
-FUSED_FINISH = True  # the class pass finishes the rows itself; False: a separate `_finish_kernel` pass (A/B)
-_CLASS_SCORES = True  # tests: False leaves the class members unscored (what the margin test misses without them)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,23 +321,17 @@ def _assign_kernel(
     tl.store(top_ptr + 2 * top_stride + a_off, best_idx.to(tl.float32, bitcast=True))
 
 
-@triton.jit(do_not_specialize=["n_total", "stride_xb", "n_rows"])
+@triton.jit(do_not_specialize=["n_total"])
 def _class_kernel(
     order_ptr, group_ptr, top_ptr, top_stride, a_ptr, rowstat_ptr, cf_ptr, cc_ptr,
-    x_ptr, stride_xb, stride_xn, stride_xd, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
-    labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr,
-    n_total, n_rows, n_pad, k_pad, d_pad, D, chunk_tiles, key_low,
+    n_total, k_pad, d_pad, chunk_tiles,
     TILE_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    RESIDENT: tl.constexpr, FINISH: tl.constexpr, CLASS: tl.constexpr, COSINE: tl.constexpr,
-    EPI_D: tl.constexpr,
+    RESIDENT: tl.constexpr,
 ):
     """Class pass: for every prepared row, the smallest score over the other centroids of its label's class
-    (the label's slot in every tile of the label's chunk: `class_of`), folded into the row's second. The rows
-    come sorted by (batch, class) (`order_ptr`, `group_ptr` = batch * classes + class, both over B n_pad), so a
-    tile of rows shares one or two classes and their centroids are gathered once per tile.
-    FINISH: then `_finish_rows` on the same rows (margin test, label, threshold, flagged list, exact distance), in
-    place of a separate pass that would read the planes and norms again; else the second goes back to its plane.
-    CLASS False (tests only): the class members are not scored, to show what the margin test misses without them."""
+    (the label's slot in every tile of the label's chunk: `class_of`), folded into the row's second plane. The
+    rows come sorted by (batch, class) (`order_ptr`, `group_ptr` = batch * classes + class, both over B n_pad), so
+    a tile of rows shares one or two classes and their centroids are gathered once per tile."""
     S: tl.constexpr = TILE_K // 4
     tiles = k_pad // TILE_K
     classes = tl.cdiv(tiles, chunk_tiles) * S
@@ -356,38 +348,22 @@ def _class_kernel(
     low = tl.full([BLOCK_N], 3.0e38, tl.float32)
     g_first = tl.min(tl.where(valid, group, 2147483647), 0)
     g_last = tl.max(group, 0)
-    if CLASS:
-        for grp in range(g_first, g_last + 1):
-            pid_b = grp // classes
-            chunk = (grp % classes) // S
-            g = grp % S
-            class_size = 4 * tl.minimum(chunk_tiles, tiles - chunk * chunk_tiles)
-            c0 = chunk * chunk_tiles * TILE_K
-            member = valid & (group == grp)
-            for m0 in range(0, class_size, BLOCK_C):
-                m = tl.minimum(m0 + offs_c, class_size - 1)  # (a repeated member changes no minimum)
-                cidx = c0 + (m >> 2) * TILE_K + 2 * (g + S * ((m >> 1) & 1)) + (m & 1)
-                acc = _tile_scores(aa, a_fast, a_rows, cf_ptr + pid_b.to(tl.int64) * k_pad * d_pad,
-                                   cc_ptr + pid_b.to(tl.int64) * k_pad, cidx, offs_d, d_pad, BLOCK_D, RESIDENT)
-                acc = tl.where(cidx[None, :] == label[:, None], 3.0e38, acc)
-                low = tl.where(member, tl.minimum(low, tl.min(acc, 1)), low)
-    second = tl.minimum(tl.load(top_ptr + top_stride + flat, mask=valid), low)
-    if FINISH:
-        batch = (flat // n_pad).to(tl.int32)  # (a tile spans at most a few batches: rows sorted by batch first)
-        rows = (flat - batch.to(tl.int64) * n_pad).to(tl.int32)
-        row_mask = valid & (rows < n_rows)  # (not the padding rows of a batch)
-        out_off = batch.to(tl.int64) * n_rows + rows
-        best = tl.load(top_ptr + flat)
-        flagged = _finish_rows(best, second, label, aa, rows, row_mask, flat, out_off, batch,
-                               x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr, cd_ptr, stride_cdb,
-                               stride_cdk, stride_cdd, labels_ptr, dist_ptr, flag_ptr, thr_ptr, D, key_low,
-                               COSINE, BLOCK_N, EPI_D)
-        b_first = tl.min(tl.where(row_mask, batch, 2147483647), 0)
-        b_last = tl.max(tl.where(row_mask, batch, -1), 0)
-        for b in range(b_first, b_last + 1):
-            _append_rows(list_ptr, count_ptr, flagged & (batch == b), rows, b, n_pad)
-    else:
-        tl.store(top_ptr + top_stride + flat, second, mask=valid)
+    for grp in range(g_first, g_last + 1):
+        pid_b = grp // classes
+        chunk = (grp % classes) // S
+        g = grp % S
+        class_size = 4 * tl.minimum(chunk_tiles, tiles - chunk * chunk_tiles)
+        c0 = chunk * chunk_tiles * TILE_K
+        member = valid & (group == grp)
+        for m0 in range(0, class_size, BLOCK_C):
+            m = tl.minimum(m0 + offs_c, class_size - 1)  # (a repeated member changes no minimum)
+            cidx = c0 + (m >> 2) * TILE_K + 2 * (g + S * ((m >> 1) & 1)) + (m & 1)
+            acc = _tile_scores(aa, a_fast, a_rows, cf_ptr + pid_b.to(tl.int64) * k_pad * d_pad,
+                               cc_ptr + pid_b.to(tl.int64) * k_pad, cidx, offs_d, d_pad, BLOCK_D, RESIDENT)
+            acc = tl.where(cidx[None, :] == label[:, None], 3.0e38, acc)
+            low = tl.where(member, tl.minimum(low, tl.min(acc, 1)), low)
+    second = tl.load(top_ptr + top_stride + flat, mask=valid)
+    tl.store(top_ptr + top_stride + flat, tl.minimum(second, low), mask=valid)
 
 
 @triton.jit(do_not_specialize=["n_total", "n_pad"])
@@ -407,10 +383,10 @@ def _group_kernel(top_ptr, top_stride, group_ptr, n_total, n_pad, classes, chunk
 @triton.jit
 def _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid_b,
                  x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
-                 labels_ptr, dist_ptr, flag_ptr, thr_ptr, D, key_low,
+                 labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr, n_pad, D, key_low,
                  COSINE: tl.constexpr, BLOCK_N: tl.constexpr, EPI_D: tl.constexpr):
-    """After the stream and the class pass: the margin test, the label, the resolve threshold and the exact
-    distance of the label (pid_b: a row's batch, one per program or one per row). Returns the flagged rows."""
+    """After the stream: the margin test, the label, the resolve threshold, the flagged rows appended to the
+    batch's list, and the exact distance of the label."""
     U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
     bound = 2.0 * tl.load(rowstat_ptr + a_off * 2 + 1) * (1.0 + 1.52587890625e-05)
     # a key differs from its score in the low key_low bits: |key - d| < 2**key_low ulp(d)
@@ -425,6 +401,12 @@ def _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid
     tl.store(labels_ptr + out_off, best_idx.to(tl.int64), mask=row_mask)
     tl.store(flag_ptr + out_off, (~exact).to(tl.int8), mask=row_mask)
     tl.store(thr_ptr + out_off, thr_out, mask=row_mask)
+    # the flagged rows, appended to the batch's list: one atomic per program reserves their slots
+    fl = (~exact) & row_mask
+    fi = fl.to(tl.int32)
+    n_fl = tl.sum(fi, 0)
+    base = tl.atomic_add(count_ptr + pid_b * 4, n_fl, mask=n_fl > 0)
+    tl.store(list_ptr + pid_b.to(tl.int64) * n_pad + base + tl.cumsum(fi, 0) - fi, rows, mask=fl)
 
     # exact float64 distance to the chosen centroid, as reference.assign computes it
     row_off = pid_b.to(tl.int64) * stride_xb + rows.to(tl.int64) * stride_xn
@@ -435,16 +417,6 @@ def _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid
     if COSINE:
         total = _cosine_dist(total)
     tl.store(dist_ptr + out_off, total.to(tl.float32), mask=row_mask)
-    return (~exact) & row_mask
-
-
-@triton.jit
-def _append_rows(list_ptr, count_ptr, mask, rows, b, n_pad):
-    """Append the masked rows (all of batch b) to the batch's flagged list: one atomic reserves their slots."""
-    fi = mask.to(tl.int32)
-    n_fl = tl.sum(fi, 0)
-    base = tl.atomic_add(count_ptr + b * 4, n_fl, mask=n_fl > 0)
-    tl.store(list_ptr + tl.cast(b, tl.int64) * n_pad + base + tl.cumsum(fi, 0) - fi, rows, mask=mask)
 
 
 @triton.jit(do_not_specialize=["stride_xb", "n_rows"])
@@ -467,11 +439,10 @@ def _finish_kernel(
     best = tl.load(top_ptr + a_off)
     second = tl.load(top_ptr + top_stride + a_off)
     best_idx = tl.load(top_ptr + 2 * top_stride + a_off).to(tl.int32, bitcast=True)
-    flagged = _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid_b,
-                           x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr, cd_ptr, stride_cdb, stride_cdk,
-                           stride_cdd, labels_ptr, dist_ptr, flag_ptr, thr_ptr, D, key_low, COSINE, BLOCK_N,
-                           EPI_D)
-    _append_rows(list_ptr, count_ptr, flagged, rows, pid_b, n_pad)
+    _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid_b,
+                 x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
+                 labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr, n_pad, D, key_low,
+                 COSINE, BLOCK_N, EPI_D)
 
 
 @triton.jit
@@ -1025,11 +996,8 @@ def _fast_pass(p: _Prepared, rows: PreparedRows | None = None) -> FastAssignment
                           torch.empty((2, b, n_pad), dtype=torch.int32, device=dev),
                           torch.zeros((b, 4), dtype=torch.int32, device=dev))
     top, tile_k, key_low = _stream(p)
-    if FUSED_FINISH:
-        _class_pass(p, top, tile_k, key_low, fast)
-    else:
-        _class_pass(p, top, tile_k, key_low)
-        _finish_launch(p, top, key_low, fast)
+    _class_pass(p, top, tile_k, key_low)
+    _finish_launch(p, top, key_low, fast)
     return fast
 
 
@@ -1066,13 +1034,10 @@ def _stream(p: _Prepared) -> tuple[torch.Tensor, int, int]:
     return top, tile_k, key_low
 
 
-def _class_pass(p: _Prepared, top: torch.Tensor, tile_k: int, key_low: int, fast: FastAssignment | None = None
-                ) -> None:
+def _class_pass(p: _Prepared, top: torch.Tensor, tile_k: int, key_low: int) -> None:
     """The class pass over the streaming pass's planes: rows sorted by (batch, class of their label) on the
-    device (no host synchronisation), then `_class_kernel` folds each row's class minimum into its second; with
-    `fast`, it also finishes the rows into it (margin test, labels, thresholds, flagged lists, distances)."""
+    device (no host synchronisation), then `_class_kernel` folds each row's class minimum into its second."""
     b, n_pad, d_pad = p.a_fast.shape
-    n = p.x.shape[1]
     k_pad = p.c_fast.shape[1]
     classes = class_count(k_pad, tile_k, key_low)
     group = torch.empty(b * n_pad, dtype=torch.int16 if b * classes < 2 ** 15 else torch.int32,
@@ -1081,15 +1046,10 @@ def _class_pass(p: _Prepared, top: torch.Tensor, tile_k: int, key_low: int, fast
            1 << (key_low - 2), TILE_K=tile_k, BLOCK=1024)
     group, order = torch.sort(group)
     cp = p.cfg.class_pass
-    x, cd = p.x, p.c_dist
-    out = (fast.labels, fast.min_dist, fast.flag, fast.threshold, fast.lists[0], fast.counts) if fast else (top,) * 6
     launch(_class_kernel, (triton.cdiv(b * n_pad, cp.block_n),),
-           order, group, top, top.stride(0), p.a_fast, p.rowstat, p.c_fast, p.cc,
-           x, x.stride(0), x.stride(1), x.stride(2), cd, cd.stride(0), cd.stride(1), cd.stride(2), *out,
-           b * n_pad, n, n_pad, k_pad, d_pad, x.shape[2], 1 << (key_low - 2), key_low,
-           TILE_K=tile_k, BLOCK_N=cp.block_n, BLOCK_C=cp.block_c, BLOCK_D=p.cfg.block_d, RESIDENT=p.cfg.resident,
-           FINISH=fast is not None, CLASS=_CLASS_SCORES, COSINE=p.cosine, EPI_D=cp.epi_d,
-           num_warps=cp.num_warps, num_stages=cp.num_stages)
+           order, group, top, top.stride(0), p.a_fast, p.rowstat, p.c_fast, p.cc, b * n_pad, k_pad, d_pad,
+           1 << (key_low - 2), TILE_K=tile_k, BLOCK_N=cp.block_n, BLOCK_C=cp.block_c, BLOCK_D=p.cfg.block_d,
+           RESIDENT=p.cfg.resident, num_warps=cp.num_warps, num_stages=cp.num_stages)
 
 
 def _resolve_launch(p: _Prepared, fast: FastAssignment) -> None:

@@ -84,7 +84,6 @@ class ClassConfig:
     block_c: int
     num_warps: int
     num_stages: int
-    epi_d: int = 16  # float64 chunk of the exact distance when the pass also finishes the rows
 
 
 MAX_CHUNK_TILES = 32  # tiles whose slot minima the streaming passes keep before folding them into the row's top two
