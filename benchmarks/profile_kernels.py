@@ -239,37 +239,6 @@ def update_sweep():
     return out
 
 
-def tail_split_ab(rounds=6):
-    """The sm_90 pass with and without its last wave scored in parts of K (`assign_sm90.TAIL_SPLIT`), measured
-    in alternation (the GPU's speed drifts over a run): medians of the pass alone and of flash_assign."""
-    from flashkm_dist.kernels import assign_sm90
-    out = []
-    for n, k, dtype in ((1 << 20, 8192, torch.float16), (1 << 20, 65536, torch.float16),
-                        (1 << 20, 8192, torch.float32), (34_816, 8192, torch.float16)):
-        x = blobs(n, 128, min(k, 4096), dtype)
-        c = x[torch.randperm(n, device=DEV)[:k]].clone()
-        nm = numerics_for(x, None, metric="euclidean")
-        p = A._prepare(x[None], c[None], "euclidean", nm.shift)
-        A._prepare_rows(p)
-        key_low = C.key_bits(p.c_fast.shape[1], p.cfg.stream.block_k)
-        times = {"split_stream": [], "whole_stream": [], "split_assign": [], "whole_assign": []}
-        for _ in range(rounds):
-            for tag, on in (("split", True), ("whole", False)):
-                assign_sm90.TAIL_SPLIT = on
-                try:
-                    times[f"{tag}_stream"].append(cuda_ms(lambda: assign_sm90.stream(
-                        p.a_fast, p.rowstat, p.c_fast, p.cc, p.cfg.stream, key_low), 1, 10))
-                    times[f"{tag}_assign"].append(cuda_ms(lambda: A.flash_assign(x, c, shift=nm.shift), 1, 10))
-                finally:
-                    assign_sm90.TAIL_SPLIT = True
-        row = {"n": n, "k": k, "dtype": str(dtype).removeprefix("torch."), "rounds": rounds}
-        row.update({f"{name}_median_ms": sorted(v)[len(v) // 2] for name, v in times.items()})
-        row["all_ms"] = times
-        print(json.dumps({key: v for key, v in row.items() if key != "all_ms"}), flush=True)
-        out.append(row)
-    return out
-
-
 def batched_phases(x, c, k):
     """CUDA ms of the pieces of a batched fit, each timed alone: the set-up (moments and per-problem numerics),
     the kept rows, one assign with them, one update of all B * N rows, and fits of 1, 2 and 10 iterations (their
@@ -373,17 +342,11 @@ def main():
     ap.add_argument("--old", help="a previous assign.py inside kernels/, timed on the same tensors")
     ap.add_argument("--old-update", help="a previous update.py inside kernels/, timed on the same tensors")
     ap.add_argument("--batched", action="store_true", help="only profile the batched API (gpu_check's row)")
-    ap.add_argument("--tail-split", action="store_true", help="only the sm_90 pass's last-wave split A/B")
     ap.add_argument("--cases", default="1M_8192_fp16,8M_1024_fp16,1M_8192_fp32",
                     help=f"comma-separated, of {', '.join(CASES)}")
     args = ap.parse_args()
     old, old_update = (importlib.import_module("flashkm_dist.kernels." + os.path.splitext(os.path.basename(p))[0])
                        if p else None for p in (args.old, args.old_update))
-    if args.tail_split:
-        res = tail_split_ab()
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-        return
     if args.batched:
         res = batched_profile()
         print(json.dumps(res, indent=1))

@@ -90,9 +90,8 @@ def build_stream(k: int, d: int, **variant):
                                            sc.block_n, sc.block_k)
     kernel = G._stream_kernel.warmup(a_desc, c_desc, n_desc, torch.zeros(1, n_pad, 2, dtype=f32),
                                      torch.zeros(3, n_pad, dtype=f32), n_pad, k_pad,
-                                     n_pad, C.key_bits(k_pad, sc.block_k), 0, k_pad // sc.block_k,
-                                     BLOCK_N=sc.block_n, BLOCK_K=sc.block_k, D_PAD=d_pad, NBUF=sc.stages,
-                                     REGS=sc.regs, num_warps=4, grid=(1, 1, 1))
+                                     n_pad, C.key_bits(k_pad, sc.block_k), BLOCK_N=sc.block_n, BLOCK_K=sc.block_k,
+                                     D_PAD=d_pad, NBUF=sc.stages, REGS=sc.regs, num_warps=4, grid=(1, 1))
     return kernel, cfg
 
 

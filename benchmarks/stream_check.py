@@ -27,7 +27,6 @@ from flashkm_dist import graphed
 from flashkm_dist.engine import backend_for, numerics_for
 from flashkm_dist.kernels import assign as A
 from flashkm_dist.kernels import reference
-from flashkm_dist.kernels.config import device_traits, key_bits, stream_tail_parts
 from flashkm_dist.lloyd import lloyd_iteration
 from flashkm_dist.streaming import Block, Engine
 
@@ -57,12 +56,7 @@ def same_bits(x, c, metric="euclidean") -> dict:
     labels, _ = A.flash_assign(x, c, metric=metric)
     ref, _ = reference.assign(x.double(), c.double(), metric=metric)
     row["labels_differing_from_float64"] = int((labels != ref).sum())
-    cfg = A.assign_config(x.device, c.shape[-2], x.shape[-1], x.dtype)
-    row["uses_sm90_pass"] = cfg.stream is not None
-    if cfg.stream is not None and x.dim() == 2:  # chunks of K per part of the last wave's rows (0: not split)
-        k_pad, units = cfg.padded_k(c.shape[-2]), -(-x.shape[0] // cfg.stream.rows)
-        chunk = cfg.stream.block_k << (key_bits(k_pad, cfg.stream.block_k) - 2)
-        row["tail_chunks_per_part"] = stream_tail_parts(units, device_traits(x.device).sm_count, -(-k_pad // chunk))
+    row["uses_sm90_pass"] = A.assign_config(x.device, c.shape[-2], x.shape[-1], x.dtype).stream is not None
     row["ok"] = all(row[f"{n}_equal"] for n in ("labels", "min_dist", "flag", "threshold")) \
         and row["flagged"][0] == row["flagged"][1]
     return row
@@ -78,10 +72,7 @@ def bit_cases(smoke: bool):
                   (20_000, 20_000, 128, torch.float16, "euclidean"),
                   # D padded to 256: the pass's 64-row scorers (config.STREAM_SHAPE_WIDE_D)
                   (100_000, 2048, 256, torch.float16, "euclidean"), (60_000, 1500, 200, torch.float32, "euclidean"),
-                  (50_000, 1024, 256, torch.bfloat16, "cosine"),
-                  # a short last wave scored in parts of K (config.stream_tail_parts): 136 row tiles, 2 chunks;
-                  # 36 row tiles (one short wave), 16 chunks; (20000 x 20000 above: 79 row tiles, 5 chunks)
-                  (34_816, 8192, 128, torch.float16, "euclidean"), (9_000, 65_536, 128, torch.float32, "euclidean")]
+                  (50_000, 1024, 256, torch.bfloat16, "cosine")]
     for n, k, d, dtype, metric in cases:
         x = G.blobs(n, d, min(k, 512), dtype, seed=n % 97)
         yield x, x[torch.randperm(n, device=DEV, generator=g)[:k]].clone(), metric
@@ -123,16 +114,6 @@ def time_shape(n, k, d, dtype, flash) -> dict:
         row["stream_only_ms"] = G.cuda_ms(lambda: assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc,
                                                                      p.cfg.stream, key_low), reps=15)
         row["stream_tflops"] = 2 * n * k * d / row["stream_only_ms"] / 1e9
-        split = assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, p.cfg.stream, key_low)
-        assign_sm90.TAIL_SPLIT = False  # the last wave's rows over all of K in one program each (A/B)
-        try:
-            whole = assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, p.cfg.stream, key_low)
-            row["tail_split_same_bits"] = bool(torch.equal(split.view(torch.int32), whole.view(torch.int32)))
-            row["stream_only_no_tail_split_ms"] = G.cuda_ms(lambda: assign_sm90.stream(
-                p.a_fast, p.rowstat, p.c_fast, p.cc, p.cfg.stream, key_low), reps=15)
-            row["sm90_assign_no_tail_split_ms"] = G.cuda_ms(lambda: A.flash_assign(x, c, shift=nm.shift), reps=15)
-        finally:
-            assign_sm90.TAIL_SPLIT = True
         top = assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, p.cfg.stream, key_low)
         row["class_pass_ms"] = G.cuda_ms(lambda: A._class_pass(p, top, p.cfg.stream.block_k, key_low), reps=15)
     engine, blocks = Engine(DEV, dtype=x.dtype, backend=backend_for(DEV)), [Block(x)]

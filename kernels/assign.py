@@ -281,35 +281,6 @@ def _merge_top(best, second, best_idx, t1, t2, i1):
     return best, second, best_idx
 
 
-@triton.jit(do_not_specialize=["n_rows", "row_base"])
-def _merge_parts_kernel(side_ptr, top_ptr, top_stride, n_rows, row_base, parts, BLOCK: tl.constexpr):
-    """Fold the parts' planes (parts, 3, n_rows) of rows row_base + [0, n_rows) into top's three planes, part by
-    part in order (`_merge_top`, as a program folds its chunks: the same bits as one pass over all of K)."""
-    pos = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = pos < n_rows
-    best = tl.full([BLOCK], 3.0e38, tl.float32)
-    second = tl.full([BLOCK], 3.0e38, tl.float32)
-    best_idx = tl.zeros([BLOCK], dtype=tl.int32)
-    for p in range(parts):
-        part = side_ptr + p * 3 * n_rows + pos
-        t1 = tl.load(part, mask=m, other=3.0e38)
-        t2 = tl.load(part + n_rows, mask=m, other=3.0e38)
-        i1 = tl.load(part + 2 * n_rows, mask=m, other=0.0).to(tl.int32, bitcast=True)
-        best, second, best_idx = _merge_top(best, second, best_idx, t1, t2, i1)
-    out = top_ptr + row_base + pos
-    tl.store(out, best, mask=m)
-    tl.store(out + top_stride, second, mask=m)
-    tl.store(out + 2 * top_stride, best_idx.to(tl.float32, bitcast=True), mask=m)
-
-
-def merge_parts(side: torch.Tensor, top: torch.Tensor, row_base: int) -> None:
-    """The planes of rows scored in parts of K (side: (parts, 3, rows), parts in K order) folded into top's
-    planes at rows row_base + [0, rows) (see `assign_sm90.stream`)."""
-    parts, _, n_rows = side.shape
-    launch(_merge_parts_kernel, (triton.cdiv(n_rows, 1024),), side, top, top.stride(0), n_rows, row_base, parts,
-           BLOCK=1024)
-
-
 @triton.jit(do_not_specialize=["n_pad"])
 def _assign_kernel(
     a_ptr, rowstat_ptr, cf_ptr, cc_ptr, top_ptr, top_stride, n_pad, k_pad, d_pad, key_low,

@@ -43,7 +43,6 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .config import launch
 
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # (renamed after Triton 3.6)
-TAIL_SPLIT = True  # a short last wave's rows scored in parts of K (`stream`); False: never (benchmarks' A/B)
 
 
 @gluon.jit
@@ -70,29 +69,20 @@ def _chunk_top(run, c0, key_low, BLOCK_K: gl.constexpr):
 
 
 @gluon.jit
-def _tile_range(k_pad, part_tiles, BLOCK_K: gl.constexpr):
-    """The centroid tiles [t_lo, t_hi) of this program's part of K (part program_id(2); whole chunks)."""
-    t_lo = gl.program_id(2) * part_tiles
-    return t_lo, gl.minimum(t_lo + part_tiles, k_pad // BLOCK_K)
-
-
-@gluon.jit
-def _load_partition(a_desc, c_desc, n_desc, a_smem, c_smem, n_smem, a_bar, ready, empty, n_pad, k_pad, row_base,
-                    part_tiles, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NBUF: gl.constexpr):
-    """The two scorers' row tiles once, then the i-th centroid tile of the program's part and its norms into slot
-    i % NBUF once both scorers freed that slot."""
+def _load_partition(a_desc, c_desc, n_desc, a_smem, c_smem, n_smem, a_bar, ready, empty, n_pad, k_pad,
+                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NBUF: gl.constexpr):
+    """The two scorers' row tiles once, then centroid tile t and its norms into slot t % NBUF once both scorers
+    freed that slot."""
     pid_n = gl.program_id(0)
     pid_b = gl.program_id(1)
-    a_row = pid_b * n_pad + row_base + pid_n * (2 * BLOCK_N)
+    a_row = pid_b * n_pad + pid_n * (2 * BLOCK_N)
     c_row = pid_b * k_pad
-    t_lo, t_hi = _tile_range(k_pad, part_tiles, BLOCK_K)
     mbarrier.expect(a_bar, 2 * a_desc.block_type.nbytes)
     _tma_load(a_desc, [a_row, 0], a_bar, a_smem.index(0))
     _tma_load(a_desc, [a_row + BLOCK_N, 0], a_bar, a_smem.index(1))
-    for t in range(t_lo, t_hi):
-        i = t - t_lo
-        slot = i % NBUF
-        mbarrier.wait(empty.index(slot), ((i // NBUF) & 1) ^ 1)  # (a fresh barrier passes phase 1 at once)
+    for t in range(k_pad // BLOCK_K):
+        slot = t % NBUF
+        mbarrier.wait(empty.index(slot), ((t // NBUF) & 1) ^ 1)  # (a fresh barrier passes phase 1 at once)
         mbarrier.expect(ready.index(slot), c_desc.block_type.nbytes + n_desc.block_type.nbytes)
         _tma_load(n_desc, [c_row + t * BLOCK_K], ready.index(slot), n_smem.index(slot))
         _tma_load(c_desc, [c_row + t * BLOCK_K, 0], ready.index(slot), c_smem.index(slot))
@@ -100,20 +90,19 @@ def _load_partition(a_desc, c_desc, n_desc, a_smem, c_smem, n_smem, a_bar, ready
 
 @gluon.jit
 def _score_partition(a_smem, c_smem, n_smem, a_bar, ready, empty, rowstat_ptr, top_ptr, n_pad, k_pad, top_stride,
-                     key_low, row_base, part_tiles, H: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                     NBUF: gl.constexpr):
-    """Scorer H: its BLOCK_N rows against every centroid tile of the program's part of K. Per score one lop3 (the
-    key: score bits with the tile within the chunk and the column within the slot in the low key_low bits) and
-    one min into the chunk's running slot minima (`_fold_slots`); the row reduction runs once per chunk of
-    2**(key_low - 2) tiles, not per tile. Writes the rows' (best key, smallest key outside the best's slot, label)
-    to the part's three planes at top_ptr (rows counted from row_base), as the portable kernel does."""
+                     key_low, H: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NBUF: gl.constexpr):
+    """Scorer H: its BLOCK_N rows against every centroid tile. Per score one lop3 (the key: score bits with the
+    tile within the chunk and the column within the slot in the low key_low bits) and one min into the chunk's
+    running slot minima (`_fold_slots`); the row reduction runs once per chunk of 2**(key_low - 2) tiles, not
+    per tile. Writes the rows' (best key, smallest key outside the best's slot, label) to top_ptr's planes, as
+    the portable kernel does."""
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                   instr_shape=[16, BLOCK_K, 16])
     rows_l: gl.constexpr = gl.SliceLayout(1, mma)
     cols_l: gl.constexpr = gl.SliceLayout(0, mma)
     pid_n = gl.program_id(0)
     pid_b = gl.program_id(1)
-    row0 = pid_b * n_pad + row_base + pid_n * (2 * BLOCK_N) + H * BLOCK_N  # (int64 offsets only at the ends)
+    row0 = pid_b * n_pad + pid_n * (2 * BLOCK_N) + H * BLOCK_N  # (int64 row offsets only at the ends: registers)
     offs_k = gl.arange(0, BLOCK_K, layout=cols_l)
     place = (offs_k & 1) + 2 * (offs_k >= BLOCK_K // 2).to(gl.int32)
     low_mask = gl.full([BLOCK_N, BLOCK_K], -1, gl.int32, mma) << key_low
@@ -122,14 +111,14 @@ def _score_partition(a_smem, c_smem, n_smem, a_bar, ready, empty, rowstat_ptr, t
     second = gl.full([BLOCK_N], 3.0e38, gl.float32, rows_l)
     best_idx = gl.zeros([BLOCK_N], gl.int32, rows_l)
     a_tile = a_smem.index(H)
-    t_lo, t_hi = _tile_range(k_pad, part_tiles, BLOCK_K)
+    n_tiles = k_pad // BLOCK_K
     chunk = 1 << (key_low - 2)
     mbarrier.wait(a_bar, 0)
-    for c in range(t_lo, t_hi, chunk):
+    for c in range(0, n_tiles, chunk):
         run = _fold_slots(gl.full([BLOCK_N, BLOCK_K], 3.0e38, gl.float32, mma), BLOCK_N, BLOCK_K)
-        for t in range(c, gl.minimum(c + chunk, t_hi)):
-            slot = (t - t_lo) % NBUF
-            mbarrier.wait(ready.index(slot), ((t - t_lo) // NBUF) & 1)
+        for t in range(c, gl.minimum(c + chunk, n_tiles)):
+            slot = t % NBUF
+            mbarrier.wait(ready.index(slot), (t // NBUF) & 1)
             # the tile's norms come with it through the ring (from global memory their L2 latency stalled every
             # tile; prefetched into registers they cost 32 registers per thread)
             cc = n_smem.index(slot).load(cols_l)
@@ -150,20 +139,18 @@ def _score_partition(a_smem, c_smem, n_smem, a_bar, ready, empty, rowstat_ptr, t
         second = gl.where(better, gl.minimum(best, t2), gl.minimum(second, t1))
         best_idx = gl.where(better, i1, best_idx)
         best = gl.where(better, t1, best)
-    rows = (row0 - row_base + gl.arange(0, BLOCK_N, layout=rows_l)).to(gl.int64)
-    top_ptr += gl.program_id(2).to(gl.int64) * 3 * top_stride
+    rows = (row0 + gl.arange(0, BLOCK_N, layout=rows_l)).to(gl.int64)
     gl.store(top_ptr + rows, best)
     gl.store(top_ptr + top_stride + rows, second)
     gl.store(top_ptr + 2 * top_stride + rows, best_idx.to(gl.float32, bitcast=True))
 
 
 @gluon.jit
-def _stream_kernel(a_desc, c_desc, n_desc, rowstat_ptr, top_ptr, n_pad, k_pad, top_stride, key_low, row_base,
-                   part_tiles, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, D_PAD: gl.constexpr,
-                   NBUF: gl.constexpr, REGS: gl.constexpr):
-    """Rows row_base + [2 BLOCK_N pid_n, +2 BLOCK_N) of batch pid_b against the centroid tiles of part pid_p
-    (part_tiles tiles each, whole chunks: all of K in one part but for the last wave's rows, see `stream`), by
-    two scorers of REGS registers per thread (see the module docstring)."""
+def _stream_kernel(a_desc, c_desc, n_desc, rowstat_ptr, top_ptr, n_pad, k_pad, top_stride, key_low,
+                   BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, D_PAD: gl.constexpr, NBUF: gl.constexpr,
+                   REGS: gl.constexpr):
+    """Rows [2 BLOCK_N pid_n, +2 BLOCK_N) of batch pid_b against all k_pad centroids, by two scorers of REGS
+    registers per thread (see the module docstring)."""
     a_smem = gl.allocate_shared_memory(gl.float16, [2, BLOCK_N, D_PAD], a_desc.layout)
     c_smem = gl.allocate_shared_memory(gl.float16, [NBUF, BLOCK_K, D_PAD], c_desc.layout)
     n_smem = gl.allocate_shared_memory(gl.float32, [NBUF, BLOCK_K], n_desc.layout)
@@ -177,11 +164,11 @@ def _stream_kernel(a_desc, c_desc, n_desc, rowstat_ptr, top_ptr, n_pad, k_pad, t
     fence_async_shared()
     gl.warp_specialize([
         (_load_partition, (a_desc, c_desc, n_desc, a_smem, c_smem, n_smem, a_bar, ready, empty, n_pad, k_pad,
-                           row_base, part_tiles, BLOCK_N, BLOCK_K, NBUF)),
+                           BLOCK_N, BLOCK_K, NBUF)),
         (_score_partition, (a_smem, c_smem, n_smem, a_bar, ready, empty, rowstat_ptr, top_ptr, n_pad, k_pad,
-                            top_stride, key_low, row_base, part_tiles, 0, BLOCK_N, BLOCK_K, NBUF)),
+                            top_stride, key_low, 0, BLOCK_N, BLOCK_K, NBUF)),
         (_score_partition, (a_smem, c_smem, n_smem, a_bar, ready, empty, rowstat_ptr, top_ptr, n_pad, k_pad,
-                            top_stride, key_low, row_base, part_tiles, 1, BLOCK_N, BLOCK_K, NBUF)),
+                            top_stride, key_low, 1, BLOCK_N, BLOCK_K, NBUF)),
     ], [4, 4], [REGS, REGS])
 
 
@@ -207,34 +194,12 @@ def stream(a_fast: torch.Tensor, rowstat: torch.Tensor, c_fast: torch.Tensor, cc
            key_low: int) -> torch.Tensor:
     """(3, B n_pad) fp32 planes: best key, smallest key outside the best's slot, label bits (int32) of every
     prepared row (twin: `reference.stream_slots`). `sc` is the `config.StreamConfig`; n_pad must be a multiple
-    of sc.rows, k_pad of sc.block_k; key_low is `config.key_bits(k_pad, sc.block_k)`.
-
-    One program per SM at a time: when the row tiles leave a last wave of a few programs, the other SMs would
-    idle through it. Those row tiles are then scored in parts of K instead (whole chunks each,
-    `config.stream_tail_parts`), each part into its own planes, and `assign.merge_parts` folds the parts in
-    order, as the programs fold chunks: the same bits."""
-    from . import assign
-    from .config import device_traits, stream_tail_parts
+    of sc.rows, k_pad of sc.block_k; key_low is `config.key_bits(k_pad, sc.block_k)`."""
     b, n_pad, d_pad = a_fast.shape
     k_pad = c_fast.shape[1]
-    tiles, chunk = k_pad // sc.block_k, 1 << (key_low - 2)
     a_desc, c_desc, n_desc = descriptors(a_fast, c_fast, cc, sc.block_n, sc.block_k)
     top = torch.empty((3, b * n_pad), dtype=torch.float32, device=a_fast.device)
-    units = n_pad // sc.rows
-    split = TAIL_SPLIT and b == 1
-    per = stream_tail_parts(units, device_traits(a_fast.device).sm_count, -(-tiles // chunk)) if split else 0
-    tail = units % device_traits(a_fast.device).sm_count if per else 0
-
-    def run(out, row_tiles, row_base, part_tiles, parts, stride):
-        launch(_stream_kernel, (row_tiles, b, parts), a_desc, c_desc, n_desc, rowstat, out, n_pad, k_pad, stride,
-               key_low, row_base, part_tiles, BLOCK_N=sc.block_n, BLOCK_K=sc.block_k, D_PAD=d_pad,
-               NBUF=sc.stages, REGS=sc.regs, num_warps=4, num_stages=None)
-    if units - tail:
-        run(top, units - tail, 0, tiles, 1, b * n_pad)
-    if tail:
-        part_tiles = per * chunk
-        parts = -(-tiles // part_tiles)
-        side = torch.empty((parts, 3, tail * sc.rows), dtype=torch.float32, device=a_fast.device)
-        run(side, tail, (units - tail) * sc.rows, part_tiles, parts, tail * sc.rows)
-        assign.merge_parts(side, top, (units - tail) * sc.rows)
+    launch(_stream_kernel, (n_pad // sc.rows, b), a_desc, c_desc, n_desc, rowstat, top, n_pad, k_pad, b * n_pad,
+           key_low, BLOCK_N=sc.block_n, BLOCK_K=sc.block_k, D_PAD=d_pad, NBUF=sc.stages, REGS=sc.regs,
+           num_warps=4, num_stages=None)
     return top

@@ -232,24 +232,6 @@ def _stream_config(t: DeviceTraits, block_d: int, resident: bool, block_k: int) 
     return None
 
 
-def stream_tail_parts(row_tiles: int, sm_count: int, chunks: int) -> int:
-    """Chunks of K per part for the sm_90 pass's last wave (0: no split). The pass runs one program per SM (its
-    registers and shared memory), so `row_tiles % sm_count` programs make a last wave that leaves the other SMs
-    idle for a whole program's time. Scoring those row tiles in parts of whole chunks (merged exactly afterwards)
-    spreads them over the SMs: the part size that makes the last wave shortest, if it saves a quarter of a
-    program's time or more (a split costs a launch and a merge). Fewer row tiles than SMs are all a last wave."""
-    tail = row_tiles % sm_count
-    if tail == 0 or chunks < 2:
-        return 0
-    best_per, best_time = 0, 1.0
-    for per in range(chunks - 1, 0, -1):  # chunks per part; the largest part sets the wave's time
-        parts = -(-chunks // per)
-        time = -(-tail * parts // sm_count) * per / chunks
-        if time < best_time:
-            best_per, best_time = per, time
-    return best_per if best_time <= 0.75 else 0
-
-
 def stream_ring_slots(t: DeviceTraits, block_n: int, block_d: int, block_k: int) -> int:
     """Ring slots of the sm_90 pass: as many centroid tiles (each with its norms) as shared memory holds next to
     the two scorers' row tiles, at most 6."""

@@ -755,58 +755,6 @@ def test_sm90_path_finishes_like_the_portable_kernel(monkeypatch, metric):
     assert torch.equal(fast.labels[sure], portable_fast.labels[sure]) and int(fast.counts[:, 0].sum()) > 0
 
 
-def test_stream_tail_parts_split_only_a_short_last_wave():
-    from flashkm_dist.kernels.config import stream_tail_parts
-    assert stream_tail_parts(4096, 132, 2) == 1  # N=1M, K=8192: 4 programs in the last wave, split in halves
-    assert stream_tail_parts(4096, 132, 16) == 1  # K=65536: 64 programs of one chunk each
-    assert stream_tail_parts(79, 132, 5) == 1  # one short wave only: 395 one-chunk programs, 3 waves of 1/5
-    assert stream_tail_parts(4092, 132, 2) == 0  # full waves
-    assert stream_tail_parts(200, 132, 2) == 0  # 68 programs: halves would take 136 > 132 slots, no gain
-    assert stream_tail_parts(4096, 132, 1) == 0  # one chunk: nothing to split at
-
-
-@pytest.mark.parametrize("b", [1, 2])
-def test_sm90_stream_scores_the_last_wave_in_parts_of_k_with_the_same_bits(monkeypatch, b):
-    """`assign_sm90.stream` with a short last wave: those row tiles are scored in parts of whole chunks and
-    merged (`merge_parts`, in the interpreter). The Gluon kernel's part of the contract (rows from row_base,
-    tiles of its part, planes at its part) is emulated with the torch twin: the planes equal one pass over K."""
-    from flashkm_dist.kernels import assign_sm90, config
-
-    g = gen(45)
-    tile_k, chunk_tiles, sms = 16, 2, 3  # key_low 3: chunks of two 16-wide tiles; three SMs
-    sc = config.StreamConfig(8, tile_k, 2)  # 16 rows a program
-    n_pad, k_pad = 16 * 7, tile_k * 7  # 7 row tiles on 3 SMs: a last wave of one; 4 chunks (the last short)
-    key_low = 2 + (chunk_tiles - 1).bit_length()
-    a = torch.randint(-3, 4, (b, n_pad, 8), generator=g).half()
-    c = torch.randint(-3, 4, (b, k_pad, 8), generator=g).half()
-    rowstat = torch.stack([(a.float() ** 2).sum(-1), torch.zeros(b, n_pad)], dim=-1)
-    cc = (c.float() ** 2).sum(-1)
-    launches = []
-
-    def kernel_twin(kernel, grid, a_desc, c_desc, n_desc, rs, out, n_pad_, k_pad_, stride, key_low_, row_base,
-                    part_tiles, **options):
-        row_tiles, batches, parts = grid
-        rows = slice(row_base, row_base + row_tiles * sc.rows)
-        launches.append((row_tiles, parts))
-        for p in range(parts):
-            lo, hi = p * part_tiles * tile_k, min((p + 1) * part_tiles * tile_k, k_pad)
-            planes = reference.stream_slots(a[:, rows], rs[:, rows], c[:, lo:hi], cc[:, lo:hi], tile_k, key_low_)
-            planes = planes.reshape(3, batches, -1).clone()
-            planes[2] = (planes[2].view(torch.int32) + lo).view(torch.float32)  # labels from the part's start
-            view = out.reshape(-1)[p * 3 * stride:(p + 1) * 3 * stride].view(3, stride)
-            for bb in range(batches):
-                view[:, bb * n_pad + rows.start - row_base:bb * n_pad + rows.stop - row_base] = planes[:, bb]
-    monkeypatch.setattr(assign_sm90, "launch", kernel_twin)
-    monkeypatch.setattr(assign_sm90, "descriptors", lambda *args: (None, None, None))
-    monkeypatch.setattr(config, "device_traits", lambda device: config.DeviceTraits(sms, 0, 0, 0, (9, 0), False))
-    top = assign_sm90.stream(a, rowstat, c, cc, sc, key_low)
-    whole = reference.stream_slots(a, rowstat, c, cc, tile_k, key_low)
-    assert torch.equal(top.view(torch.int32), whole.view(torch.int32))
-    # one batch: a last wave of one row tile, in two parts of two chunks (half a program's time; four one-chunk
-    # parts would take two waves of a quarter on three SMs: no shorter, more to merge); batched: no split
-    assert launches == ([(6, 1), (1, 2)] if b == 1 else [(7, 1)])
-
-
 def test_sm90_pass_is_chosen_from_the_device_only_where_it_builds(monkeypatch):
     import dataclasses
 
