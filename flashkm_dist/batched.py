@@ -8,6 +8,7 @@ update serves all B.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from dataclasses import dataclass
 
@@ -43,8 +44,11 @@ class BatchedResult:
 def _problem_moments(x: torch.Tensor):
     """Bounds and exact per-problem moments (2, B, D) on one shared fixed-point grid (the batch's max |x|)."""
     b, n, d = x.shape
-    lo, hi = torch.aminmax(x)  # (max |x| = max(-min, max) exactly, without an |x| copy of the batch)
-    bounds = DataBounds(n, d, float(torch.maximum(-lo, hi)), 1.0)
+    # one pass for the finiteness check and max |x| = max(-min, max) (exact; NaN and inf show in the extremes)
+    lo, hi = torch.stack(torch.aminmax(x)).tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("x must be a finite floating-point tensor (no NaN or infinity)")
+    bounds = DataBounds(n, d, max(-lo, hi), 1.0)
     problem = torch.arange(b, device=x.device).repeat_interleave(n)
     return bounds, *column_moments(x.reshape(b * n, d), moment_exponents(bounds), problem, b)
 
@@ -68,7 +72,7 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
     x = torch.as_tensor(x) if not torch.is_tensor(x) else x
     if x.dim() != 3 or 0 in x.shape:
         raise ValueError(f"x must have shape (B, N, D) with B, N, D >= 1, got {tuple(x.shape)}")
-    if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+    if not x.is_floating_point():  # (finite: checked with the moments, in the same pass as max |x|)
         raise ValueError("x must be a finite floating-point tensor (no NaN or infinity)")
     if device is not None:
         x = x.to(v.parse_device(device, x.device))

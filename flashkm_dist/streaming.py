@@ -389,10 +389,11 @@ class Engine:
             self.cache_bytes = int(free * CACHE_FRACTION) - 4 * CHUNK_BYTES
         return max(0, int(self.cache_bytes))
 
-    def _cache_row_bytes(self, d: int) -> int:
+    def _cache_row_bytes(self, d: int, prepared: bool | None = None) -> int:
         """Device memory one cached host row takes: the row in the compute dtype, its label, and its prepared
-        rows where the engine keeps those."""
-        return d * self.dtype.itemsize + 8 + (prepared_row_bytes(d) if self._prepare_cached else 0)
+        rows where the engine keeps those (`prepared`: as if it did or did not; default: as decided)."""
+        prepared = self._prepare_cached if prepared is None else prepared
+        return d * self.dtype.itemsize + 8 + (prepared_row_bytes(d) if prepared else 0)
 
     def _decide_prepared_cache(self, blocks) -> None:
         """Before the first cache entry: whether cached rows also keep their prepared rows (`PreparedRows`, about
@@ -407,8 +408,7 @@ class Engine:
         if self.backend.prepared_rows is None or self.unit_rows:  # (unit rows: new tensors at every step)
             self._prepare_cached = False
             return
-        need = sum(t.shape[0] * (t.shape[1] * self.dtype.itemsize + 8 + prepared_row_bytes(t.shape[1]))
-                   for t in host)
+        need = sum(t.shape[0] * self._cache_row_bytes(t.shape[1], prepared=True) for t in host)
         self._prepare_cached = need <= self._cache_budget()
 
     def _cache_room(self, d: int) -> int:
