@@ -89,9 +89,9 @@ def build_stream(k: int, d: int, **variant):
                                            torch.zeros(1, k_pad, d_pad, dtype=f16), torch.zeros(1, k_pad, dtype=f32),
                                            sc.block_n, sc.block_k)
     kernel = G._stream_kernel.warmup(a_desc, c_desc, n_desc, torch.zeros(1, n_pad, 2, dtype=f32),
-                                     torch.zeros(3, n_pad, dtype=f32), n_pad, k_pad,
-                                     n_pad, C.key_bits(k_pad, sc.block_k), BLOCK_N=sc.block_n, BLOCK_K=sc.block_k,
-                                     D_PAD=d_pad, NBUF=sc.stages, REGS=sc.regs, num_warps=4, grid=(1, 1))
+                                     torch.zeros(3, n_pad, dtype=f32), n_pad, k_pad, n_pad, n_pad // sc.rows,
+                                     n_pad // sc.rows, C.key_bits(k_pad, sc.block_k), BLOCK_N=sc.block_n,
+                                     BLOCK_K=sc.block_k, D_PAD=d_pad, NBUF=sc.stages, REGS=sc.regs, num_warps=4, grid=(1,))
     return kernel, cfg
 
 
@@ -121,7 +121,7 @@ def report(kernel, out_dir: str) -> dict:
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills),
             "shared_bytes": kernel.metadata.shared, "ptxas_notes": [ln.strip() for ln in notes.splitlines()
                                                                     if "(C7" in ln],
-            "hgmma": ops.count("HGMMA"), "sass_ops": dict(collections.Counter(ops).most_common(16))}
+            "hgmma": ops.count("HGMMA"), "sass_ops": dict(collections.Counter(ops).most_common())}
 
 
 def main():
@@ -132,13 +132,15 @@ def main():
     ap.add_argument("--stream", action="store_true", help="the sm_90 Gluon streaming pass instead of the portable one")
     ap.add_argument("--block-n", type=int, default=None, help="--stream: rows per scorer (default: as shipped)")
     ap.add_argument("--regs", type=int, default=None, help="--stream: registers per scorer thread")
+    ap.add_argument("--stages", type=int, default=None, help="--stream: ring slots")
     ap.add_argument("--out", default=None, help="folder for kernel.ptx / .cubin / .sass (default: a temporary one)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("sm90_build.py compiles for the GPU: run it without TRITON_INTERPRET")
-    variant = {name: value for name, value in (("block_n", args.block_n), ("regs", args.regs)) if value is not None}
+    variant = {name: value for name, value in (("block_n", args.block_n), ("regs", args.regs), ("stages", args.stages))
+               if value is not None}
     if variant and not args.stream:
-        sys.exit("--block-n and --regs are for --stream")
+        sys.exit("--block-n, --regs and --stages are for --stream")
     kernel, cfg = build_stream(args.k, args.d, **variant) if args.stream else build_assign(args.k, args.d)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or tmp

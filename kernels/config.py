@@ -23,6 +23,7 @@ from . import compile_ahead
 
 _CPU_SMEM = 48 * 1024  # nominal figures for the interpreter; they only shape tiny tiles
 _SMEM_RESERVE = 8 * 1024  # what Triton keeps for reductions / barriers / layout conversions
+_GLUON_RESERVE = 1024  # the sm_90 Gluon pass: mbarriers and a few 128-row layout conversions (built: 264 bytes)
 MAX_RESIDENT_D = 256  # above this the row tile of x is streamed in D-chunks instead of held on chip
 
 
@@ -106,6 +107,7 @@ class StreamConfig:
     block_k: int
     stages: int
     regs: int = 232
+    programs: int = 0  # persistent programs, each walking row pairs (0: one program per pair)
 
     @property
     def rows(self) -> int:
@@ -222,21 +224,26 @@ def _stream_config(t: DeviceTraits, block_d: int, resident: bool, block_k: int) 
     """sm_90 (wgmma + TMA; other GPUs keep the portable kernel), rows resident (D <= 256) and 128-wide centroid
     tiles (the portable kernel's key width, so both give the same keys): STREAM_SHAPE, or STREAM_SHAPE_WIDE_D if
     that leaves fewer than two ring slots, with as many ring slots as shared memory holds, at most 6 (the loader
-    only has to stay a few tiles ahead)."""
+    only has to stay a few tiles ahead). Persistent, one program per SM: a program's ring keeps streaming from one
+    row pair to the next instead of draining, starting and filling again (H200, benchmarks/stream_variants.py, the
+    pass alone against one program per pair: N=8M K=1024 4.48 -> 3.69 ms, where a pair is only 8 tiles; B=32
+    N=75600 K=1000 1.26 -> 1.09; D=256 3.42 -> 3.22; K=8192 3.59 -> 3.49. A second row buffer per scorer, so the
+    next rows load during a pair instead of after its last product, gained nothing: it costs ring slots)."""
     if t.capability != (9, 0) or not resident or block_k != 128 or not _has_gluon():
         return None
     for block_n, regs in (STREAM_SHAPE, STREAM_SHAPE_WIDE_D):
         stages = stream_ring_slots(t, block_n, block_d, block_k)
         if stages >= 2:
-            return StreamConfig(block_n, block_k, stages, regs)
+            return StreamConfig(block_n, block_k, stages, regs, t.sm_count)
     return None
 
 
 def stream_ring_slots(t: DeviceTraits, block_n: int, block_d: int, block_k: int) -> int:
     """Ring slots of the sm_90 pass: as many centroid tiles (each with its norms) as shared memory holds next to
-    the two scorers' row tiles, at most 6."""
+    the two scorers' row tiles, at most 6. (The Gluon kernel's own scratch, mbarriers and layout conversions of
+    128-row vectors, is under 300 bytes: _GLUON_RESERVE, not Triton's _SMEM_RESERVE.)"""
     rows, tile = 2 * block_n * block_d * 2, block_k * block_d * 2 + block_k * 4
-    return min(6, (t.smem_per_block - _SMEM_RESERVE - rows) // tile)
+    return max(0, min(6, (t.smem_per_block - _GLUON_RESERVE - rows) // tile))
 
 
 @functools.lru_cache(maxsize=None)

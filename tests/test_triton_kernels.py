@@ -761,14 +761,17 @@ def test_sm90_pass_is_chosen_from_the_device_only_where_it_builds(monkeypatch):
     from flashkm_dist.kernels import config
     hopper = config.DeviceTraits(132, 227 * 1024, 228 * 1024, 50 << 20, (9, 0), False)
     monkeypatch.setattr(config, "device_traits", lambda device: hopper)
+    def smem(sc, d):
+        return sc.rows * d * 2 + sc.stages * (sc.block_k * d * 2 + sc.block_k * 4)
+
     sc = config.assign_config("cuda", 8192, 128, torch.float16).stream
     assert sc is not None and sc.block_k == 128 and 2 <= sc.stages <= 6
-    rows, tile = sc.rows * 128 * 2, sc.stages * sc.block_k * 128 * 2
-    assert rows + tile <= hopper.smem_per_block
+    assert sc.programs == hopper.sm_count  # persistent: one program per SM walks row pairs
+    assert smem(sc, 128) <= hopper.smem_per_block
     assert config.assign_config("cuda", 8192, 128, torch.float16).row_multiple == sc.rows
     wide = config.assign_config("cuda", 4096, 200, torch.float16)  # D pads to 256: 128-row tiles leave one slot
     assert wide.stream is not None and wide.stream.block_n == 64 and wide.stream.stages >= 2
-    assert wide.stream.rows * 256 * 2 + wide.stream.stages * (128 * 256 * 2 + 128 * 4) <= hopper.smem_per_block
+    assert smem(wide.stream, 256) <= hopper.smem_per_block
     assert wide.row_multiple == 128 and wide.padded_d(200) == 256
     assert config.assign_config("cuda", 8192, 512, torch.float16).stream is None  # rows not resident: portable
     for cap in ((8, 0), (10, 0)):  # no wgmma / another MMA: portable
