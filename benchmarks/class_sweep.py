@@ -1,14 +1,16 @@
-"""Launch shapes of FlashAssign's class pass (config.ClassConfig), in one process: same planes as the shipped
-shape, then time (CUDA events, median after warm-up), with the sort that feeds it and without.
+"""Variants of FlashAssign's class pass, in one process: its launch shape (config.ClassConfig) and the segments of
+its sort (assign.CLASS_SEGMENT_ROWS), each giving the same planes as the shipped pass, timed with the sort that
+feeds it (CUDA events), the variants taking turns over several rounds (medians).
 
     python benchmarks/class_sweep.py --out F.json
 
-Why: the pass gathers rows sorted by class, so it is bound by memory latency, not arithmetic; only the GPU can
-rank its tile shapes, and the spread between processes is larger than the differences.
+Why: the pass gathers rows sorted by class, so it is bound by memory traffic, not arithmetic; only the GPU can
+rank its variants, and the GPU's speed drifts over a run by more than their differences, hence the turns.
 """
 from __future__ import annotations
 
 import dataclasses
+import statistics
 
 import torch
 
@@ -18,29 +20,45 @@ from flashkm_dist.kernels import assign as A
 from flashkm_dist.kernels import config
 
 DEV = G.DEV
-SHAPES = [(1 << 23, 1024, 128), (1 << 20, 8192, 128), (1 << 20, 4096, 64)]
-VARIANTS = [(128, 64, 8, 2), (256, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (256, 32, 8, 1)]
+SHAPES = [(1 << 23, 1024, 128), (1 << 22, 8192, 128), (1 << 20, 8192, 128), (1 << 20, 4096, 64)]
+# (launch shape or None for the shipped one, (rows per class in a segment, least rows in a segment); the shipped
+# segments first; (1 << 40, 0): one segment per batch)
+SHIPPED_SEGMENTS = (A.CLASS_SEGMENT_ROWS, A.CLASS_SEGMENT_MIN_ROWS)
+VARIANTS = [(None, SHIPPED_SEGMENTS), (None, (1 << 40, 0)), (None, (2048, 0)), (None, (8192, 1 << 20)),
+            (None, (32768, 0))]
+ROUNDS = 5
 
 
 def run_shape(n, k, d) -> dict:
     p = prepared(n, k, d)
     A._prepare_rows(p)
     top, tile_k, key_low = A._stream(p)
-    row = {"n": n, "k": k, "d": d, "shipped": str(p.cfg.class_pass), "variants": []}
+    row = {"n": n, "k": k, "d": d, "shipped": [str(p.cfg.class_pass), SHIPPED_SEGMENTS], "variants": []}
     base = top.clone()
     A._class_pass(p, base, tile_k, key_low)
-    for v in VARIANTS:
-        p.cfg = dataclasses.replace(p.cfg, class_pass=config.ClassConfig(*v))
+    shipped, runs = p.cfg, []
+    for shape, seg in VARIANTS:
+        cfg = shipped if shape is None else dataclasses.replace(shipped, class_pass=config.ClassConfig(*shape))
 
-        def measure(out):
-            t = top.clone()
+        def run(t, cfg=cfg, seg=seg):
+            p.cfg, (A.CLASS_SEGMENT_ROWS, A.CLASS_SEGMENT_MIN_ROWS) = cfg, seg
             A._class_pass(p, t, tile_k, key_low)
+
+        def check(out, run=run):
+            t = top.clone()
+            run(t)
             out["same_bits"] = bool(torch.equal(t.view(torch.int32), base.view(torch.int32)))
-            out["ms_with_sort"] = G.cuda_ms(lambda: A._class_pass(p, t, tile_k, key_low), reps=15)
-        measured(row, {"variant": list(v)}, measure)
-    labels = top[2].view(torch.int32).view(1, -1)
-    row["sort_ms"] = G.cuda_ms(lambda: torch.sort(A.class_of(labels, tile_k, key_low).view(-1).to(torch.int16)),
-                               reps=15)
+            out["rounds_ms"] = []
+            runs.append((out, run, t))
+        measured(row, {"variant": [shape, seg]}, check)
+    try:
+        for _ in range(ROUNDS):
+            for out, run, t in runs:
+                out["rounds_ms"].append(G.cuda_ms(lambda: run(t), reps=9))
+    finally:
+        p.cfg, (A.CLASS_SEGMENT_ROWS, A.CLASS_SEGMENT_MIN_ROWS) = shipped, SHIPPED_SEGMENTS
+    for out, _, _ in runs:
+        out["ms_with_sort"] = statistics.median(out["rounds_ms"])
     return row
 
 

@@ -72,8 +72,9 @@ def build_assign(k: int, d: int):
     return kernel, cfg
 
 
-def build_stream(k: int, d: int, **variant):
-    """The warp-specialised Gluon streaming pass (kernels/assign_sm90.py) as flash_assign would launch it."""
+def build_stream(k: int, d: int, pairs: int = 2, **variant):
+    """The warp-specialised Gluon streaming pass (kernels/assign_sm90.py) as flash_assign would launch it, for
+    `pairs` row pairs."""
     from triton.runtime import driver
     driver.set_active(_Sm90Driver())
     from flashkm_dist.kernels import config as C
@@ -83,7 +84,7 @@ def build_stream(k: int, d: int, **variant):
         sys.exit(f"no sm_90 streaming pass for K={k} D={d} (see config._stream_config)")
     from flashkm_dist.kernels import assign_sm90 as G
     sc = dataclasses.replace(cfg.stream, **variant)  # (a variant of the shipped config, e.g. block_n=64)
-    n_pad, k_pad, d_pad = 2 * sc.rows, cfg.padded_k(k), cfg.padded_d(d)
+    n_pad, k_pad, d_pad = pairs * sc.rows, cfg.padded_k(k), cfg.padded_d(d)
     f16, f32 = torch.float16, torch.float32
     a_desc, c_desc, n_desc = G.descriptors(torch.zeros(1, n_pad, d_pad, dtype=f16),
                                            torch.zeros(1, k_pad, d_pad, dtype=f16), torch.zeros(1, k_pad, dtype=f32),

@@ -175,7 +175,7 @@ def _score_partition(a_smem, c_smem, n_smem, a_ready, a_empty, ready, empty, row
         j += 1
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["pairs_per_batch", "n_pairs"])  # (they follow N: a new N is no new kernel)
 def _stream_kernel(a_desc, c_desc, n_desc, rowstat_ptr, top_ptr, n_pad, k_pad, top_stride, pairs_per_batch, n_pairs,
                    key_low, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, D_PAD: gl.constexpr, NBUF: gl.constexpr,
                    REGS: gl.constexpr):

@@ -206,9 +206,10 @@ def assign_config(device, k: int, d: int, dtype: torch.dtype) -> AssignConfig:
                         # (H200, benchmarks/class_sweep.py: 128 x 32, 4 warps best of five shapes at N=8M K=1024,
                         # N=1M K=8192 and N=1M K=4096 D=64; 1.38 ms against 2.50 for 128 x 64, 8 warps at 8M)
                         class_pass=ClassConfig(128, 32, 4, 2),
-                        # (H200, benchmarks/finish_sweep.py: 64 rows, float64 chunks of 64, 4 warps best of eight
-                        # shapes; 1.00 ms against 1.50 for 128, 32, 8 at N=8M K=1024, 0.21 against 0.26 at 1M)
-                        finish=(64, 64, 4))
+                        # (H200, benchmarks/finish_sweep.py, shapes in turns: 32 rows, float64 chunks of 32, 4 warps;
+                        # 0.83 ms against 0.88 for 64 rows and 0.92 for 64 rows in chunks of 64 at N=8M K=1024,
+                        # 0.154 against 0.163 and 0.165 at N=1M K=8192)
+                        finish=(32, 32, 4))
 
 
 # sm_90 pass: rows per scorer, registers per scorer thread. (H200, N=1M K=8192 D=128, streaming pass alone: 4.47 ms

@@ -409,6 +409,28 @@ def test_slot_minima_and_class_pass_equal_their_twins(k):
     assert torch.equal(top[0::2].view(torch.int32), twin[0::2].view(torch.int32))  # (untouched)
 
 
+def test_class_pass_gives_the_same_bits_for_any_segment_of_its_sort(monkeypatch):
+    """The class pass sorts rows by class within segments of rows (so its scattered plane accesses stay in L2 on a
+    GPU): tiny segments (many per batch, tiles of rows spanning several segments and classes, segments not
+    dividing N) give every output the same bits as one segment per batch, batched too."""
+    from flashkm_dist.kernels import assign as A
+
+    g = gen(44)
+    x = torch.randn(3, 150, 6, generator=g)
+    c = x[:, :40].clone() + 0.01 * torch.randn(3, 40, 6, generator=g)
+    whole = fast_assign(x, c)
+    monkeypatch.setattr(A, "CLASS_SEGMENT_ROWS", 1)  # (segments of next_pow2(classes) rows)
+    monkeypatch.setattr(A, "CLASS_SEGMENT_MIN_ROWS", 1)
+    p = A._prepare(x, c, "euclidean", None)
+    k_pad = p.c_fast.shape[1]
+    classes = A.class_count(k_pad, p.cfg.block_k, A.key_bits(k_pad, p.cfg.block_k))
+    assert 150 // A.class_segment_rows(classes) >= 3
+    parts = fast_assign(x, c)
+    for field in ("labels", "min_dist", "flag", "threshold", "counts"):
+        assert torch.equal(getattr(parts, field), getattr(whole, field)), field
+    assert_exact(x[1], c[1], *flash_assign(x[1], c[1]))
+
+
 def test_near_ties_within_one_slot_are_caught_by_the_class_pass(monkeypatch):
     """Near-tied centroids in the same slot of different tiles (j and j + tile_k): the slot minima alone cannot
     see the second of them, the class pass does. Without it the margin test would pass wrong labels."""
