@@ -80,11 +80,11 @@ def streaming_pass(name: str, r: dict) -> str:
 
 
 def class_sweep(name: str, r: dict) -> str:
-    """class_sweep.py: launch shapes of the class pass, same process."""
+    """class_sweep.py: variants of the class pass (launch shape, segments of its sort), same process."""
     rows = [[f"{s['n']} x {s['k']} x {s['d']}", v["variant"], v.get("ms_with_sort"), v.get("same_bits"),
              s.get("sort_ms")] for s in r.get("shapes", []) for v in s.get("variants", [])]
     return (f"### {name}\n\n{_versions(r)}\n\n{r.get('note', '')}\n\n"
-            + _table(["N x K x D", "block_n, block_c, warps, stages", "ms with sort", "same bits", "sort alone"],
+            + _table(["N x K x D", "variant", "ms with sort", "same bits", "sort alone"],
                      rows))
 
 
@@ -291,7 +291,7 @@ def main(argv=None) -> Path:
                 "The sm_90 streaming pass against the portable kernel (stream_check.py)": ("stream_check",
                                                                                          streaming_pass),
                 "Variants of the sm_90 streaming pass (stream_variants.py)": ("stream_variants", stream_variants),
-                "Launch shapes of the class pass (class_sweep.py)": ("class_sweep", class_sweep),
+                "Variants of the class pass (class_sweep.py)": ("class_sweep", class_sweep),
                 "Engine, data larger than or as large as one GPU (engine_check.py)": ("engine_check", engine),
                 "Distributed (dask_scaling.py)": ("dask_scaling", distributed),
                 "Weak scaling (dask_scaling.py --weak)": ("dask_weak", distributed),
