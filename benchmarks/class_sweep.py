@@ -10,12 +10,11 @@ rank its variants, and the GPU's speed drifts over a run by more than their diff
 from __future__ import annotations
 
 import dataclasses
-import statistics
 
 import torch
 
 import gpu_check as G
-from sweeps import measured, prepared, sweep_main
+from sweeps import measured, prepared, sweep_main, timed_in_turns
 from flashkm_dist.kernels import assign as A
 from flashkm_dist.kernels import config
 
@@ -48,17 +47,12 @@ def run_shape(n, k, d) -> dict:
             t = top.clone()
             run(t)
             out["same_bits"] = bool(torch.equal(t.view(torch.int32), base.view(torch.int32)))
-            out["rounds_ms"] = []
-            runs.append((out, run, t))
+            runs.append((out, lambda: run(t)))
         measured(row, {"variant": [shape, seg]}, check)
     try:
-        for _ in range(ROUNDS):
-            for out, run, t in runs:
-                out["rounds_ms"].append(G.cuda_ms(lambda: run(t), reps=9))
+        timed_in_turns(runs, ROUNDS, reps=9, key="ms_with_sort")
     finally:
         p.cfg, (A.CLASS_SEGMENT_ROWS, A.CLASS_SEGMENT_MIN_ROWS) = shipped, SHIPPED_SEGMENTS
-    for out, _, _ in runs:
-        out["ms_with_sort"] = statistics.median(out["rounds_ms"])
     return row
 
 

@@ -10,12 +10,11 @@ trade against memory latency.
 """
 from __future__ import annotations
 
-import statistics
 
 import torch
 
 import gpu_check as G
-from sweeps import measured, prepared, sweep_main
+from sweeps import measured, prepared, sweep_main, timed_in_turns
 from flashkm_dist.kernels import assign as A
 
 DEV = G.DEV
@@ -44,17 +43,12 @@ def run_shape(n, k, d) -> dict:
             run(fast)
             out["same_outputs"] = all(torch.equal(getattr(fast, f), getattr(base, f))
                                       for f in ("labels", "min_dist", "flag", "threshold", "counts"))
-            out["rounds_ms"] = []
-            runs.append((out, run, fast))
+            runs.append((out, lambda: run(fast)))
         measured(row, {"variant": [shape, wide]}, check)
     try:
-        for _ in range(ROUNDS):
-            for out, run, fast in runs:
-                out["rounds_ms"].append(G.cuda_ms(lambda: run(fast), reps=9))
+        timed_in_turns(runs, ROUNDS, reps=9)
     finally:
         A._xb16 = xb16
-    for out, _, _ in runs:
-        out["ms"] = statistics.median(out["rounds_ms"])
     return row
 
 

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 
 import torch
 
 import gpu_check as G
 from provenance import gpu_run
-from sweeps import measured, prepared, run_shapes
+from sweeps import measured, prepared, run_shapes, timed_in_turns
 from flashkm_dist.kernels import assign as A
 from flashkm_dist.kernels import assign_sm90, config
 
@@ -60,14 +59,10 @@ def run_shape(n, k, d, variants, rounds=ROUNDS) -> dict:
                 raise ValueError(f"prepared rows {p.a_fast.shape[1]} are not a multiple of {sc.rows}")
             top = assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, sc, key_low)
             out["same_bits"] = bool(torch.equal(top.view(torch.int32), base))
-            out["rounds_ms"] = []
             runs.append((out, lambda: assign_sm90.stream(p.a_fast, p.rowstat, p.c_fast, p.cc, sc, key_low)))
         measured(row, {"variant": v, "config": str(sc)}, check)
-    for _ in range(rounds):
-        for out, fn in runs:
-            out["rounds_ms"].append(G.cuda_ms(fn, reps=5))
+    timed_in_turns(runs, rounds, reps=5)
     for out, _ in runs:
-        out["ms"] = statistics.median(out["rounds_ms"])
         out["tflops"] = 2 * n * k * d / out["ms"] / 1e9
         print(json.dumps({key: v for key, v in out.items() if key != "rounds_ms"}), flush=True)
     return row

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import traceback
 
 import torch
@@ -30,6 +31,19 @@ def measured(row: dict, out: dict, measure) -> None:
         out["error"] = traceback.format_exc()[-2000:]
     row["variants"].append(out)
     print(json.dumps(out), flush=True)
+
+
+def timed_in_turns(runs, rounds: int, reps: int, key: str = "ms") -> None:
+    """Time each (out, fn) of `runs` in turns, `rounds` times (CUDA events, median of `reps` calls each round):
+    out["rounds_ms"] gets every round and out[key] their median. Taking turns matters because the GPU's speed
+    drifts over a run by more than the variants differ."""
+    for out, _ in runs:
+        out["rounds_ms"] = []
+    for _ in range(rounds):
+        for out, fn in runs:
+            out["rounds_ms"].append(G.cuda_ms(fn, reps=reps))
+    for out, _ in runs:
+        out[key] = statistics.median(out["rounds_ms"])
 
 
 def run_shapes(result: dict, shapes, run_shape, path: str) -> None:
