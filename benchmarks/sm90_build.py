@@ -1,7 +1,9 @@
-"""Build the FlashAssign streaming kernel for Hopper (sm_90) on a machine without a GPU, and report what the
-compiler made of it: registers, spills, shared memory, ptxas's notes, the SASS instruction mix of the whole kernel.
+"""Build a FlashAssign kernel (the streaming kernel, the sm_90 pass, or the finishing kernel) for Hopper (sm_90) on
+a machine without a GPU, and report what the compiler made of it: registers, spills, shared memory, ptxas's notes,
+the SASS instruction mix of the whole kernel and the widths of its global loads.
 
-    python benchmarks/sm90_build.py [--k 8192] [--d 128] [--out DIR] [--json]   # exit 1: spills or no HGMMA
+    python benchmarks/sm90_build.py [--k 8192] [--d 128] [--stream | --finish] [--out DIR] [--json]
+    # exit 1: spills, or no HGMMA in a streaming kernel
 
 Why: GPU time is scarce, and most questions about a kernel edit (did the tensor-core instructions survive, did
 registers spill, did ptxas serialise the wgmma pipeline, how many min/max per score) are answered by the compiler
@@ -96,6 +98,32 @@ def build_stream(k: int, d: int, pairs: int = 2, **variant):
     return kernel, cfg
 
 
+def build_finish(k: int, d: int, dtype: torch.dtype = torch.float16, batched: bool = True, xb16=None):
+    """FlashAssign's finishing kernel (`assign._finish_kernel`: margin test, float64 distance of the label) as
+    flash_assign would launch it for x (B, N, d) of `dtype` (B = 2 with `batched`, else 1); xb16 overrides the
+    launcher's `assign._xb16` (whether x's batch offset is known to keep 16-byte loads)."""
+    from triton.runtime import driver
+    driver.set_active(_Sm90Driver())
+    from flashkm_dist.kernels import assign as A
+    from flashkm_dist.kernels import config as C
+    C.device_traits = lambda device: C.DeviceTraits(**HOPPER)
+    cfg = C.assign_config(torch.device("cuda"), k, d, dtype)
+    block_n, epi_d, warps = cfg.finish
+    tile_k = cfg.stream.block_k if cfg.stream else cfg.block_k
+    b, n_pad, k_pad = 1 + batched, 4 * block_n, cfg.padded_k(k)
+    x, cd = torch.zeros(b, n_pad, d, dtype=dtype), torch.zeros(b, k, d, dtype=dtype)
+    f32, i32 = torch.float32, torch.int32
+    kernel = A._finish_kernel.warmup(
+        torch.zeros(3, b * n_pad, dtype=f32), b * n_pad, x, x.stride(0), x.stride(1), x.stride(2),
+        torch.zeros(b, n_pad, 2, dtype=f32), cd, cd.stride(0), cd.stride(1), cd.stride(2),
+        torch.zeros(b, n_pad, dtype=torch.int64), torch.zeros(b, n_pad, dtype=f32),
+        torch.zeros(b, n_pad, dtype=torch.int8), torch.zeros(b, n_pad, dtype=f32), torch.zeros(2, b, n_pad, dtype=i32),
+        torch.zeros(b, 4, dtype=i32), n_pad, n_pad, d, C.key_bits(k_pad, tile_k),
+        COSINE=False, BLOCK_N=block_n, EPI_D=epi_d, XB16=A._xb16(x) if xb16 is None else xb16, num_warps=warps,
+        grid=(n_pad // block_n, b))
+    return kernel, cfg
+
+
 def report(kernel, out_dir: str) -> dict:
     """ptxas's resource report and notes, and the SASS instruction mix (Triton's own ptxas and cuobjdump)."""
     import triton
@@ -117,12 +145,14 @@ def report(kernel, out_dir: str) -> dict:
     with open(os.path.join(out_dir, "kernel.sass"), "w") as f:
         f.write(sass)
     ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass, re.M)
+    loads = re.findall(r"\bLDG\.E[.A-Z0-9]*", sass)
     regs = re.search(r"Used (\d+) registers", notes)
     spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", notes)]
     return {"registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills),
             "shared_bytes": kernel.metadata.shared, "ptxas_notes": [ln.strip() for ln in notes.splitlines()
                                                                     if "(C7" in ln],
-            "hgmma": ops.count("HGMMA"), "sass_ops": dict(collections.Counter(ops).most_common())}
+            "hgmma": ops.count("HGMMA"), "sass_ops": dict(collections.Counter(ops).most_common()),
+            "global_loads": dict(collections.Counter(loads).most_common())}
 
 
 def main():
@@ -134,6 +164,7 @@ def main():
     ap.add_argument("--block-n", type=int, default=None, help="--stream: rows per scorer (default: as shipped)")
     ap.add_argument("--regs", type=int, default=None, help="--stream: registers per scorer thread")
     ap.add_argument("--stages", type=int, default=None, help="--stream: ring slots")
+    ap.add_argument("--finish", action="store_true", help="the finishing kernel (margin test, float64 distance)")
     ap.add_argument("--out", default=None, help="folder for kernel.ptx / .cubin / .sass (default: a temporary one)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -142,12 +173,19 @@ def main():
                if value is not None}
     if variant and not args.stream:
         sys.exit("--block-n, --regs and --stages are for --stream")
-    kernel, cfg = build_stream(args.k, args.d, **variant) if args.stream else build_assign(args.k, args.d)
+    if args.finish:
+        kernel, cfg = build_finish(args.k, args.d)
+    elif args.stream:
+        kernel, cfg = build_stream(args.k, args.d, **variant)
+    else:
+        kernel, cfg = build_assign(args.k, args.d)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or tmp
         os.makedirs(out, exist_ok=True)
         rep = report(kernel, out)
-    if args.stream:
+    if args.finish:
+        print(f"_finish_kernel sm_90, fp16 x (2, N, {args.d}), K={args.k}: (rows, float64 chunk, warps) {cfg.finish}")
+    elif args.stream:
         print(f"assign_sm90._stream_kernel sm_90, K={args.k} D={args.d}: {cfg.stream} {variant or ''}")
     else:
         print(f"_assign_kernel sm_90, K={args.k} D={args.d}: block_n={cfg.block_n} block_k={cfg.block_k} "
@@ -156,7 +194,7 @@ def main():
         print(f"  {key}: {value}")
     if args.json:
         print(json.dumps(rep))
-    ok = rep["registers"] is not None and rep["spill_bytes"] == 0 and rep["hgmma"] > 0
+    ok = rep["registers"] is not None and rep["spill_bytes"] == 0 and (rep["hgmma"] > 0 or args.finish)
     sys.exit(0 if ok else 1)
 
 
