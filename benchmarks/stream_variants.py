@@ -1,5 +1,5 @@
 """Variants of the sm_90 streaming pass (config.StreamConfig fields), in one process: same bits as the shipped
-config, then time (CUDA events, median after warm-up).
+config, then time (CUDA events; the variants take turns over rounds, medians).
 
     python benchmarks/stream_variants.py --out F.json [--variants '[{"block_n": 64}]']
 

@@ -192,8 +192,7 @@ class Engine:
         """Assign every row, sum rows per centroid exactly, remember the labels; restarts on CUDA OOM.
         wait=False: nothing is read back (the caller settles the step with its own scalars, in one transfer)."""
         start = time.perf_counter()
-        self._changed = None
-        try:
+        try:  # (`_changed` is None between steps)
             result = self._retrying(lambda: self._step(blocks, centroids.to(self.device), self.local(numerics)))
         finally:
             self._changed = None

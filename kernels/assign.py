@@ -83,14 +83,14 @@ def _centred_tile(x_ptr, row_off, offs_d, D, stride_xd, shift_ptr, row_scale, ro
 
 
 @triton.jit
-def _batch_offset(pid_b, stride_xb, XB16: tl.constexpr):
-    """Element offset of batch pid_b in x. stride_xb is not specialised (it is N x D: a new N must not compile
-    anew), so the compiler would assume nothing about it and load x element by element; XB16 (the launcher's
-    `_xb16`) says it is a multiple of 16 or unused (B = 1), which keeps 16-byte loads."""
+def _x_rows(pid_b, rows, stride_xb, stride_xn, XB16: tl.constexpr):
+    """Element offsets of rows `rows` of batch pid_b in x. stride_xb is not specialised (it is N x D: a new N must
+    not compile anew), so the compiler would assume nothing about it and load x element by element; XB16 (the
+    launcher's `_xb16`) says it is a multiple of 16 or unused (B = 1), which keeps 16-byte loads."""
     off = pid_b.to(tl.int64) * stride_xb
     if XB16:
         off = tl.multiple_of(off, 16)
-    return off
+    return off + rows.to(tl.int64) * stride_xn
 
 
 @triton.jit
@@ -160,7 +160,7 @@ def _row_pass(x_ptr, stride_xb, stride_xn, stride_xd, shift_ptr, stats_ptr, a_pt
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     pad_mask = rows < n_pad
-    row_off = _batch_offset(pid_b, stride_xb, XB16) + rows.to(tl.int64) * stride_xn
+    row_off = _x_rows(pid_b, rows, stride_xb, stride_xn, XB16)
     out_off = pid_b.to(tl.int64) * n_pad + rows
     offs_d = tl.arange(0, BLOCK_D)
     shift_ptr += pid_b * D
@@ -425,7 +425,7 @@ def _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid
     tl.store(list_ptr + pid_b.to(tl.int64) * n_pad + base + tl.cumsum(fi, 0) - fi, rows, mask=fl)
 
     # exact float64 distance to the chosen centroid, as reference.assign computes it
-    row_off = _batch_offset(pid_b, stride_xb, XB16) + rows.to(tl.int64) * stride_xn
+    row_off = _x_rows(pid_b, rows, stride_xb, stride_xn, XB16)
     inv_norm = _inv_norm(x_ptr, row_off, stride_xd, D, row_mask, COSINE, BLOCK_N, EPI_D)
     c_off = pid_b.to(tl.int64) * stride_cdb + best_idx.to(tl.int64) * stride_cdk
     total = _exact_score(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdd, D, row_mask, inv_norm,
@@ -631,7 +631,7 @@ def _resolve_kernel(
         widened = settle & (n_wide == 1)
 
         # float64 argmin among the candidates; ties go to the lowest index (slots are not in index order)
-        row_off = _batch_offset(pid_b, stride_xb, XB16) + rows.to(tl.int64) * stride_xn
+        row_off = _x_rows(pid_b, rows, stride_xb, stride_xn, XB16)
         inv_norm = _inv_norm(x_ptr, row_off, stride_xd, D, settle, COSINE, BLOCK_N, EPI_D)
         best = tl.full([BLOCK_N], float("inf"), tl.float64)
         best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
@@ -688,7 +688,7 @@ def _brute_kernel(
         slot = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         valid = slot < n_list
         rows = tl.load(list_ptr + slot, mask=valid, other=0)
-        row_off = _batch_offset(pid_b, stride_xb, XB16) + rows.to(tl.int64) * stride_xn
+        row_off = _x_rows(pid_b, rows, stride_xb, stride_xn, XB16)
         out_off = pid_b.to(tl.int64) * n_rows + rows
         inv_norm = _inv_norm(x_ptr, row_off, stride_xd, D, valid, COSINE, BLOCK_N, EPI_D)
         best = tl.full([BLOCK_N], float("inf"), tl.float64)
@@ -1112,7 +1112,7 @@ def _brute_launch(p: _Prepared, fast: FastAssignment) -> None:
 
 
 def _xb16(x: torch.Tensor) -> bool:
-    """`_batch_offset`'s XB16 for x (B, N, D): its batch stride is a multiple of 16 elements, or there is one
+    """`_x_rows`'s XB16 for x (B, N, D): its batch stride is a multiple of 16 elements, or there is one
     batch. (Only where the row stride is one too: elsewhere x is read element by element anyway, and a flag that
     followed N's divisibility would compile a kernel per kind of N.)"""
     return x.shape[0] == 1 or (x.stride(0) % 16 == 0 and x.stride(1) % 16 == 0)
