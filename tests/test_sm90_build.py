@@ -77,3 +77,14 @@ def test_finishing_kernel_loads_x_sixteen_bytes_at_a_time():
         loads, spills = got[f"None {batched}"]
         assert "LDG.E.U16" not in loads and loads.get("LDG.E.128", 0) >= 2 and spills == 0, (batched, loads)
         assert "LDG.E.U16" in got[f"False {batched}"][0]  # (the check sees 2-byte loads where they are)
+
+
+def test_streamed_d_scores_add_the_norms_after_the_product():
+    """D streamed (above 256): the error bound assumes that the tensor-core chain starts from zero and that
+    aa + |b|^2 is added after it (`assign._tile_scores`), as an add.rn.f32 of its own in inline PTX, which no
+    compiler pass can fold into the chain (Triton folds `c + dot(x, y)` into `dot(x, y, c)`, one chain from c,
+    whose error the stored bound would not cover). The sm_90 build keeps those adds."""
+    code = ("import sm90_build as B; k, cfg = B.build_assign(1000, 320); "
+            "print(int(cfg.resident), k.asm['ptx'].count('add.rn.f32'))")
+    resident, adds = map(int, _last_line_of(code).split())
+    assert resident == 0 and adds > 0

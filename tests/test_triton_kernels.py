@@ -542,14 +542,16 @@ def _round_toward_zero_f32(v):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["randn", "offset", "aligned"])
-def test_error_bound_covers_a_truncating_accumulator(dtype, case):
+@pytest.mark.parametrize("d", [40, 200])
+def test_error_bound_covers_a_truncating_accumulator(dtype, case, d):
     """The interpreter's matmul is more accurate than tensor cores, so the bound's derivation is checked here:
     the row pass's operands, accumulated one product at a time in fp32 rounding toward zero (worse than
-    hardware), stay within the row's stored E of the exact score for every (row, centroid)."""
+    hardware), stay within the row's stored E of the exact score for every (row, centroid). d = 40: rows
+    resident, the chain starts from fl(aa + |b|^2); d = 200: D streamed, the chain starts from zero and
+    fl(aa + |b|^2) is added after it, rounding toward zero too."""
     from flashkm_dist.kernels import assign as assign_module
 
     g = gen(21)
-    d = 40
     if case == "randn":
         x, c = torch.randn(120, d, generator=g), torch.randn(30, d, generator=g)
     elif case == "offset":
@@ -559,6 +561,7 @@ def test_error_bound_covers_a_truncating_accumulator(dtype, case):
         x, c = torch.rand(120, d, generator=g) * 10, torch.rand(30, d, generator=g)
     x, c = x.to(dtype), c.to(dtype)
     p = assign_module._prepare(x[None], c[None], "euclidean", None)
+    assert p.cfg.resident == (d == 40)
     assign_module._prepare_rows(p)  # the row pass: fp16 operands, aa and E as the kernel stores them
     sigma = p.sigma[0].double().numpy()
     alpha = float(p.stats[0, 0])
@@ -568,9 +571,12 @@ def test_error_bound_covers_a_truncating_accumulator(dtype, case):
     cc = p.cc[0, :30].double().numpy()
     a_exact, b_exact = alpha * (x.double().numpy() - sigma), alpha * (c.double().numpy() - sigma)
     score = (b_exact ** 2).sum(1)[None, :] - 2.0 * a_exact @ b_exact.T
-    acc = (aa[:, None] + cc[None, :]).astype(np.float32).astype(np.float64)
+    init = (aa[:, None] + cc[None, :]).astype(np.float32).astype(np.float64)
+    acc = init if p.cfg.resident else np.zeros_like(init)
     for i in range(d):
         acc = _round_toward_zero_f32(acc + ah[:, i:i + 1] * cf[None, :, i])
+    if not p.cfg.resident:
+        acc = _round_toward_zero_f32(init + acc)
     assert (np.abs(acc - aa[:, None] - score) <= bound[:, None]).all()
 
 
