@@ -2,19 +2,24 @@
 its sort (assign.CLASS_SEGMENT_ROWS), each giving the same planes as the shipped pass, timed with the sort that
 feeds it (CUDA events), the variants taking turns over several rounds (medians).
 
-    python benchmarks/class_sweep.py --out F.json
+    python benchmarks/class_sweep.py --out F.json [--streamed]
+
+--streamed: launch shapes at D = 512 and 1024, where D is streamed through the product in chunks (the shipped
+shape was chosen at D <= 128).
 
 Why: the pass gathers rows sorted by class, so it is bound by memory traffic, not arithmetic; only the GPU can
 rank its variants, and the GPU's speed drifts over a run by more than their differences, hence the turns.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import torch
 
 import gpu_check as G
-from sweeps import measured, prepared, sweep_main, timed_in_turns
+from provenance import gpu_run
+from sweeps import measured, prepared, run_shapes, timed_in_turns
 from flashkm_dist.kernels import assign as A
 from flashkm_dist.kernels import config
 
@@ -25,10 +30,14 @@ SHAPES = [(1 << 23, 1024, 128), (1 << 22, 8192, 128), (1 << 20, 8192, 128), (1 <
 SHIPPED_SEGMENTS = (A.CLASS_SEGMENT_ROWS, A.CLASS_SEGMENT_MIN_ROWS)
 VARIANTS = [(None, SHIPPED_SEGMENTS), (None, (1 << 40, 0)), (None, (2048, 0)), (None, (8192, 1 << 20)),
             (None, (32768, 0))]
+STREAMED_SHAPES = [(1 << 20, 4096, 1024), (1 << 20, 4096, 512)]
+STREAMED_VARIANTS = [(shape, SHIPPED_SEGMENTS) for shape in
+                     (None, (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
+                      (128, 32, 4, 3), (64, 32, 4, 3))]
 ROUNDS = 5
 
 
-def run_shape(n, k, d) -> dict:
+def run_shape(n, k, d, variants=VARIANTS) -> dict:
     p = prepared(n, k, d)
     A._prepare_rows(p)
     top, tile_k, key_low = A._stream(p)
@@ -36,7 +45,7 @@ def run_shape(n, k, d) -> dict:
     base = top.clone()
     A._class_pass(p, base, tile_k, key_low)
     shipped, runs = p.cfg, []
-    for shape, seg in VARIANTS:
+    for shape, seg in variants:
         cfg = shipped if shape is None else dataclasses.replace(shipped, class_pass=config.ClassConfig(*shape))
 
         def run(t, cfg=cfg, seg=seg):
@@ -57,7 +66,14 @@ def run_shape(n, k, d) -> dict:
 
 
 def main():
-    sweep_main(SHAPES, run_shape)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--streamed", action="store_true", help="launch shapes at streamed D instead")
+    args = ap.parse_args()
+    if args.streamed:
+        run_shapes(gpu_run(G.DEV), STREAMED_SHAPES, lambda n, k, d: run_shape(n, k, d, STREAMED_VARIANTS), args.out)
+    else:
+        run_shapes(gpu_run(G.DEV), SHAPES, run_shape, args.out)
 
 
 if __name__ == "__main__":

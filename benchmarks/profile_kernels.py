@@ -155,14 +155,16 @@ def rows_sweep(x, c, nm):
 # (block_n, block_k, warps, stages, programs per SM, quick); the first is repeated last to show the noise
 RESOLVE_COMBOS = [(64, 128, 4, 2, 2, True), (64, 128, 4, 2, 2, False), (64, 128, 4, 2, 4, True),
                   (128, 128, 4, 2, 2, True), (128, 128, 8, 2, 1, True), (64, 64, 4, 3, 4, True),
-                  (64, 128, 8, 2, 2, True), (64, 128, 4, 2, 2, True)]
+                  (64, 128, 8, 2, 2, True), (64, 64, 4, 3, 2, True), (64, 64, 4, 2, 4, True),
+                  (64, 64, 8, 3, 2, True), (32, 64, 4, 3, 4, True), (64, 128, 4, 2, 2, True)]
 
 
 # (N, K, D, dtype); blobs, or standard normal rows (the Dask benchmarks' data) for names ending in "normal"
 CASES = {"1M_8192_fp16": (1 << 20, 8192, 128, torch.float16), "8M_1024_fp16": (1 << 23, 1024, 128, torch.float16),
          "1M_8192_fp32": (1 << 20, 8192, 128, torch.float32), "1M_65536_fp16": (1 << 20, 65536, 128, torch.float16),
          "16M_32768_fp16_normal": (1 << 24, 32768, 128, torch.float16),
-         "1M_4096_d1024_fp16": (1 << 20, 4096, 1024, torch.float16)}
+         "1M_4096_d1024_fp16": (1 << 20, 4096, 1024, torch.float16),
+         "1M_4096_d512_fp16": (1 << 20, 4096, 512, torch.float16)}
 
 
 def case(n, k, d, dtype, old=None, old_update=None, normal=False):

@@ -204,8 +204,10 @@ def assign_config(device, k: int, d: int, dtype: torch.dtype) -> AssignConfig:
                         _resolve_config(t, block_d, resident, block_k, k), rows_block_n=64, rows_block_d=64,
                         rows_warps=4, rows_stages=2, stream=_stream_config(t, block_d, resident, block_k),
                         # (H200, benchmarks/class_sweep.py: 128 x 32, 4 warps best of five shapes at N=8M K=1024,
-                        # N=1M K=8192 and N=1M K=4096 D=64; 1.38 ms against 2.50 for 128 x 64, 8 warps at 8M)
-                        class_pass=ClassConfig(128, 32, 4, 2),
+                        # N=1M K=8192 and N=1M K=4096 D=64; 1.38 ms against 2.50 for 128 x 64, 8 warps at 8M. D
+                        # streamed, --streamed: 64 x 64, 3 stages best of eight at N=1M K=4096, with its sort
+                        # 1.29 ms against 2.51 for 128 x 32 at D=1024, 0.85 against 1.31 at D=512)
+                        class_pass=ClassConfig(128, 32, 4, 2) if resident else ClassConfig(64, 64, 4, 3),
                         # (H200, benchmarks/finish_sweep.py, shapes in turns: 32 rows, float64 chunks of 32, 4 warps;
                         # 0.83 ms against 0.88 for 64 rows and 0.92 for 64 rows in chunks of 64 at N=8M K=1024,
                         # 0.154 against 0.163 and 0.165 at N=1M K=8192)
@@ -262,10 +264,14 @@ def _resolve_config(t: DeviceTraits, block_d: int, resident: bool, block_k: int,
     flagged: within noise of the best of 64/128 rows, 64/128 centroids, 4/8 warps, 2/3 stages, 1-4 per SM.)
     Tiles without a hit are skipped from 128 tiles on: a flagged row has a few hits in all, so with many tiles
     most have none in a 64-row program (H200, benchmarks/profile_kernels.py: 6.70 -> 5.0-5.4 ms at K=65536,
-    7% of 1M rows flagged; 9.36 -> 7.9-8.5 at K=32768, 16M normal rows; at K=8192 it cost 0.29 -> 0.34)."""
+    7% of 1M rows flagged; 9.36 -> 7.9-8.5 at K=32768, 16M normal rows; at K=8192 it cost 0.29 -> 0.34).
+    D streamed: 64-wide centroid tiles, three stages, four programs per SM (H200, benchmarks/profile_kernels.py,
+    N=1M K=4096: 0.85 ms against 1.20 at D=512, 3.7-4.1 against 4.1-4.2 at D=1024, 4-10 % of rows flagged)."""
+    if not resident:
+        return ResolveConfig(64, 64, 4, 3, 4 * t.sm_count, quick=-(-k // 64) >= 128)
     block_n = 64
     stages = 2
-    if resident and block_n * block_d * 2 + stages * block_k * block_d * 2 > t.smem_per_block - _SMEM_RESERVE:
+    if block_n * block_d * 2 + stages * block_k * block_d * 2 > t.smem_per_block - _SMEM_RESERVE:
         block_k = max(16, block_k // 2)
     return ResolveConfig(block_n, block_k, 4, stages, 2 * t.sm_count, quick=-(-k // block_k) >= 128)
 
