@@ -4,9 +4,7 @@ and the whole assign, the variants taking turns (CUDA events, medians of rounds)
 give the same labels and distances; the first rows are also checked against the float64 argmin.
 
     mkdir -p DIR && git archive REV kernels | tar -x -C DIR --strip-components=1
-    python benchmarks/assign_ab.py --old DIR [--old DIR2 ...] [--chains 0,512] --out F.json [--shapes N:K:D,...]
-
---chains times the current kernels once per chain length of streamed D (`AssignConfig.chain_d`, 0: all of D).
+    python benchmarks/assign_ab.py --old DIR [--old DIR2 ...] --out F.json [--shapes N:K:D,...]
 
 Why: a change of the error bound moves work between the fast pass and the resolve pass, so only the sum tells,
 and the flag rate depends on D and on the data (blobs here, as in gpu_check).
@@ -14,7 +12,6 @@ and the flag rate depends on D and on the data (blobs here, as in gpu_check).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import os
 import sys
@@ -43,40 +40,17 @@ def _package(path: str, name: str):
     return importlib.import_module(name + ".assign")
 
 
-def _with_chain(chain_d):
-    """fn run with A.assign_config patched to chain_d (None: as shipped)."""
-    shipped = A.assign_config
-
-    def config(*args, **kwargs):
-        return dataclasses.replace(shipped(*args, **kwargs), chain_d=chain_d)
-
-    def wrap(fn):
-        def run():
-            if chain_d is not None:
-                A.assign_config = config
-            try:
-                return fn()
-            finally:
-                A.assign_config = shipped
-        return run
-    return wrap
-
-
-def run_shape(n, k, d, olds, chains) -> dict:
+def run_shape(n, k, d, olds) -> dict:
     x = G.blobs(n, d, min(k, 4096), torch.float16, seed=4)
     c = x[torch.randperm(n, device=G.DEV)[:k]].clone()
     shift = numerics_for(x, None, metric="euclidean").shift
     row = {"n": n, "k": k, "d": d, "variants": []}
     first = {}
     groups = {"assign_ms": [], "fast_pass_ms": [], "resolve_ms": []}
-    variants = [(name, mod, None) for name, mod in olds]
-    variants += [(f"chain_d={ch}", A, ch) for ch in chains] if chains else [("new", A, None)]
-    for name, mod, chain_d in variants:
-        wrap = _with_chain(chain_d)
-
-        def check(out, mod=mod, wrap=wrap):
-            labels, dist = wrap(lambda: mod.flash_assign(x, c, shift=shift))()
-            p = wrap(lambda: mod._prepare(x[None], c[None], "euclidean", shift))()
+    for name, mod in olds + [("new", A)]:
+        def check(out, mod=mod):
+            labels, dist = mod.flash_assign(x, c, shift=shift)
+            p = mod._prepare(x[None], c[None], "euclidean", shift)
             fast = mod._fast_pass(p)
             saved = fast.counts.clone()
             out["flagged_fraction"] = int(saved[0, 0]) / n
@@ -91,7 +65,7 @@ def run_shape(n, k, d, olds, chains) -> dict:
             def resolve():
                 fast.counts.copy_(saved)
                 mod._resolve(p, fast)
-            groups["assign_ms"].append((out, wrap(lambda: mod.flash_assign(x, c, shift=shift))))
+            groups["assign_ms"].append((out, lambda: mod.flash_assign(x, c, shift=shift)))
             groups["fast_pass_ms"].append((out, lambda: mod._fast_pass(p)))
             groups["resolve_ms"].append((out, resolve))
         measured(row, {"variant": name}, check)
@@ -106,14 +80,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--old", action="append", default=[], help="a copy of an earlier kernels/ folder")
-    ap.add_argument("--chains", help="chain lengths of streamed D to time the current kernels with, e.g. 0,512")
     ap.add_argument("--shapes", help="N:K:D,... (default: SHAPES)")
     args = ap.parse_args()
     olds = [(os.path.basename(os.path.normpath(path)), _package(path, f"old_kernels_{i}"))
             for i, path in enumerate(args.old)]
-    chains = [int(ch) for ch in args.chains.split(",")] if args.chains else []
     shapes = [tuple(map(int, s.split(":"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
-    run_shapes(gpu_run(G.DEV), shapes, lambda n, k, d: run_shape(n, k, d, olds, chains), args.out)
+    run_shapes(gpu_run(G.DEV), shapes, lambda n, k, d: run_shape(n, k, d, olds), args.out)
 
 
 if __name__ == "__main__":

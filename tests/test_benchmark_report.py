@@ -23,12 +23,12 @@ def test_report_tables_and_plots_from_committed_results(tmp_path):
     report = _module("report").main(["--results", str(tmp_path)]).read_text()
     assert "| nccl | 4 | 67108864 | 0.127 | 0.126 | 1.74 |  | 0.973 |" in report  # the 4xH200 NCCL row
     assert "4/4 exactness checks bitwise equal" in report
-    assert "| float32 | 1048576 | 8192 | 128 | 5.38 | 10.3 | 15.3 | 0.525 |" in report
+    assert "| float32 | 1048576 | 8192 | 128 | 5.36 | 10.2 | 16.2 | 0.524 |" in report
     assert "Same bits as the portable kernel (labels, min_dist, flags, thresholds): 14 of 14 cases" in report
     assert "| float16 | 1048576 | 8192 | 128 | 3.2 | 0.393 | 3.96 | 4.09 |" in report  # sm_90 pass, class pass, ...
     assert '| 1048576 x 8192 x 128 | {"overlap": true, "block_n": 64} | 4.67 | 471 | True |' in report
     assert "Graphed iterations give the op-by-op bits: 6 of 6 shapes" in report
-    assert "| 8 | 10000 | 64 | 64 | 18.9 | 31.3 | 4.33 | True |" in report  # batched, graphed vs op by op
+    assert "| 8 | 10000 | 64 | 64 | 22.3 | 37.2 | 7.39 | True |" in report  # batched, graphed vs op by op
     assert "second new shape " in report
     assert "| 8388608 x 1024 x 128 | [None, [8192, 0]] | 1.18 | True |  |" in report  # the class pass's variants
     assert "| 180000000 | float32 | 92.2 | 54.9 | 1.68 | 1.77 | 1.16 | 59.7 | 1.91 |" in report
