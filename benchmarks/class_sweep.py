@@ -12,14 +12,12 @@ rank its variants, and the GPU's speed drifts over a run by more than their diff
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import torch
 
 import gpu_check as G
-from provenance import gpu_run
-from sweeps import measured, prepared, run_shapes, timed_in_turns
+from sweeps import measured, prepared, sweep_main, timed_in_turns
 from flashkm_dist.kernels import assign as A
 from flashkm_dist.kernels import config
 
@@ -66,14 +64,7 @@ def run_shape(n, k, d, variants=VARIANTS) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--streamed", action="store_true", help="launch shapes at streamed D instead")
-    args = ap.parse_args()
-    if args.streamed:
-        run_shapes(gpu_run(G.DEV), STREAMED_SHAPES, lambda n, k, d: run_shape(n, k, d, STREAMED_VARIANTS), args.out)
-    else:
-        run_shapes(gpu_run(G.DEV), SHAPES, run_shape, args.out)
+    sweep_main(SHAPES, run_shape, streamed=(STREAMED_SHAPES, lambda n, k, d: run_shape(n, k, d, STREAMED_VARIANTS)))
 
 
 if __name__ == "__main__":

@@ -60,9 +60,14 @@ def run_shapes(result: dict, shapes, run_shape, path: str) -> None:
             json.dump(result, f, indent=1)
 
 
-def sweep_main(shapes, run_shape) -> None:
-    """The command line of a sweep that takes only --out: every shape through `run_shapes`."""
+def sweep_main(shapes, run_shape, streamed=None) -> None:
+    """The command line of a sweep: --out, and with `streamed` = (shapes, run_shape) a --streamed flag that runs
+    those instead (shapes where D is streamed); every shape through `run_shapes`."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    if streamed:
+        ap.add_argument("--streamed", action="store_true", help="the shapes where D is streamed instead")
     args = ap.parse_args()
+    if streamed and args.streamed:
+        shapes, run_shape = streamed
     run_shapes(gpu_run(G.DEV), shapes, run_shape, args.out)

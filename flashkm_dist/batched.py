@@ -41,13 +41,16 @@ class BatchedResult:
     inertia: torch.Tensor  # (B,) float64
 
 
+_NOT_FINITE = "x must be a finite floating-point tensor (no NaN or infinity)"
+
+
 def _problem_moments(x: torch.Tensor):
     """Bounds and exact per-problem moments (2, B, D) on one shared fixed-point grid (the batch's max |x|)."""
     b, n, d = x.shape
     # one pass for the finiteness check and max |x| = max(-min, max) (exact; NaN and inf show in the extremes)
     lo, hi = torch.stack(torch.aminmax(x)).tolist()
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError("x must be a finite floating-point tensor (no NaN or infinity)")
+        raise ValueError(_NOT_FINITE)
     bounds = DataBounds(n, d, max(-lo, hi), 1.0)
     problem = torch.arange(b, device=x.device).repeat_interleave(n)
     return bounds, *column_moments(x.reshape(b * n, d), moment_exponents(bounds), problem, b)
@@ -73,7 +76,7 @@ def batched_kmeans(x, n_clusters: int, *, init="k-means++", max_iter: int = 300,
     if x.dim() != 3 or 0 in x.shape:
         raise ValueError(f"x must have shape (B, N, D) with B, N, D >= 1, got {tuple(x.shape)}")
     if not x.is_floating_point():  # (finite: checked with the moments, in the same pass as max |x|)
-        raise ValueError("x must be a finite floating-point tensor (no NaN or infinity)")
+        raise ValueError(_NOT_FINITE)
     if device is not None:
         x = x.to(v.parse_device(device, x.device))
     b, n, d = x.shape
