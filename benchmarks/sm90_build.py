@@ -119,8 +119,9 @@ def build_finish(k: int, d: int, dtype: torch.dtype = torch.float16, batched: bo
         torch.zeros(b, n_pad, dtype=torch.int64), torch.zeros(b, n_pad, dtype=f32),
         torch.zeros(b, n_pad, dtype=torch.int8), torch.zeros(b, n_pad, dtype=f32), torch.zeros(2, b, n_pad, dtype=i32),
         torch.zeros(b, 4, dtype=i32), n_pad, n_pad, d, C.key_bits(k_pad, tile_k),
-        COSINE=False, BLOCK_N=block_n, EPI_D=epi_d, XB16=A._xb16(x) if xb16 is None else xb16, num_warps=warps,
-        grid=(n_pad // block_n, b))
+        torch.zeros(b, n_pad, dtype=f32), torch.zeros(b, 4, dtype=f32),
+        COSINE=False, BLOCK_N=block_n, EPI_D=epi_d, XB16=A._xb16(x) if xb16 is None else xb16, LOWER=False,
+        num_warps=warps, grid=(n_pad // block_n, b))
     return kernel, cfg
 
 

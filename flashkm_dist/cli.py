@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dask: reduction tasks; chained: one task per worker and iteration (one scheduler hop "
                         "instead of two); auto (default): chained on up to 4 workers of one host, else dask; "
                         "nccl: workers all-reduce directly (a lost worker fails the fit)")
+    e.add_argument("--algorithm", choices=("lloyd", "hamerly"), default="lloyd",
+                   help="lloyd (default): score every row every iteration; hamerly: per-row bounds skip the rows "
+                        "whose label cannot change (same result, less work once the fit settles; euclidean)")
     e.add_argument("--sample-weight", metavar="WEIGHTS", help="per-row weights, 1-D, in any INPUT format")
     e.add_argument("--checkpoint", metavar="FILE.npz", help="write a checkpoint after every iteration")
     e.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
@@ -274,7 +277,8 @@ def _fit(args) -> int:
     model = KMeans(args.n_clusters, init=init, n_init=args.n_init, max_iter=args.max_iter, tol=args.tol,
                    verbose=0 if args.quiet else 1, random_state=args.random_state, metric=args.metric,
                    device=args.device, dtype=args.dtype, oversampling_factor=args.oversampling_factor,
-                   checkpoint=args.checkpoint, resume=args.resume, allreduce=args.allreduce)
+                   checkpoint=args.checkpoint, resume=args.resume, allreduce=args.allreduce,
+                   algorithm=args.algorithm)
     with connect(args) as client:
         n_workers = _n_workers(client)
         if args.chunk_rows is None and x.numblocks[0] < n_workers:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -25,6 +26,8 @@ class Backend:
     assign: Callable
     partial_sums: Callable
     prepared_rows: Callable | None = None  # makes what `assign(rows=...)` keeps across calls (None: no such thing)
+    assign_lower: Callable | None = None  # assign plus lower bounds on the other centroids (bounded steps)
+    bounded_rows: Callable | None = None  # which rows a bounded step must score again (`kernels.bounds`)
 
     def kept_rows(self, x: torch.Tensor):
         """A fresh `prepared_rows()` for repeated assignments of the rows x when the backend keeps rows and, on a
@@ -43,16 +46,19 @@ def prepared_row_bytes(d: int) -> int:
     return 2 * max(16, d) + 64
 
 
-REFERENCE = Backend("reference", reference.assign, reference.partial_sums)
+REFERENCE = Backend("reference", reference.assign, reference.partial_sums,
+                    assign_lower=reference.assign_lower, bounded_rows=reference.bounded_rows)
 
 
 def _triton_backend():
     try:
         from flashkm_dist.kernels.assign import PreparedRows, flash_assign
+        from flashkm_dist.kernels.bounds import bounded_rows
         from flashkm_dist.kernels.update import sort_inverse_update
     except ImportError:
         return None
-    return Backend("triton", flash_assign, sort_inverse_update, PreparedRows)
+    return Backend("triton", flash_assign, sort_inverse_update, PreparedRows,
+                   partial(flash_assign, lower_bound=True), bounded_rows)
 
 
 def backend_for(device: torch.device) -> Backend:

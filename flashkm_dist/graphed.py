@@ -89,6 +89,7 @@ class GraphedIteration:
         self.replay = Replay(lambda centers: iteration_on_device(engine, blocks, centers, self.numerics),
                              engine.device, 2 * sum(t.numel() * t.element_size() for t in data))
         self.replay.failed |= not (blocks and resident(engine.device, data + [b.weights for b in blocks]))
+        self.replay.failed |= engine._bounded(numerics)  # (bounded steps wait for the device inside the step)
         self.ready, self.label_buffers = False, None
 
     @property

@@ -54,6 +54,7 @@ class EngineStep:
     seconds: float = 0.0  # wall time of the step on this device (it ends synchronised unless wait=False)
     changed: torch.Tensor | None = None  # 0-d int64 on the device (a step not yet settled)
     checks: DeferredChecks = field(default_factory=DeferredChecks)
+    rescored: int | None = None  # bounded steps: rows that went through the assignment (the others kept labels)
 
     def pending(self) -> torch.Tensor:
         """The int64 values a settle reads back (labels changed, then the kernels' checks), on the device."""
@@ -123,6 +124,15 @@ def cached_chunks(end: int, rows: int) -> list:
     return [(s, min(s + size, end)) for s in range(0, end, size)]
 
 
+def interleaved(cached: int, streamed: int) -> list:
+    """How many of a block's `cached` chunks to serve before each of its `streamed` ones (the rest after the last):
+    spread evenly, so the kernels on cached rows run while the next streamed chunk is on its way and the copy
+    engine never waits for the cached rows to be done (in a step over a block half cached, half streamed they
+    used to run first, and the streamed half's copies then overlapped only its own kernels)."""
+    marks = [(i + 1) * cached // (streamed + 1) for i in range(streamed)]
+    return [b - a for a, b in zip([0, *marks], marks)]
+
+
 def _as_tensor(data) -> torch.Tensor:
     if torch.is_tensor(data):
         return data
@@ -160,6 +170,11 @@ class Engine:
     resident copies of host rows ('auto': 80 % of what is free when the first step starts; 0: stream everything).
     Torch blocks already on the device also keep their rows prepared for the assignment across steps
     (`Backend.kept_rows`: while each takes at most a quarter of the memory then free; dropped on an OOM back-off).
+    bounds: bounded steps (Hamerly's algorithm, `kernels.bounds`; euclidean): every row keeps a lower bound on
+    its distance to the other centroids (4 bytes, beside its label), and a step scores again only the rows the
+    bounds cannot settle. The same labels and sums as plain steps, bit for bit, whatever the chunks; min_dist
+    (inertia) is the same float64 distance, rounded to float32 by one kernel for every row (equal to plain steps'
+    to the bit in the GPU runs of benchmarks/engine_fit.py). Each step waits for the device once per chunk.
     """
 
     device: torch.device | str = "cpu"
@@ -176,8 +191,17 @@ class Engine:
     _registered: dict = field(default_factory=dict, repr=False)  # data_ptr -> host tensor page-locked in place
     _kept: dict = field(default_factory=dict, repr=False)  # (block key, chunk start[, 'cached']) -> kept rows
     _device_labels: dict = field(default_factory=dict, repr=False)  # block key -> labels of its cached rows
+    _cached_end: dict = field(default_factory=dict, repr=False)  # block key -> end of the rows cached chunks serve
     _prepare_cached: bool | None = None  # cached rows keep their prepared rows too (decided with the first entry)
     _changed: torch.Tensor | None = field(default=None, repr=False)  # labels changed so far in the step under way
+    bounds: bool = False
+    _lower: dict = field(default_factory=dict, repr=False)  # block key -> lower bounds (beside its labels)
+    _device_lower: dict = field(default_factory=dict, repr=False)  # block key -> bounds of its cached rows
+    _lower_at: dict = field(default_factory=dict, repr=False)  # block key -> the bound step its bounds are for
+    _bound_step: int = 0  # bounded steps taken; the bounds of this one are for `_bound_centroids`
+    _bound_centroids: torch.Tensor | None = field(default=None, repr=False)  # float64, of the last bounded step
+    _rescored: int = 0  # rows scored so far in the bounded step under way
+    _bound_keys: set = field(default_factory=set, repr=False)  # blocks the bounded step under way has bounded
 
     def __post_init__(self):
         self.device = torch.device(self.device)
@@ -194,8 +218,16 @@ class Engine:
         start = time.perf_counter()
         try:  # (`_changed` is None between steps)
             result = self._retrying(lambda: self._step(blocks, centroids.to(self.device), self.local(numerics)))
+        except BaseException:
+            self._forget_bounds()  # (some blocks may hold bounds for these centroids already)
+            raise
         finally:
             self._changed = None
+        if self._bounded(numerics):  # (the blocks of this step now hold bounds for these centroids)
+            result.rescored = self._rescored
+            self._bound_step += 1
+            self._lower_at.update(dict.fromkeys(self._bound_keys, self._bound_step))
+            self._bound_centroids = centroids.to(self.device, torch.float64, copy=True)
         if wait:
             result.settle()
         result.seconds = time.perf_counter() - start
@@ -267,6 +299,14 @@ class Engine:
         """Start a new run: the next step counts every label as changed (as scikit-learn's first iteration)."""
         self._labels.clear()
         self._device_labels.clear()
+        self._forget_bounds()
+
+    def _forget_bounds(self) -> None:
+        """The next bounded step scores every row (bounds lost, or their centroids unknown)."""
+        self._lower.clear()
+        self._device_lower.clear()
+        self._lower_at.clear()
+        self._bound_centroids = None
 
     def has_labels(self, blocks) -> bool:
         """Whether every block has labels from an earlier step (a label-change count against them is meaningful)."""
@@ -302,10 +342,16 @@ class Engine:
             self._changed = torch.zeros((), dtype=torch.int64, device=self.device)
         changed = self._changed
         checks = DeferredChecks()
+        bounded = self._bounded(numerics)
+        dec, self._rescored = (self._decrements(centroids) if bounded else None), 0
+        self._bound_keys.clear()
         for chunk in self._chunks(blocks):
             kept = self._kept_rows(blocks, chunk)
-            labels, dist = self.backend.assign(chunk.x, centroids, metric=numerics.metric, shift=numerics.shift,
-                                               **({} if kept is None else {"rows": kept}))
+            if bounded:
+                labels, dist = self._bounded_assign(blocks, chunk, centroids, numerics, dec, kept)
+            else:
+                labels, dist = self.backend.assign(chunk.x, centroids, metric=numerics.metric, shift=numerics.shift,
+                                                   **({} if kept is None else {"rows": kept}))
             part = self.backend.partial_sums(chunk.x, labels, k, chunk.weights, scale=numerics.scale,
                                              deferred=checks)
             total = _added(total, (part.sums, part.weights, exact_inertia(dist, chunk.weights, numerics, checks)))
@@ -341,24 +387,78 @@ class Engine:
         """Keep this chunk's labels and count (on the device, no host sync) how many changed. Device blocks keep
         a device tensor; host blocks a pinned host tensor, read back to the device for the comparison and then
         overwritten, both copies queued in order on the compute stream."""
+        seg = self._row_state(blocks, chunk, self._labels, self._device_labels, torch.int64, -1)
+        changed = (seg.to(self.device, non_blocking=True) != labels).sum()
+        seg.copy_(labels, non_blocking=True)
+        return changed
+
+    def _row_state(self, blocks, chunk: _Chunk, stores: dict, device_stores: dict, dtype, fill) -> torch.Tensor:
+        """This chunk's segment of a per-row store of its block (labels, lower bounds), made on first use with
+        `fill`: a device tensor for device blocks, a pinned host tensor for host blocks, whose cached rows keep a
+        device copy (`device_stores`) that is theirs from then on: no PCIe traffic for them per step."""
         block = blocks[chunk.index]
         key = self._key(block, chunk.index)
         data = _as_tensor(block.data)
         in_place = data.device == self.device
-        store = self._labels.get(key)
+        store = stores.get(key)
         if store is None or store.shape[0] != data.shape[0]:
-            store = torch.full((data.shape[0],), -1, dtype=torch.int64, device=self.device if in_place else "cpu",
+            store = torch.full((data.shape[0],), fill, dtype=dtype, device=self.device if in_place else "cpu",
                                pin_memory=not in_place and self.device.type == "cuda")
-            self._labels[key] = store
-            self._device_labels.pop(key, None)
-        if chunk.cached:  # rows kept on the device keep their labels there: no PCIe traffic for them per step
-            if key not in self._device_labels:
-                self._device_labels[key] = store[:self._cache[(key, self.dtype)].shape[0]].to(self.device, copy=True)
-            store = self._device_labels[key]
-        seg = store[chunk.start:chunk.start + len(labels)]
-        changed = (seg.to(self.device, non_blocking=True) != labels).sum()
-        seg.copy_(labels, non_blocking=True)
-        return changed
+            stores[key] = store
+            device_stores.pop(key, None)
+        if chunk.cached:  # (the rows the cached chunks cover: those past them are streamed, with host state)
+            if key not in device_stores:
+                end = self._cached_end.get(key, self._cache[(key, self.dtype)].shape[0])
+                device_stores[key] = store[:end].to(self.device, copy=True)
+            store = device_stores[key]
+        return store[chunk.start:chunk.start + chunk.x.shape[0]]
+
+    # ------------------------------------------------------------------------------------------- bounded steps
+    def _bounded(self, numerics: FitNumerics) -> bool:
+        return self.bounds and numerics.metric == "euclidean" and self.backend.bounded_rows is not None
+
+    def _decrements(self, centroids: torch.Tensor) -> torch.Tensor | None:
+        """float64 (K,): how far each label's lower bound drops, the largest move among the other centroids since
+        the last bounded step (rounded up); None when no bound can be used."""
+        prev = self._bound_centroids
+        if prev is None or prev.shape != centroids.shape:
+            return None
+        drift = torch.linalg.vector_norm(centroids.to(torch.float64) - prev, dim=1) * (1.0 + 1e-12)
+        if drift.numel() == 1:
+            return torch.zeros_like(drift)
+        top = torch.topk(drift, 2)
+        dec = torch.full_like(drift, 0.0) + top.values[0]
+        dec[top.indices[0]] = top.values[1]
+        return dec
+
+    def _bounded_assign(self, blocks, chunk: _Chunk, centroids, numerics, dec, kept):
+        """(labels, min_dist) of a chunk in a bounded step: rows whose bound settles them keep their label, the
+        others (all of them when the bounds are not for the last step's centroids) go through the assignment.
+        min_dist always comes from `bounded_rows`, so it has the same bits whichever way a row went."""
+        key = self._key(blocks[chunk.index], chunk.index)
+        lower = self._row_state(blocks, chunk, self._lower, self._device_lower, torch.float32, 0.0)
+        n = chunk.x.shape[0]
+        no_dec = torch.zeros(centroids.shape[0], dtype=torch.float64, device=self.device)
+        stale = None
+        if dec is not None and self._lower_at.get(key) == self._bound_step and key in self._labels:
+            old = self._row_state(blocks, chunk, self._labels, self._device_labels, torch.int64, -1)
+            labels = old.to(self.device, non_blocking=True).clone()
+            dist, new_lower, stale = self.backend.bounded_rows(chunk.x, centroids, labels,
+                                                               lower.to(self.device, non_blocking=True), dec)
+            stale = torch.nonzero(stale).flatten()  # (waits for the device: the number of rows to score)
+        if stale is None or stale.numel() == n:
+            labels, _, new_lower = self.backend.assign_lower(chunk.x, centroids, shift=numerics.shift,
+                                                             **({} if kept is None else {"rows": kept}))
+            dist = self.backend.bounded_rows(chunk.x, centroids, labels, torch.zeros_like(new_lower), no_dec)[0]
+        elif stale.numel():
+            rows = chunk.x[stale]
+            lab, _, low = self.backend.assign_lower(rows, centroids, shift=numerics.shift)
+            labels[stale], new_lower[stale] = lab, low
+            dist[stale] = self.backend.bounded_rows(rows, centroids, lab, torch.zeros_like(low), no_dec)[0]
+        self._rescored += n if stale is None else stale.numel()
+        lower.copy_(new_lower, non_blocking=True)
+        self._bound_keys.add(key)
+        return labels, dist
 
     def _rows_per_chunk(self, row_bytes: int) -> int:
         if self.chunk_rows is None:
@@ -366,12 +466,15 @@ class Engine:
         return self.chunk_rows
 
     def _back_off(self) -> None:
-        """Out of device memory: give the cache back first, then halve the chunk."""
+        """Out of device memory: give the cache back first, then halve the chunk. (Bounds are dropped: chunks
+        the failed attempt finished hold bounds for this step's centroids already.)"""
         self._kept.clear()
+        self._forget_bounds()
         if self._cache:
             self._gather_device_labels()
             self._device_labels.clear()
             self._cache.clear()
+            self._cached_end.clear()
             self._cache_used = 0
             self._prepare_cached = None
             self.cache_bytes = 0 if self.cache_bytes == "auto" else int(self.cache_bytes) // 2
@@ -389,10 +492,11 @@ class Engine:
         return max(0, int(self.cache_bytes))
 
     def _cache_row_bytes(self, d: int, prepared: bool | None = None) -> int:
-        """Device memory one cached host row takes: the row in the compute dtype, its label, and its prepared
-        rows where the engine keeps those (`prepared`: as if it did or did not; default: as decided)."""
+        """Device memory one cached host row takes: the row in the compute dtype, its label (and lower bound in
+        bounded steps), and its prepared rows where the engine keeps those (`prepared`: as if it did or did not;
+        default: as decided)."""
         prepared = self._prepare_cached if prepared is None else prepared
-        return d * self.dtype.itemsize + 8 + (prepared_row_bytes(d) if prepared else 0)
+        return d * self.dtype.itemsize + 8 + 4 * self.bounds + (prepared_row_bytes(d) if prepared else 0)
 
     def _decide_prepared_cache(self, blocks) -> None:
         """Before the first cache entry: whether cached rows also keep their prepared rows (`PreparedRows`, about
@@ -474,7 +578,8 @@ class Engine:
     def _streamed(self, index, key, data: torch.Tensor, weights, rows: int):
         """Host rows to the device: cached rows first-hand (CACHED_CHUNK_FACTOR staging chunks at a time), the
         rest through double-buffered pinned staging on a copy stream (the copy of chunk i+1 is queued before
-        chunk i is handed out for compute; the first streamed chunk's before the cached rows are)."""
+        chunk i is handed out for compute; the first streamed chunk's before any cached rows are). Cached chunks
+        are spread between the streamed ones (`interleaved`)."""
         if self._streams is None:
             self._streams = (torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device))
         copy_stream, compute = self._streams
@@ -484,6 +589,8 @@ class Engine:
         if fill:
             cached = self._new_cache_entry(key, room, data.shape[1])
         end = cached_prefix(data.shape[0], rows, 0 if cached is None else cached.shape[0], fill)
+        if not fill and cached is not None:
+            self._cached_end[key] = end  # (rows past it are streamed, and keep their labels on the host)
         starts = list(range(end, data.shape[0], rows))
         pinned = data.is_pinned() or self._pin_in_place(data)
         # two device buffers, reused: the copy into one waits (on the device) until the kernels of the chunk that
@@ -515,14 +622,19 @@ class Engine:
             used[slot] = event
             landed[slot] = (dev, event)
 
-        if starts:
-            queue_copy(0)
-        for start, stop in cached_chunks(end, rows):
+        def from_cache(start, stop):
             self._last_rows = max(self._last_rows, stop - start)
             w = None if weights is None else weights[start:stop].to(self.device, non_blocking=True)
             x = cached[start:stop]
-            yield _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w, cached=True)
+            return _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w, cached=True)
+
+        if starts:
+            queue_copy(0)
+        plan = iter(cached_chunks(end, rows))
+        shares = interleaved(len(cached_chunks(end, rows)), len(starts))
         for i, start in enumerate(starts):
+            for _ in range(shares[i]):
+                yield from_cache(*next(plan))
             if i + 1 < len(starts):
                 queue_copy(i + 1)
             slot = i % 2
@@ -535,3 +647,5 @@ class Engine:
             yield _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w)
             consumed[slot] = torch.cuda.Event()  # the consumer has queued its kernels on this chunk
             consumed[slot].record(compute)
+        for span in plan:
+            yield from_cache(*span)

@@ -427,12 +427,28 @@ def _group_kernel(top_ptr, top_stride, group_ptr, n_total, n_pad, classes, chunk
 
 
 @triton.jit
+def _lower_bound(second, aa, bound, trunc, alpha, D):
+    """A lower bound on |x - c| for every centroid c but the label, from the second key t2 (Hamerly's bound,
+    which lets the next Lloyd steps skip rows whose label cannot change). Every other c has d(c) >= t2 - T|t2|
+    (the key truncation) and |d(c) - aa - S(c)| <= E (bound = 2E): scaled, |a - b_c|^2 = |a|^2 + S(c) >=
+    t2 - T|t2| - 2E - (aa - |a|^2), with aa - |a|^2 <= (2 D + 32) 2**-23 aa (aa is the fp32 square sum of a_comp,
+    one rounding from a). 4u(...) covers this formula's own roundings, (1 - 2**-18) the approximate sqrt."""
+    U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
+    slack = (2 * D + 32).to(tl.float32) * 1.1920928955078125e-07
+    low = second - trunc * tl.abs(second) - bound - slack * aa - 4.0 * U * (tl.abs(second) + aa + bound) - 1e-30
+    return tl.sqrt(tl.maximum(low, 0.0)) / alpha * (1.0 - 3.814697265625e-06)
+
+
+@triton.jit
 def _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid_b,
                  x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
                  labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr, n_pad, D, key_low,
-                 COSINE: tl.constexpr, BLOCK_N: tl.constexpr, EPI_D: tl.constexpr, XB16: tl.constexpr):
+                 lower_ptr, stats_ptr,
+                 COSINE: tl.constexpr, BLOCK_N: tl.constexpr, EPI_D: tl.constexpr, XB16: tl.constexpr,
+                 LOWER: tl.constexpr):
     """After the stream: the margin test, the label, the resolve threshold, the flagged rows appended to the
-    batch's list, and the exact distance of the label."""
+    batch's list, and the exact distance of the label. LOWER (euclidean): also a lower bound on the distance
+    (not squared) from the row to every centroid but its label, 0 where the margin test fails (`_lower_bound`)."""
     U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
     bound = 2.0 * tl.load(rowstat_ptr + a_off * 2 + 1) * (1.0 + 1.52587890625e-05)
     # a key differs from its score in the low key_low bits: |key - d| < 2**key_low ulp(d)
@@ -447,6 +463,9 @@ def _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid
     tl.store(labels_ptr + out_off, best_idx.to(tl.int64), mask=row_mask)
     tl.store(flag_ptr + out_off, (~exact).to(tl.int8), mask=row_mask)
     tl.store(thr_ptr + out_off, thr_out, mask=row_mask)
+    if LOWER:
+        lower = _lower_bound(second, aa, bound, trunc, tl.load(stats_ptr + pid_b * 4), D)
+        tl.store(lower_ptr + out_off, tl.where(exact, lower, 0.0), mask=row_mask)
     # the flagged rows, appended to the batch's list: one atomic per program reserves their slots
     fl = (~exact) & row_mask
     fi = fl.to(tl.int32)
@@ -470,8 +489,8 @@ def _finish_kernel(
     top_ptr, top_stride, x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr,
     cd_ptr, stride_cdb, stride_cdk, stride_cdd,
     labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr,
-    n_rows, n_pad, D, key_low,
-    COSINE: tl.constexpr, BLOCK_N: tl.constexpr, EPI_D: tl.constexpr, XB16: tl.constexpr,
+    n_rows, n_pad, D, key_low, lower_ptr, stats_ptr,
+    COSINE: tl.constexpr, BLOCK_N: tl.constexpr, EPI_D: tl.constexpr, XB16: tl.constexpr, LOWER: tl.constexpr,
 ):
     """The rest of FlashAssign's fast pass after the streaming pass (either one) and the class pass: reads each
     row's (best key, second key, label) from its three planes and runs `_finish_rows`."""
@@ -488,7 +507,7 @@ def _finish_kernel(
     _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid_b,
                  x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
                  labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr, n_pad, D, key_low,
-                 COSINE, BLOCK_N, EPI_D, XB16)
+                 lower_ptr, stats_ptr, COSINE, BLOCK_N, EPI_D, XB16, LOWER)
 
 
 @triton.jit
@@ -911,6 +930,7 @@ class FastAssignment:
     lists: torch.Tensor  # int32 (2, B, N): [0, b, :counts[b, 0]] the flagged rows, [1, b, :counts[b, 1]] the
     #                      rows the resolve pass left to brute force (in no particular order)
     counts: torch.Tensor  # int32 (B, 4): rows flagged, rows left to brute force, rows settled through a wide tile
+    lower: torch.Tensor | None = None  # float32 (B, N): `_lower_bound` (0 on flagged rows); None unless asked
 
     @property
     def flagged(self) -> torch.Tensor:
@@ -1030,8 +1050,9 @@ def _prepare_rows(p: _Prepared, rows: PreparedRows | None = None) -> None:
         rows.stamp.copy_(stamp)
 
 
-def _fast_pass(p: _Prepared, rows: PreparedRows | None = None) -> FastAssignment:
-    """The row pass, the streaming pass, the class pass and the margin test: no host synchronisation."""
+def _fast_pass(p: _Prepared, rows: PreparedRows | None = None, lower: bool = False) -> FastAssignment:
+    """The row pass, the streaming pass, the class pass and the margin test: no host synchronisation.
+    lower: also the rows' lower bounds on the distance to every other centroid (`FastAssignment.lower`)."""
     b, n, _ = p.x.shape
     dev = p.x.device
     _prepare_rows(p, rows)
@@ -1042,7 +1063,8 @@ def _fast_pass(p: _Prepared, rows: PreparedRows | None = None) -> FastAssignment
                           torch.empty((b, n), dtype=torch.float32, device=dev),
                           # (rows padded to n_pad: strides and alignment independent of N, no recompiles)
                           torch.empty((2, b, n_pad), dtype=torch.int32, device=dev),
-                          torch.zeros((b, 4), dtype=torch.int32, device=dev))
+                          torch.zeros((b, 4), dtype=torch.int32, device=dev),
+                          torch.empty((b, n), dtype=torch.float32, device=dev) if lower else None)
     top, tile_k, key_low = _stream(p)
     _class_pass(p, top, tile_k, key_low)
     _finish_launch(p, top, key_low, fast)
@@ -1060,7 +1082,8 @@ def _finish_launch(p: _Prepared, top: torch.Tensor, key_low: int, fast: FastAssi
            top, top.stride(0), x, x.stride(0), x.stride(1), x.stride(2), p.rowstat,
            cd, cd.stride(0), cd.stride(1), cd.stride(2),
            fast.labels, fast.min_dist, fast.flag, fast.threshold, fast.lists[0], fast.counts,
-           n, n_pad, x.shape[2], key_low, COSINE=p.cosine, BLOCK_N=block_n, EPI_D=epi_d, XB16=_xb16(x),
+           n, n_pad, x.shape[2], key_low, fast.threshold if fast.lower is None else fast.lower, p.stats,
+           COSINE=p.cosine, BLOCK_N=block_n, EPI_D=epi_d, XB16=_xb16(x), LOWER=fast.lower is not None,
            num_warps=warps)
 
 
@@ -1214,33 +1237,39 @@ def _resolve(p: _Prepared, fast: FastAssignment) -> None:
 
 
 def flash_assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euclidean", shift=None,
-                 rows: PreparedRows | None = None):
+                 rows: PreparedRows | None = None, lower_bound: bool = False):
     """Nearest centroid of every row: (labels int64, min_dist), the semantics of `reference.assign`.
 
     x (N, D) with centroids (K, D), or batched x (B, N, D) with centroids (B, K, D) in one launch. fp16, bf16 and
     fp32 run on the kernel (float64 goes to the reference). Labels are exact (see the module docstring);
     min_dist is the float64 distance to the chosen centroid, returned as float32. `rows`: a `PreparedRows` that
-    keeps the prepared rows of x across calls (the same results, less work).
+    keeps the prepared rows of x across calls (the same results, less work). lower_bound (euclidean): a third
+    result, float32 lower bounds on |x - c| for every centroid c but the label (0 where the fast pass's margin was
+    too small to give one), as `reference.assign_lower`; bounded Lloyd steps keep them.
     """
     reference.check_metric(metric)
+    if lower_bound and metric != "euclidean":
+        raise ValueError(f"lower bounds are for metric='euclidean', got {metric!r}")
     xb, cb, batched = _as_batched(x, centroids)
     if xb.dtype not in (torch.float16, torch.bfloat16, torch.float32) or cb.shape[1] == 0:
+        if lower_bound:
+            return reference.assign_lower(x, centroids, shift=shift)
         return reference.assign(x, centroids, metric=metric, shift=shift)
     if xb.shape[1] == 0:
         shape = xb.shape[:2] if batched else xb.shape[1:2]
-        return (torch.empty(shape, dtype=torch.int64, device=x.device),
-                torch.empty(shape, dtype=torch.float32, device=x.device))
-    _compile_once(xb, cb, metric, shift, rows is not None)
-    fast = _assign(xb, cb, metric, shift, rows)
-    if batched:
-        return fast.labels, fast.min_dist
-    return fast.labels[0], fast.min_dist[0]
+        empty = (torch.empty(shape, dtype=torch.int64, device=x.device),
+                 torch.empty(shape, dtype=torch.float32, device=x.device))
+        return empty + (torch.empty(shape, dtype=torch.float32, device=x.device),) if lower_bound else empty
+    _compile_once(xb, cb, metric, shift, rows is not None, lower_bound)
+    fast = _assign(xb, cb, metric, shift, rows, lower_bound)
+    out = (fast.labels, fast.min_dist) + ((fast.lower,) if lower_bound else ())
+    return out if batched else tuple(t[0] for t in out)
 
 
-def _assign(xb: torch.Tensor, cb: torch.Tensor, metric: str, shift, rows: PreparedRows | None = None
-            ) -> FastAssignment:
+def _assign(xb: torch.Tensor, cb: torch.Tensor, metric: str, shift, rows: PreparedRows | None = None,
+            lower: bool = False) -> FastAssignment:
     p = _prepare(xb, cb, metric, shift)
-    fast = _fast_pass(p, rows)
+    fast = _fast_pass(p, rows, lower)
     _resolve(p, fast)
     return fast
 
@@ -1249,15 +1278,17 @@ COMPILE_AHEAD = True  # (benchmarks switch it off to measure what it saves)
 _COMPILED: set = set()
 
 
-def _compile_once(xb: torch.Tensor, cb: torch.Tensor, metric: str, shift, kept: bool = False) -> None:
+def _compile_once(xb: torch.Tensor, cb: torch.Tensor, metric: str, shift, kept: bool = False,
+                  lower: bool = False) -> None:
     """The first call of a kind of problem compiles all its kernels concurrently (a dry run of the passes inside
     `compile_ahead.ahead`), instead of one by one as each is first launched. The kind: what the kernels'
     specialisations can depend on (N never does: it is a run-time argument the kernels do not specialise on)."""
     if xb.device.type != "cuda" or not COMPILE_AHEAD:
         return
-    key = (xb.device, xb.dtype, cb.dtype, metric, shift is None, cb.shape[1], xb.shape[2], xb.shape[0] > 1, kept)
+    key = (xb.device, xb.dtype, cb.dtype, metric, shift is None, cb.shape[1], xb.shape[2], xb.shape[0] > 1, kept,
+           lower)
     if key in _COMPILED:
         return
     with compile_ahead.ahead():  # (kept rows: a throwaway PreparedRows; nothing runs here, so none may be bound)
-        _assign(xb, cb, metric, shift, PreparedRows() if kept else None)
+        _assign(xb, cb, metric, shift, PreparedRows() if kept else None, lower)
     _COMPILED.add(key)

@@ -95,6 +95,52 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euclidean
     return labels, min_dist.to(_result_dtype(x))
 
 
+def assign_lower(x: torch.Tensor, centroids: torch.Tensor, *, shift=None):
+    """`assign` (euclidean) plus a lower bound on |x - c| for every centroid c but the label (float32; +inf for
+    K = 1): the twin of `flash_assign(lower_bound=True)`, from the float64 second-smallest score less a bound
+    on the expansion's rounding."""
+    labels, min_dist = assign(x, centroids, shift=shift)
+    n, k = x.shape[-2], centroids.shape[-2]
+    if x.dim() == 3:
+        lower = torch.stack([assign_lower(xb, cb, shift=None if shift is None else torch.as_tensor(shift)[b]
+                                          if torch.as_tensor(shift).dim() == 2 else shift)[2]
+                             for b, (xb, cb) in enumerate(zip(x, centroids))])
+        return labels, min_dist, lower
+    lower = torch.full((n,), float("inf"), dtype=torch.float32, device=x.device)
+    if k < 2 or n == 0:
+        return labels, min_dist, lower
+    if shift is None:
+        shift = x.to(torch.float64).mean(dim=0)
+    cs = _prepared(centroids, "euclidean", shift)
+    cc = (cs * cs).sum(dim=1)
+    n_tile = max(1, _TILE_ELEMENTS // k)  # (whole rows of scores: the second smallest needs them all)
+    for r0 in range(0, n, n_tile):
+        xs = _prepared(x[r0:r0 + n_tile], "euclidean", shift)
+        xx = (xs * xs).sum(dim=1)
+        scores = _scores(xs, cs, cc, "euclidean")
+        scores.scatter_(1, labels[r0:r0 + n_tile, None], float("inf"))
+        second = scores.min(dim=1).values
+        # |error| of xx + cc - 2 x.c in float64 <= (D + 3) 2**-53 (xx + 2|x||c| + cc) <= 1e-11 (xx + max cc)
+        low = (xx + second - 1e-11 * (xx + cc.max())).clamp_min(0.0).sqrt() * (1.0 - 2.0 ** -20)
+        lower[r0:r0 + n_tile] = low.to(torch.float32)
+    return labels, min_dist, lower
+
+
+def bounded_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, lower: torch.Tensor,
+                 dec: torch.Tensor):
+    """Twin of `kernels.bounds.bounded_rows`: the exact distance of each row to its label's centroid, whether
+    its decremented lower bound proves that label still nearest, and the bound it keeps."""
+    k = centroids.shape[0]
+    valid = (labels >= 0) & (labels < k)
+    lab = torch.where(valid, labels, torch.zeros_like(labels))
+    diff = x.to(torch.float64) - centroids.to(torch.float64)[lab]
+    own = (diff * diff).sum(dim=1)
+    left = lower.to(torch.float64) - dec.to(torch.float64)[lab]
+    keep = valid & (own.sqrt() * (1.0 + 1e-6) < left)
+    new_lower = torch.where(keep, left * (1.0 - 2.0 ** -20), torch.zeros_like(left)).to(torch.float32)
+    return own.to(_result_dtype(x)), new_lower, ~keep
+
+
 def distances(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euclidean", shift=None) -> torch.Tensor:
     """Full (N, K) float64 matrix of squared euclidean (or cosine) distances, for transform and seeding."""
     check_metric(metric)

@@ -7,7 +7,8 @@ import torch
 
 from flashkm_dist.engine import Backend, exact_inertia, numerics_for
 from flashkm_dist.kernels import reference
-from flashkm_dist.streaming import CACHED_CHUNK_FACTOR, Block, Engine, _Chunk, cached_chunks, cached_prefix
+from flashkm_dist.streaming import (CACHED_CHUNK_FACTOR, Block, Engine, _Chunk, cached_chunks, cached_prefix,
+                                   interleaved)
 
 
 def whole_step(x, c, nm, w=None):
@@ -189,6 +190,33 @@ def test_labels_of_cached_rows_stay_on_the_device_and_come_back_on_request():
     assert torch.equal(engine.labels([block])[0], torch.cat([new, old[24:]]))
     engine.forget_labels()
     assert not engine._device_labels and not engine.has_labels([block])
+
+
+def test_rows_cached_past_the_last_cached_chunk_keep_the_labels_their_streamed_chunk_gave():
+    """A cache entry that ends inside a staging chunk: that chunk is streamed, so its rows' labels live on the
+    host; the device copy of the cached rows' labels covers only the rows cached chunks serve, and `labels()`
+    does not write stale values over the streamed ones."""
+    x, _, c = problem(n=40)
+    block = Block(x, key="b")
+    engine = Engine("cpu")
+    engine._cache[("b", torch.float32)] = torch.as_tensor(x[:30])
+    engine._cached_end["b"] = 24
+    old = torch.arange(40) % 3
+    engine._labels["b"] = old.clone()
+    engine._remember([block], _Chunk(0, 0, torch.as_tensor(x[:24]), None, cached=True), (old[:24] + 1) % 3)
+    streamed = (old[24:] + 2) % 3
+    engine._remember([block], _Chunk(0, 24, torch.as_tensor(x[24:]), None), streamed)
+    assert engine._device_labels["b"].shape[0] == 24
+    assert torch.equal(engine.labels([block])[0], torch.cat([(old[:24] + 1) % 3, streamed]))
+
+
+def test_cached_chunks_are_spread_between_streamed_ones():
+    assert interleaved(4, 4) == [0, 1, 1, 1]  # (and one after the last streamed chunk)
+    assert interleaved(10, 3) == [2, 3, 2]
+    assert interleaved(5, 0) == [] and interleaved(0, 3) == [0, 0, 0]
+    for cached, streamed in ((58, 125), (7, 2), (1, 1)):
+        shares = interleaved(cached, streamed)
+        assert len(shares) == streamed and 0 <= cached - sum(shares) <= cached // (streamed + 1) + 1
 
 
 def test_host_rows_are_used_in_place_without_copies():

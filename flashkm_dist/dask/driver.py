@@ -383,7 +383,7 @@ def fit(model, X, sample_weight=None, client=None, allreduce: str = "auto"):
     n_init = model._check_params(int(X.shape[0]))
     model.n_features_in_ = int(X.shape[1])
     spec = worker.ShardSpec(uuid.uuid4().hex, model.device, str(dtype).removeprefix("torch."),
-                            model.metric == "cosine")
+                            model.metric == "cosine", bounds=model.bounded)
     shards = DaskShards(client, X, weights, spec, dtype)
     shards.chained = shards.chained or allreduce == "chained" or (allreduce == "auto" and shards.suits_chaining())
     collective = allreduce == "nccl"

@@ -38,6 +38,7 @@ class ShardSpec:
     handoff: str = "socket"  # how partials reach a reducer on another worker: 'socket' or 'ipc' (see `handoff`)
     chunk_rows: int | None = None
     cache_bytes: int | str = "auto"
+    bounds: bool = False  # bounded steps (`Engine.bounds`: algorithm 'hamerly')
 
 
 def wire(t: torch.Tensor) -> tuple:
@@ -243,7 +244,7 @@ def shard_for(spec: ShardSpec) -> Shard:
         shard = _SHARDS.get(key)
         if shard is None:
             engine = Engine(worker_device(spec.device), dtype=getattr(torch, spec.dtype), unit_rows=spec.unit_rows,
-                            chunk_rows=spec.chunk_rows, cache_bytes=spec.cache_bytes)
+                            chunk_rows=spec.chunk_rows, cache_bytes=spec.cache_bytes, bounds=spec.bounds)
             shard = _SHARDS[key] = Shard(engine)
     return shard
 

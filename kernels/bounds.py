@@ -1,0 +1,65 @@
+"""Bounded Lloyd steps (Hamerly's algorithm, exact): which rows cannot change label, without scoring them.
+
+A row keeps a lower bound L on its distance to every centroid but its label a (`flash_assign(lower_bound=True)`).
+When the centroids move by drift_j, d(x, c_j') >= L - drift_j for every j, so L' = L - max_{j != a} drift_j bounds
+the new distances to the others. The row's exact distance to its own new centroid, |x - c_a'|, is needed anyway
+(inertia). If |x - c_a'| (1 + 1e-6) < L', c_a' is strictly the nearest centroid, by a margin far above the float64
+rounding of any exact re-check, so the label stays what a full assignment gives, bit for bit; only the other rows
+(`stale`) go through FlashAssign. In a converging fit most rows stay, so most of the O(N K D) work is skipped.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .assign import _exact_score
+from .config import launch
+
+BLOCK_N = 64
+EPI_D = 32
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _bounded_kernel(x_ptr, stride_xn, stride_xd, c_ptr, stride_ck, stride_cd, labels_ptr, lower_ptr, dec_ptr,
+                    dist_ptr, new_lower_ptr, stale_ptr, n_rows, D, K,
+                    BLOCK_N: tl.constexpr, EPI_D: tl.constexpr):
+    """Per row: the float64 distance to its label's centroid (stored as float32, as FlashAssign stores it), the
+    test against its decremented lower bound, and the bound it keeps (0 where stale)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
+    valid = row_mask & (label >= 0) & (label < K)
+    lab = tl.where(valid, label, 0)
+    one = tl.zeros([BLOCK_N], dtype=tl.float64) + 1.0
+    own = _exact_score(x_ptr, rows.to(tl.int64) * stride_xn, stride_xd, c_ptr, lab.to(tl.int64) * stride_ck,
+                       stride_cd, D, row_mask, one, False, BLOCK_N, EPI_D)
+    lower = tl.load(lower_ptr + rows, mask=row_mask, other=0.0).to(tl.float64)
+    dec = tl.load(dec_ptr + lab, mask=valid, other=0.0)
+    left = lower - dec
+    keep = valid & (tl.sqrt(own) * (1.0 + 1e-6) < left)  # (False for NaN)
+    tl.store(dist_ptr + rows, own.to(tl.float32), mask=row_mask)
+    # rounded down (x (1 - 2**-20) before the nearest fp32): still a lower bound
+    tl.store(new_lower_ptr + rows, tl.where(keep, left * (1.0 - 9.5367431640625e-07), 0.0).to(tl.float32),
+             mask=row_mask)
+    tl.store(stale_ptr + rows, (~keep).to(tl.int8), mask=row_mask)
+
+
+def bounded_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, lower: torch.Tensor,
+                 dec: torch.Tensor):
+    """(min_dist float32, new lower float32, stale bool) of rows x (N, D) labelled `labels` (int64; -1: none)
+    with lower bounds `lower` (float32, for the previous centroids) against `centroids` (K, D), whose moves
+    decrement each label's bound by dec[label] (float64 (K,): the largest move among the other centroids).
+    The same as `reference.bounded_rows`. Rows with no label or no bound (0) are stale."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.shape[0] == 0:
+        return reference.bounded_rows(x, centroids, labels, lower, dec)
+    n, d = x.shape
+    dist = torch.empty(n, dtype=torch.float32, device=x.device)
+    new_lower = torch.empty(n, dtype=torch.float32, device=x.device)
+    stale = torch.empty(n, dtype=torch.int8, device=x.device)
+    c = centroids  # (any float dtype: read as float64, like FlashAssign's exact distance)
+    launch(_bounded_kernel, (triton.cdiv(n, BLOCK_N),), x, x.stride(0), x.stride(1), c, c.stride(0), c.stride(1),
+           labels.contiguous(), lower.contiguous(), dec.to(torch.float64).contiguous(), dist, new_lower, stale,
+           n, d, c.shape[0], BLOCK_N=BLOCK_N, EPI_D=EPI_D, num_warps=4)
+    return dist, new_lower, stale.bool()
