@@ -1156,13 +1156,16 @@ def _brute_launch(p: _Prepared, fast: FastAssignment) -> None:
     """Last tier: float64 brute force over fast.lists[1] (usually empty: the launch finds nothing to do)."""
     b, n, d = p.x.shape
     cfg = p.cfg
-    block_n = 8  # (few rows come here: small row tiles spread them over more programs)
+    # Few rows come here, so its time is the latency of one program's walk over K: small row tiles spread them
+    # over more programs, and wide centroid tiles make the walk short (2 rows x 256 centroids: a chunk of 2M rows
+    # with a few brute-force rows took about 2 ms on an H200 with 8 x 64, benchmarks/engine_fit.py --profile).
+    block_n = 2
     programs = max(1, min(triton.cdiv(n, block_n), cfg.resolve.programs))
     x, cd, lists = p.x, p.c_dist, fast.lists
     launch(_brute_kernel, (programs, b),
            x, x.stride(0), x.stride(1), x.stride(2), cd, cd.stride(0), cd.stride(1), cd.stride(2),
            fast.labels, fast.min_dist, lists[1], fast.counts[:, 1:], n, cd.shape[1], d, lists.stride(1),
-           COSINE=p.cosine, BLOCK_N=block_n, BLOCK_K=16 if cfg.interpreted else 64, EPI_D=16, XB16=_xb16(x),
+           COSINE=p.cosine, BLOCK_N=block_n, BLOCK_K=16 if cfg.interpreted else 256, EPI_D=16, XB16=_xb16(x),
            num_warps=1 if cfg.interpreted else 8)
 
 
