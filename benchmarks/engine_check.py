@@ -24,6 +24,7 @@ from flashkm_dist import streaming
 from flashkm_dist.streaming import Block, Engine
 
 DEV = torch.device("cuda")
+STEP_ROWS = 1 << 22  # rows made or scanned at a time on the GPU
 
 
 def h2d_gbps(x):
@@ -31,6 +32,46 @@ def h2d_gbps(x):
     dev = torch.empty(chunk.shape, dtype=chunk.dtype, device=DEV)
     secs = statistics.median(seconds(lambda: dev.copy_(chunk, non_blocking=True), 5))
     return chunk.numel() * chunk.element_size() / secs / 1e9
+
+
+def host_blobs(n: int, k: int, d: int):
+    """n fp32 blobs round k centres (randn * 4, unit noise) in page-locked host memory, made on the GPU in pieces,
+    and k initial centres (random rows, on the GPU)."""
+    g = torch.Generator(device=DEV).manual_seed(0)
+    centers = torch.randn(k, d, generator=g, device=DEV) * 4
+    # Page-locked in place (cudaHostRegister): the pinned allocator would round 92 GB up to 128 GB.
+    x = torch.empty((n, d), dtype=torch.float32)
+    torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(x.data_ptr(), x.numel() * x.element_size(), 0))
+    for s in range(0, n, STEP_ROWS):
+        m = min(STEP_ROWS, n - s)
+        x[s:s + m] = (centers[torch.randint(0, k, (m,), generator=g, device=DEV)]
+                      + torch.randn(m, d, generator=g, device=DEV)).cpu()
+    return x, x[torch.randperm(n, generator=g, device=DEV)[:k].cpu()].to(DEV)
+
+
+def host_numerics(x: torch.Tensor):
+    """The fit's shift and tolerance from a sample; the fixed-point grids from a bound on every row (max |x|)."""
+    n, d = x.shape
+    max_abs = max(float(x[s:s + STEP_ROWS].abs().max()) for s in range(0, n, STEP_ROWS))
+    return dataclasses.replace(numerics_for(x[:1 << 20].to(DEV), None, metric="euclidean"),
+                               scale=FixedPointScale.from_bounds(max_abs, 1.0, 2.0 * d * (2.0 * max_abs) ** 2))
+
+
+def quarters(x: torch.Tensor) -> list:
+    quarter = -(-x.shape[0] // 4)
+    return [Block(x[i:i + quarter], key=i) for i in range(0, x.shape[0], quarter)]
+
+
+def flash_largeN_iter_s(x: torch.Tensor, init: torch.Tensor) -> float:
+    """flash-kmeans' `kmeans_largeN` seconds per iteration on the same host rows: (3 iterations - 1) / 2."""
+    from flash_kmeans import kmeans_largeN
+    k = init.shape[0]
+    kmeans_largeN(x, k, max_iters=1, init_centroids=init.clone(), device=DEV)  # warm-up / compile
+    one = statistics.median(seconds(lambda: kmeans_largeN(x, k, max_iters=1, init_centroids=init.clone(),
+                                                        device=DEV), 2))
+    three = statistics.median(seconds(lambda: kmeans_largeN(x, k, max_iters=3, init_centroids=init.clone(),
+                                                          device=DEV), 2))
+    return (three - one) / 2
 
 
 def main():
@@ -43,28 +84,14 @@ def main():
     ap.add_argument("--n", type=int, default=None, help="rows (overrides --log2n), e.g. 180000000 on an H100")
     args = ap.parse_args()
     n, k, d = args.n or 1 << args.log2n, args.k, args.d
-    g = torch.Generator(device=DEV).manual_seed(0)
-    centers = torch.randn(k, d, generator=g, device=DEV) * 4
-    # Page-locked in place (cudaHostRegister): the pinned allocator would round 92 GB up to 128 GB.
-    x = torch.empty((n, d), dtype=torch.float32)
-    torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(x.data_ptr(), x.numel() * x.element_size(), 0))
-    step_rows = 1 << 22
-    for s in range(0, n, step_rows):  # blobs, generated on the GPU in pieces
-        m = min(step_rows, n - s)
-        x[s:s + m] = (centers[torch.randint(0, k, (m,), generator=g, device=DEV)]
-                      + torch.randn(m, d, generator=g, device=DEV)).cpu()
-    init = x[torch.randperm(n, generator=g, device=DEV)[:k].cpu()].to(DEV)
+    x, init = host_blobs(n, k, d)
     result = {**provenance(), "device": torch.cuda.get_device_name(), "n": n, "k": k, "d": d, "dtype": "float32",
               "host_pinned": bool(x.is_pinned()),
               "host_bytes": x.numel() * 4, "h2d_GBps": h2d_gbps(x)}
     result["pcie_floor_s"] = result["host_bytes"] / result["h2d_GBps"] / 1e9
 
-    # shift and tolerance from a sample; the fixed-point grids from a bound on every row (max |x| of all of x)
-    max_abs = max(float(x[s:s + step_rows].abs().max()) for s in range(0, n, step_rows))
-    nm = dataclasses.replace(numerics_for(x[:1 << 20].to(DEV), None, metric="euclidean"),
-                             scale=FixedPointScale.from_bounds(max_abs, 1.0, 2.0 * d * (2.0 * max_abs) ** 2))
-    quarter = -(-n // 4)
-    blocks = [Block(x[i:i + quarter], key=i) for i in range(0, n, quarter)]
+    nm = host_numerics(x)
+    blocks = quarters(x)
 
     streamer = Engine(DEV, cache_bytes=0)
     torch.cuda.empty_cache()
@@ -110,13 +137,7 @@ def main():
         result["overlap_of_shorter"] = min(1.0, hidden / min(copy, compute_only))  # (1: the shorter fully hidden)
 
     try:
-        from flash_kmeans import kmeans_largeN
-        kmeans_largeN(x, k, max_iters=1, init_centroids=init.clone(), device=DEV)  # warm-up / compile
-        one = statistics.median(seconds(lambda: kmeans_largeN(x, k, max_iters=1, init_centroids=init.clone(),
-                                                            device=DEV), 2))
-        three = statistics.median(seconds(lambda: kmeans_largeN(x, k, max_iters=3, init_centroids=init.clone(),
-                                                              device=DEV), 2))
-        result["flash_largeN_iter_s"] = (three - one) / 2
+        result["flash_largeN_iter_s"] = flash_largeN_iter_s(x, init)
         result["cached_vs_flash"] = result["cached_step_s"] / result["flash_largeN_iter_s"]
     except Exception as err:
         result["flash_error"] = repr(err)

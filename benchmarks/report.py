@@ -2,7 +2,8 @@
 
     python benchmarks/report.py [--results benchmarks/results]
 
-Reads every JSON the suites wrote (gpu_check_*, stream_check_*, stream_variants_*, engine_check_*, dask_scaling_*,
+Reads every JSON the suites wrote (gpu_check_*, stream_check_*, stream_variants_*, engine_check_*, engine_fit_*,
+dask_scaling_*,
 dask_weak_*, dask_1e9_*, dask_series_*, end_to_end_*) and renders, per file, a Markdown table with the device and versions it came from
 (the headline and its N series as one table per device), plus plots: iteration times against the peers,
 distributed strong and weak scaling, time per iteration against N, and the out-of-core engine against its PCIe
@@ -106,6 +107,19 @@ def engine(name: str, r: dict) -> str:
     return (f"### {name}\n\n{_versions(r)}\n\nOne GPU, host data, K={r['k']}, D={r['d']}; seconds per iteration\n\n"
             + _table(["N", "dtype", "host GB", "H2D GB/s", "PCIe floor", "streamed", "cached", "cache GiB",
                       "flash largeN", "overlap", "bitwise equal"], rows))
+
+
+def engine_fit(name: str, r: dict) -> str:
+    rows = [[step, r[step]["first_s"], r[step]["after_first_mean_s"], r[step]["later_half_mean_s"],
+             r[step].get("after_first_mean_vs_flash"), r[step].get("later_half_mean_vs_flash"),
+             "/".join(str(i["rescored"]) for i in r[step]["iterations"][-3:]) if step == "bounded" else ""]
+            for step in ("plain", "bounded")]
+    return (f"### {name}\n\n{_versions(r)}\n\nOne GPU, host data, N={r['n']}, K={r['k']}, D={r['d']}, {r['iters']} "
+            f"iterations from random rows; {_f(r.get('cache_GiB'))} GiB cached, PCIe floor of the rest "
+            f"{_f(r.get('uncached_floor_s'))} s; flash-kmeans largeN {_f(r.get('flash_largeN_iter_s'))} s/iteration; "
+            f"same centres every iteration: {r.get('same_centres_every_iteration')}\n\n"
+            + _table(["steps", "first s", "after first s", "later half s", "after first / flash",
+                      "later half / flash", "rows scored, last 3"], rows))
 
 
 def distributed(name: str, r: dict) -> str:
@@ -293,6 +307,7 @@ def main(argv=None) -> Path:
                 "Variants of the sm_90 streaming pass (stream_variants.py)": ("stream_variants", stream_variants),
                 "Variants of the class pass (class_sweep.py)": ("class_sweep", class_sweep),
                 "Engine, data larger than or as large as one GPU (engine_check.py)": ("engine_check", engine),
+                "Fits on host data, plain and bounded steps (engine_fit.py)": ("engine_fit", engine_fit),
                 "Distributed (dask_scaling.py)": ("dask_scaling", distributed),
                 "Weak scaling (dask_scaling.py --weak)": ("dask_weak", distributed),
                 "Dask's own cost of a chained iteration (dask_floor.py)": ("dask_floor", floor),

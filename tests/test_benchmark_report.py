@@ -18,7 +18,8 @@ def _module(name: str):
 def test_report_tables_and_plots_from_committed_results(tmp_path):
     for name in ("dask_scaling_h200x4_nccl.json", "engine_check_h100x1_n180m.json", "gpu_check_h200.json",
                  "stream_check_h200.json", "stream_variants_h200.json", "dask_1e9_h200x4.json",
-                 "dask_series_h200x4_n100m.json", "dask_weak_h200x4.json", "class_sweep_h200.json"):
+                 "dask_series_h200x4_n100m.json", "dask_weak_h200x4.json", "class_sweep_h200.json",
+                 "engine_fit_h200_n2e26.json"):
         shutil.copy(BENCH / "results" / name, tmp_path / name)
     report = _module("report").main(["--results", str(tmp_path)]).read_text()
     assert "| nccl | 4 | 67108864 | 0.127 | 0.126 | 1.74 |  | 0.973 |" in report  # the 4xH200 NCCL row
@@ -32,6 +33,7 @@ def test_report_tables_and_plots_from_committed_results(tmp_path):
     assert "second new shape " in report
     assert "| 8388608 x 1024 x 128 | [None, [8192, 0]] | 1.18 | True |  |" in report  # the class pass's variants
     assert "| 180000000 | float32 | 92.2 | 54.9 | 1.68 | 1.77 | 1.16 | 59.7 | 1.91 |" in report
+    assert "| bounded | 1.16 | 0.377 | 0.238 | 0.549 | 0.346 |" in report  # a fit, plain vs bounded steps
     # the headline and the N series share one table, ordered by N; weak scaling reports rows per worker
     assert report.index("| 100000000 | nccl | 4 | 32768 | 0.392 |") < report.index("| 1000000000 | nccl | 4 | 32768 |")
     assert "16777216 rows per worker" in report and "| nccl | 4 | 67108864 | 0.0779 |" in report

@@ -159,3 +159,22 @@ def test_the_estimator_takes_hamerly_and_gives_lloyds_result():
         KMeans(6, algorithm="full").fit(x.numpy())
     with pytest.raises(ValueError, match="euclidean"):
         KMeans(6, algorithm="hamerly", metric="cosine").fit(x.numpy())
+
+
+def test_bounded_steps_over_converted_rows_score_copies_and_give_plain_bits():
+    """Rows converted to the compute dtype (new tensors at every step, as streamed chunks are), over several
+    blocks and chunks: partials, inertia, changed labels and labels match plain steps at every step."""
+    x, init = blobs(n=1200, k=8)
+    x64 = x.double()
+    nm = numerics_for(x, None, metric="euclidean", centroid_max_abs=float(init.abs().max()))
+    plain, bounded = Engine("cpu", chunk_rows=250), Engine("cpu", chunk_rows=250, bounds=True)
+    blocks = [Block(x64[:700], key=0), Block(x64[700:], key=1)]
+    centers, scored = init, []
+    for _ in range(6):
+        a, b = plain.step(blocks, centers, nm), bounded.step(blocks, centers, nm)
+        assert torch.equal(a.partials.sums, b.partials.sums) and torch.equal(a.partials.weights, b.partials.weights)
+        assert torch.equal(a.inertia, b.inertia) and a.n_changed == b.n_changed
+        scored.append(b.rescored)
+        centers = reference.finalize(a.partials, dtype=torch.float32, previous=centers)[0]
+    assert scored[0] == len(x) and min(scored[1:]) < len(x) // 2
+    assert all(torch.equal(p, q) for p, q in zip(plain.labels(blocks), bounded.labels(blocks)))

@@ -1,0 +1,147 @@
+"""Lloyd iterations of a real fit on one GPU over host-pinned rows (the engine, its cache), plain against bounded
+(Hamerly) steps, with flash-kmeans' `kmeans_largeN` timed on the same data in the same process.
+
+    python benchmarks/engine_fit.py --out fit.json [--log2n 24 | --n 180000000] [--k 8192] [--iters 12]
+
+Both fits start from the same random rows and run `lloyd.lloyd_iteration` (step, exact update, re-seeding) the
+same number of times; the centres must agree to the bit after every iteration. Each iteration's seconds, rows
+scored (bounded) and labels changed are reported, with the means over all iterations and over the later half,
+against flash-kmeans' seconds per iteration and the PCIe time of the rows the cache does not hold.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from engine_check import DEV, flash_largeN_iter_s, h2d_gbps, host_blobs, host_numerics, quarters
+from flashkm_dist.lloyd import lloyd_iteration
+from flashkm_dist.streaming import Engine
+from provenance import provenance
+
+
+def profiled(fn, top: int = 14) -> dict:
+    """One call of fn under the profiler (it must not be repeated: a Lloyd iteration moves the centres): its
+    wall seconds, summed device time and the longest kernels and copies (name, ms, count)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.key and not e.key.startswith("aten::") and not e.key.startswith("cuda"):
+            rows.append((e.key[:80], round(t / 1e3, 3), e.count))
+    rows.sort(key=lambda r: -r[1])
+    return {"wall_s": wall, "device_ms": round(sum(r[1] for r in rows), 3), "kernels": rows[:top]}
+
+
+def run(x, init, nm, iters: int, bounds: bool, profile: bool = False) -> dict:
+    engine = Engine(DEV, chunk_rows=1 << 19, bounds=bounds)
+    blocks = quarters(x)
+    centers, rows = init, []
+    for i in range(iters):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        it = lloyd_iteration(engine, blocks, centers, nm)
+        rows.append({"iteration": i + 1, "seconds": time.perf_counter() - start, "rescored": it.step.rescored,
+                     "labels_changed": it.step.n_changed, "inertia": it.inertia})
+        centers = it.centers
+        rows[-1]["centers"] = centers.cpu()
+    if profile:  # (one more iteration, after the timed ones)
+        out = {}
+        prof = profiled(lambda: out.update(it=lloyd_iteration(engine, blocks, centers, nm)))
+        prof["rescored"] = out["it"].step.rescored
+    cached = sum(t.numel() * t.element_size() for t in engine._cache.values())
+    engine.release()
+    return {"iterations": rows, "cache_bytes": cached, **({"profile": prof} if profile else {})}
+
+
+def lower_bound_check(x: torch.Tensor, centers: torch.Tensor) -> dict:
+    """On the GPU: FlashAssign's lower bounds never exceed the float64 distance to the nearest other centre, and
+    how tight they are (median ratio; rows without a bound, 0, counted apart), per input dtype."""
+    from flashkm_dist.kernels.assign import flash_assign
+    out = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        xd, cd = x.to(dtype), centers.to(dtype)
+        labels, _, lower = flash_assign(xd, cd, lower_bound=True)
+        d = torch.cdist(xd.double(), cd.double())
+        d.scatter_(1, labels[:, None], float("inf"))
+        second = d.min(dim=1).values
+        low = lower.double()
+        has = low > 0
+        out[str(dtype).removeprefix("torch.")] = {
+            "violations": int((low > second).sum()), "rows_without_bound": int((~has).sum()),
+            "median_ratio": float((low[has] / second[has]).median()) if bool(has.any()) else None}
+    return out
+
+
+def summary(rows: list) -> dict:
+    secs = [r["seconds"] for r in rows]
+    late = secs[len(secs) // 2:]
+    return {"mean_s": statistics.mean(secs), "after_first_mean_s": statistics.mean(secs[1:] or secs),
+            "later_half_mean_s": statistics.mean(late), "first_s": secs[0], "last_s": secs[-1]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--log2n", type=int, default=24)
+    ap.add_argument("--n", type=int, default=None, help="rows (overrides --log2n), e.g. 180000000 on an H100")
+    ap.add_argument("--k", type=int, default=8192)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--iters", type=int, default=12)
+    ap.add_argument("--no-flash", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile one more iteration of each fit")
+    args = ap.parse_args()
+    n = args.n or 1 << args.log2n
+    x, init = host_blobs(n, args.k, args.d)
+    nm = host_numerics(x)
+    result = {**provenance(), "device": torch.cuda.get_device_name(), "n": n, "k": args.k, "d": args.d,
+              "dtype": "float32", "host_bytes": x.numel() * 4, "h2d_GBps": h2d_gbps(x), "iters": args.iters}
+    result["lower_bounds"] = lower_bound_check(x[:50_000].to(DEV), init)
+    fits = {}
+    for name, bounds in (("plain", False), ("bounded", True)):
+        fits[name] = run(x, init, nm, args.iters, bounds, args.profile)
+        torch.cuda.empty_cache()
+    same = all(torch.equal(a["centers"], b["centers"])
+               for a, b in zip(fits["plain"]["iterations"], fits["bounded"]["iterations"]))
+    result["same_centres_every_iteration"] = same
+    result["same_inertia_every_iteration"] = all(
+        a["inertia"] == b["inertia"] for a, b in zip(fits["plain"]["iterations"], fits["bounded"]["iterations"]))
+    uncached = max(0, result["host_bytes"] - fits["bounded"]["cache_bytes"])
+    result["cache_GiB"] = fits["bounded"]["cache_bytes"] / 2 ** 30
+    result["uncached_floor_s"] = uncached / result["h2d_GBps"] / 1e9
+    for name, fit in fits.items():
+        for r in fit["iterations"]:
+            del r["centers"]
+        result[name] = {**summary(fit["iterations"]), "iterations": fit["iterations"],
+                        **({"profile": fit["profile"]} if "profile" in fit else {})}
+    if not args.no_flash:
+        try:
+            result["flash_largeN_iter_s"] = flash_largeN_iter_s(x, init)
+            for name in fits:
+                for key in ("mean_s", "after_first_mean_s", "later_half_mean_s"):
+                    result[name][key.replace("_s", "_vs_flash")] = result[name][key] / result["flash_largeN_iter_s"]
+        except Exception as err:  # noqa: BLE001 - reported, not fatal
+            result["flash_error"] = repr(err)
+    for name in fits:
+        for key in ("mean_s", "after_first_mean_s", "later_half_mean_s"):
+            if result["uncached_floor_s"] > 0:
+                result[name][key.replace("_s", "_vs_uncached_floor")] = result[name][key] / result["uncached_floor_s"]
+    result["command"] = "python benchmarks/engine_fit.py --out F " + " ".join(
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+        if k != "out" and v not in (None, False))
+    print(json.dumps(result, indent=1))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
