@@ -126,9 +126,10 @@ def cached_chunks(end: int, rows: int) -> list:
 
 def interleaved(cached: int, streamed: int) -> list:
     """How many of a block's `cached` chunks to serve before each of its `streamed` ones (the rest after the last):
-    spread evenly, so the kernels on cached rows run while the next streamed chunk is on its way and the copy
-    engine never waits for the cached rows to be done (in a step over a block half cached, half streamed they
-    used to run first, and the streamed half's copies then overlapped only its own kernels)."""
+    spread evenly, so the kernels on cached rows can run while the next streamed chunk is on its way (they used
+    to run first, while only the first streamed chunk was being copied). Measured on an H100 at N=180M, 59 GiB
+    cached: plain steps about the same (1.40-1.47 s, before 1.41-1.42), bounded ones from the fifth iteration
+    1.39-1.75 s (before 1.51-1.90)."""
     marks = [(i + 1) * cached // (streamed + 1) for i in range(streamed)]
     return [b - a for a, b in zip([0, *marks], marks)]
 
