@@ -99,6 +99,18 @@ def test_same_bits_for_any_chunking_weighted_and_float32(client, blobs, chunks):
     assert got.cluster_centers_.dtype == np.float32
 
 
+@pytest.mark.parametrize("allreduce", ["dask", "chained"])
+def test_bounded_steps_on_the_workers_give_lloyds_bits(client, blobs, allreduce):
+    """algorithm='hamerly' on the workers (bounds kept by each worker's engine) against plain Lloyd in process,
+    from centres that leave two clusters empty (re-seeding moves them, which the bounds must follow)."""
+    init = blobs[:9].copy()
+    init[2], init[6] = 1e4, -1e4
+    params = dict(n_clusters=9, init=init, max_iter=50, tol=0.0)
+    ref = KMeans(**params).fit(blobs)
+    got = KMeans(**params, algorithm="hamerly", allreduce=allreduce).fit(da.from_array(blobs, chunks=500))
+    assert_same_fit(got, ref)
+
+
 def test_cosine_and_empty_cluster_reseeding_match(client, blobs):
     init = blobs[:9].copy()
     init[2], init[6] = 1e4, -1e4  # two centres that no point picks: the re-seeding path
