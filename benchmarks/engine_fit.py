@@ -20,6 +20,7 @@ import torch
 from engine_check import DEV, flash_largeN_iter_s, h2d_gbps, host_blobs, host_numerics, quarters
 from flashkm_dist.lloyd import lloyd_iteration
 from flashkm_dist.streaming import Engine
+from profile_kernels import device_rows
 from provenance import provenance
 
 
@@ -33,12 +34,7 @@ def profiled(fn, top: int = 14) -> dict:
         fn()
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0 and e.key and not e.key.startswith("aten::") and not e.key.startswith("cuda"):
-            rows.append((e.key[:80], round(t / 1e3, 3), e.count))
-    rows.sort(key=lambda r: -r[1])
+    rows = device_rows(prof, digits=3)
     return {"wall_s": wall, "device_ms": round(sum(r[1] for r in rows), 3), "kernels": rows[:top]}
 
 

@@ -58,11 +58,16 @@ def kernel_times(fn):
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         fn()
         torch.cuda.synchronize()
+    return device_rows(prof)
+
+
+def device_rows(prof, digits: int = 4) -> list:
+    """(name, device ms, count) of every kernel and copy a finished profiler saw, longest first."""
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0 and e.key and not e.key.startswith("aten::") and not e.key.startswith("cuda"):
-            rows.append((e.key[:80], round(t / 1e3, 4), e.count))
+            rows.append((e.key[:80], round(t / 1e3, digits), e.count))
     rows.sort(key=lambda r: -r[1])
     return rows
 

@@ -631,8 +631,9 @@ class Engine:
 
         if starts:
             queue_copy(0)
-        plan = iter(cached_chunks(end, rows))
-        shares = interleaved(len(cached_chunks(end, rows)), len(starts))
+        plan = cached_chunks(end, rows)
+        shares = interleaved(len(plan), len(starts))
+        plan = iter(plan)
         for i, start in enumerate(starts):
             for _ in range(shares[i]):
                 yield from_cache(*next(plan))
