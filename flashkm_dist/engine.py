@@ -28,6 +28,8 @@ class Backend:
     prepared_rows: Callable | None = None  # makes what `assign(rows=...)` keeps across calls (None: no such thing)
     assign_lower: Callable | None = None  # assign plus lower bounds on the other centroids (bounded steps)
     bounded_rows: Callable | None = None  # which rows a bounded step must score again (`kernels.bounds`)
+    prepare_centroids: Callable | None = None  # (centroids, rows) before a euclidean step's assignments: work on
+    #                                            the centroids all of them share (FlashAssign's neighbour table)
 
     def kept_rows(self, x: torch.Tensor):
         """A fresh `prepared_rows()` for repeated assignments of the rows x when the backend keeps rows and, on a
@@ -54,11 +56,12 @@ def _triton_backend():
     try:
         from flashkm_dist.kernels.assign import PreparedRows, flash_assign
         from flashkm_dist.kernels.bounds import bounded_rows
+        from flashkm_dist.kernels.neighbours import prepare
         from flashkm_dist.kernels.update import sort_inverse_update
     except ImportError:
         return None
     return Backend("triton", flash_assign, sort_inverse_update, PreparedRows,
-                   partial(flash_assign, lower_bound=True), bounded_rows)
+                   partial(flash_assign, lower_bound=True), bounded_rows, prepare)
 
 
 def backend_for(device: torch.device) -> Backend:

@@ -346,6 +346,8 @@ class Engine:
         bounded = self._bounded(numerics)
         dec, self._rescored = (self._decrements(centroids) if bounded else None), 0
         self._bound_keys.clear()
+        if self.backend.prepare_centroids is not None and numerics.metric == "euclidean":
+            self.backend.prepare_centroids(centroids, sum(_as_tensor(b.data).shape[0] for b in blocks))
         for chunk in self._chunks(blocks):
             kept = self._kept_rows(blocks, chunk)
             if bounded:

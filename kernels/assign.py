@@ -17,7 +17,9 @@ covered by that second key (other chunks are: a chunk's best key bounds all of i
 rows sorted by class on the device) scores each row against its label's class and folds the smallest of the others
 into the row's second. The finishing kernel (`_finish_kernel`) then runs the margin test with the provable per-row
 bound (below): it decides whether the fast label is certainly the exact argmin. The few rows where it is not
-(`flagged`) are appended to a list on the device and resolved exactly by the resolve pass (`_resolve_kernel`,
+(`flagged`) are appended to a list on the device. Where the call has a neighbour table (`neighbours`: large
+calls, or a Lloyd step's chunks together), the neighbour tier settles most of them exactly from their centroid's
+nearest centroids. The rest are resolved exactly by the resolve pass (`_resolve_kernel`,
 persistent programs over the list): it streams the centroids again for those rows and keeps every centroid under the
 row's threshold (a superset of the centroids that can still win), at most two per centroid tile as candidate slots
 (a tile with more hits is remembered and checked whole); the float64 argmin over those is the label. The rare rows
@@ -67,6 +69,7 @@ _ALPHA_TARGET_EXP = 10  # alpha * max|c - s| lands in [2**9, 2**10): rows up to 
 _COSINE_ALPHA = 2.0 ** 12  # unit rows: coordinates <= 1 -> <= 4096
 _FORCE_TOP2_REDUCE = False  # tests: the resolve pass's one-pass top-2 reduction in the interpreter too
 SM90_STREAM = True  # sm_90: the warp-specialised streaming pass (assign_sm90); False: the portable kernel (A/B)
+NEIGHBOUR_TIER = True  # flagged rows go through `neighbours` before the resolve pass (False: A/B, tests)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -600,18 +603,19 @@ def _exact_score4(x_ptr, row_off, stride_xd, cd_ptr, c_off, stride_cdk, stride_c
     return t0, t1, t2, t3
 
 
-@triton.jit(do_not_specialize=["stride_xb", "n_rows"])
+@triton.jit(do_not_specialize=["stride_xb", "n_rows", "n_col"])
 def _resolve_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd, a_ptr, rowstat_ptr, thr_ptr,
     cf_ptr, cc_ptr, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
     labels_ptr, dist_ptr, list_ptr, count_ptr, rest_ptr,
-    n_rows, n_pad, D, K, k_pad, d_pad, stride_list,
+    n_rows, n_pad, D, K, k_pad, d_pad, stride_list, n_col,
     COSINE: tl.constexpr, MAX_CAND: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr, XB16: tl.constexpr,
     EPI_D: tl.constexpr, PTX: tl.constexpr, TOP2_REDUCE: tl.constexpr, QUICK: tl.constexpr,
 ):
     """Makes the flagged rows exact, in place. Persistent: the programs of batch b walk the tiles of BLOCK_N rows
-    of its list (`list_ptr[b, :count[b, 0]]`, batch stride stride_list; count is (B, 4)). For each row it
+    of its list (`list_ptr[b, :count[b, n_col]]`, batch stride stride_list; count is (B, 4); n_col 0: all flagged
+    rows, 3: those the neighbour tier left). For each row it
     streams every centroid tile again and keeps every centroid under the row's threshold (`hit`: a superset of
     the centroids that can still win): per tile, the two lowest keys among the hits go to the row's candidate
     slots; a tile with more than two hits is remembered instead (the row's first such tile). Then the float64
@@ -624,7 +628,7 @@ def _resolve_kernel(
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     pid_b = tl.program_id(1)
-    n_flag = tl.load(count_ptr + pid_b * 4)
+    n_flag = tl.load(count_ptr + pid_b * 4 + n_col)
     offs_d = tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, MAX_CAND)
@@ -718,59 +722,118 @@ def _resolve_kernel(
         tl.store(rest_ptr + pid_b.to(tl.int64) * stride_list + base + tl.cumsum(ri, 0) - ri, rows, mask=rest)
 
 
-@triton.jit(do_not_specialize=["stride_xb", "n_rows"])
+@triton.jit
+def _brute_scores(x_ptr, row_off, stride_xd, cd_ptr, c_base, stride_cdk, stride_cdd, ks, k_mask, valid, inv_norm, D,
+                  COSINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_D: tl.constexpr):
+    """float64 scores (BLOCK_N, BLOCK_K) of the rows against centroids ks, straight from the difference (no
+    expansion, so exact ties stay ties); +inf for NaN scores and centroids outside k_mask (they never win).
+    (EPI_D features per step, as `_exact_score` sums them: one element per feature at a time made a serial chain
+    of K D / BLOCK_K dependent loads, 53 ms for one row at K=4096, D=1024 on an H100.)"""
+    c_off = c_base + ks.to(tl.int64) * stride_cdk
+    offs_e = tl.arange(0, EPI_D)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float64)
+    for d0 in range(0, D, EPI_D):
+        xv = _rows64(x_ptr, row_off, stride_xd, d0, offs_e, D, valid)
+        cv = _rows64(cd_ptr, c_off, stride_cdd, d0, offs_e, D, k_mask)
+        if COSINE:
+            acc -= tl.sum((xv * inv_norm[:, None])[:, None, :] * cv[None, :, :], 2)
+        else:
+            diff = xv[:, None, :] - cv[None, :, :]
+            acc += tl.sum(diff * diff, 2)
+    return tl.where(k_mask[None, :] & (acc == acc), acc, float("inf"))
+
+
+@triton.jit
+def _ordered(score):
+    """float64 -> int64 of the same order (negative scores are cosine's -cos), for an integer atomic min."""
+    bits = score.to(tl.int64, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+
+
+@triton.jit
+def _unordered(key):
+    return tl.where(key < 0, key ^ 0x7FFFFFFFFFFFFFFF, key).to(tl.float64, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["stride_xb", "n_rows", "k_split"])
 def _brute_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
-    labels_ptr, dist_ptr, list_ptr, count_ptr, n_rows, K, D, stride_list,
-    COSINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI_D: tl.constexpr, XB16: tl.constexpr,
+    list_ptr, count_ptr, key_ptr, first_ptr, n_rows, n_pad, K, D, stride_list, k_split,
+    PICK: tl.constexpr, SPLITS: tl.constexpr, COSINE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EPI_D: tl.constexpr, XB16: tl.constexpr,
 ):
     """Last tier (rows with more than MAX_CAND possible winners: duplicated centroids, or no usable bound): the
-    float64 score of every centroid, straight from the difference (no expansion, so exact ties stay ties), the
-    first minimum wins. Persistent over `list_ptr[b, :count[b, 0]]` like `_resolve_kernel`. A NaN score never
-    wins; a row without any finite score keeps centroid 0 (its NaN / inf distance)."""
+    float64 score of every centroid, the first minimum wins. Few rows come here, so what counts is latency: the
+    centroids are split in SPLITS ranges of k_split, and programs walk the (row tile, range) pairs of batch b's
+    list (`list_ptr[b, :count[b, 0]]`, persistent). PICK=False: the smallest score of each row's range goes into
+    `key_ptr[b, row]` by an integer atomic min (`_ordered`); PICK=True (after it): every centroid whose score
+    equals the row's minimum puts its index into `first_ptr[b, row]` by an atomic min (ties -> lowest index).
+    `_brute_finish_kernel` then stores labels and distances."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     pid_b = tl.program_id(1)
     n_list = tl.load(count_ptr + pid_b * 4)
     list_ptr += pid_b.to(tl.int64) * stride_list
     offs_k = tl.arange(0, BLOCK_K)
+    c_base = pid_b.to(tl.int64) * stride_cdb
+    for item in range(pid, tl.cdiv(n_list, BLOCK_N) * SPLITS, nprog):
+        slot = (item // SPLITS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_lo = (item % SPLITS) * k_split
+        k_hi = tl.minimum(K, k_lo + k_split)
+        valid = slot < n_list
+        rows = tl.load(list_ptr + slot, mask=valid, other=0)
+        row_off = _x_rows(pid_b, rows, stride_xb, stride_xn, XB16)
+        s_off = pid_b.to(tl.int64) * n_pad + rows
+        inv_norm = _inv_norm(x_ptr, row_off, stride_xd, D, valid, COSINE, BLOCK_N, EPI_D)
+        if PICK:
+            target = _unordered(tl.load(key_ptr + s_off, mask=valid, other=0))
+            first = tl.full([BLOCK_N], 2147483647, tl.int64)
+        else:
+            best = tl.full([BLOCK_N], float("inf"), tl.float64)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ks = k0 + offs_k
+            acc = _brute_scores(x_ptr, row_off, stride_xd, cd_ptr, c_base, stride_cdk, stride_cdd, ks, ks < k_hi,
+                                valid, inv_norm, D, COSINE, BLOCK_N, BLOCK_K, EPI_D)
+            if PICK:
+                first = tl.minimum(first, tl.min(tl.where(acc == target[:, None], ks[None, :], 2147483647), 1))
+            else:
+                best = tl.minimum(best, tl.min(acc, 1))
+        if PICK:
+            tl.atomic_min(first_ptr + s_off, first, mask=valid & (target < float("inf")) & (first < 2147483647))
+        else:
+            tl.atomic_min(key_ptr + s_off, _ordered(best), mask=valid & (best < float("inf")))
+
+
+@triton.jit(do_not_specialize=["stride_xb", "n_rows"])
+def _brute_finish_kernel(
+    x_ptr, stride_xb, stride_xn, stride_xd, cd_ptr, stride_cdb, stride_cdk, stride_cdd,
+    labels_ptr, dist_ptr, list_ptr, count_ptr, key_ptr, first_ptr, n_rows, n_pad, D, stride_list,
+    COSINE: tl.constexpr, BLOCK_N: tl.constexpr, EPI_D: tl.constexpr, XB16: tl.constexpr,
+):
+    """After `_brute_kernel`'s two passes: each listed row's label (the first minimum; a row without any finite
+    score keeps centroid 0, with its NaN / inf distance) and distance."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    pid_b = tl.program_id(1)
+    n_list = tl.load(count_ptr + pid_b * 4)
+    list_ptr += pid_b.to(tl.int64) * stride_list
     for tile in range(pid, tl.cdiv(n_list, BLOCK_N), nprog):
         slot = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         valid = slot < n_list
         rows = tl.load(list_ptr + slot, mask=valid, other=0)
         row_off = _x_rows(pid_b, rows, stride_xb, stride_xn, XB16)
         out_off = pid_b.to(tl.int64) * n_rows + rows
+        s_off = pid_b.to(tl.int64) * n_pad + rows
+        best = _unordered(tl.load(key_ptr + s_off, mask=valid, other=0))
+        found = best < float("inf")
+        label = tl.where(found, tl.load(first_ptr + s_off, mask=valid, other=0), 0)
         inv_norm = _inv_norm(x_ptr, row_off, stride_xd, D, valid, COSINE, BLOCK_N, EPI_D)
-        best = tl.full([BLOCK_N], float("inf"), tl.float64)
-        best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
-        offs_e = tl.arange(0, EPI_D)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + offs_k
-            k_mask = ks < K
-            c_off = pid_b.to(tl.int64) * stride_cdb + ks.to(tl.int64) * stride_cdk
-            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float64)
-            # (EPI_D features per step, as `_exact_score` sums them: one element per feature at a time made a
-            # serial chain of K D / BLOCK_K dependent loads, 53 ms for one row at K=4096, D=1024 on an H100)
-            for d0 in range(0, D, EPI_D):
-                xv = _rows64(x_ptr, row_off, stride_xd, d0, offs_e, D, valid)
-                cv = _rows64(cd_ptr, c_off, stride_cdd, d0, offs_e, D, k_mask)
-                if COSINE:
-                    acc -= tl.sum((xv * inv_norm[:, None])[:, None, :] * cv[None, :, :], 2)
-                else:
-                    diff = xv[:, None, :] - cv[None, :, :]
-                    acc += tl.sum(diff * diff, 2)
-            acc = tl.where(k_mask[None, :] & (acc == acc), acc, float("inf"))
-            t = tl.min(acc, 1)
-            ti = tl.min(tl.where(acc == t[:, None], ks[None, :], 2147483647), 1)
-            better = t < best  # strict: an earlier tile keeps a tie
-            best_idx = tl.where(better, ti, best_idx)
-            best = tl.where(better, t, best)
         first = _exact_score(x_ptr, row_off, stride_xd, cd_ptr, pid_b.to(tl.int64) * stride_cdb + 0 * row_off,
-                             stride_cdd, D, valid, inv_norm, COSINE, BLOCK_N, EPI_D)
-        best = tl.where(best < float("inf"), best, first)
+                             stride_cdd, D, valid & ~found, inv_norm, COSINE, BLOCK_N, EPI_D)
+        best = tl.where(found, best, first)
         if COSINE:
             best = _cosine_dist(best)
-        tl.store(labels_ptr + out_off, best_idx.to(tl.int64), mask=valid)
+        tl.store(labels_ptr + out_off, label.to(tl.int64), mask=valid)
         tl.store(dist_ptr + out_off, best.to(tl.float32), mask=valid)
 
 
@@ -927,9 +990,11 @@ class FastAssignment:
     min_dist: torch.Tensor  # float32 (B, N), exact for the returned label
     flag: torch.Tensor  # int8 (B, N): 1 where the margin is under the error bound
     threshold: torch.Tensor  # float32 (B, N): resolve-pass threshold on d - aa
-    lists: torch.Tensor  # int32 (2, B, N): [0, b, :counts[b, 0]] the flagged rows, [1, b, :counts[b, 1]] the
-    #                      rows the resolve pass left to brute force (in no particular order)
-    counts: torch.Tensor  # int32 (B, 4): rows flagged, rows left to brute force, rows settled through a wide tile
+    lists: torch.Tensor  # int32 (3, B, N): [0, b, :counts[b, 0]] the flagged rows, [1, b, :counts[b, 1]] the
+    #                      rows the resolve pass left to brute force, [2, b, :counts[b, 3]] the rows the
+    #                      neighbour tier left to the resolve pass (each in no particular order)
+    counts: torch.Tensor  # int32 (B, 4): rows flagged, rows left to brute force, rows settled through a wide
+    #                       tile, rows left to the resolve pass (when the neighbour tier ran)
     lower: torch.Tensor | None = None  # float32 (B, N): `_lower_bound` (0 on flagged rows); None unless asked
 
     @property
@@ -1062,7 +1127,7 @@ def _fast_pass(p: _Prepared, rows: PreparedRows | None = None, lower: bool = Fal
                           torch.empty((b, n), dtype=torch.int8, device=dev),
                           torch.empty((b, n), dtype=torch.float32, device=dev),
                           # (rows padded to n_pad: strides and alignment independent of N, no recompiles)
-                          torch.empty((2, b, n_pad), dtype=torch.int32, device=dev),
+                          torch.empty((3, b, n_pad), dtype=torch.int32, device=dev),
                           torch.zeros((b, 4), dtype=torch.int32, device=dev),
                           torch.empty((b, n), dtype=torch.float32, device=dev) if lower else None)
     top, tile_k, key_low = _stream(p)
@@ -1131,8 +1196,9 @@ def _class_pass(p: _Prepared, top: torch.Tensor, tile_k: int, key_low: int) -> N
            RESIDENT=p.cfg.resident, PTX=not p.cfg.interpreted, num_warps=cp.num_warps, num_stages=cp.num_stages)
 
 
-def _resolve_launch(p: _Prepared, fast: FastAssignment) -> None:
-    """The resolve pass over fast.lists[0]; sizes come from the device (persistent programs): no host sync."""
+def _resolve_launch(p: _Prepared, fast: FastAssignment, after_neighbours: bool = False) -> None:
+    """The resolve pass over fast.lists[0], or over what the neighbour tier left (lists[2]); sizes come from the
+    device (persistent programs): no host sync."""
     b, n, _ = p.x.shape
     cfg = p.cfg
     r = cfg.resolve
@@ -1142,8 +1208,8 @@ def _resolve_launch(p: _Prepared, fast: FastAssignment) -> None:
     launch(_resolve_kernel, (programs, b),
            x, x.stride(0), x.stride(1), x.stride(2), p.a_fast, p.rowstat, fast.threshold,
            p.c_fast, p.cc, cd, cd.stride(0), cd.stride(1), cd.stride(2),
-           fast.labels, fast.min_dist, lists[0], fast.counts, lists[1],
-           n, n_pad, x.shape[2], cd.shape[1], p.c_fast.shape[1], d_pad, lists.stride(1),
+           fast.labels, fast.min_dist, lists[2 if after_neighbours else 0], fast.counts, lists[1],
+           n, n_pad, x.shape[2], cd.shape[1], p.c_fast.shape[1], d_pad, lists.stride(1), 3 if after_neighbours else 0,
            COSINE=p.cosine, MAX_CAND=MAX_CANDIDATES,
            # (centroid tiles no wider than the streaming pass's: the padding of K stays a multiple)
            BLOCK_N=r.block_n, BLOCK_K=min(r.block_k, cfg.block_k), BLOCK_D=cfg.block_d,
@@ -1152,21 +1218,34 @@ def _resolve_launch(p: _Prepared, fast: FastAssignment) -> None:
            num_warps=r.num_warps, num_stages=r.num_stages)
 
 
+BRUTE_SPLITS = 16  # centroid ranges the brute-force tier scores in parallel (its time is the latency of one range)
+
+
 def _brute_launch(p: _Prepared, fast: FastAssignment) -> None:
-    """Last tier: float64 brute force over fast.lists[1] (usually empty: the launch finds nothing to do)."""
+    """Last tier: float64 brute force over fast.lists[1] (usually a few rows, or none: the launches find nothing
+    to do). Its time is the latency of one program's walk over its share of K, so the rows go two at a time, the
+    centroids in BRUTE_SPLITS ranges of 256-wide tiles, each (rows, range) pair to its own program: H200, 2M-row
+    chunks at K=8192 with a few such rows: about 0.6 ms per chunk when one program walked all of K (19 ms of a
+    0.31 s Lloyd step over 32 chunks, benchmarks/engine_fit.py --profile; 118 ms of 1.3 s on an H100 at N=180M)."""
     b, n, d = p.x.shape
     cfg = p.cfg
-    # Few rows come here, so its time is the latency of one program's walk over K: small row tiles spread them
-    # over more programs, and wide centroid tiles make the walk short (2 rows x 256 centroids: a chunk of 2M rows
-    # with a few brute-force rows took about 2 ms on an H200 with 8 x 64, benchmarks/engine_fit.py --profile).
-    block_n = 2
-    programs = max(1, min(triton.cdiv(n, block_n), cfg.resolve.programs))
-    x, cd, lists = p.x, p.c_dist, fast.lists
-    launch(_brute_kernel, (programs, b),
-           x, x.stride(0), x.stride(1), x.stride(2), cd, cd.stride(0), cd.stride(1), cd.stride(2),
-           fast.labels, fast.min_dist, lists[1], fast.counts[:, 1:], n, cd.shape[1], d, lists.stride(1),
-           COSINE=p.cosine, BLOCK_N=block_n, BLOCK_K=16 if cfg.interpreted else 256, EPI_D=16, XB16=_xb16(x),
-           num_warps=1 if cfg.interpreted else 8)
+    block_n, block_k = 2, (16 if cfg.interpreted else 256)
+    n_pad = fast.lists.shape[2]
+    k = p.c_dist.shape[1]
+    k_split = triton.cdiv(triton.cdiv(k, BRUTE_SPLITS), block_k) * block_k
+    programs = max(1, min(triton.cdiv(n, block_n) * BRUTE_SPLITS, cfg.resolve.programs))
+    # per row: the smallest score (`_ordered`: +inf to start with) and the first index with it (as large)
+    key, first = torch.full((2, b, n_pad), 0x7FF0000000000000, dtype=torch.int64, device=p.x.device)
+    x, cd, rows, count = p.x, p.c_dist, fast.lists[1], fast.counts[:, 1:]
+    common = (x, x.stride(0), x.stride(1), x.stride(2), cd, cd.stride(0), cd.stride(1), cd.stride(2))
+    warps = 1 if cfg.interpreted else 8
+    for pick in (False, True):
+        launch(_brute_kernel, (programs, b), *common, rows, count, key, first, n, n_pad, k, d, rows.stride(0),
+               k_split, PICK=pick, SPLITS=BRUTE_SPLITS, COSINE=p.cosine, BLOCK_N=block_n, BLOCK_K=block_k,
+               EPI_D=16, XB16=_xb16(x), num_warps=warps)
+    launch(_brute_finish_kernel, (max(1, min(triton.cdiv(n, 64), cfg.resolve.programs)), b), *common,
+           fast.labels, fast.min_dist, rows, count, key, first, n, n_pad, d, rows.stride(0),
+           COSINE=p.cosine, BLOCK_N=64, EPI_D=16, XB16=_xb16(x), num_warps=1 if cfg.interpreted else 4)
 
 
 def _xb16(x: torch.Tensor) -> bool:
@@ -1231,12 +1310,37 @@ def fast_assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "eucl
 
 
 def _resolve(p: _Prepared, fast: FastAssignment) -> None:
-    """Make the flagged rows exact, in place, with no host synchronisation: the resolve pass (candidates under
-    the threshold, float64 argmin among them), then float64 brute force for the rows it leaves (more than
-    MAX_CANDIDATES candidates, or wide hits in two centroid tiles: duplicated centroids). The brute-force launch
-    is made every time; with nothing listed it returns at once."""
-    _resolve_launch(p, fast)
+    """Make the flagged rows exact, in place, with no host synchronisation: the neighbour tier where the call has
+    a neighbour table (`_neighbour_table`), the resolve pass for the rows it leaves (candidates under the
+    threshold, float64 argmin among them), then float64 brute force for the rows that leaves (more than
+    MAX_CANDIDATES candidates, or wide hits in two centroid tiles: duplicated centroids). The resolve and
+    brute-force launches are made every time; with nothing listed they return at once."""
+    table = _neighbour_table(p)
+    if table is not None:
+        from . import neighbours
+        cfg = p.cfg
+        neighbours.settle_launch(p.x, p.c_dist, table, fast.labels, fast.min_dist, fast.lists[0], fast.counts,
+                                 fast.lists[2], cfg.resolve.programs, cfg.epilogue_d, cfg.interpreted, _xb16(p.x))
+    _resolve_launch(p, fast, after_neighbours=table is not None)
     _brute_launch(p, fast)
+
+
+def _neighbour_table(p: _Prepared):
+    """The call's `neighbours.NeighbourTable` (euclidean; kept or built per `neighbours.table_for`), or None. In a
+    compile-ahead dry run, a placeholder wherever a table could be used, so the tier's kernel is built with the
+    others."""
+    if not NEIGHBOUR_TIER or p.cosine:
+        return None
+    from . import neighbours
+    b, k, _ = p.centroids.shape
+    if compile_ahead.active():
+        if k < neighbours.MIN_CENTROIDS:
+            return None
+        m, dev = neighbours.NEIGHBOURS, p.x.device
+        return neighbours.NeighbourTable(torch.zeros((b, k, m), dtype=torch.int32, device=dev),
+                                         torch.zeros((b, k, m), dtype=torch.float64, device=dev),
+                                         torch.zeros((b, k), dtype=torch.float64, device=dev))
+    return neighbours.table_for(p.centroids, p.x.shape[1])
 
 
 def flash_assign(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euclidean", shift=None,

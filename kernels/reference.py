@@ -141,6 +141,25 @@ def bounded_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
     return own.to(_result_dtype(x)), new_lower, ~keep
 
 
+def neighbour_settle(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, min_dist: torch.Tensor,
+                     index: torch.Tensor, low: torch.Tensor, beyond: torch.Tensor):
+    """Twin of FlashAssign's neighbour tier (`kernels.neighbours`) on rows x (N, D) with fast labels and their
+    min_dist, and one batch's table (index, low (K, M), beyond (K,)): (settled bool, labels, min_dist), the
+    float64 argmin over the listed centroids within 2 |x - c_label| where the table lists all of them."""
+    k = centroids.shape[0]
+    ok = (labels >= 0) & (labels < k)
+    lab = torch.where(ok, labels, torch.zeros_like(labels))
+    reach = 2.0 * (min_dist.to(torch.float64) * (1.0 + 2.0 ** -20) + 2.0 ** -125).sqrt()
+    ok &= reach < beyond[lab]
+    near = ok[:, None] & (low[lab] <= reach[:, None])
+    idx = index[lab].long()
+    diff = x.to(torch.float64)[:, None, :] - centroids.to(torch.float64)[idx]
+    score = torch.where(near, (diff * diff).sum(dim=2), float("inf"))
+    best = score.min(dim=1).values
+    first = torch.where(near & (score == best[:, None]), idx, k).min(dim=1).values  # ties: the lowest index
+    return ok, torch.where(ok, first, labels), torch.where(ok, best.to(min_dist.dtype), min_dist)
+
+
 def distances(x: torch.Tensor, centroids: torch.Tensor, *, metric: str = "euclidean", shift=None) -> torch.Tensor:
     """Full (N, K) float64 matrix of squared euclidean (or cosine) distances, for transform and seeding."""
     check_metric(metric)

@@ -242,6 +242,29 @@ def test_assign_resolution_tiers(monkeypatch):
     assert_exact(x, c, labels, min_dist)
 
 
+def test_brute_force_tier_splits_the_centroids_and_keeps_the_first_minimum():
+    """The last tier scores the centroids in ranges in parallel (`BRUTE_SPLITS`), then picks the lowest index
+    among the centroids at the smallest score: a centroid duplicated across ranges, a minimum in the last range,
+    and a tie at the same score in three ranges all keep the float64 argmin's lowest index."""
+    import flashkm_dist.kernels.assign as assign_module
+    g = gen(23)
+    k, d = 70, 5  # interpreted tiles of 16 centroids: k_split 16, five ranges
+    c = torch.randn(k, d, generator=g, dtype=torch.float64).float()
+    c[50] = c[6]
+    c[33], c[66] = c[17], c[17]
+    x = torch.randn(40, d, generator=g)
+    x[0], x[1], x[2] = c[50], c[69], c[33]
+    p = assign_module._prepare(x[None], c[None], "euclidean", None)
+    fast = assign_module._fast_pass(p)
+    fast.lists[1, 0, :40] = torch.arange(40, dtype=torch.int32)
+    fast.counts[0, 1] = 40
+    assign_module._brute_launch(p, fast)
+    d64 = oracle_distances(x, c)
+    assert torch.equal(fast.labels[0], torch.from_numpy(d64.argmin(1)))
+    assert fast.labels[0, :3].tolist() == [6, 69, 17]
+    np.testing.assert_allclose(fast.min_dist[0].double().numpy(), d64.min(1), rtol=1e-6, atol=1e-6)
+
+
 def test_assign_brute_force_tier_nan_and_cosine():
     """The last tier on its own: every row through float64 brute force (no usable bound), euclidean and cosine;
     a NaN row keeps centroid 0 and a NaN distance, a NaN centroid never wins."""
