@@ -581,8 +581,10 @@ class Engine:
     def _streamed(self, index, key, data: torch.Tensor, weights, rows: int):
         """Host rows to the device: cached rows first-hand (CACHED_CHUNK_FACTOR staging chunks at a time), the
         rest through double-buffered pinned staging on a copy stream (the copy of chunk i+1 is queued before
-        chunk i is handed out for compute; the first streamed chunk's before any cached rows are). Cached chunks
-        are spread between the streamed ones (`interleaved`)."""
+        chunk i and the cached chunks served before it are handed out for compute, so it runs while they are
+        scored, even when the consumer waits for the device per chunk, as bounded steps do; the first streamed
+        chunk's copy is queued before any cached rows are). Cached chunks are spread between the streamed ones
+        (`interleaved`)."""
         if self._streams is None:
             self._streams = (torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device))
         copy_stream, compute = self._streams
@@ -637,10 +639,10 @@ class Engine:
         shares = interleaved(len(plan), len(starts))
         plan = iter(plan)
         for i, start in enumerate(starts):
+            if i + 1 < len(starts):  # (before the cached chunks: it runs while they are scored)
+                queue_copy(i + 1)
             for _ in range(shares[i]):
                 yield from_cache(*next(plan))
-            if i + 1 < len(starts):
-                queue_copy(i + 1)
             slot = i % 2
             dev, event = landed[slot]
             compute.wait_event(event)
