@@ -4,20 +4,23 @@
     python benchmarks/engine_fit.py --out fit.json [--log2n 24 | --n 180000000] [--k 8192] [--iters 12]
 
 Both fits start from the same random rows and run `lloyd.lloyd_iteration` (step, exact update, re-seeding) the
-same number of times; the centres must agree to the bit after every iteration. Each iteration's seconds, rows
-scored (bounded) and labels changed are reported, with the means over all iterations and over the later half,
-against flash-kmeans' seconds per iteration and the PCIe time of the rows the cache does not hold.
+same number of times; the centres must agree to the bit after every iteration (--tier-ab: also a plain fit
+without FlashAssign's neighbour tier, checked the same way). Each iteration's seconds, rows scored (bounded),
+labels changed and Triton compiles started are reported, with the means over all iterations and over the later
+half, against flash-kmeans' seconds per iteration and the PCIe time of the rows the cache does not hold.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
 import torch
 
 from engine_check import DEV, flash_largeN_iter_s, h2d_gbps, host_blobs, host_numerics, quarters
+from flashkm_dist.kernels import assign as A
 from flashkm_dist.lloyd import lloyd_iteration
 from flashkm_dist.streaming import Engine
 from profile_kernels import device_rows
@@ -38,16 +41,25 @@ def profiled(fn, top: int = 14) -> dict:
     return {"wall_s": wall, "device_ms": round(sum(r[1] for r in rows), 3), "kernels": rows[:top]}
 
 
+def compiled_kernels() -> int:
+    """Entries in Triton's on-disk kernel cache (a first iteration's time includes the compiles it starts)."""
+    root = os.environ.get("TRITON_CACHE_DIR") or os.path.join(
+        os.environ.get("TRITON_HOME") or os.path.expanduser("~"), ".triton", "cache")
+    return len(os.listdir(root)) if os.path.isdir(root) else 0
+
+
 def run(x, init, nm, iters: int, bounds: bool, profile: bool = False) -> dict:
     engine = Engine(DEV, chunk_rows=1 << 19, bounds=bounds)
     blocks = quarters(x)
     centers, rows = init, []
     for i in range(iters):
         torch.cuda.synchronize()
+        compiled = compiled_kernels()
         start = time.perf_counter()
         it = lloyd_iteration(engine, blocks, centers, nm)
         rows.append({"iteration": i + 1, "seconds": time.perf_counter() - start, "rescored": it.step.rescored,
-                     "labels_changed": it.step.n_changed, "inertia": it.inertia})
+                     "labels_changed": it.step.n_changed, "inertia": it.inertia,
+                     "kernels_compiled": compiled_kernels() - compiled})
         centers = it.centers
         rows[-1]["centers"] = centers.cpu()
     if profile:  # (one more iteration, after the timed ones)
@@ -95,6 +107,7 @@ def main():
     ap.add_argument("--iters", type=int, default=12)
     ap.add_argument("--no-flash", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile one more iteration of each fit")
+    ap.add_argument("--tier-ab", action="store_true", help="also plain steps without FlashAssign's neighbour tier")
     args = ap.parse_args()
     n = args.n or 1 << args.log2n
     x, init = host_blobs(n, args.k, args.d)
@@ -103,14 +116,20 @@ def main():
               "dtype": "float32", "host_bytes": x.numel() * 4, "h2d_GBps": h2d_gbps(x), "iters": args.iters}
     result["lower_bounds"] = lower_bound_check(x[:50_000].to(DEV), init)
     fits = {}
-    for name, bounds in (("plain", False), ("bounded", True)):
-        fits[name] = run(x, init, nm, args.iters, bounds, args.profile)
-        torch.cuda.empty_cache()
-    same = all(torch.equal(a["centers"], b["centers"])
-               for a, b in zip(fits["plain"]["iterations"], fits["bounded"]["iterations"]))
-    result["same_centres_every_iteration"] = same
-    result["same_inertia_every_iteration"] = all(
-        a["inertia"] == b["inertia"] for a, b in zip(fits["plain"]["iterations"], fits["bounded"]["iterations"]))
+    for name, bounds, tier in (("plain", False, True), ("bounded", True, True), ("plain_no_tier", False, False)):
+        if tier or args.tier_ab:
+            A.NEIGHBOUR_TIER = tier
+            try:
+                fits[name] = run(x, init, nm, args.iters, bounds, args.profile)
+            finally:
+                A.NEIGHBOUR_TIER = True
+            torch.cuda.empty_cache()
+    for key, test in (("centres", lambda a, b: torch.equal(a["centers"], b["centers"])),
+                      ("inertia", lambda a, b: a["inertia"] == b["inertia"])):
+        for other, suffix in (("bounded", ""), ("plain_no_tier", "_without_tier")):
+            if other in fits:
+                result[f"same_{key}_every_iteration{suffix}"] = all(
+                    test(a, b) for a, b in zip(fits["plain"]["iterations"], fits[other]["iterations"]))
     uncached = max(0, result["host_bytes"] - fits["bounded"]["cache_bytes"])
     result["cache_GiB"] = fits["bounded"]["cache_bytes"] / 2 ** 30
     result["uncached_floor_s"] = uncached / result["h2d_GBps"] / 1e9

@@ -25,6 +25,7 @@ from provenance import provenance
 from flashkm_dist.engine import backend_for, numerics_for
 from flashkm_dist.kernels import reference
 from flashkm_dist.kernels import assign as A
+from flashkm_dist.kernels import neighbours
 from flashkm_dist.kernels.assign import flash_assign
 from flashkm_dist.kernels.update import sort_inverse_update
 from flashkm_dist.streaming import Block, Engine
@@ -93,6 +94,49 @@ def check_assign_exact():
             out.append({"dtype": str(dtype), "case": name, "n": n, "k": k, "d": d, "violations": viol,
                         "labels_differing_from_float64_argmin": differ,
                         "min_dist_max_rel_err": float(((dist.double() - ref_d).abs() / ref_d.clamp_min(1e-30)).max())})
+    return out
+
+
+def check_neighbour_tier():
+    """FlashAssign with the neighbour tier against FlashAssign without it (labels and distances to the bit), on
+    centroids taken from random rows of blobs (about two per blob: a fit's start, many near ties), per dtype;
+    and the table's bounds against float64 distances from the differences."""
+    out = {"assign": []}
+    n, d, k = 1 << 20, 128, 8192
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = blobs(n, d, k // 2, dtype, seed=5)
+        c = x[torch.randperm(n, device=DEV)[:k]].clone()
+        row = {"dtype": str(dtype), "n": n, "k": k, "d": d}
+        rule = neighbours.ROWS_PER_CENTROID
+        for tier in (True, False):
+            A.NEIGHBOUR_TIER, neighbours.ROWS_PER_CENTROID = tier, 0  # (the tier for this N, as in a long step)
+            try:
+                neighbours.forget()
+                labels, dist = flash_assign(x, c)
+                p = A._prepare(x[None], c[None], "euclidean", None)
+                fast = A._fast_pass(p)
+                A._resolve(p, fast)
+            finally:
+                A.NEIGHBOUR_TIER, neighbours.ROWS_PER_CENTROID = True, rule
+                neighbours.forget()
+            row["tier" if tier else "no_tier"] = (labels, dist, fast.counts[0].tolist())
+        (l1, d1, counts), (l0, d0, _) = row.pop("tier"), row.pop("no_tier")
+        row.update(same_labels=bool(torch.equal(l1, l0)), same_min_dist=bool(torch.equal(d1, d0)),
+                   violations=contract_violations(x, c, l1)[0], rows_flagged=counts[0],
+                   rows_left_to_resolve=counts[3], rows_brute_force=counts[1])
+        out["assign"].append(row)
+    c = blobs(2048, d, 512, torch.float32, seed=6, offset=100.0)
+    t = neighbours.neighbour_table(c)
+    c64, worst_low, worst_beyond = c.double(), 0.0, 0.0
+    for r0 in range(0, c.shape[0], 128):
+        true = ((c64[r0:r0 + 128, None, :] - c64[None, :, :]) ** 2).sum(-1).sqrt()
+        listed = true.gather(1, t.index[0, r0:r0 + 128].long())
+        worst_low = max(worst_low, float((t.low[0, r0:r0 + 128] - listed).max()))
+        true.scatter_(1, t.index[0, r0:r0 + 128].long(), float("inf"))
+        worst_beyond = max(worst_beyond, float((t.beyond[0, r0:r0 + 128] - true.min(dim=1).values).max()))
+    out["table"] = {"k": 2048, "offset": 100.0, "max_low_minus_true": worst_low,
+                    "max_beyond_minus_nearest_unlisted": worst_beyond,
+                    "bounds_hold": worst_low <= 0.0 and worst_beyond <= 0.0}
     return out
 
 
@@ -219,6 +263,15 @@ def time_shape(n, k, d, dtype, p, with_fast: bool):
     backend = backend_for(DEV)
     row = {"n": n, "k": k, "d": d, "dtype": str(dtype).removeprefix("torch.")}
     row["ours_assign_ms"] = cuda_ms(lambda: flash_assign(x, c, shift=nm.shift))
+    # (a Lloyd step has new centroids: the neighbour table built anew each call, as `ours_iter_ms` builds it)
+    row["ours_assign_new_table_ms"] = cuda_ms(lambda: (neighbours.forget(), flash_assign(x, c, shift=nm.shift)))
+    row["neighbour_table_ms"] = cuda_ms(lambda: neighbours.neighbour_table(c))
+    p_ = A._prepare(x[None], c[None], "euclidean", nm.shift)
+    fast = A._fast_pass(p_)
+    A._resolve(p_, fast)
+    row["neighbour_tier"] = A._neighbour_table(p_) is not None
+    row["rows_flagged"] = fast.counts[0, 0].item()
+    row["rows_left_to_resolve"] = fast.counts[0, 3 if row["neighbour_tier"] else 0].item()
     iterate = graphed.GraphedIteration(Engine(DEV, dtype=x.dtype, backend=backend), [Block(x)], nm)
     row["ours_iter_ms"] = cuda_ms(lambda: our_iteration(iterate, c))
     row["tflops_assign"] = 2 * n * k * d / row["ours_assign_ms"] / 1e9
@@ -298,7 +351,8 @@ def main():
     import triton
     result["triton"] = triton.__version__
     result["first_call"] = first_call_seconds()
-    for name, fn in [("assign_exact", check_assign_exact), ("partials", check_partials_bitwise),
+    for name, fn in [("assign_exact", check_assign_exact), ("neighbour_tier", check_neighbour_tier),
+                     ("partials", check_partials_bitwise),
                      ("limbs", check_limbs_bitwise), ("estimator", check_estimator_end_to_end)]:
         try:
             result[name] = fn()

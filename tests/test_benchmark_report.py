@@ -24,16 +24,17 @@ def test_report_tables_and_plots_from_committed_results(tmp_path):
     report = _module("report").main(["--results", str(tmp_path)]).read_text()
     assert "| nccl | 4 | 67108864 | 0.127 | 0.126 | 1.74 |  | 0.973 |" in report  # the 4xH200 NCCL row
     assert "4/4 exactness checks bitwise equal" in report
-    assert "| float32 | 1048576 | 8192 | 128 | 5.36 | 10.2 | 16.2 | 0.524 |" in report
+    assert "| float32 | 1048576 | 8192 | 128 | 5.47 | 10.6 | 14.9 | 0.514 |" in report
     assert "Same bits as the portable kernel (labels, min_dist, flags, thresholds): 14 of 14 cases" in report
     assert "| float16 | 1048576 | 8192 | 128 | 3.2 | 0.393 | 3.96 | 4.09 |" in report  # sm_90 pass, class pass, ...
     assert '| 1048576 x 8192 x 128 | {"overlap": true, "block_n": 64} | 4.67 | 471 | True |' in report
     assert "Graphed iterations give the op-by-op bits: 6 of 6 shapes" in report
-    assert "| 8 | 10000 | 64 | 64 | 22.3 | 37.2 | 7.39 | True |" in report  # batched, graphed vs op by op
+    assert "| 8 | 10000 | 64 | 64 | 17.3 | 25.7 | 4.31 | True |" in report  # batched, graphed vs op by op
     assert "second new shape " in report
     assert "| 8388608 x 1024 x 128 | [None, [8192, 0]] | 1.18 | True |  |" in report  # the class pass's variants
     assert "| 180000000 | float32 | 92.2 | 54.9 | 1.68 | 1.77 | 1.16 | 59.7 | 1.91 |" in report
-    assert "| bounded | 1.16 | 0.377 | 0.238 | 0.549 | 0.346 |" in report  # a fit, plain vs bounded steps
+    assert "| bounded | 1.14 | 0.271 | 0.142 | 0.391 | 0.205 |" in report  # a fit, plain vs bounded steps
+    assert "| plain_no_tier | 0.773 | 0.451 | 0.383 | 0.651 | 0.553 |" in report  # ... and without the tier
     # the headline and the N series share one table, ordered by N; weak scaling reports rows per worker
     assert report.index("| 100000000 | nccl | 4 | 32768 | 0.392 |") < report.index("| 1000000000 | nccl | 4 | 32768 |")
     assert "16777216 rows per worker" in report and "| nccl | 4 | 67108864 | 0.0779 |" in report
