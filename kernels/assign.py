@@ -1226,7 +1226,8 @@ def _brute_launch(p: _Prepared, fast: FastAssignment) -> None:
     to do). Its time is the latency of one program's walk over its share of K, so the rows go two at a time, the
     centroids in BRUTE_SPLITS ranges of 256-wide tiles, each (rows, range) pair to its own program: H200, 2M-row
     chunks at K=8192 with a few such rows: about 0.6 ms per chunk when one program walked all of K (19 ms of a
-    0.31 s Lloyd step over 32 chunks, benchmarks/engine_fit.py --profile; 118 ms of 1.3 s on an H100 at N=180M)."""
+    0.31 s Lloyd step over 32 chunks, benchmarks/engine_fit.py --profile; 118 ms of 1.3 s on an H100 at N=180M),
+    12 ms for the step's 64 launches of the two passes now (32 ms on the H100)."""
     b, n, d = p.x.shape
     cfg = p.cfg
     block_n, block_k = 2, (16 if cfg.interpreted else 256)

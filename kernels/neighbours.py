@@ -8,7 +8,10 @@ out (`beyond`). Where 2r < beyond, every centroid that can win is listed, and th
 index) over the listed ones within 2r, c_l among them, is the exact label; the other flagged rows go on to the
 resolve pass, which streams all K centroids again. In fits from random rows several centroids share a cluster,
 and most rows near a tie are near a tie between those few: the resolve pass's O(K D) work per row becomes a
-few float64 distances.
+few float64 distances. Measured on an H200 (benchmarks/near_ties.py, engine_fit.py; N=2^26, K=8192, after 12
+iterations from random rows): 9.9M of 67M rows flagged, 5766 of them left to the resolve pass; the assignment
+282 ms instead of 365 (the tier 14.7 ms, the resolve pass it replaces 104 ms); Lloyd steps 0.304 s instead of
+0.383 in the later half of the fit.
 
 The table costs one float64 K x K product per set of centroids (`table_for` keeps the last one per device, so
 the chunks of a Lloyd step share it); FlashAssign builds it only where that is small next to the call's work.
@@ -96,11 +99,12 @@ def table_for(centroids: torch.Tensor, n_rows: int, m: int = NEIGHBOURS) -> Neig
     """The table of `centroids` (B, K, D) for a call over n_rows rows per batch: the last one built on this
     device if it is for the same tensor (unchanged since: its version counter), a new one if the call has at
     least ROWS_PER_CENTROID rows per centroid and K >= MIN_CENTROIDS, else None (the resolve pass does it all).
-    Why these rules: the build (a float64 product and a top-k over K x K, 0.6 ms at K=1024, 1.3-1.8 ms at
-    K=4096, 3.9 ms at K=8192 on an H200) must be small next to the resolve pass it saves, which scores the
-    flagged rows against all K: 9-15 % of the rows in fits, but 0.5-2 % with fixed centroids such as
-    benchmarks/gpu_check.py's, where the tier cost its N=1M K=4096 rows about 1 ms and its N=8M K=1024 row
-    0.2 ms. A Lloyd step over many chunks asks once for all of them (`prepare`)."""
+    Why these rules: the build (a float64 product and a top-k over K x K; on an H200 0.55 ms at K=1024,
+    1.0-1.6 ms at K=4096, 2.9 ms at K=8192, 162 ms at K=65536) must be small next to the resolve pass it saves,
+    which scores the flagged rows against all K: 9-15 % of the rows in fits, but 0.5-2 % with fixed centroids
+    such as benchmarks/gpu_check.py's, where the tier (with 4x smaller build blocks, slower) cost its N=1M K=4096
+    rows about 1 ms and its N=8M K=1024 row 0.2 ms. A Lloyd step over many chunks asks once for all of them
+    (`prepare`)."""
     root = centroids if centroids._base is None else centroids._base
     last = _LAST.get(centroids.device)
     if last is not None and last[0]() is root and last[1] == (_place(centroids), m):
