@@ -27,6 +27,11 @@ from flashkm_dist.kernels.checks import DeferredChecks
 CHUNK_BYTES = 256 << 20  # one staging buffer
 CACHE_FRACTION = 0.8  # of the free device memory, for 'auto'
 CACHED_CHUNK_FACTOR = 4  # rows served from the cache go through the kernels this many staging chunks at a time
+# Bounded steps score streamed chunks whole below this K: their copy takes longer than scoring all their rows (per
+# row 2 K D flops at ~700 TFLOP/s against 4 D bytes at ~55 GB/s: equal near K = 25000 on an H100), so the bounds
+# would save nothing, while the wait for the device they need per chunk stalls the copies (H100, N=180M, 59 GiB
+# cached: bounded steps 1.36 s, plain 1.24, benchmarks/engine_fit.py).
+STREAMED_BOUNDS_MIN_K = 16384
 
 
 @dataclass
@@ -105,6 +110,7 @@ class _Chunk:
     x: torch.Tensor  # rows on the engine's device, compute dtype
     weights: torch.Tensor | None
     cached: bool = False  # host rows served from the device cache (their labels stay on the device too)
+    streamed: bool = False  # host rows that came through the staging buffers in this pass
 
 
 def cached_prefix(n: int, rows: int, n_cached: int, filling: bool) -> int:
@@ -175,7 +181,8 @@ class Engine:
     its distance to the other centroids (4 bytes, beside its label), and a step scores again only the rows the
     bounds cannot settle. The same labels and sums as plain steps, bit for bit, whatever the chunks; min_dist
     (inertia) is the same float64 distance, rounded to float32 by one kernel for every row (equal to plain steps'
-    to the bit in the GPU runs of benchmarks/engine_fit.py). Each step waits for the device once per chunk.
+    to the bit in the GPU runs of benchmarks/engine_fit.py). Each step waits for the device once per chunk it
+    bounds; chunks streamed from the host are scored whole below STREAMED_BOUNDS_MIN_K (their copy hides that).
     """
 
     device: torch.device | str = "cpu"
@@ -436,14 +443,16 @@ class Engine:
 
     def _bounded_assign(self, blocks, chunk: _Chunk, centroids, numerics, dec, kept):
         """(labels, min_dist) of a chunk in a bounded step: rows whose bound settles them keep their label, the
-        others (all of them when the bounds are not for the last step's centroids) go through the assignment.
-        min_dist always comes from `bounded_rows`, so it has the same bits whichever way a row went."""
+        others (all of them when the bounds are not for the last step's centroids, and in streamed chunks below
+        STREAMED_BOUNDS_MIN_K) go through the assignment. min_dist always comes from `bounded_rows`, so it has the
+        same bits whichever way a row went."""
         key = self._key(blocks[chunk.index], chunk.index)
         lower = self._row_state(blocks, chunk, self._lower, self._device_lower, torch.float32, 0.0)
         n = chunk.x.shape[0]
         no_dec = torch.zeros(centroids.shape[0], dtype=torch.float64, device=self.device)
         stale = None
-        if dec is not None and self._lower_at.get(key) == self._bound_step and key in self._labels:
+        usable = not chunk.streamed or centroids.shape[0] >= STREAMED_BOUNDS_MIN_K
+        if usable and dec is not None and self._lower_at.get(key) == self._bound_step and key in self._labels:
             old = self._row_state(blocks, chunk, self._labels, self._device_labels, torch.int64, -1)
             labels = old.to(self.device, non_blocking=True).clone()
             dist, new_lower, stale = self.backend.bounded_rows(chunk.x, centroids, labels,
@@ -650,7 +659,7 @@ class Engine:
             if fill and start < cached.shape[0]:
                 cached[start:start + rows] = x[:cached.shape[0] - start]
             w = None if weights is None else weights[start:start + rows].to(self.device, non_blocking=True)
-            yield _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w)
+            yield _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w, streamed=True)
             consumed[slot] = torch.cuda.Event()  # the consumer has queued its kernels on this chunk
             consumed[slot].record(compute)
         for span in plan:
