@@ -1,5 +1,7 @@
 """Bounded Lloyd steps: the lower bounds are bounds, a kept label is the exact one, and a bounded fit is a plain
 fit to the bit (Triton kernels under the interpreter, and the reference twins)."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -178,3 +180,25 @@ def test_bounded_steps_over_converted_rows_score_copies_and_give_plain_bits():
         centers = reference.finalize(a.partials, dtype=torch.float32, previous=centers)[0]
     assert scored[0] == len(x) and min(scored[1:]) < len(x) // 2
     assert all(torch.equal(p, q) for p, q in zip(plain.labels(blocks), bounded.labels(blocks)))
+
+
+def test_streamed_chunks_are_scored_whole_below_the_k_where_bounds_pay(monkeypatch):
+    """Chunks that came through the staging buffers (marked `streamed`; only CUDA engines stream, so they are
+    marked here) skip their bounds below STREAMED_BOUNDS_MIN_K: every row scored, no wait per chunk, the same
+    bits; at or above it they use them like any other chunk."""
+    import flashkm_dist.streaming as S
+
+    x, init = blobs(n=800)
+    nm = numerics_for(x, None, metric="euclidean", centroid_max_abs=float(init.abs().max()))
+    chunks = S.Engine._chunks
+    monkeypatch.setattr(S.Engine, "_chunks", lambda self, blocks: (
+        dataclasses.replace(c, streamed=True) for c in chunks(self, blocks)))
+    moved = init + 0.01
+    plain = Engine("cpu").step([Block(x)], moved, nm)
+    for min_k, whole in ((init.shape[0] + 1, True), (init.shape[0], False)):
+        monkeypatch.setattr(S, "STREAMED_BOUNDS_MIN_K", min_k)
+        engine = Engine("cpu", chunk_rows=200, bounds=True)
+        engine.step([Block(x)], init, nm)
+        second = engine.step([Block(x)], moved, nm)
+        assert (second.rescored == 800) == whole
+        assert torch.equal(second.partials.sums, plain.partials.sums) and torch.equal(second.inertia, plain.inertia)
