@@ -32,6 +32,8 @@ CACHED_CHUNK_FACTOR = 4  # rows served from the cache go through the kernels thi
 # would save nothing, while the wait for the device they need per chunk stalls the copies (H100, N=180M, 59 GiB
 # cached: bounded steps 1.36 s, plain 1.24, benchmarks/engine_fit.py).
 STREAMED_BOUNDS_MIN_K = 16384
+BOUND_BATCH = 4  # bounded steps read the numbers of rows to score of this many resident chunks in one wait (two
+#                 batches' tests, 17 bytes a row, wait at a time: 270 MB for 2M-row cached chunks)
 
 
 @dataclass
@@ -181,8 +183,9 @@ class Engine:
     its distance to the other centroids (4 bytes, beside its label), and a step scores again only the rows the
     bounds cannot settle. The same labels and sums as plain steps, bit for bit, whatever the chunks; min_dist
     (inertia) is the same float64 distance, rounded to float32 by one kernel for every row (equal to plain steps'
-    to the bit in the GPU runs of benchmarks/engine_fit.py). Each step waits for the device once per chunk it
-    bounds; chunks streamed from the host are scored whole below STREAMED_BOUNDS_MIN_K (their copy hides that).
+    to the bit in the GPU runs of benchmarks/engine_fit.py). Each step waits for the device once per
+    BOUND_BATCH resident chunks it bounds (`_settle`), once per other chunk it bounds; chunks streamed from the
+    host are scored whole below STREAMED_BOUNDS_MIN_K (their copy hides that).
     """
 
     device: torch.device | str = "cpu"
@@ -355,18 +358,34 @@ class Engine:
         self._bound_keys.clear()
         if self.backend.prepare_centroids is not None and numerics.metric == "euclidean":
             self.backend.prepare_centroids(centroids, sum(_as_tensor(b.data).shape[0] for b in blocks))
-        for chunk in self._chunks(blocks):
-            kept = self._kept_rows(blocks, chunk)
-            if bounded:
-                labels, dist = self._bounded_assign(blocks, chunk, centroids, numerics, dec, kept)
-            else:
-                labels, dist = self.backend.assign(chunk.x, centroids, metric=numerics.metric, shift=numerics.shift,
-                                                   **({} if kept is None else {"rows": kept}))
+
+        def finish(chunk, labels, dist):
+            nonlocal total, chunks
             part = self.backend.partial_sums(chunk.x, labels, k, chunk.weights, scale=numerics.scale,
                                              deferred=checks)
             total = _added(total, (part.sums, part.weights, exact_inertia(dist, chunk.weights, numerics, checks)))
             chunks += 1
-            changed += self._remember(blocks, chunk, labels)
+            changed.add_(self._remember(blocks, chunk, labels))
+
+        batches = [[]]  # bounded chunks whose bound tests are queued, in batches of BOUND_BATCH (see `_settle`)
+        for chunk in self._chunks(blocks):
+            kept = self._kept_rows(blocks, chunk)
+            if bounded:
+                test = self._bound_test(blocks, chunk, centroids, dec)
+                if test is not None and self._resident_rows(blocks, chunk):
+                    batches[-1].append((chunk, kept, test))
+                    if len(batches[-1]) == BOUND_BATCH:
+                        batches.append([])
+                        self._settle(batches.pop(0) if len(batches) > 2 else [], blocks, centroids, numerics,
+                                     finish)
+                    continue
+                stale = None if test is None else torch.nonzero(test[3]).flatten()  # (waits for the device)
+                finish(chunk, *self._bounded_assign(blocks, chunk, centroids, numerics, kept, test, stale))
+            else:
+                finish(chunk, *self.backend.assign(chunk.x, centroids, metric=numerics.metric, shift=numerics.shift,
+                                                   **({} if kept is None else {"rows": kept})))
+        for batch in batches:
+            self._settle(batch, blocks, centroids, numerics, finish)
         sums, counts, inertia = _normalised(total, chunks, k, d, self.device)
         # (settling reads `changed` back, which waits for the stream: host labels have landed too)
         return EngineStep(reference.Partials(sums, counts, numerics.scale), inertia, None, changed=changed,
@@ -441,23 +460,51 @@ class Engine:
         dec[top.indices[0]] = top.values[1]
         return dec
 
-    def _bounded_assign(self, blocks, chunk: _Chunk, centroids, numerics, dec, kept):
-        """(labels, min_dist) of a chunk in a bounded step: rows whose bound settles them keep their label, the
-        others (all of them when the bounds are not for the last step's centroids, and in streamed chunks below
-        STREAMED_BOUNDS_MIN_K) go through the assignment. min_dist always comes from `bounded_rows`, so it has the
-        same bits whichever way a row went."""
+    def _bound_test(self, blocks, chunk: _Chunk, centroids, dec):
+        """A bounded step's test of a chunk's rows, queued (no wait): (labels kept, min_dist, new lower bounds,
+        stale mask), or None where the bounds cannot be used (not for the last step's centroids; streamed chunks
+        below STREAMED_BOUNDS_MIN_K)."""
+        key = self._key(blocks[chunk.index], chunk.index)
+        usable = not chunk.streamed or centroids.shape[0] >= STREAMED_BOUNDS_MIN_K
+        if not (usable and dec is not None and self._lower_at.get(key) == self._bound_step and key in self._labels):
+            return None
+        lower = self._row_state(blocks, chunk, self._lower, self._device_lower, torch.float32, 0.0)
+        old = self._row_state(blocks, chunk, self._labels, self._device_labels, torch.int64, -1)
+        labels = old.to(self.device, non_blocking=True).clone()
+        return (labels, *self.backend.bounded_rows(chunk.x, centroids, labels, lower.to(self.device, non_blocking=True),
+                                                   dec))
+
+    def _resident_rows(self, blocks, chunk: _Chunk) -> bool:
+        """Whether a chunk's rows stay where they are on the device until the step ends (cached host rows, or a view
+        of a device block), so its bound test may wait in a batch."""
+        if chunk.cached:
+            return True
+        data = blocks[chunk.index].data
+        root = data if data._base is None else data._base
+        return data.device == self.device and chunk.x._base is root
+
+    def _settle(self, batch: list, blocks, centroids, numerics, finish) -> None:
+        """Finish a batch of chunks whose bound tests were queued: one wait for all their numbers of rows to score
+        (instead of one per chunk), then each chunk's assignment of those rows (`nonzero_static`: no more waits).
+        `_step` settles a batch only once the next one's tests are queued too, so the device has work meanwhile."""
+        if not batch:
+            return
+        counts = torch.stack([test[3].sum() for _, _, test in batch]).tolist()
+        for (chunk, kept, test), count in zip(batch, counts):
+            stale = torch.nonzero_static(test[3], size=count).flatten()
+            finish(chunk, *self._bounded_assign(blocks, chunk, centroids, numerics, kept, test, stale))
+
+    def _bounded_assign(self, blocks, chunk: _Chunk, centroids, numerics, kept, test, stale):
+        """(labels, min_dist) of a chunk in a bounded step, from its bound test (`_bound_test`) and the positions of
+        its stale rows: rows whose bound settles them keep their label, the others (all of them without a test) go
+        through the assignment. min_dist always comes from `bounded_rows`, so it has the same bits whichever way a
+        row went."""
         key = self._key(blocks[chunk.index], chunk.index)
         lower = self._row_state(blocks, chunk, self._lower, self._device_lower, torch.float32, 0.0)
         n = chunk.x.shape[0]
         no_dec = torch.zeros(centroids.shape[0], dtype=torch.float64, device=self.device)
-        stale = None
-        usable = not chunk.streamed or centroids.shape[0] >= STREAMED_BOUNDS_MIN_K
-        if usable and dec is not None and self._lower_at.get(key) == self._bound_step and key in self._labels:
-            old = self._row_state(blocks, chunk, self._labels, self._device_labels, torch.int64, -1)
-            labels = old.to(self.device, non_blocking=True).clone()
-            dist, new_lower, stale = self.backend.bounded_rows(chunk.x, centroids, labels,
-                                                               lower.to(self.device, non_blocking=True), dec)
-            stale = torch.nonzero(stale).flatten()  # (waits for the device: the number of rows to score)
+        if test is not None:
+            labels, dist, new_lower, _ = test
         if stale is None or stale.numel() == n:
             labels, _, new_lower = self.backend.assign_lower(chunk.x, centroids, shift=numerics.shift,
                                                              **({} if kept is None else {"rows": kept}))

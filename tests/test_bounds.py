@@ -202,3 +202,25 @@ def test_streamed_chunks_are_scored_whole_below_the_k_where_bounds_pay(monkeypat
         second = engine.step([Block(x)], moved, nm)
         assert (second.rescored == 800) == whole
         assert torch.equal(second.partials.sums, plain.partials.sums) and torch.equal(second.inertia, plain.inertia)
+
+
+def test_bounded_steps_read_the_rows_to_score_of_resident_chunks_in_batches(monkeypatch):
+    """Chunks whose rows stay put (views of a block here; cached rows on a GPU) wait in batches of BOUND_BATCH for
+    their numbers of rows to score: 14 chunks, 4 waits (each after the next batch's tests were queued, the last
+    one for a partial batch); the same bits as plain steps, fewer rows scored."""
+    import flashkm_dist.streaming as S
+
+    x, init = blobs(n=800)
+    nm = numerics_for(x, None, metric="euclidean", centroid_max_abs=float(init.abs().max()))
+    waits = []
+    settle = S.Engine._settle
+    monkeypatch.setattr(S.Engine, "_settle", lambda self, batch, *a: (waits.append(len(batch)) if batch else None,
+                                                                      settle(self, batch, *a))[1])
+    moved = init + 0.01
+    engine = Engine("cpu", chunk_rows=60, bounds=True)
+    engine.step([Block(x[:750]), Block(x[750:])], init, nm)
+    assert waits == []  # (no bounds yet: every chunk scored whole, none waits)
+    second = engine.step([Block(x[:750]), Block(x[750:])], moved, nm)
+    assert waits == [4, 4, 4, 2] and second.rescored < 800
+    plain = Engine("cpu").step([Block(x)], moved, nm)
+    assert torch.equal(second.partials.sums, plain.partials.sums) and torch.equal(second.inertia, plain.inertia)
