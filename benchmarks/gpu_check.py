@@ -140,6 +140,43 @@ def check_neighbour_tier():
     return out
 
 
+def check_graphed_tier(n=1 << 21, k=2048, d=64, iters=6):
+    """The neighbour tier inside the estimator's replayed CUDA graphs (K >= 2048 and >= 1024 rows per centroid,
+    so each iteration builds its table): a fit with graphs, the same fit op by op, and op by op without the tier,
+    from the same random rows of blobs (about two centroids per blob): the same bits, and graphs replayed."""
+    x = blobs(n, d, k // 2, torch.float16, seed=7)
+    init = x[torch.randperm(n, device=DEV)[:k]].cpu().numpy()
+    replayed = []
+    call = graphed.GraphedIteration.__call__
+
+    def counting(self, centers):
+        replayed.append(self.graph is not None)
+        return call(self, centers)
+
+    def fit():
+        return KMeans(k, init=init, device="cuda", max_iter=iters, tol=0.0).fit(x)
+    graphed.GraphedIteration.__call__ = counting
+    try:
+        neighbours.forget()
+        with_graph = fit()
+        built = bool(neighbours._LAST)
+    finally:
+        graphed.GraphedIteration.__call__ = call
+    graphed.ENABLED = False
+    try:
+        op_by_op = fit()
+        A.NEIGHBOUR_TIER = False
+        no_tier = fit()
+    finally:
+        graphed.ENABLED, A.NEIGHBOUR_TIER = True, True
+
+    def same(a, b):
+        return bool((a.cluster_centers_ == b.cluster_centers_).all() and (a.labels_ == b.labels_).all()
+                    and a.n_iter_ == b.n_iter_ and a.inertia_ == b.inertia_)
+    return {"n": n, "k": k, "d": d, "iters": iters, "graph_replays": sum(replayed), "table_built": built,
+            "graphed_equals_op_by_op": same(with_graph, op_by_op), "tier_equals_no_tier": same(op_by_op, no_tier)}
+
+
 def check_partials_bitwise():
     x = blobs(300_000, 96, 500, torch.float16, seed=2)
     labels = torch.randint(0, 500, (300_000,), device=DEV)
@@ -352,6 +389,7 @@ def main():
     result["triton"] = triton.__version__
     result["first_call"] = first_call_seconds()
     for name, fn in [("assign_exact", check_assign_exact), ("neighbour_tier", check_neighbour_tier),
+                     ("graphed_tier", check_graphed_tier),
                      ("partials", check_partials_bitwise),
                      ("limbs", check_limbs_bitwise), ("estimator", check_estimator_end_to_end)]:
         try:
