@@ -430,6 +430,16 @@ def _group_kernel(top_ptr, top_stride, group_ptr, n_total, n_pad, classes, chunk
 
 
 @triton.jit
+def _append_rows(list_ptr, counter_ptr, rows, mask):
+    """Append the rows under mask to a device list whose length is *counter_ptr: one atomic per program reserves
+    their slots (in no particular order across programs)."""
+    take = mask.to(tl.int32)
+    n = tl.sum(take, 0)
+    base = tl.atomic_add(counter_ptr, n, mask=n > 0)
+    tl.store(list_ptr + base + tl.cumsum(take, 0) - take, rows, mask=mask)
+
+
+@triton.jit
 def _lower_bound(second, aa, bound, trunc, alpha, D):
     """A lower bound on |x - c| for every centroid c but the label, from the second key t2 (Hamerly's bound,
     which lets the next Lloyd steps skip rows whose label cannot change). Every other c has d(c) >= t2 - T|t2|
@@ -469,12 +479,7 @@ def _finish_rows(best, second, best_idx, aa, rows, row_mask, a_off, out_off, pid
     if LOWER:
         lower = _lower_bound(second, aa, bound, trunc, tl.load(stats_ptr + pid_b * 4), D)
         tl.store(lower_ptr + out_off, tl.where(exact, lower, 0.0), mask=row_mask)
-    # the flagged rows, appended to the batch's list: one atomic per program reserves their slots
-    fl = (~exact) & row_mask
-    fi = fl.to(tl.int32)
-    n_fl = tl.sum(fi, 0)
-    base = tl.atomic_add(count_ptr + pid_b * 4, n_fl, mask=n_fl > 0)
-    tl.store(list_ptr + pid_b.to(tl.int64) * n_pad + base + tl.cumsum(fi, 0) - fi, rows, mask=fl)
+    _append_rows(list_ptr + pid_b.to(tl.int64) * n_pad, count_ptr + pid_b * 4, rows, (~exact) & row_mask)
 
     # exact float64 distance to the chosen centroid, as reference.assign computes it
     row_off = _x_rows(pid_b, rows, stride_xb, stride_xn, XB16)
@@ -715,11 +720,7 @@ def _resolve_kernel(
         tl.store(labels_ptr + out_off, best_idx.to(tl.int64), mask=settle)
         tl.store(dist_ptr + out_off, best.to(tl.float32), mask=settle)
         # the rest, appended to the batch's second list
-        rest = valid & ~settle
-        ri = rest.to(tl.int32)
-        n_rest = tl.sum(ri, 0)
-        base = tl.atomic_add(count_ptr + pid_b * 4 + 1, n_rest, mask=n_rest > 0)
-        tl.store(rest_ptr + pid_b.to(tl.int64) * stride_list + base + tl.cumsum(ri, 0) - ri, rows, mask=rest)
+        _append_rows(rest_ptr + pid_b.to(tl.int64) * stride_list, count_ptr + pid_b * 4 + 1, rows, valid & ~settle)
 
 
 @triton.jit

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import assign
-from .assign import _exact_score, _take, _x_rows
+from .assign import _append_rows, _exact_score, _take, _x_rows
 from .config import launch
 
 NEIGHBOURS = 16  # centroids listed per centroid
@@ -171,11 +171,7 @@ def _neighbour_kernel(x_ptr, stride_xb, stride_xn, stride_xd, cd_ptr, stride_cdb
             best, best_idx = _take(best, best_idx, score, idx, use)
         tl.store(labels_ptr + out_off, best_idx.to(tl.int64), mask=ok)
         tl.store(dist_ptr + out_off, best.to(tl.float32), mask=ok)
-        rest = valid & ~ok
-        ri = rest.to(tl.int32)
-        n_rest = tl.sum(ri, 0)
-        base = tl.atomic_add(count_ptr + pid_b * 4 + 3, n_rest, mask=n_rest > 0)
-        tl.store(rest_ptr + pid_b.to(tl.int64) * stride_list + base + tl.cumsum(ri, 0) - ri, rows, mask=rest)
+        _append_rows(rest_ptr + pid_b.to(tl.int64) * stride_list, count_ptr + pid_b * 4 + 3, rows, valid & ~ok)
 
 
 def settle_launch(x: torch.Tensor, c_dist: torch.Tensor, table: NeighbourTable, labels: torch.Tensor,
