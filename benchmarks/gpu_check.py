@@ -112,14 +112,13 @@ def check_neighbour_tier():
             A.NEIGHBOUR_TIER, neighbours.ROWS_PER_CENTROID = tier, 0  # (the tier for this N, as in a long step)
             try:
                 neighbours.forget()
-                labels, dist = flash_assign(x, c)
                 p = A._prepare(x[None], c[None], "euclidean", None)
-                fast = A._fast_pass(p)
+                fast = A._fast_pass(p)  # (FlashAssign's passes, to read each tier's count of rows too)
                 A._resolve(p, fast)
             finally:
                 A.NEIGHBOUR_TIER, neighbours.ROWS_PER_CENTROID = True, rule
                 neighbours.forget()
-            row["tier" if tier else "no_tier"] = (labels, dist, fast.counts[0].tolist())
+            row["tier" if tier else "no_tier"] = (fast.labels[0], fast.min_dist[0], fast.counts[0].tolist())
         (l1, d1, counts), (l0, d0, _) = row.pop("tier"), row.pop("no_tier")
         row.update(same_labels=bool(torch.equal(l1, l0)), same_min_dist=bool(torch.equal(d1, d0)),
                    violations=contract_violations(x, c, l1)[0], rows_flagged=counts[0],

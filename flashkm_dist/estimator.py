@@ -40,7 +40,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     scikit-learn's 'elkan') keeps a lower bound per row on its distance to the other centres and scores only the
     rows whose label the bounds cannot settle: the same centres and labels to the bit, and the same exact
     inertia, with far less work once a fit settles (euclidean only; each iteration then waits for the device once
-    per chunk of rows).
+    per four chunks of rows held on the device; chunks streamed from the host are scored whole below K=16384).
 
     For Dask arrays (fitted on the Dask cluster, same bits as in process): ``checkpoint`` (a .npz path written
     each iteration), ``resume`` (continue from it) and ``allreduce`` ('dask': reduction tasks; 'chained': one task

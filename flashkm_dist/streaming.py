@@ -367,24 +367,24 @@ class Engine:
             chunks += 1
             changed.add_(self._remember(blocks, chunk, labels))
 
-        batches = [[]]  # bounded chunks whose bound tests are queued, in batches of BOUND_BATCH (see `_settle`)
+        # bounded chunks whose bound tests are queued: a full batch waits until the next one is full (`_settle`)
+        filling, waiting = [], []
         for chunk in self._chunks(blocks):
             kept = self._kept_rows(blocks, chunk)
             if bounded:
                 test = self._bound_test(blocks, chunk, centroids, dec)
                 if test is not None and self._resident_rows(blocks, chunk):
-                    batches[-1].append((chunk, kept, test))
-                    if len(batches[-1]) == BOUND_BATCH:
-                        batches.append([])
-                        self._settle(batches.pop(0) if len(batches) > 2 else [], blocks, centroids, numerics,
-                                     finish)
+                    filling.append((chunk, kept, test))
+                    if len(filling) == BOUND_BATCH:
+                        self._settle(waiting, blocks, centroids, numerics, finish)
+                        waiting, filling = filling, []
                     continue
                 stale = None if test is None else torch.nonzero(test[3]).flatten()  # (waits for the device)
                 finish(chunk, *self._bounded_assign(blocks, chunk, centroids, numerics, kept, test, stale))
             else:
                 finish(chunk, *self.backend.assign(chunk.x, centroids, metric=numerics.metric, shift=numerics.shift,
                                                    **({} if kept is None else {"rows": kept})))
-        for batch in batches:
+        for batch in (waiting, filling):
             self._settle(batch, blocks, centroids, numerics, finish)
         sums, counts, inertia = _normalised(total, chunks, k, d, self.device)
         # (settling reads `changed` back, which waits for the stream: host labels have landed too)
