@@ -40,7 +40,9 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     scikit-learn's 'elkan') keeps a lower bound per row on its distance to the other centres and scores only the
     rows whose label the bounds cannot settle: the same centres and labels to the bit, and the same exact
     inertia, with far less work once a fit settles (euclidean only; each iteration then waits for the device once
-    per four chunks of rows held on the device; chunks streamed from the host are scored whole below K=16384).
+    per four chunks of rows held on the device). Rows streamed from the host that the bounds settle are not even
+    copied: the GPU reads only the others, in place; such an iteration's inertia in ``history_`` is NaN (it never
+    saw the skipped rows), and a last full pass gives ``inertia_``.
 
     For Dask arrays (fitted on the Dask cluster, same bits as in process): ``checkpoint`` (a .npz path written
     each iteration), ``resume`` (continue from it) and ``allreduce`` ('dask': reduction tasks; 'chained': one task
@@ -142,7 +144,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         if self.metric == "cosine" and not streamed:
             x = unit_rows_like(x)
         engine = Engine(device, dtype=x.dtype, backend=backend_for(device),
-                        unit_rows=self.metric == "cosine" and streamed, bounds=self.bounded)
+                        unit_rows=self.metric == "cosine" and streamed, bounds=self.bounded,
+                        skip_settled=self.bounded)
         points = local_points(engine, [Block(x, weights)])
         rng = check_random_state(self.random_state)
         seeding = points.numerics(self.metric)

@@ -76,7 +76,7 @@ class Iteration:
 
     step: object  # the settled `streaming.EngineStep`
     centers: torch.Tensor  # the next centres
-    inertia: float  # of the labels this iteration found
+    inertia: float  # of the labels this iteration found (NaN when the step skipped settled host rows)
     shift: float  # summed squared move to the next centres
 
 
@@ -103,6 +103,8 @@ def finish_iteration(engine, blocks, centers: torch.Tensor, numerics: FitNumeric
     host = packed.cpu()
     ints, (inertia, shift) = host[:-2].tolist(), host[-2:].view(torch.float64).tolist()
     step.settle(ints[:-1])
+    if not getattr(step, "inertia_complete", True):
+        inertia = float("nan")
     if ints[-1]:  # empty clusters
         partials = reseed_empty_clusters(engine, blocks, centers, numerics, step.partials)
         new, shift = next_centers(partials, centers, numerics.metric)
@@ -146,7 +148,8 @@ def run_lloyd(engine, blocks, centers: torch.Tensor, numerics: FitNumerics, *, m
             break
     bar.close()
     inertia = it.inertia
-    if not (strict and torch.equal(converged_centers, centers)):
-        step = engine.step(blocks, centers, numerics)  # labels (and inertia) of the returned centres
+    if not (strict and torch.equal(converged_centers, centers)) or it.inertia != it.inertia:
+        # labels (and inertia: of every row) of the returned centres
+        step = engine.step(blocks, centers, numerics, complete=True)
         inertia = float(fp.to_float(step.inertia, numerics.scale.dist_exp))
     return LloydResult(centers, _joined(engine.labels(blocks)), inertia, i + 1, history)

@@ -20,8 +20,9 @@ import torch
 
 from flashkm_dist.engine import (Backend, FitNumerics, backend_for, exact_inertia, prepared_row_bytes,
                                  unit_rows_like)
+from flashkm_dist.kernels import bounds as kbounds
 from flashkm_dist.kernels import fixed_point as fp
-from flashkm_dist.kernels import reference
+from flashkm_dist.kernels import host_rows, reference
 from flashkm_dist.kernels.checks import DeferredChecks
 
 CHUNK_BYTES = 256 << 20  # one staging buffer
@@ -32,6 +33,14 @@ CACHED_CHUNK_FACTOR = 4  # rows served from the cache go through the kernels thi
 # would save nothing, while the wait for the device they need per chunk stalls the copies (H100, N=180M, 59 GiB
 # cached: bounded steps 1.36 s, plain 1.24, benchmarks/engine_fit.py).
 STREAMED_BOUNDS_MIN_K = 16384
+# Steps skip settled host rows (`Engine.skip_settled`) unless more than this share of the rows the last step
+# tested was stale: reading most rows in place, one kernel after the other, is slower than copying them while the
+# kernels run (H100, N=180M: the first bounded steps, every row stale, 2.8-3.0 s against 2.3-3.0 copied).
+SKIP_MAX_STALE = 0.5
+# A skipping pass copies nothing, so its chunks (cached rows too) can be larger: this many staging chunks, for
+# less host work per row (H100, N=180M: a step queued 88 chunks in 0.69 s for 0.47 s of kernels at 4)
+SKIP_CHUNK_FACTOR = 16
+BOUND_BATCH_ROWS = 1 << 23  # a batch of bound tests is also full at this many rows (their pending outputs: 136 MB)
 BOUND_BATCH = 4  # bounded steps read the numbers of rows to score of this many resident chunks in one wait (two
 #                 batches' tests, 17 bytes a row, wait at a time: 270 MB for 2M-row cached chunks)
 
@@ -62,6 +71,8 @@ class EngineStep:
     changed: torch.Tensor | None = None  # 0-d int64 on the device (a step not yet settled)
     checks: DeferredChecks = field(default_factory=DeferredChecks)
     rescored: int | None = None  # bounded steps: rows that went through the assignment (the others kept labels)
+    gathered: int = 0  # rows of skipped host chunks the device read in place (`Engine.skip_settled`)
+    inertia_complete: bool = True  # False when settled host rows were skipped: `inertia` covers only rows scored
 
     def pending(self) -> torch.Tensor:
         """The int64 values a settle reads back (labels changed, then the kernels' checks), on the device."""
@@ -113,6 +124,12 @@ class _Chunk:
     weights: torch.Tensor | None
     cached: bool = False  # host rows served from the device cache (their labels stay on the device too)
     streamed: bool = False  # host rows that came through the staging buffers in this pass
+    tail: bool = False  # host rows past the cache, streamed in every later pass (`Engine.skip_settled`)
+    host: torch.Tensor | None = None  # a skipped tail chunk: its rows on the host, not copied (x is None)
+
+    @property
+    def n(self) -> int:
+        return (self.x if self.x is not None else self.host).shape[0]
 
 
 def cached_prefix(n: int, rows: int, n_cached: int, filling: bool) -> int:
@@ -123,12 +140,12 @@ def cached_prefix(n: int, rows: int, n_cached: int, filling: bool) -> int:
     return n if n_cached >= n else n_cached // rows * rows
 
 
-def cached_chunks(end: int, rows: int) -> list:
+def cached_chunks(end: int, rows: int, factor: int | None = None) -> list:
     """(start, stop) of the chunks the cached rows [0, end) go through the kernels in: CACHED_CHUNK_FACTOR staging
     chunks at a time (nothing is copied for them, and every chunk costs some fixed kernel work), at the
     multiples of that size, so each chunk is the same view of the cache at every step (its prepared rows can be
     kept)."""
-    size = rows * CACHED_CHUNK_FACTOR
+    size = rows * (factor or CACHED_CHUNK_FACTOR)
     return [(s, min(s + size, end)) for s in range(0, end, size)]
 
 
@@ -186,6 +203,14 @@ class Engine:
     to the bit in the GPU runs of benchmarks/engine_fit.py). Each step waits for the device once per
     BOUND_BATCH resident chunks it bounds (`_settle`), once per other chunk it bounds; chunks streamed from the
     host are scored whole below STREAMED_BOUNDS_MIN_K (their copy hides that).
+    skip_settled (bounded steps): host rows past the cache are not copied at all once their bounds hold. Each
+    such row also keeps an upper bound on its distance to its centroid (4 bytes, on the host), and each block the
+    exact partials of those rows (a K x D pair of limbs on the device). A step tests the bounds on the device
+    (`kernels.bounds.upper_test`), reads only the rows it cannot settle, in place over PCIe
+    (`kernels.host_rows`), and updates the block's partials by the exact difference of the rows that moved: the
+    same sums, counts and labels as a plain step, to the bit. Such a step does not know the distances of the rows
+    it skipped, so its inertia is incomplete (`EngineStep.inertia_complete`); `step(complete=True)` reads
+    everything.
     """
 
     device: torch.device | str = "cpu"
@@ -213,6 +238,16 @@ class Engine:
     _bound_centroids: torch.Tensor | None = field(default=None, repr=False)  # float64, of the last bounded step
     _rescored: int = 0  # rows scored so far in the bounded step under way
     _bound_keys: set = field(default_factory=set, repr=False)  # blocks the bounded step under way has bounded
+    skip_settled: bool = False
+    _upper: dict = field(default_factory=dict, repr=False)  # block key -> upper bounds of its tail rows (host)
+    _tail_sums: dict = field(default_factory=dict, repr=False)  # block key -> (first tail row, sums, weights)
+    _tail_at: dict = field(default_factory=dict, repr=False)  # block key -> the bound step its tail sums are for
+    _new_tails: dict = field(default_factory=dict, repr=False)  # the same, being built by the step under way
+    _skip: tuple | None = field(default=None, repr=False)  # (drift, dec) while a step may skip settled rows
+    _gathered: int = 0  # rows of skipped chunks read in the step under way
+    _skipped_keys: set = field(default_factory=set, repr=False)  # blocks whose tail the step under way skipped
+    _tested: list = field(default_factory=lambda: [0, 0], repr=False)  # rows bound-tested, stale, in the step
+    _stale_share: float | None = None  # of the rows the last bounded step tested (None: it tested none)
 
     def __post_init__(self):
         self.device = torch.device(self.device)
@@ -223,21 +258,30 @@ class Engine:
             self.cache_bytes = int(os.environ["FLASHKM_CACHE_BYTES"])
 
     # ------------------------------------------------------------------------------------------- public steps
-    def step(self, blocks, centroids: torch.Tensor, numerics: FitNumerics, *, wait: bool = True) -> EngineStep:
+    def step(self, blocks, centroids: torch.Tensor, numerics: FitNumerics, *, wait: bool = True,
+             complete: bool = False) -> EngineStep:
         """Assign every row, sum rows per centroid exactly, remember the labels; restarts on CUDA OOM.
-        wait=False: nothing is read back (the caller settles the step with its own scalars, in one transfer)."""
+        wait=False: nothing is read back (the caller settles the step with its own scalars, in one transfer).
+        complete=True: no host row is skipped (`skip_settled`), so the inertia covers every row."""
         start = time.perf_counter()
         try:  # (`_changed` is None between steps)
-            result = self._retrying(lambda: self._step(blocks, centroids.to(self.device), self.local(numerics)))
+            result = self._retrying(lambda: self._step(blocks, centroids.to(self.device), self.local(numerics),
+                                                       complete))
         except BaseException:
             self._forget_bounds()  # (some blocks may hold bounds for these centroids already)
             raise
         finally:
-            self._changed = None
+            self._changed, self._skip = None, None
         if self._bounded(numerics):  # (the blocks of this step now hold bounds for these centroids)
-            result.rescored = self._rescored
+            result.rescored, result.gathered = self._rescored, self._gathered
+            result.inertia_complete = not self._skipped_keys
             self._bound_step += 1
             self._lower_at.update(dict.fromkeys(self._bound_keys, self._bound_step))
+            self._tail_sums = {key: (first, fp.normalize(sums), fp.normalize(weights))
+                               for key, (first, sums, weights) in self._new_tails.items()}
+            self._tail_at = dict.fromkeys(self._tail_sums, self._bound_step)
+            self._new_tails.clear()
+            self._stale_share = self._tested[1] / self._tested[0] if self._tested[0] else None
             self._bound_centroids = centroids.to(self.device, torch.float64, copy=True)
         if wait:
             result.settle()
@@ -318,6 +362,11 @@ class Engine:
         self._device_lower.clear()
         self._lower_at.clear()
         self._bound_centroids = None
+        self._upper.clear()
+        self._tail_sums.clear()
+        self._tail_at.clear()
+        self._new_tails.clear()
+        self._stale_share = None
 
     def has_labels(self, blocks) -> bool:
         """Whether every block has labels from an earlier step (a label-change count against them is meaningful)."""
@@ -343,7 +392,7 @@ class Engine:
     def _key(self, block: Block, position: int):
         return position if block.key is None else block.key
 
-    def _step(self, blocks, centroids, numerics) -> EngineStep:
+    def _step(self, blocks, centroids, numerics, complete: bool = False) -> EngineStep:
         k, d = centroids.shape
         total, chunks = None, 0  # (sums, counts, inertia) limbs of the chunks so far
         # labels changed, counted on the device (no host sync per chunk). Kept across an OOM back-off: the chunks
@@ -354,8 +403,14 @@ class Engine:
         changed = self._changed
         checks = DeferredChecks()
         bounded = self._bounded(numerics)
-        dec, self._rescored = (self._decrements(centroids) if bounded else None), 0
+        moves, self._rescored = (self._decrements(centroids) if bounded else None), 0
+        dec = None if moves is None else moves[1]
+        self._skip = moves if self.skip_settled and not complete else None
+        self._gathered, self._tested[:] = 0, [0, 0]
+        self._skipped_keys.clear()
         self._bound_keys.clear()
+        self._new_tails.clear()
+        skipped_inertia = None
         if self.backend.prepare_centroids is not None and numerics.metric == "euclidean":
             self.backend.prepare_centroids(centroids, sum(_as_tensor(b.data).shape[0] for b in blocks))
 
@@ -366,26 +421,43 @@ class Engine:
             total = _added(total, (part.sums, part.weights, exact_inertia(dist, chunk.weights, numerics, checks)))
             chunks += 1
             changed.add_(self._remember(blocks, chunk, labels))
+            if bounded and chunk.tail:
+                self._add_tail(blocks, chunk, part.sums, part.weights)
+
+        def skipped(chunk, test, stale):
+            nonlocal skipped_inertia
+            moved, inertia = self._skipped_assign(blocks, chunk, centroids, numerics, test, stale, checks)
+            changed.add_(moved)
+            if inertia is not None:
+                skipped_inertia = inertia if skipped_inertia is None else skipped_inertia + inertia
 
         # bounded chunks whose bound tests are queued: a full batch waits until the next one is full (`_settle`)
         filling, waiting = [], []
         for chunk in self._chunks(blocks):
-            kept = self._kept_rows(blocks, chunk)
+            kept = None if chunk.x is None else self._kept_rows(blocks, chunk)
             if bounded:
-                test = self._bound_test(blocks, chunk, centroids, dec)
+                test = (self._upper_test(blocks, chunk, *moves) if chunk.x is None
+                        else self._bound_test(blocks, chunk, centroids, dec))
                 if test is not None and self._resident_rows(blocks, chunk):
                     filling.append((chunk, kept, test))
-                    if len(filling) == BOUND_BATCH:
-                        self._settle(waiting, blocks, centroids, numerics, finish)
+                    if len(filling) == BOUND_BATCH or sum(c.n for c, _, _ in filling) >= BOUND_BATCH_ROWS:
+                        self._settle(waiting, blocks, centroids, numerics, finish, skipped)
                         waiting, filling = filling, []
                     continue
                 stale = None if test is None else torch.nonzero(test[3]).flatten()  # (waits for the device)
+                if stale is not None:
+                    self._tested[0] += chunk.n
+                    self._tested[1] += stale.numel()
                 finish(chunk, *self._bounded_assign(blocks, chunk, centroids, numerics, kept, test, stale))
             else:
                 finish(chunk, *self.backend.assign(chunk.x, centroids, metric=numerics.metric, shift=numerics.shift,
                                                    **({} if kept is None else {"rows": kept})))
         for batch in (waiting, filling):
-            self._settle(batch, blocks, centroids, numerics, finish)
+            self._settle(batch, blocks, centroids, numerics, finish, skipped)
+        for key in self._skipped_keys:  # (their partials: the last step's plus what moved)
+            total = _added(total, (*self._new_tails[key][1:], torch.zeros(2, dtype=torch.int64, device=self.device)
+                                   if skipped_inertia is None else fp.normalize(skipped_inertia[:, None])[:, 0]))
+            skipped_inertia, chunks = None, chunks + 1
         sums, counts, inertia = _normalised(total, chunks, k, d, self.device)
         # (settling reads `changed` back, which waits for the stream: host labels have landed too)
         return EngineStep(reference.Partials(sums, counts, numerics.scale), inertia, None, changed=changed,
@@ -440,25 +512,26 @@ class Engine:
                 end = self._cached_end.get(key, self._cache[(key, self.dtype)].shape[0])
                 device_stores[key] = store[:end].to(self.device, copy=True)
             store = device_stores[key]
-        return store[chunk.start:chunk.start + chunk.x.shape[0]]
+        return store[chunk.start:chunk.start + chunk.n]
 
     # ------------------------------------------------------------------------------------------- bounded steps
     def _bounded(self, numerics: FitNumerics) -> bool:
         return self.bounds and numerics.metric == "euclidean" and self.backend.bounded_rows is not None
 
-    def _decrements(self, centroids: torch.Tensor) -> torch.Tensor | None:
-        """float64 (K,): how far each label's lower bound drops, the largest move among the other centroids since
-        the last bounded step (rounded up); None when no bound can be used."""
+    def _decrements(self, centroids: torch.Tensor) -> tuple | None:
+        """float64 (K,) each: how far each centroid moved since the last bounded step (an upper bound's growth),
+        and how far each label's lower bound drops, the largest move among the other centroids (both rounded
+        up); None when no bound can be used."""
         prev = self._bound_centroids
         if prev is None or prev.shape != centroids.shape:
             return None
         drift = torch.linalg.vector_norm(centroids.to(torch.float64) - prev, dim=1) * (1.0 + 1e-12)
         if drift.numel() == 1:
-            return torch.zeros_like(drift)
+            return drift, torch.zeros_like(drift)
         top = torch.topk(drift, 2)
         dec = torch.full_like(drift, 0.0) + top.values[0]
         dec[top.indices[0]] = top.values[1]
-        return dec
+        return drift, dec
 
     def _bound_test(self, blocks, chunk: _Chunk, centroids, dec):
         """A bounded step's test of a chunk's rows, queued (no wait): (labels kept, min_dist, new lower bounds,
@@ -477,13 +550,13 @@ class Engine:
     def _resident_rows(self, blocks, chunk: _Chunk) -> bool:
         """Whether a chunk's rows stay where they are on the device until the step ends (cached host rows, or a view
         of a device block), so its bound test may wait in a batch."""
-        if chunk.cached:
+        if chunk.cached or chunk.x is None:
             return True
         data = blocks[chunk.index].data
         root = data if data._base is None else data._base
         return data.device == self.device and chunk.x._base is root
 
-    def _settle(self, batch: list, blocks, centroids, numerics, finish) -> None:
+    def _settle(self, batch: list, blocks, centroids, numerics, finish, skipped) -> None:
         """Finish a batch of chunks whose bound tests were queued: one wait for all their numbers of rows to score
         (instead of one per chunk), then each chunk's assignment of those rows (`nonzero_static`: no more waits).
         `_step` settles a batch only once the next one's tests are queued too, so the device has work meanwhile."""
@@ -492,7 +565,12 @@ class Engine:
         counts = torch.stack([test[3].sum() for _, _, test in batch]).tolist()
         for (chunk, kept, test), count in zip(batch, counts):
             stale = torch.nonzero_static(test[3], size=count).flatten()
-            finish(chunk, *self._bounded_assign(blocks, chunk, centroids, numerics, kept, test, stale))
+            self._tested[0] += chunk.n
+            self._tested[1] += count
+            if chunk.x is None:
+                skipped(chunk, test, stale)
+            else:
+                finish(chunk, *self._bounded_assign(blocks, chunk, centroids, numerics, kept, test, stale))
 
     def _bounded_assign(self, blocks, chunk: _Chunk, centroids, numerics, kept, test, stale):
         """(labels, min_dist) of a chunk in a bounded step, from its bound test (`_bound_test`) and the positions of
@@ -501,7 +579,7 @@ class Engine:
         row went."""
         key = self._key(blocks[chunk.index], chunk.index)
         lower = self._row_state(blocks, chunk, self._lower, self._device_lower, torch.float32, 0.0)
-        n = chunk.x.shape[0]
+        n = chunk.n
         no_dec = torch.zeros(centroids.shape[0], dtype=torch.float64, device=self.device)
         if test is not None:
             labels, dist, new_lower, _ = test
@@ -516,8 +594,73 @@ class Engine:
             dist[stale] = self.backend.bounded_rows(rows, centroids, lab, torch.zeros_like(low), no_dec)[0]
         self._rescored += n if stale is None else stale.numel()
         lower.copy_(new_lower, non_blocking=True)
+        if chunk.tail:
+            self._row_state(blocks, chunk, self._upper, {}, torch.float32, 0.0).copy_(kbounds.upper_of(dist),
+                                                                                     non_blocking=True)
         self._bound_keys.add(key)
         return labels, dist
+
+    def _add_tail(self, blocks, chunk: _Chunk, sums: torch.Tensor, weights: torch.Tensor) -> None:
+        """Add a tail chunk's partials to its block's tail partials of this step."""
+        key = self._key(blocks[chunk.index], chunk.index)
+        if key in self._new_tails:
+            first, old_sums, old_weights = self._new_tails[key]
+            self._new_tails[key] = (min(first, chunk.start), old_sums + sums, old_weights + weights)
+        else:
+            self._new_tails[key] = (chunk.start, sums, weights)
+
+    def _skippable(self, key, data: torch.Tensor, first: int) -> bool:
+        """Whether a step may skip this block's tail rows [first, n): it may skip (`_skip`); at most
+        SKIP_MAX_STALE of the rows the last step tested were stale (none tested: not the first step with bounds);
+        the rows' labels, lower and upper bounds are for the last bounded step's centroids, and so are the tail's
+        partials."""
+        share = self._stale_share  # (unknown: only after the first step with bounds, whose centroids moved most)
+        return (self._skip is not None and (share <= SKIP_MAX_STALE if share is not None else self._bound_step > 1)
+                and self._lower_at.get(key) == self._bound_step
+                and self._tail_at.get(key) == self._bound_step and self._tail_sums[key][0] == first
+                and key in self._upper and self._labels.get(key) is not None
+                and self._labels[key].shape[0] == data.shape[0] == self._upper[key].shape[0])
+
+    def _upper_test(self, blocks, chunk: _Chunk, drift, dec):
+        """A skipped tail chunk's bound test, queued (no wait): (labels kept, None, new lower bounds, stale mask,
+        new upper bounds), from the bounds its rows keep on the host."""
+        state = [self._row_state(blocks, chunk, stores, {}, dtype, fill).to(self.device, non_blocking=True)
+                 for stores, dtype, fill in ((self._labels, torch.int64, -1), (self._lower, torch.float32, 0.0),
+                                             (self._upper, torch.float32, 0.0))]
+        stale, new_lower, new_upper = kbounds.upper_test(*state, drift, dec)
+        return state[0], None, new_lower, stale, new_upper
+
+    def _skipped_assign(self, blocks, chunk: _Chunk, centroids, numerics, test, stale, checks):
+        """A skipped tail chunk's step, from its bound test and the positions of its stale rows: only those rows
+        are read (in place, `host_rows.gather`) and assigned; the block's tail partials change by what moved
+        (the stale rows' partials under their new labels minus under their old ones: exact integers). Returns
+        (labels changed, the stale rows' inertia limbs or None)."""
+        key = self._key(blocks[chunk.index], chunk.index)
+        old, _, new_lower, _, new_upper = test
+        labels = old.clone()
+        moved, inertia = torch.zeros((), dtype=torch.int64, device=self.device), None
+        if stale.numel():
+            k = centroids.shape[0]
+            rows = host_rows.gather(chunk.host, stale, self.dtype)
+            lab, _, low = self.backend.assign_lower(rows, centroids, shift=numerics.shift)
+            dist = self.backend.bounded_rows(rows, centroids, lab, torch.zeros_like(low),
+                                             torch.zeros(k, dtype=torch.float64, device=self.device))[0]
+            labels[stale], new_lower[stale], new_upper[stale] = lab, low, kbounds.upper_of(dist)
+            w = None if chunk.weights is None else chunk.weights[stale]
+            now, before = (self.backend.partial_sums(rows, la, k, w, scale=numerics.scale, deferred=checks)
+                           for la in (lab, old[stale]))
+            first, sums, weights = self._new_tails.get(key) or self._tail_sums[key]
+            self._new_tails[key] = (first, sums + now.sums - before.sums, weights + now.weights - before.weights)
+            moved = (lab != old[stale]).sum()
+            inertia = exact_inertia(dist, w, numerics, checks)
+        self._new_tails.setdefault(key, self._tail_sums[key])
+        for stores, value in ((self._labels, labels), (self._lower, new_lower), (self._upper, new_upper)):
+            self._row_state(blocks, chunk, stores, {}, value.dtype, 0).copy_(value, non_blocking=True)
+        self._rescored += stale.numel()
+        self._gathered += stale.numel()
+        self._skipped_keys.add(key)
+        self._bound_keys.add(key)
+        return moved, inertia
 
     def _rows_per_chunk(self, row_bytes: int) -> int:
         if self.chunk_rows is None:
@@ -652,7 +795,16 @@ class Engine:
         end = cached_prefix(data.shape[0], rows, 0 if cached is None else cached.shape[0], fill)
         if not fill and cached is not None:
             self._cached_end[key] = end  # (rows past it are streamed, and keep their labels on the host)
+        tail = cached_prefix(data.shape[0], rows, 0 if cached is None else cached.shape[0], False)
         starts = list(range(end, data.shape[0], rows))
+        if self._skippable(key, data, tail):  # (nothing to copy: the device reads the stale rows itself)
+            for span in cached_chunks(end, rows, SKIP_CHUNK_FACTOR):
+                yield self._cached_chunk(index, cached, weights, *span)
+            size = rows * SKIP_CHUNK_FACTOR
+            for start in range(end, data.shape[0], size):
+                w = None if weights is None else weights[start:start + size].to(self.device, non_blocking=True)
+                yield _Chunk(index, start, None, w, streamed=True, tail=True, host=data[start:start + size])
+            return
         pinned = data.is_pinned() or self._pin_in_place(data)
         # two device buffers, reused: the copy into one waits (on the device) until the kernels of the chunk that
         # used it were queued and ran, so nothing on the host waits and memory stays two chunks whatever the host
@@ -683,12 +835,6 @@ class Engine:
             used[slot] = event
             landed[slot] = (dev, event)
 
-        def from_cache(start, stop):
-            self._last_rows = max(self._last_rows, stop - start)
-            w = None if weights is None else weights[start:stop].to(self.device, non_blocking=True)
-            x = cached[start:stop]
-            return _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w, cached=True)
-
         if starts:
             queue_copy(0)
         plan = cached_chunks(end, rows)
@@ -698,7 +844,7 @@ class Engine:
             if i + 1 < len(starts):  # (before the cached chunks: it runs while they are scored)
                 queue_copy(i + 1)
             for _ in range(shares[i]):
-                yield from_cache(*next(plan))
+                yield self._cached_chunk(index, cached, weights, *next(plan))
             slot = i % 2
             dev, event = landed[slot]
             compute.wait_event(event)
@@ -706,8 +852,16 @@ class Engine:
             if fill and start < cached.shape[0]:
                 cached[start:start + rows] = x[:cached.shape[0] - start]
             w = None if weights is None else weights[start:start + rows].to(self.device, non_blocking=True)
-            yield _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w, streamed=True)
+            yield _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w, streamed=True,
+                         tail=start >= tail)
             consumed[slot] = torch.cuda.Event()  # the consumer has queued its kernels on this chunk
             consumed[slot].record(compute)
         for span in plan:
-            yield from_cache(*span)
+            yield self._cached_chunk(index, cached, weights, *span)
+
+    def _cached_chunk(self, index: int, cached: torch.Tensor, weights, start: int, stop: int) -> _Chunk:
+        """Rows [start, stop) of a block's cache entry as a chunk."""
+        self._last_rows = max(self._last_rows, stop - start)
+        w = None if weights is None else weights[start:stop].to(self.device, non_blocking=True)
+        x = cached[start:stop]
+        return _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w, cached=True)

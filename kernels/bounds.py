@@ -63,3 +63,27 @@ def bounded_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
            labels.contiguous(), lower.contiguous(), dec.to(torch.float64).contiguous(), dist, new_lower, stale,
            n, d, c.shape[0], BLOCK_N=BLOCK_N, EPI_D=EPI_D, num_warps=4)
     return dist, new_lower, stale.bool()
+
+
+def upper_of(dist: torch.Tensor) -> torch.Tensor:
+    """float32 upper bounds on the distances (not squared) of rows whose float32 squared distances FlashAssign or
+    `bounded_rows` stored (the nearest float32 to the float64 square): the root raised by 2**-20, which covers
+    the float64 and float32 roundings (about 2**-24 each) several times over. NaN stays NaN."""
+    return (torch.sqrt(dist.to(torch.float64)) * (1.0 + 2.0 ** -20)).to(torch.float32)
+
+
+def upper_test(labels: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, drift: torch.Tensor,
+               dec: torch.Tensor):
+    """The bound test of rows that are not on the device (Hamerly's first test): (stale bool, new lower, new
+    upper), from each row's label, lower bound and upper bound `upper` on its distance to its label's centroid,
+    all for the previous centroids. The label's centroid moved by drift[label] (float64 (K,), rounded up), the
+    others by at most dec[label], so u = upper + drift[label] bounds the new distance to the label's centroid and
+    L = lower - dec[label] those to the others: u (1 + 1e-6) < L settles the label exactly as `bounded_rows`'s
+    test does with the exact distance in place of u (the same margin; u is at least that distance), without
+    reading the row. Settled rows keep L (rounded down) and u (rounded up); the others are stale (lower 0)."""
+    lab = labels.clamp(min=0)
+    up = upper.to(torch.float64) + drift[lab]
+    left = lower.to(torch.float64) - dec[lab]
+    keep = (labels >= 0) & (up * (1.0 + 1e-6) < left)  # (False for NaN)
+    new_lower = torch.where(keep, left * (1.0 - 2.0 ** -20), 0.0).to(torch.float32)
+    return ~keep, new_lower, (up * (1.0 + 2.0 ** -20)).to(torch.float32)
