@@ -3,8 +3,10 @@
 
     python benchmarks/engine_fit.py --out fit.json [--log2n 24 | --n 180000000] [--k 8192] [--iters 12]
 
-Both fits start from the same random rows and run `lloyd.lloyd_iteration` (step, exact update, re-seeding) the
-same number of times; the centres must agree to the bit after every iteration (--tier-ab: also a plain fit
+The fits (plain; bounded; bounded skipping the settled host rows past the cache, `Engine.skip_settled`) start
+from the same random rows and run `lloyd.lloyd_iteration` (step, exact update, re-seeding) the same number of
+times; the centres must agree to the bit after every iteration, the inertia wherever a step knows it (a skipping
+step does not), and a last complete step of each fit must give plain's inertia (--tier-ab: also a plain fit
 without FlashAssign's neighbour tier, checked the same way). Each iteration's seconds, rows scored (bounded),
 labels changed and Triton compiles started are reported, with the means over all iterations and over the later
 half, against flash-kmeans' seconds per iteration and the PCIe time of the rows the cache does not hold.
@@ -21,6 +23,7 @@ import torch
 
 from engine_check import DEV, flash_largeN_iter_s, h2d_gbps, host_blobs, host_numerics, quarters
 from flashkm_dist.kernels import assign as A
+from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.lloyd import lloyd_iteration
 from flashkm_dist.streaming import Engine
 from profile_kernels import device_rows
@@ -48,8 +51,9 @@ def compiled_kernels() -> int:
     return len(os.listdir(root)) if os.path.isdir(root) else 0
 
 
-def run(x, init, nm, iters: int, bounds: bool, profile: bool = False) -> dict:
-    engine = Engine(DEV, chunk_rows=1 << 19, bounds=bounds)
+def run(x, init, nm, iters: int, bounds: bool, profile: bool = False, skip: bool = False,
+        cache_bytes="auto") -> dict:
+    engine = Engine(DEV, chunk_rows=1 << 19, bounds=bounds, skip_settled=skip, cache_bytes=cache_bytes)
     blocks = quarters(x)
     centers, rows = init, []
     for i in range(iters):
@@ -58,17 +62,22 @@ def run(x, init, nm, iters: int, bounds: bool, profile: bool = False) -> dict:
         start = time.perf_counter()
         it = lloyd_iteration(engine, blocks, centers, nm)
         rows.append({"iteration": i + 1, "seconds": time.perf_counter() - start, "rescored": it.step.rescored,
-                     "labels_changed": it.step.n_changed, "inertia": it.inertia,
-                     "kernels_compiled": compiled_kernels() - compiled})
+                     "host_rows_read_in_place": it.step.gathered, "labels_changed": it.step.n_changed,
+                     "inertia": it.inertia, "kernels_compiled": compiled_kernels() - compiled})
         centers = it.centers
         rows[-1]["centers"] = centers.cpu()
     if profile:  # (one more iteration, after the timed ones)
         out = {}
         prof = profiled(lambda: out.update(it=lloyd_iteration(engine, blocks, centers, nm)))
         prof["rescored"] = out["it"].step.rescored
+        prof["host_rows_read_in_place"] = out["it"].step.gathered
+        centers = out["it"].centers
+    final = engine.step(blocks, centers, nm, complete=True)  # (every row: the inertia of the last centres)
     cached = sum(t.numel() * t.element_size() for t in engine._cache.values())
     engine.release()
-    return {"iterations": rows, "cache_bytes": cached, **({"profile": prof} if profile else {})}
+    return {"iterations": rows, "cache_bytes": cached, "final_inertia": float(fp.to_float(final.inertia,
+                                                                                     nm.scale.dist_exp)),
+            **({"profile": prof} if profile else {})}
 
 
 def lower_bound_check(x: torch.Tensor, centers: torch.Tensor) -> dict:
@@ -108,6 +117,7 @@ def main():
     ap.add_argument("--no-flash", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile one more iteration of each fit")
     ap.add_argument("--tier-ab", action="store_true", help="also plain steps without FlashAssign's neighbour tier")
+    ap.add_argument("--cache-gib", type=float, default=None, help="device cache (default: 80 %% of free memory)")
     args = ap.parse_args()
     n = args.n or 1 << args.log2n
     x, init = host_blobs(n, args.k, args.d)
@@ -116,27 +126,31 @@ def main():
               "dtype": "float32", "host_bytes": x.numel() * 4, "h2d_GBps": h2d_gbps(x), "iters": args.iters}
     result["lower_bounds"] = lower_bound_check(x[:50_000].to(DEV), init)
     fits = {}
-    for name, bounds, tier in (("plain", False, True), ("bounded", True, True), ("plain_no_tier", False, False)):
+    for name, bounds, tier, skip in (("plain", False, True, False), ("bounded", True, True, False),
+                                     ("bounded_skip", True, True, True), ("plain_no_tier", False, False, False)):
         if tier or args.tier_ab:
             A.NEIGHBOUR_TIER = tier
             try:
-                fits[name] = run(x, init, nm, args.iters, bounds, args.profile)
+                fits[name] = run(x, init, nm, args.iters, bounds, args.profile, skip,
+                                 "auto" if args.cache_gib is None else int(args.cache_gib * 2 ** 30))
             finally:
                 A.NEIGHBOUR_TIER = True
             torch.cuda.empty_cache()
     for key, test in (("centres", lambda a, b: torch.equal(a["centers"], b["centers"])),
-                      ("inertia", lambda a, b: a["inertia"] == b["inertia"])):
-        for other, suffix in (("bounded", ""), ("plain_no_tier", "_without_tier")):
+                      ("inertia", lambda a, b: a["inertia"] == b["inertia"] or b["inertia"] != b["inertia"])):
+        for other, suffix in (("bounded", ""), ("bounded_skip", "_skipping"), ("plain_no_tier", "_without_tier")):
             if other in fits:
                 result[f"same_{key}_every_iteration{suffix}"] = all(
                     test(a, b) for a, b in zip(fits["plain"]["iterations"], fits[other]["iterations"]))
+    result["same_final_inertia"] = len({fit["final_inertia"] for fit in fits.values()}) == 1
     uncached = max(0, result["host_bytes"] - fits["bounded"]["cache_bytes"])
     result["cache_GiB"] = fits["bounded"]["cache_bytes"] / 2 ** 30
     result["uncached_floor_s"] = uncached / result["h2d_GBps"] / 1e9
     for name, fit in fits.items():
         for r in fit["iterations"]:
             del r["centers"]
-        result[name] = {**summary(fit["iterations"]), "iterations": fit["iterations"],
+        result[name] = {**summary(fit["iterations"]), "final_inertia": fit["final_inertia"],
+                        "iterations": fit["iterations"],
                         **({"profile": fit["profile"]} if "profile" in fit else {})}
     if not args.no_flash:
         try:

@@ -112,16 +112,23 @@ def engine(name: str, r: dict) -> str:
 def engine_fit(name: str, r: dict) -> str:
     rows = [[step, r[step]["first_s"], r[step]["after_first_mean_s"], r[step]["later_half_mean_s"],
              r[step].get("after_first_mean_vs_flash"), r[step].get("later_half_mean_vs_flash"),
-             "/".join(str(i["rescored"]) for i in r[step]["iterations"][-3:]) if step == "bounded" else ""]
-            for step in ("plain", "bounded", "plain_no_tier") if step in r]
+             r[step].get("later_half_mean_vs_uncached_floor"), min(i["seconds"] for i in r[step]["iterations"]),
+             "/".join(str(i["rescored"]) for i in r[step]["iterations"][-3:]) if step.startswith("bounded") else "",
+             "/".join(str(i.get("host_rows_read_in_place", 0)) for i in r[step]["iterations"][-3:])
+             if step == "bounded_skip" else ""]
+            for step in ("plain", "bounded", "bounded_skip", "plain_no_tier") if step in r]
     return (f"### {name}\n\n{_versions(r)}\n\nOne GPU, host data, N={r['n']}, K={r['k']}, D={r['d']}, {r['iters']} "
             f"iterations from random rows; {_f(r.get('cache_GiB'))} GiB cached, PCIe floor of the rest "
             f"{_f(r.get('uncached_floor_s'))} s; flash-kmeans largeN {_f(r.get('flash_largeN_iter_s'))} s/iteration; "
             f"same centres every iteration: {r.get('same_centres_every_iteration')}"
             + (f" (plain_no_tier: FlashAssign without its neighbour tier, same centres: "
-               f"{r.get('same_centres_every_iteration_without_tier')})" if "plain_no_tier" in r else "") + "\n\n"
+               f"{r.get('same_centres_every_iteration_without_tier')})" if "plain_no_tier" in r else "")
+            + (f"; bounded_skip: settled host rows not copied, same centres: "
+               f"{r.get('same_centres_every_iteration_skipping')}, same final inertia: {r.get('same_final_inertia')}"
+               if "bounded_skip" in r else "") + "\n\n"
             + _table(["steps", "first s", "after first s", "later half s", "after first / flash",
-                      "later half / flash", "rows scored, last 3"], rows))
+                      "later half / flash", "later half / PCIe floor", "fastest s", "rows scored, last 3",
+                      "host rows read in place, last 3"], rows))
 
 
 def distributed(name: str, r: dict) -> str:
