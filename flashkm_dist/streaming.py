@@ -170,6 +170,20 @@ def _as_tensor(data) -> torch.Tensor:
         return torch.from_numpy(arr if all(s >= 0 for s in arr.strides) else np.ascontiguousarray(arr))
 
 
+def _queued_count(mask: torch.Tensor) -> tuple:
+    """(the number of True in mask, an event or None): on a GPU the number is copied into page-locked memory right
+    after the kernels queued so far, and the event tells when it has landed, so reading it waits for those kernels
+    only, not for work queued later on the stream (a read of a device tensor would)."""
+    n = mask.sum()
+    if not mask.is_cuda:
+        return n, None
+    host = torch.empty((), dtype=torch.int64, pin_memory=True)
+    host.copy_(n, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 def _added(total: tuple | None, part: tuple) -> tuple:
     """The running (sums, counts, inertia) limbs of a step's chunks plus one chunk's: the first chunk's as they
     are (one chunk is the common case on a GPU: no K x D zero-fill, additions and carries), then exact integer
@@ -246,6 +260,7 @@ class Engine:
     _skip: tuple | None = field(default=None, repr=False)  # (drift, dec) while a step may skip settled rows
     _gathered: int = 0  # rows of skipped chunks read in the step under way
     _skipped_keys: set = field(default_factory=set, repr=False)  # blocks whose tail the step under way skipped
+    _read_stream: object = field(default=None, repr=False)  # where stale host rows are read in place
     _tested: list = field(default_factory=lambda: [0, 0], repr=False)  # rows bound-tested, stale, in the step
     _stale_share: float | None = None  # of the rows the last bounded step tested (None: it tested none)
 
@@ -425,23 +440,28 @@ class Engine:
                 self._add_tail(blocks, chunk, part.sums, part.weights)
 
         def skipped(chunk, test, stale):
-            nonlocal skipped_inertia
-            moved, inertia = self._skipped_assign(blocks, chunk, centroids, numerics, test, stale, checks)
-            changed.add_(moved)
-            if inertia is not None:
-                skipped_inertia = inertia if skipped_inertia is None else skipped_inertia + inertia
+            read = self._read_stale(chunk, stale)  # (queued on a side stream; its rows are scored later)
 
-        # bounded chunks whose bound tests are queued: a full batch waits until the next one is full (`_settle`)
-        filling, waiting = [], []
+            def rest():
+                nonlocal skipped_inertia
+                moved, inertia = self._skipped_assign(blocks, chunk, centroids, numerics, test, stale, read, checks)
+                changed.add_(moved)
+                if inertia is not None:
+                    skipped_inertia = inertia if skipped_inertia is None else skipped_inertia + inertia
+            later.append(rest)
+
+        # bounded chunks whose bound tests are queued: a full batch waits until the next one is full (`_settle`);
+        # skipped chunks whose stale rows are being read, scored once the next batch's assignments are queued
+        filling, waiting, later = [], [], []
         for chunk in self._chunks(blocks):
             kept = None if chunk.x is None else self._kept_rows(blocks, chunk)
             if bounded:
                 test = (self._upper_test(blocks, chunk, *moves) if chunk.x is None
                         else self._bound_test(blocks, chunk, centroids, dec))
                 if test is not None and self._resident_rows(blocks, chunk):
-                    filling.append((chunk, kept, test))
-                    if len(filling) == BOUND_BATCH or sum(c.n for c, _, _ in filling) >= BOUND_BATCH_ROWS:
-                        self._settle(waiting, blocks, centroids, numerics, finish, skipped)
+                    filling.append((chunk, kept, test, _queued_count(test[3])))
+                    if len(filling) == BOUND_BATCH or sum(c[0].n for c in filling) >= BOUND_BATCH_ROWS:
+                        self._settle(waiting, blocks, centroids, numerics, finish, skipped, later)
                         waiting, filling = filling, []
                     continue
                 stale = None if test is None else torch.nonzero(test[3]).flatten()  # (waits for the device)
@@ -452,8 +472,8 @@ class Engine:
             else:
                 finish(chunk, *self.backend.assign(chunk.x, centroids, metric=numerics.metric, shift=numerics.shift,
                                                    **({} if kept is None else {"rows": kept})))
-        for batch in (waiting, filling):
-            self._settle(batch, blocks, centroids, numerics, finish, skipped)
+        for batch in (waiting, filling, []):
+            self._settle(batch, blocks, centroids, numerics, finish, skipped, later)
         for key in self._skipped_keys:  # (their partials: the last step's plus what moved)
             total = _added(total, (*self._new_tails[key][1:], torch.zeros(2, dtype=torch.int64, device=self.device)
                                    if skipped_inertia is None else fp.normalize(skipped_inertia[:, None])[:, 0]))
@@ -556,14 +576,22 @@ class Engine:
         root = data if data._base is None else data._base
         return data.device == self.device and chunk.x._base is root
 
-    def _settle(self, batch: list, blocks, centroids, numerics, finish, skipped) -> None:
+    def _settle(self, batch: list, blocks, centroids, numerics, finish, skipped, later: list) -> None:
         """Finish a batch of chunks whose bound tests were queued: one wait for all their numbers of rows to score
         (instead of one per chunk), then each chunk's assignment of those rows (`nonzero_static`: no more waits).
-        `_step` settles a batch only once the next one's tests are queued too, so the device has work meanwhile."""
+        `_step` settles a batch only once the next one's tests are queued too, so the device has work meanwhile;
+        the wait is for the tests only (`_queued_count`), not for the assignments queued after them, so the host
+        queues the next assignments while the device still runs the last ones. Skipped chunks of the last batch
+        (`later`) are scored after this batch's assignments are queued: their rows are read meanwhile."""
+        ready, later[:] = list(later), []
         if not batch:
+            for rest in ready:
+                rest()
             return
-        counts = torch.stack([test[3].sum() for _, _, test in batch]).tolist()
-        for (chunk, kept, test), count in zip(batch, counts):
+        if batch[-1][3][1] is not None:
+            batch[-1][3][1].synchronize()
+        counts = [int(queued[0]) for *_, queued in batch]
+        for (chunk, kept, test, _), count in zip(batch, counts):
             stale = torch.nonzero_static(test[3], size=count).flatten()
             self._tested[0] += chunk.n
             self._tested[1] += count
@@ -571,6 +599,8 @@ class Engine:
                 skipped(chunk, test, stale)
             else:
                 finish(chunk, *self._bounded_assign(blocks, chunk, centroids, numerics, kept, test, stale))
+        for rest in ready:
+            rest()
 
     def _bounded_assign(self, blocks, chunk: _Chunk, centroids, numerics, kept, test, stale):
         """(labels, min_dist) of a chunk in a bounded step, from its bound test (`_bound_test`) and the positions of
@@ -630,18 +660,39 @@ class Engine:
         stale, new_lower, new_upper = kbounds.upper_test(*state, drift, dec)
         return state[0], None, new_lower, stale, new_upper
 
-    def _skipped_assign(self, blocks, chunk: _Chunk, centroids, numerics, test, stale, checks):
-        """A skipped tail chunk's step, from its bound test and the positions of its stale rows: only those rows
-        are read (in place, `host_rows.gather`) and assigned; the block's tail partials change by what moved
-        (the stale rows' partials under their new labels minus under their old ones: exact integers). Returns
-        (labels changed, the stale rows' inertia limbs or None)."""
+    def _read_stale(self, chunk: _Chunk, stale: torch.Tensor):
+        """(the stale rows of a skipped chunk on the device, an event or None once they are there): read in place
+        (`host_rows.gather`) on a side stream, so the read runs beside the kernels queued next; None for none."""
+        if not stale.numel():
+            return None
+        if self.device.type != "cuda":
+            return host_rows.gather(chunk.host, stale, self.dtype), None
+        compute = torch.cuda.current_stream(self.device)
+        if self._read_stream is None:
+            self._read_stream = torch.cuda.Stream(self.device)
+        self._read_stream.wait_stream(compute)  # (the positions are computed there)
+        with torch.cuda.stream(self._read_stream):
+            rows = host_rows.gather(chunk.host, stale, self.dtype)
+            done = torch.cuda.Event()
+            done.record()
+        stale.record_stream(self._read_stream)
+        rows.record_stream(compute)
+        return rows, done
+
+    def _skipped_assign(self, blocks, chunk: _Chunk, centroids, numerics, test, stale, read, checks):
+        """A skipped tail chunk's step, from its bound test, the positions of its stale rows and those rows
+        (`_read_stale`): only they are assigned; the block's tail partials change by what moved (the stale rows'
+        partials under their new labels minus under their old ones: exact integers). Returns (labels changed, the
+        stale rows' inertia limbs or None)."""
         key = self._key(blocks[chunk.index], chunk.index)
         old, _, new_lower, _, new_upper = test
         labels = old.clone()
         moved, inertia = torch.zeros((), dtype=torch.int64, device=self.device), None
-        if stale.numel():
+        if read is not None:
             k = centroids.shape[0]
-            rows = host_rows.gather(chunk.host, stale, self.dtype)
+            rows, done = read
+            if done is not None:
+                torch.cuda.current_stream(self.device).wait_event(done)
             lab, _, low = self.backend.assign_lower(rows, centroids, shift=numerics.shift)
             dist = self.backend.bounded_rows(rows, centroids, lab, torch.zeros_like(low),
                                              torch.zeros(k, dtype=torch.float64, device=self.device))[0]
@@ -798,12 +849,15 @@ class Engine:
         tail = cached_prefix(data.shape[0], rows, 0 if cached is None else cached.shape[0], False)
         starts = list(range(end, data.shape[0], rows))
         if self._skippable(key, data, tail):  # (nothing to copy: the device reads the stale rows itself)
-            for span in cached_chunks(end, rows, SKIP_CHUNK_FACTOR):
-                yield self._cached_chunk(index, cached, weights, *span)
             size = rows * SKIP_CHUNK_FACTOR
-            for start in range(end, data.shape[0], size):
+            spans, tails = iter(cached_chunks(end, rows, SKIP_CHUNK_FACTOR)), range(end, data.shape[0], size)
+            for start, share in zip(tails, interleaved(-(-end // size), len(tails))):
+                for _ in range(share):  # (spread: a skipped chunk's rows are read while the next one is scored)
+                    yield self._cached_chunk(index, cached, weights, *next(spans))
                 w = None if weights is None else weights[start:start + size].to(self.device, non_blocking=True)
                 yield _Chunk(index, start, None, w, streamed=True, tail=True, host=data[start:start + size])
+            for span in spans:
+                yield self._cached_chunk(index, cached, weights, *span)
             return
         pinned = data.is_pinned() or self._pin_in_place(data)
         # two device buffers, reused: the copy into one waits (on the device) until the kernels of the chunk that
