@@ -22,7 +22,7 @@ from flashkm_dist.engine import (Backend, FitNumerics, backend_for, exact_inerti
                                  unit_rows_like)
 from flashkm_dist.kernels import bounds as kbounds
 from flashkm_dist.kernels import fixed_point as fp
-from flashkm_dist.kernels import host_rows, reference
+from flashkm_dist.kernels import host_rows, neighbours, reference
 from flashkm_dist.kernels.checks import DeferredChecks
 
 CHUNK_BYTES = 256 << 20  # one staging buffer
@@ -34,11 +34,12 @@ CACHED_CHUNK_FACTOR = 4  # rows served from the cache go through the kernels thi
 # cached: bounded steps 1.36 s, plain 1.24, benchmarks/engine_fit.py).
 STREAMED_BOUNDS_MIN_K = 16384
 # Steps skip settled host rows (`Engine.skip_settled`) unless more than this share of the rows the last step
-# tested was stale: reading most rows in place, one kernel after the other, is slower than copying them while the
-# kernels run (H100, N=180M: the first bounded steps, every row stale, 2.8-3.0 s against 2.3-3.0 copied).
+# tested was stale: then reading most rows in place costs more than copying them beside the kernels (H100, N=180M,
+# before the reads ran on a side stream: a step with every row stale took 3.19 s skipping, 2.53 s copying).
 SKIP_MAX_STALE = 0.5
 # A skipping pass copies nothing, so its chunks (cached rows too) can be larger: this many staging chunks, for
-# less host work per row (H100, N=180M: a step queued 88 chunks in 0.69 s for 0.47 s of kernels at 4)
+# less host work per row (H100, N=180M, profiled: at 4, a step of 88 chunks took 0.69 s for 0.47 s of kernels;
+# at 16, 24 chunks, 0.55 s)
 SKIP_CHUNK_FACTOR = 16
 BOUND_BATCH_ROWS = 1 << 23  # a batch of bound tests is also full at this many rows (their pending outputs: 136 MB)
 BOUND_BATCH = 4  # bounded steps read the numbers of rows to score of this many resident chunks in one wait (two
@@ -257,10 +258,11 @@ class Engine:
     _tail_sums: dict = field(default_factory=dict, repr=False)  # block key -> (first tail row, sums, weights)
     _tail_at: dict = field(default_factory=dict, repr=False)  # block key -> the bound step its tail sums are for
     _new_tails: dict = field(default_factory=dict, repr=False)  # the same, being built by the step under way
-    _skip: tuple | None = field(default=None, repr=False)  # (drift, dec) while a step may skip settled rows
+    _skip: tuple | None = field(default=None, repr=False)  # `_decrements` while a step may skip settled rows
     _gathered: int = 0  # rows of skipped chunks read in the step under way
     _skipped_keys: set = field(default_factory=set, repr=False)  # blocks whose tail the step under way skipped
     _read_stream: object = field(default=None, repr=False)  # where stale host rows are read in place
+    _read_ready: bool = False  # the in-place read is compiled
     _tested: list = field(default_factory=lambda: [0, 0], repr=False)  # rows bound-tested, stale, in the step
     _stale_share: float | None = None  # of the rows the last bounded step tested (None: it tested none)
 
@@ -409,6 +411,7 @@ class Engine:
 
     def _step(self, blocks, centroids, numerics, complete: bool = False) -> EngineStep:
         k, d = centroids.shape
+        n_rows = sum(_as_tensor(b.data).shape[0] for b in blocks)
         total, chunks = None, 0  # (sums, counts, inertia) limbs of the chunks so far
         # labels changed, counted on the device (no host sync per chunk). Kept across an OOM back-off: the chunks
         # the failed attempt finished have stored their new labels already, so the retry counts 0 for their rows
@@ -418,16 +421,16 @@ class Engine:
         changed = self._changed
         checks = DeferredChecks()
         bounded = self._bounded(numerics)
-        moves, self._rescored = (self._decrements(centroids) if bounded else None), 0
-        dec = None if moves is None else moves[1]
+        if self.backend.prepare_centroids is not None and numerics.metric == "euclidean":
+            self.backend.prepare_centroids(centroids, n_rows)
+        moves, self._rescored = (self._decrements(centroids, n_rows) if bounded else None), 0
+        dec = (None, None) if moves is None else moves[1:]  # (dec, near) for `_bound_test`
         self._skip = moves if self.skip_settled and not complete else None
         self._gathered, self._tested[:] = 0, [0, 0]
         self._skipped_keys.clear()
         self._bound_keys.clear()
         self._new_tails.clear()
         skipped_inertia = None
-        if self.backend.prepare_centroids is not None and numerics.metric == "euclidean":
-            self.backend.prepare_centroids(centroids, sum(_as_tensor(b.data).shape[0] for b in blocks))
 
         def finish(chunk, labels, dist):
             nonlocal total, chunks
@@ -457,7 +460,7 @@ class Engine:
             kept = None if chunk.x is None else self._kept_rows(blocks, chunk)
             if bounded:
                 test = (self._upper_test(blocks, chunk, *moves) if chunk.x is None
-                        else self._bound_test(blocks, chunk, centroids, dec))
+                        else self._bound_test(blocks, chunk, centroids, *dec))
                 if test is not None and self._resident_rows(blocks, chunk):
                     filling.append((chunk, kept, test, _queued_count(test[3])))
                     if len(filling) == BOUND_BATCH or sum(c[0].n for c in filling) >= BOUND_BATCH_ROWS:
@@ -538,22 +541,28 @@ class Engine:
     def _bounded(self, numerics: FitNumerics) -> bool:
         return self.bounds and numerics.metric == "euclidean" and self.backend.bounded_rows is not None
 
-    def _decrements(self, centroids: torch.Tensor) -> tuple | None:
-        """float64 (K,) each: how far each centroid moved since the last bounded step (an upper bound's growth),
-        and how far each label's lower bound drops, the largest move among the other centroids (both rounded
-        up); None when no bound can be used."""
+    def _decrements(self, centroids: torch.Tensor, n_rows: int) -> tuple | None:
+        """(drift, dec, near): float64 (K,) each, how far each centroid moved since the last bounded step (an
+        upper bound's growth) and how far each label's lower bound drops, the largest move among the other
+        centroids (both rounded up); near: `kernels.bounds.neighbour_moves` where a neighbour table of the
+        centroids is at hand (the step's FlashAssign table, or a small K's), else None. None when no bound can
+        be used."""
         prev = self._bound_centroids
         if prev is None or prev.shape != centroids.shape:
             return None
         drift = torch.linalg.vector_norm(centroids.to(torch.float64) - prev, dim=1) * (1.0 + 1e-12)
         if drift.numel() == 1:
-            return drift, torch.zeros_like(drift)
+            return drift, torch.zeros_like(drift), None
         top = torch.topk(drift, 2)
         dec = torch.full_like(drift, 0.0) + top.values[0]
         dec[top.indices[0]] = top.values[1]
-        return drift, dec
+        table = neighbours.table_for(centroids[None], n_rows)
+        if table is None and centroids.shape[0] < neighbours.MIN_CENTROIDS:
+            table = neighbours.neighbour_table(centroids)
+        near = None if table is None else kbounds.neighbour_moves(table.index[0], table.beyond[0], drift)
+        return drift, dec, near
 
-    def _bound_test(self, blocks, chunk: _Chunk, centroids, dec):
+    def _bound_test(self, blocks, chunk: _Chunk, centroids, dec, near):
         """A bounded step's test of a chunk's rows, queued (no wait): (labels kept, min_dist, new lower bounds,
         stale mask), or None where the bounds cannot be used (not for the last step's centroids; streamed chunks
         below STREAMED_BOUNDS_MIN_K)."""
@@ -565,7 +574,7 @@ class Engine:
         old = self._row_state(blocks, chunk, self._labels, self._device_labels, torch.int64, -1)
         labels = old.to(self.device, non_blocking=True).clone()
         return (labels, *self.backend.bounded_rows(chunk.x, centroids, labels, lower.to(self.device, non_blocking=True),
-                                                   dec))
+                                                   dec, near))
 
     def _resident_rows(self, blocks, chunk: _Chunk) -> bool:
         """Whether a chunk's rows stay where they are on the device until the step ends (cached host rows, or a view
@@ -651,13 +660,13 @@ class Engine:
                 and key in self._upper and self._labels.get(key) is not None
                 and self._labels[key].shape[0] == data.shape[0] == self._upper[key].shape[0])
 
-    def _upper_test(self, blocks, chunk: _Chunk, drift, dec):
+    def _upper_test(self, blocks, chunk: _Chunk, drift, dec, near):
         """A skipped tail chunk's bound test, queued (no wait): (labels kept, None, new lower bounds, stale mask,
         new upper bounds), from the bounds its rows keep on the host."""
         state = [self._row_state(blocks, chunk, stores, {}, dtype, fill).to(self.device, non_blocking=True)
                  for stores, dtype, fill in ((self._labels, torch.int64, -1), (self._lower, torch.float32, 0.0),
                                              (self._upper, torch.float32, 0.0))]
-        stale, new_lower, new_upper = kbounds.upper_test(*state, drift, dec)
+        stale, new_lower, new_upper = kbounds.upper_test(*state, drift, dec, near)
         return state[0], None, new_lower, stale, new_upper
 
     def _read_stale(self, chunk: _Chunk, stale: torch.Tensor):
@@ -860,6 +869,10 @@ class Engine:
                 yield self._cached_chunk(index, cached, weights, *span)
             return
         pinned = data.is_pinned() or self._pin_in_place(data)
+        if pinned and fill and self.skip_settled and self.bounds and tail < data.shape[0] and not self._read_ready:
+            # compile the in-place read now, with the first step's other kernels, not in the first skipping step
+            host_rows.gather(data[:1], torch.zeros(1, dtype=torch.int64, device=self.device), self.dtype)
+            self._read_ready = True
         # two device buffers, reused: the copy into one waits (on the device) until the kernels of the chunk that
         # used it were queued and ran, so nothing on the host waits and memory stays two chunks whatever the host
         # runs ahead

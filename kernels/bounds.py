@@ -6,6 +6,12 @@ the new distances to the others. The row's exact distance to its own new centroi
 (inertia). If |x - c_a'| (1 + 1e-6) < L', c_a' is strictly the nearest centroid, by a margin far above the float64
 rounding of any exact re-check, so the label stays what a full assignment gives, bit for bit; only the other rows
 (`stale`) go through FlashAssign. In a converging fit most rows stay, so most of the O(N K D) work is skipped.
+
+With a neighbour table of the new centroids (`kernels.neighbours`: each centroid's nearest ones, and a lower bound
+`beyond` on its distance to all others) the bound is sharper (`neighbour_moves`): the listed centroids moved by
+at most near_a, and an unlisted c_j is at least beyond_a - |x - c_a'| away, so
+L' = min(L - near_a, max(beyond_a - |x - c_a'|, L - dec_a)). One far centroid that moves a lot then no longer
+loosens every row's bound.
 """
 from __future__ import annotations
 
@@ -21,10 +27,23 @@ BLOCK_N = 64
 EPI_D = 32
 
 
+@triton.jit
+def _sharper(left, lower, own_root, lab, valid, near_ptr, beyond_ptr):
+    """`neighbour_moves`' bound: min(L - near, max(beyond - |x - c'|, left)), the middle term rounded down
+    (float64 slack 2**-40, far above its roundings). NaN distances leave `left` (such rows are stale anyway)."""
+    near = tl.load(near_ptr + lab, mask=valid, other=0.0)
+    beyond = tl.load(beyond_ptr + lab, mask=valid, other=float("-inf"))
+    far = beyond * (1.0 - 9.094947017729282e-13) - own_root * (1.0 + 9.094947017729282e-13)  # (+inf: all listed)
+    far = tl.where(far == far, far, float("-inf"))
+    top = tl.where(far > left, far, left)  # (torch.maximum: NaN in left stays NaN)
+    low = lower - near
+    return tl.where((low < top) | (low != low), low, top)  # (torch.minimum)
+
+
 @triton.jit(do_not_specialize=["n_rows"])
 def _bounded_kernel(x_ptr, stride_xn, stride_xd, c_ptr, stride_ck, stride_cd, labels_ptr, lower_ptr, dec_ptr,
-                    dist_ptr, new_lower_ptr, stale_ptr, n_rows, D, K,
-                    BLOCK_N: tl.constexpr, EPI_D: tl.constexpr):
+                    dist_ptr, new_lower_ptr, stale_ptr, n_rows, D, K, near_ptr, beyond_ptr,
+                    BLOCK_N: tl.constexpr, EPI_D: tl.constexpr, NEAR: tl.constexpr):
     """Per row: the float64 distance to its label's centroid (stored as float32, as FlashAssign stores it), the
     test against its decremented lower bound, and the bound it keeps (0 where stale)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -38,6 +57,8 @@ def _bounded_kernel(x_ptr, stride_xn, stride_xd, c_ptr, stride_ck, stride_cd, la
     lower = tl.load(lower_ptr + rows, mask=row_mask, other=0.0).to(tl.float64)
     dec = tl.load(dec_ptr + lab, mask=valid, other=0.0)
     left = lower - dec
+    if NEAR:
+        left = _sharper(left, lower, tl.sqrt(own), lab, valid, near_ptr, beyond_ptr)
     keep = valid & (tl.sqrt(own) * (1.0 + 1e-6) < left)  # (False for NaN)
     tl.store(dist_ptr + rows, own.to(tl.float32), mask=row_mask)
     # rounded down (x (1 - 2**-20) before the nearest fp32): still a lower bound
@@ -47,13 +68,14 @@ def _bounded_kernel(x_ptr, stride_xn, stride_xd, c_ptr, stride_ck, stride_cd, la
 
 
 def bounded_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, lower: torch.Tensor,
-                 dec: torch.Tensor):
+                 dec: torch.Tensor, near: tuple | None = None):
     """(min_dist float32, new lower float32, stale bool) of rows x (N, D) labelled `labels` (int64; -1: none)
     with lower bounds `lower` (float32, for the previous centroids) against `centroids` (K, D), whose moves
-    decrement each label's bound by dec[label] (float64 (K,): the largest move among the other centroids).
-    The same as `reference.bounded_rows`. Rows with no label or no bound (0) are stale."""
+    decrement each label's bound by dec[label] (float64 (K,): the largest move among the other centroids);
+    `near`: `neighbour_moves` of the new centroids, for the sharper bound. The same as `reference.bounded_rows`.
+    Rows with no label or no bound (0) are stale."""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.shape[0] == 0:
-        return reference.bounded_rows(x, centroids, labels, lower, dec)
+        return reference.bounded_rows(x, centroids, labels, lower, dec, near)
     n, d = x.shape
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
     new_lower = torch.empty(n, dtype=torch.float32, device=x.device)
@@ -61,7 +83,8 @@ def bounded_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
     c = centroids  # (any float dtype: read as float64, like FlashAssign's exact distance)
     launch(_bounded_kernel, (triton.cdiv(n, BLOCK_N),), x, x.stride(0), x.stride(1), c, c.stride(0), c.stride(1),
            labels.contiguous(), lower.contiguous(), dec.to(torch.float64).contiguous(), dist, new_lower, stale,
-           n, d, c.shape[0], BLOCK_N=BLOCK_N, EPI_D=EPI_D, num_warps=4)
+           n, d, c.shape[0], *(dec, dec) if near is None else near, BLOCK_N=BLOCK_N, EPI_D=EPI_D,
+           NEAR=near is not None, num_warps=4)
     return dist, new_lower, stale.bool()
 
 
@@ -72,18 +95,31 @@ def upper_of(dist: torch.Tensor) -> torch.Tensor:
     return (torch.sqrt(dist.to(torch.float64)) * (1.0 + 2.0 ** -20)).to(torch.float32)
 
 
+def neighbour_moves(index: torch.Tensor, beyond: torch.Tensor, drift: torch.Tensor) -> tuple:
+    """(near, beyond), float64 (K,) each, for the sharper bound of `bounded_rows` and `upper_test`, from a
+    neighbour table of the new centroids (index (K, M) and beyond (K,) of one batch) and each centroid's move
+    (drift, rounded up): near_a is the largest move among the centroids listed for a (itself left out; unused
+    slots of a table with K < M list centroid 0, which only loosens it)."""
+    own = torch.arange(index.shape[0], device=index.device)[:, None]
+    moves = torch.where(index == own, 0.0, drift[index.long()])
+    return moves.max(dim=1).values, beyond.to(torch.float64).contiguous()
+
+
 def upper_test(labels: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, drift: torch.Tensor,
-               dec: torch.Tensor):
+               dec: torch.Tensor, near: tuple | None = None):
     """The bound test of rows that are not on the device (Hamerly's first test): (stale bool, new lower, new
     upper), from each row's label, lower bound and upper bound `upper` on its distance to its label's centroid,
     all for the previous centroids. The label's centroid moved by drift[label] (float64 (K,), rounded up), the
     others by at most dec[label], so u = upper + drift[label] bounds the new distance to the label's centroid and
     L = lower - dec[label] those to the others: u (1 + 1e-6) < L settles the label exactly as `bounded_rows`'s
     test does with the exact distance in place of u (the same margin; u is at least that distance), without
-    reading the row. Settled rows keep L (rounded down) and u (rounded up); the others are stale (lower 0)."""
+    reading the row. Settled rows keep L (rounded down) and u (rounded up); the others are stale (lower 0).
+    `near`: `neighbour_moves`, as in `bounded_rows`, with u in place of the exact distance."""
     lab = labels.clamp(min=0)
     up = upper.to(torch.float64) + drift[lab]
     left = lower.to(torch.float64) - dec[lab]
+    if near is not None:
+        left = reference.sharper_bound(left, lower, up, near[0][lab], near[1][lab])
     keep = (labels >= 0) & (up * (1.0 + 1e-6) < left)  # (False for NaN)
     new_lower = torch.where(keep, left * (1.0 - 2.0 ** -20), 0.0).to(torch.float32)
     return ~keep, new_lower, (up * (1.0 + 2.0 ** -20)).to(torch.float32)

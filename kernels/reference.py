@@ -127,18 +127,28 @@ def assign_lower(x: torch.Tensor, centroids: torch.Tensor, *, shift=None):
 
 
 def bounded_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, lower: torch.Tensor,
-                 dec: torch.Tensor):
+                 dec: torch.Tensor, near: tuple | None = None):
     """Twin of `kernels.bounds.bounded_rows`: the exact distance of each row to its label's centroid, whether
-    its decremented lower bound proves that label still nearest, and the bound it keeps."""
+    its decremented lower bound (sharpened by `near`) proves that label still nearest, and the bound it keeps."""
     k = centroids.shape[0]
     valid = (labels >= 0) & (labels < k)
     lab = torch.where(valid, labels, torch.zeros_like(labels))
     diff = x.to(torch.float64) - centroids.to(torch.float64)[lab]
     own = (diff * diff).sum(dim=1)
     left = lower.to(torch.float64) - dec.to(torch.float64)[lab]
+    if near is not None:
+        left = sharper_bound(left, lower, own.sqrt(), near[0][lab], near[1][lab])
     keep = valid & (own.sqrt() * (1.0 + 1e-6) < left)
     new_lower = torch.where(keep, left * (1.0 - 2.0 ** -20), torch.zeros_like(left)).to(torch.float32)
     return own.to(_result_dtype(x)), new_lower, ~keep
+
+
+def sharper_bound(left, lower, own_root, near, beyond):
+    """`kernels.bounds`' sharper lower bound: min(L - near, max(beyond - |x - c'|, left)), the middle term rounded
+    down by 2**-40 (float64); NaN in the middle term leaves `left`."""
+    far = beyond * (1.0 - 2.0 ** -40) - own_root * (1.0 + 2.0 ** -40)  # (+inf where all are listed)
+    far = torch.where(torch.isnan(far), torch.full_like(far, float("-inf")), far)
+    return torch.minimum(lower.to(torch.float64) - near, torch.maximum(far, left))
 
 
 def neighbour_settle(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, min_dist: torch.Tensor,

@@ -85,6 +85,37 @@ def test_bounded_rows_kernel_matches_its_twin_and_keeps_only_exact_labels():
     assert (new_lower[stale] == 0).all()
 
 
+def test_a_neighbour_table_sharpens_the_bound_when_one_far_centroid_moves_a_lot():
+    """One of 64 centroids jumps far: with the plain bound (the largest move among the others) every row is
+    stale; with the new centroids' neighbour table (`neighbour_moves`) only rows near the jump are. Kernel and
+    twin agree to the bit, kept labels are exact, and the kept bounds are bounds."""
+    from flashkm_dist.kernels.neighbours import neighbour_table
+
+    g = torch.Generator().manual_seed(6)
+    centres = torch.randn(64, 6, generator=g) * 20
+    x = centres[torch.randint(0, 64, (3000,), generator=g)] + torch.randn(3000, 6, generator=g)
+    c = x[torch.randperm(3000, generator=g)[:64]].clone()
+    labels, _, lower = reference.assign_lower(x, c)
+    moved = c + torch.randn(c.shape, generator=g) * 0.01
+    moved[7] += 30.0
+    drift = torch.linalg.vector_norm(moved.double() - c.double(), dim=1) * (1 + 1e-12)
+    dec = torch.stack([torch.cat([drift[:j], drift[j + 1:]]).max() for j in range(len(drift))])
+    table = neighbour_table(moved)
+    near = bounds.neighbour_moves(table.index[0], table.beyond[0], drift)
+    plain = bounds.bounded_rows(x, moved, labels, lower, dec)
+    got = bounds.bounded_rows(x, moved, labels, lower, dec, near)
+    want = reference.bounded_rows(x, moved, labels, lower, dec, near)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    dist, new_lower, stale = got
+    assert int((~plain[2]).sum()) < 300 < 1500 < int((~stale).sum())
+    kept = ~stale
+    truth = reference.assign(x, moved)
+    assert torch.equal(labels[kept], truth[0][kept])
+    second = second_distance(x.double().numpy(), moved.double().numpy(), truth[0])
+    assert (new_lower.double().numpy()[kept.numpy()] <= second[kept.numpy()]).all()
+
+
 def blobs(n=3000, k=12, d=9, seed=0):
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(k, d, generator=g) * 5

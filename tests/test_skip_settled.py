@@ -74,6 +74,31 @@ def test_upper_test_keeps_only_rows_whose_label_is_the_exact_nearest():
     assert (new_lower[~keep] == 0).all()
 
 
+def test_upper_test_with_a_neighbour_table_keeps_rows_far_from_a_jumping_centroid():
+    from flashkm_dist.kernels.neighbours import neighbour_table
+
+    g = torch.Generator().manual_seed(8)
+    centres = torch.randn(64, 5, generator=g) * 20
+    x = (centres[torch.randint(0, 64, (3000,), generator=g)] + torch.randn(3000, 5, generator=g)).double()
+    old = x[torch.randperm(3000, generator=g)[:64]].clone()
+    labels, dist, lower = reference.assign_lower(x, old)
+    new = old + torch.randn(old.shape, generator=g, dtype=torch.float64) * 0.01
+    new[3] += 40.0
+    drift = torch.linalg.vector_norm(new - old, dim=1) * (1 + 1e-12)
+    dec = torch.stack([torch.cat([drift[:j], drift[j + 1:]]).max() for j in range(64)])
+    upper = bounds.upper_of(dist.float())
+    table = neighbour_table(new)
+    near = bounds.neighbour_moves(table.index[0], table.beyond[0], drift)
+    plain = bounds.upper_test(labels, lower, upper, drift, dec)[0]
+    stale, new_lower, new_upper = bounds.upper_test(labels, lower, upper, drift, dec, near)
+    keep = ~stale.numpy()
+    assert (~plain).sum() < 300 < 1500 < keep.sum()
+    d_new = np.sqrt(sq_dists(x.numpy(), new.numpy()))
+    assert (d_new[keep].argmin(1) == labels.numpy()[keep]).all()
+    d_new[np.arange(len(x)), labels.numpy()] = np.inf
+    assert (new_lower.double().numpy()[keep] <= d_new.min(1)[keep]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_host_rows_are_gathered_as_indexing_and_conversion_give_them(dtype):
     g = torch.Generator().manual_seed(2)
