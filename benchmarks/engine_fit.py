@@ -52,7 +52,7 @@ def compiled_kernels() -> int:
 
 
 def run(x, init, nm, iters: int, bounds: bool, profile: bool = False, skip: bool = False,
-        cache_bytes="auto") -> dict:
+        cache_bytes="auto", profile_at: int = 0) -> dict:
     engine = Engine(DEV, chunk_rows=1 << 19, bounds=bounds, skip_settled=skip, cache_bytes=cache_bytes)
     blocks = quarters(x)
     centers, rows = init, []
@@ -60,7 +60,12 @@ def run(x, init, nm, iters: int, bounds: bool, profile: bool = False, skip: bool
         torch.cuda.synchronize()
         compiled = compiled_kernels()
         start = time.perf_counter()
-        it = lloyd_iteration(engine, blocks, centers, nm)
+        if i + 1 == profile_at:  # (this iteration under the profiler: its seconds include the profiler's cost)
+            out = {}
+            at = profiled(lambda: out.update(it=lloyd_iteration(engine, blocks, centers, nm)), top=24)
+            it = out["it"]
+        else:
+            it = lloyd_iteration(engine, blocks, centers, nm)
         rows.append({"iteration": i + 1, "seconds": time.perf_counter() - start, "rescored": it.step.rescored,
                      "host_rows_read_in_place": it.step.gathered, "labels_changed": it.step.n_changed,
                      "inertia": it.inertia, "kernels_compiled": compiled_kernels() - compiled})
@@ -77,7 +82,7 @@ def run(x, init, nm, iters: int, bounds: bool, profile: bool = False, skip: bool
     engine.release()
     return {"iterations": rows, "cache_bytes": cached, "final_inertia": float(fp.to_float(final.inertia,
                                                                                      nm.scale.dist_exp)),
-            **({"profile": prof} if profile else {})}
+            **({"profile": prof} if profile else {}), **({"profile_at": at} if 0 < profile_at <= iters else {})}
 
 
 def lower_bound_check(x: torch.Tensor, centers: torch.Tensor) -> dict:
@@ -118,6 +123,7 @@ def main():
     ap.add_argument("--profile", action="store_true", help="profile one more iteration of each fit")
     ap.add_argument("--tier-ab", action="store_true", help="also plain steps without FlashAssign's neighbour tier")
     ap.add_argument("--cache-gib", type=float, default=None, help="device cache (default: 80 %% of free memory)")
+    ap.add_argument("--profile-at", type=int, default=0, help="profile this iteration of each fit (1 = the first)")
     args = ap.parse_args()
     n = args.n or 1 << args.log2n
     x, init = host_blobs(n, args.k, args.d)
@@ -132,7 +138,7 @@ def main():
             A.NEIGHBOUR_TIER = tier
             try:
                 fits[name] = run(x, init, nm, args.iters, bounds, args.profile, skip,
-                                 "auto" if args.cache_gib is None else int(args.cache_gib * 2 ** 30))
+                                 "auto" if args.cache_gib is None else int(args.cache_gib * 2 ** 30), args.profile_at)
             finally:
                 A.NEIGHBOUR_TIER = True
             torch.cuda.empty_cache()
@@ -151,7 +157,7 @@ def main():
             del r["centers"]
         result[name] = {**summary(fit["iterations"]), "final_inertia": fit["final_inertia"],
                         "iterations": fit["iterations"],
-                        **({"profile": fit["profile"]} if "profile" in fit else {})}
+                        **{key: fit[key] for key in ("profile", "profile_at") if key in fit}}
     if not args.no_flash:
         try:
             result["flash_largeN_iter_s"] = flash_largeN_iter_s(x, init)
