@@ -107,6 +107,27 @@ class Farthest:
         return cls(torch.empty(0, dtype=f64), torch.empty(0, dtype=torch.int64), torch.empty((0, n_features), dtype=f64),
                    torch.empty(0, dtype=f64), torch.empty(0, dtype=torch.int64))
 
+    def to(self, device) -> "Farthest":
+        return Farthest(*(getattr(self, name).to(device) for name in ("dist", "position", "rows", "weights", "labels")))
+
+    def positive(self) -> "Farthest":
+        """Without the placeholders of rows of weight 0 (distance -1, kept while merging to avoid a wait)."""
+        keep = self.dist >= 0
+        return Farthest(*(getattr(self, name)[keep] for name in ("dist", "position", "rows", "weights", "labels")))
+
+    @classmethod
+    def of_chunk(cls, x: torch.Tensor, weights, labels: torch.Tensor, dist: torch.Tensor, first: int,
+                 n: int) -> "Farthest":
+        """The n candidates of one chunk of rows (positions from `first`), on its device, without a wait: rows of
+        weight 0 stay in as placeholders at distance -1 (`positive` drops them)."""
+        dist = dist.to(torch.float64)
+        if weights is not None:
+            dist = torch.where(weights > 0, dist, torch.full_like(dist, -1.0))
+        order = torch.sort(dist, descending=True, stable=True).indices[:n]
+        w = None if weights is None else weights[order]
+        return cls(dist[order], order + first, reference.weighted_rows(x[order], w),
+                   torch.ones(order.numel(), dtype=torch.float64, device=x.device) if w is None else w, labels[order])
+
     @classmethod
     def merge(cls, parts: list, n: int) -> "Farthest":
         fields = [torch.cat([getattr(p, name) for p in parts]) for name in ("dist", "position", "rows", "weights",
@@ -169,6 +190,12 @@ def _as_tensor(data) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only arrays are never written to
         return torch.from_numpy(arr if all(s >= 0 for s in arr.strides) else np.ascontiguousarray(arr))
+
+
+def _offsets(blocks) -> list:
+    """The first position of every block, laid end to end."""
+    sizes = [_as_tensor(b.data).shape[0] for b in blocks]
+    return [sum(sizes[:i]) for i in range(len(blocks))]
 
 
 def _queued_count(mask: torch.Tensor) -> tuple:
@@ -265,6 +292,10 @@ class Engine:
     _read_ready: bool = False  # the in-place read is compiled
     _tested: list = field(default_factory=lambda: [0, 0], repr=False)  # rows bound-tested, stale, in the step
     _stale_share: float | None = None  # of the rows the last bounded step tested (None: it tested none)
+    _far_kept: int = 0  # candidates for empty clusters each step keeps (set by `farthest`, reset by a step after
+    #                     which none was asked for)
+    _far_asked: bool = False  # `farthest` was called since the last step
+    _far: tuple | None = field(default=None, repr=False)  # (centroids, block sizes, m, Farthest) of the last step
 
     def __post_init__(self):
         self.device = torch.device(self.device)
@@ -347,25 +378,31 @@ class Engine:
         block, then row), for the deterministic re-seeding of empty clusters. `offsets`: the first position of
         every block (default: the blocks laid end to end)."""
         if offsets is None:
-            sizes = [_as_tensor(b.data).shape[0] for b in blocks]
-            offsets = [sum(sizes[:i]) for i in range(len(blocks))]
+            self._far_asked, self._far_kept = True, max(self._far_kept, 2 * n)  # (the next steps keep candidates)
+            kept = self._kept_farthest(blocks, centroids, n)
+            if kept is not None:
+                return kept
+            offsets = _offsets(blocks)
         best = Farthest.none(_as_tensor(blocks[0].data).shape[1] if blocks else 0)
         numerics = self.local(numerics)
         for chunk in self._chunks(blocks):
             labels, dist = self.backend.assign(chunk.x, centroids.to(self.device), metric=numerics.metric,
                                                shift=numerics.shift)
-            dist = dist.to(torch.float64)
-            if chunk.weights is not None:
-                dist = torch.where(chunk.weights > 0, dist, torch.full_like(dist, -1.0))
-            order = torch.sort(dist, descending=True, stable=True).indices[:n]
-            order = order[dist[order] >= 0]
-            w = None if chunk.weights is None else chunk.weights[order]
-            found = Farthest(dist[order].cpu(), (order + offsets[chunk.index] + chunk.start).cpu(),
-                             reference.weighted_rows(chunk.x[order], w).cpu(),
-                             torch.ones(order.numel(), dtype=torch.float64) if w is None else w.cpu(),
-                             labels[order].cpu())
-            best = Farthest.merge([best, found], n)
-        return best
+            found = Farthest.of_chunk(chunk.x, chunk.weights, labels, dist, offsets[chunk.index] + chunk.start, n)
+            best = Farthest.merge([best, found.to("cpu")], n)
+        return best.positive()
+
+    def _kept_farthest(self, blocks, centroids: torch.Tensor, n: int) -> Farthest | None:
+        """The n farthest rows from the candidates the last step kept (`_far_kept`), if it kept at least n over
+        these blocks for these centroids (its own distances: no second pass over the rows), else None."""
+        if self._far is None:
+            return None
+        c, sizes, m, far = self._far
+        if m < n or sizes != tuple(_as_tensor(b.data).shape[0] for b in blocks):
+            return None
+        if c.shape != centroids.shape or not torch.equal(c, centroids.to(c.device, c.dtype)):
+            return None
+        return Farthest.merge([far.to("cpu")], n).positive()
 
     def forget_labels(self) -> None:
         """Start a new run: the next step counts every label as changed (as scikit-learn's first iteration)."""
@@ -431,6 +468,12 @@ class Engine:
         self._bound_keys.clear()
         self._new_tails.clear()
         skipped_inertia = None
+        if not self._far_asked:
+            self._far_kept = 0
+        self._far_asked, self._far = False, None
+        # candidates for empty clusters from this step's own distances (not inside a CUDA graph's capture)
+        keep_far = self._far_kept > 0 and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        far = [Farthest.none(d).to(self.device) if keep_far else None, _offsets(blocks)]
 
         def finish(chunk, labels, dist):
             nonlocal total, chunks
@@ -439,10 +482,15 @@ class Engine:
             total = _added(total, (part.sums, part.weights, exact_inertia(dist, chunk.weights, numerics, checks)))
             chunks += 1
             changed.add_(self._remember(blocks, chunk, labels))
+            if far[0] is not None:
+                far[0] = Farthest.merge([far[0], Farthest.of_chunk(chunk.x, chunk.weights, labels, dist,
+                                                                   far[1][chunk.index] + chunk.start,
+                                                                   self._far_kept)], self._far_kept)
             if bounded and chunk.tail:
                 self._add_tail(blocks, chunk, part.sums, part.weights)
 
         def skipped(chunk, test, stale):
+            far[0] = None  # (the distances of the rows it skips are not known)
             read = self._read_stale(chunk, stale)  # (queued on a side stream; its rows are scored later)
 
             def rest():
@@ -482,6 +530,8 @@ class Engine:
                                    if skipped_inertia is None else fp.normalize(skipped_inertia[:, None])[:, 0]))
             skipped_inertia, chunks = None, chunks + 1
         sums, counts, inertia = _normalised(total, chunks, k, d, self.device)
+        if far[0] is not None:
+            self._far = (centroids.clone(), tuple(_as_tensor(b.data).shape[0] for b in blocks), self._far_kept, far[0])
         # (settling reads `changed` back, which waits for the stream: host labels have landed too)
         return EngineStep(reference.Partials(sums, counts, numerics.scale), inertia, None, changed=changed,
                           checks=checks)

@@ -252,6 +252,39 @@ def test_farthest_matches_the_in_process_reseeding_choice():
     assert torch.equal(direct.sums, moved.sums) and torch.equal(direct.weights, moved.weights)
 
 
+def test_a_step_after_a_reseed_keeps_the_candidates_and_saves_the_second_pass(monkeypatch):
+    """Once `farthest` was asked for n rows, the next step keeps 2n candidates from its own distances; a
+    `farthest` after it for the same centroids and blocks returns the same rows as a full pass, without one (more
+    rows or other centroids: a pass); a step after which none was asked for keeps none."""
+    x, w, c = problem(seed=3)
+    wt = torch.as_tensor(w)
+    wt[::3] = 0.0
+    nm = numerics_for(torch.as_tensor(x), wt, metric="euclidean")
+    blocks = split(x, wt.numpy(), [123, 400])
+    engine = Engine("cpu", chunk_rows=33)
+    passes = []
+    chunks = Engine._chunks
+    monkeypatch.setattr(Engine, "_chunks", lambda self, b: (passes.append(1), chunks(self, b))[1])
+    engine.step(blocks, c, nm)
+    first = engine.farthest(blocks, c, nm, 4)
+    engine.step(blocks, c, nm)
+    passes.clear()
+    kept = engine.farthest(blocks, c, nm, 4)
+    assert passes == []
+    for name in ("dist", "position", "rows", "weights", "labels"):
+        assert torch.equal(getattr(kept, name), getattr(first, name)), name
+    fresh = Engine("cpu").farthest(blocks, c, nm, 20).position
+    passes.clear()
+    assert torch.equal(engine.farthest(blocks, c, nm, 20).position, fresh)
+    assert passes == [1]
+    engine.farthest(blocks, c + 1.0, nm, 4)
+    assert passes == [1, 1]
+    engine.step(blocks, c, nm)  # (farthest was asked for since the last step: keeps 40 candidates)
+    assert engine._far is not None and engine._far[2] == 40
+    engine.step(blocks, c, nm)
+    assert engine._far is None
+
+
 def test_bad_block_is_named():
     _, _, c = problem()
     nm = numerics_for(c, None, metric="euclidean")
