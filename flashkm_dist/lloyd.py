@@ -29,7 +29,8 @@ class LloydResult:
 
 def reseed_empty_clusters(engine, blocks, centers: torch.Tensor, numerics: FitNumerics,
                           partials: reference.Partials) -> reference.Partials:
-    """Empty clusters take the rows farthest from their centres (found by an extra pass, only when needed)."""
+    """Empty clusters take the rows farthest from their centres (an extra pass over the rows, unless the step
+    kept candidates: `Engine.farthest`)."""
     empty = empty_clusters(partials)
     if empty.numel() == 0:
         return partials

@@ -376,7 +376,8 @@ class Engine:
     def farthest(self, blocks, centroids: torch.Tensor, numerics: FitNumerics, n: int, offsets=None) -> Farthest:
         """The n rows of positive weight farthest from their centres (ties: the lower position, i.e. earlier
         block, then row), for the deterministic re-seeding of empty clusters. `offsets`: the first position of
-        every block (default: the blocks laid end to end)."""
+        every block (default: the blocks laid end to end; then the steps after this call keep 2n candidates from
+        their own distances, and a call right after such a step for its centroids needs no pass over the rows)."""
         if offsets is None:
             self._far_asked, self._far_kept = True, max(self._far_kept, 2 * n)  # (the next steps keep candidates)
             kept = self._kept_farthest(blocks, centroids, n)
