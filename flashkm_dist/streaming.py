@@ -41,6 +41,10 @@ SKIP_MAX_STALE = 0.5
 # less host work per row (H100, N=180M, profiled: at 4, a step of 88 chunks took 0.69 s for 0.47 s of kernels;
 # at 16, 24 chunks, 0.55 s)
 SKIP_CHUNK_FACTOR = 16
+# The first steps of a run keep this many candidates for empty clusters anyway: a fit from random rows empties
+# clusters early, and the re-seeding after a step that kept none re-assigns every row (H100, N=180M: iteration 2
+# took 2.2-2.6 s, against 1.2-1.3 s for iteration 3, whose re-seeding read the candidates its step kept)
+FIRST_STEPS, FIRST_STEPS_KEPT = 3, 1024
 BOUND_BATCH_ROWS = 1 << 23  # a batch of bound tests is also full at this many rows (their pending outputs: 136 MB)
 BOUND_BATCH = 4  # bounded steps read the numbers of rows to score of this many resident chunks in one wait (two
 #                 batches' tests, 17 bytes a row, wait at a time: 270 MB for 2M-row cached chunks)
@@ -295,6 +299,7 @@ class Engine:
     _far_kept: int = 0  # candidates for empty clusters each step keeps (set by `farthest`, reset by a step after
     #                     which none was asked for)
     _far_asked: bool = False  # `farthest` was called since the last step
+    _run_steps: int = 0  # steps since the run started (`forget_labels`)
     _far: tuple | None = field(default=None, repr=False)  # (centroids, block sizes, m, Farthest) of the last step
 
     def __post_init__(self):
@@ -320,6 +325,7 @@ class Engine:
             raise
         finally:
             self._changed, self._skip = None, None
+            self._run_steps += 1
         if self._bounded(numerics):  # (the blocks of this step now hold bounds for these centroids)
             result.rescored, result.gathered = self._rescored, self._gathered
             result.inertia_complete = not self._skipped_keys
@@ -407,6 +413,7 @@ class Engine:
 
     def forget_labels(self) -> None:
         """Start a new run: the next step counts every label as changed (as scikit-learn's first iteration)."""
+        self._run_steps = 0
         self._labels.clear()
         self._device_labels.clear()
         self._forget_bounds()
@@ -471,6 +478,8 @@ class Engine:
         skipped_inertia = None
         if not self._far_asked:
             self._far_kept = 0
+        if self._run_steps < FIRST_STEPS:
+            self._far_kept = max(self._far_kept, FIRST_STEPS_KEPT)
         self._far_asked, self._far = False, None
         # candidates for empty clusters from this step's own distances (not inside a CUDA graph's capture)
         keep_far = self._far_kept > 0 and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())

@@ -252,37 +252,50 @@ def test_farthest_matches_the_in_process_reseeding_choice():
     assert torch.equal(direct.sums, moved.sums) and torch.equal(direct.weights, moved.weights)
 
 
-def test_a_step_after_a_reseed_keeps_the_candidates_and_saves_the_second_pass(monkeypatch):
-    """Once `farthest` was asked for n rows, the next step keeps 2n candidates from its own distances; a
-    `farthest` after it for the same centroids and blocks returns the same rows as a full pass, without one (more
-    rows or other centroids: a pass); a step after which none was asked for keeps none."""
+def test_steps_keep_candidates_for_empty_clusters_and_save_the_second_pass(monkeypatch):
+    """The first FIRST_STEPS steps of a run, and any step after which `farthest` was asked for n rows, keep
+    candidates (FIRST_STEPS_KEPT, or 2n) from their own distances; a `farthest` right after such a step for its
+    centroids and blocks returns the rows a full pass finds, without one (more rows than kept, or other centroids:
+    a pass); later steps after which none was asked for keep none."""
+    import flashkm_dist.streaming as S
+
+    monkeypatch.setattr(S, "FIRST_STEPS_KEPT", 6)
     x, w, c = problem(seed=3)
     wt = torch.as_tensor(w)
     wt[::3] = 0.0
     nm = numerics_for(torch.as_tensor(x), wt, metric="euclidean")
     blocks = split(x, wt.numpy(), [123, 400])
-    engine = Engine("cpu", chunk_rows=33)
+    fresh = {n: Engine("cpu", chunk_rows=33).farthest(blocks, c, nm, n) for n in (4, 20)}
     passes = []
     chunks = Engine._chunks
     monkeypatch.setattr(Engine, "_chunks", lambda self, b: (passes.append(1), chunks(self, b))[1])
+
+    def farthest(engine, n, centres=c):
+        before = len(passes)
+        found = engine.farthest(blocks, centres, nm, n)
+        return found, len(passes) - before
+
+    def same(a, b):
+        return all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("dist", "position", "rows", "weights", "labels"))
+
+    engine = Engine("cpu", chunk_rows=33)
+    engine.step(blocks, c, nm)  # (the run's first step: 6 kept)
+    found, n_passes = farthest(engine, 4)
+    assert n_passes == 0 and same(found, fresh[4])
+    for _ in range(S.FIRST_STEPS):
+        engine.step(blocks, c, nm)  # (asked for 4 after each: 8 kept)
+        found, n_passes = farthest(engine, 4)
+        assert n_passes == 0 and same(found, fresh[4])
+    found, n_passes = farthest(engine, 20)
+    assert n_passes == 1 and same(found, fresh[20])
+    assert farthest(engine, 4, c + 1.0)[1] == 1
     engine.step(blocks, c, nm)
-    first = engine.farthest(blocks, c, nm, 4)
-    engine.step(blocks, c, nm)
-    passes.clear()
-    kept = engine.farthest(blocks, c, nm, 4)
-    assert passes == []
-    for name in ("dist", "position", "rows", "weights", "labels"):
-        assert torch.equal(getattr(kept, name), getattr(first, name)), name
-    fresh = Engine("cpu").farthest(blocks, c, nm, 20).position
-    passes.clear()
-    assert torch.equal(engine.farthest(blocks, c, nm, 20).position, fresh)
-    assert passes == [1]
-    engine.farthest(blocks, c + 1.0, nm, 4)
-    assert passes == [1, 1]
-    engine.step(blocks, c, nm)  # (farthest was asked for since the last step: keeps 40 candidates)
     assert engine._far is not None and engine._far[2] == 40
     engine.step(blocks, c, nm)
     assert engine._far is None
+    engine.forget_labels()  # (a new run: its first steps keep candidates again)
+    engine.step(blocks, c, nm)
+    assert engine._far is not None and engine._far[2] == 6
 
 
 def test_bad_block_is_named():
