@@ -296,8 +296,8 @@ class Engine:
     _read_ready: bool = False  # the in-place read is compiled
     _tested: list = field(default_factory=lambda: [0, 0], repr=False)  # rows bound-tested, stale, in the step
     _stale_share: float | None = None  # of the rows the last bounded step tested (None: it tested none)
-    _far_kept: int = 0  # candidates for empty clusters each step keeps (set by `farthest`, reset by a step after
-    #                     which none was asked for)
+    _far_kept: int = 0  # candidates for empty clusters each step keeps (FIRST_STEPS_KEPT in a run's first steps,
+    #                     2n after `farthest` was asked for n, none after a step after which none was asked for)
     _far_asked: bool = False  # `farthest` was called since the last step
     _run_steps: int = 0  # steps since the run started (`forget_labels`)
     _far: tuple | None = field(default=None, repr=False)  # (centroids, block sizes, m, Farthest) of the last step
