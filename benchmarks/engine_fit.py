@@ -44,6 +44,13 @@ def profiled(fn, top: int = 14) -> dict:
     return {"wall_s": wall, "device_ms": round(sum(r[1] for r in rows), 3), "kernels": rows[:top]}
 
 
+def profiled_iteration(engine, blocks, centers, nm, top: int = 14):
+    """(the Lloyd iteration, `profiled`'s record of it)."""
+    out = {}
+    prof = profiled(lambda: out.update(it=lloyd_iteration(engine, blocks, centers, nm)), top=top)
+    return out["it"], prof
+
+
 def compiled_kernels() -> int:
     """Entries in Triton's on-disk kernel cache (a first iteration's time includes the compiles it starts)."""
     root = os.environ.get("TRITON_CACHE_DIR") or os.path.join(
@@ -61,9 +68,7 @@ def run(x, init, nm, iters: int, bounds: bool, profile: bool = False, skip: bool
         compiled = compiled_kernels()
         start = time.perf_counter()
         if i + 1 == profile_at:  # (this iteration under the profiler: its seconds include the profiler's cost)
-            out = {}
-            at = profiled(lambda: out.update(it=lloyd_iteration(engine, blocks, centers, nm)), top=24)
-            it = out["it"]
+            it, at = profiled_iteration(engine, blocks, centers, nm, top=24)
         else:
             it = lloyd_iteration(engine, blocks, centers, nm)
         rows.append({"iteration": i + 1, "seconds": time.perf_counter() - start, "rescored": it.step.rescored,
@@ -72,11 +77,9 @@ def run(x, init, nm, iters: int, bounds: bool, profile: bool = False, skip: bool
         centers = it.centers
         rows[-1]["centers"] = centers.cpu()
     if profile:  # (one more iteration, after the timed ones)
-        out = {}
-        prof = profiled(lambda: out.update(it=lloyd_iteration(engine, blocks, centers, nm)))
-        prof["rescored"] = out["it"].step.rescored
-        prof["host_rows_read_in_place"] = out["it"].step.gathered
-        centers = out["it"].centers
+        it, prof = profiled_iteration(engine, blocks, centers, nm)
+        prof["rescored"], prof["host_rows_read_in_place"] = it.step.rescored, it.step.gathered
+        centers = it.centers
     final = engine.step(blocks, centers, nm, complete=True)  # (every row: the inertia of the last centres)
     cached = sum(t.numel() * t.element_size() for t in engine._cache.values())
     engine.release()

@@ -104,7 +104,7 @@ def finish_iteration(engine, blocks, centers: torch.Tensor, numerics: FitNumeric
     host = packed.cpu()
     ints, (inertia, shift) = host[:-2].tolist(), host[-2:].view(torch.float64).tolist()
     step.settle(ints[:-1])
-    if not getattr(step, "inertia_complete", True):
+    if not step.inertia_complete:
         inertia = float("nan")
     if ints[-1]:  # empty clusters
         partials = reseed_empty_clusters(engine, blocks, centers, numerics, step.partials)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -111,13 +111,16 @@ class Farthest:
         return cls(torch.empty(0, dtype=f64), torch.empty(0, dtype=torch.int64), torch.empty((0, n_features), dtype=f64),
                    torch.empty(0, dtype=f64), torch.empty(0, dtype=torch.int64))
 
+    def parts(self) -> list:
+        return [getattr(self, f.name) for f in fields(self)]
+
     def to(self, device) -> "Farthest":
-        return Farthest(*(getattr(self, name).to(device) for name in ("dist", "position", "rows", "weights", "labels")))
+        return Farthest(*(t.to(device) for t in self.parts()))
 
     def positive(self) -> "Farthest":
         """Without the placeholders of rows of weight 0 (distance -1, kept while merging to avoid a wait)."""
         keep = self.dist >= 0
-        return Farthest(*(getattr(self, name)[keep] for name in ("dist", "position", "rows", "weights", "labels")))
+        return Farthest(*(t[keep] for t in self.parts()))
 
     @classmethod
     def of_chunk(cls, x: torch.Tensor, weights, labels: torch.Tensor, dist: torch.Tensor, first: int,
@@ -134,12 +137,11 @@ class Farthest:
 
     @classmethod
     def merge(cls, parts: list, n: int) -> "Farthest":
-        fields = [torch.cat([getattr(p, name) for p in parts]) for name in ("dist", "position", "rows", "weights",
-                                                                            "labels")]
-        by_position = torch.sort(fields[1], stable=True).indices
-        fields = [f[by_position] for f in fields]
-        keep = torch.sort(fields[0], descending=True, stable=True).indices[:n]
-        return cls(*(f[keep] for f in fields))
+        columns = [torch.cat(same) for same in zip(*(p.parts() for p in parts))]
+        by_position = torch.sort(columns[1], stable=True).indices
+        columns = [f[by_position] for f in columns]
+        keep = torch.sort(columns[0], descending=True, stable=True).indices[:n]
+        return cls(*(f[keep] for f in columns))
 
 
 @dataclass
@@ -196,10 +198,13 @@ def _as_tensor(data) -> torch.Tensor:
         return torch.from_numpy(arr if all(s >= 0 for s in arr.strides) else np.ascontiguousarray(arr))
 
 
-def _offsets(blocks) -> list:
-    """The first position of every block, laid end to end."""
-    sizes = [_as_tensor(b.data).shape[0] for b in blocks]
-    return [sum(sizes[:i]) for i in range(len(blocks))]
+def _sizes(blocks) -> tuple:
+    return tuple(_as_tensor(b.data).shape[0] for b in blocks)
+
+
+def _offsets(sizes) -> list:
+    """The first position of every block (of these numbers of rows), laid end to end."""
+    return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
 def _queued_count(mask: torch.Tensor) -> tuple:
@@ -389,7 +394,7 @@ class Engine:
             kept = self._kept_farthest(blocks, centroids, n)
             if kept is not None:
                 return kept
-            offsets = _offsets(blocks)
+            offsets = _offsets(_sizes(blocks))
         best = Farthest.none(_as_tensor(blocks[0].data).shape[1] if blocks else 0)
         numerics = self.local(numerics)
         for chunk in self._chunks(blocks):
@@ -405,7 +410,7 @@ class Engine:
         if self._far is None:
             return None
         c, sizes, m, far = self._far
-        if m < n or sizes != tuple(_as_tensor(b.data).shape[0] for b in blocks):
+        if m < n or sizes != _sizes(blocks):
             return None
         if c.shape != centroids.shape or not torch.equal(c, centroids.to(c.device, c.dtype)):
             return None
@@ -456,7 +461,8 @@ class Engine:
 
     def _step(self, blocks, centroids, numerics, complete: bool = False) -> EngineStep:
         k, d = centroids.shape
-        n_rows = sum(_as_tensor(b.data).shape[0] for b in blocks)
+        sizes = _sizes(blocks)
+        n_rows, offsets = sum(sizes), _offsets(sizes)
         total, chunks = None, 0  # (sums, counts, inertia) limbs of the chunks so far
         # labels changed, counted on the device (no host sync per chunk). Kept across an OOM back-off: the chunks
         # the failed attempt finished have stored their new labels already, so the retry counts 0 for their rows
@@ -483,24 +489,25 @@ class Engine:
         self._far_asked, self._far = False, None
         # candidates for empty clusters from this step's own distances (not inside a CUDA graph's capture)
         keep_far = self._far_kept > 0 and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-        far = [Farthest.none(d).to(self.device) if keep_far else None, _offsets(blocks)]
+        far = Farthest.none(d).to(self.device) if keep_far else None
 
         def finish(chunk, labels, dist):
-            nonlocal total, chunks
+            nonlocal total, chunks, far
             part = self.backend.partial_sums(chunk.x, labels, k, chunk.weights, scale=numerics.scale,
                                              deferred=checks)
             total = _added(total, (part.sums, part.weights, exact_inertia(dist, chunk.weights, numerics, checks)))
             chunks += 1
             changed.add_(self._remember(blocks, chunk, labels))
-            if far[0] is not None:
-                far[0] = Farthest.merge([far[0], Farthest.of_chunk(chunk.x, chunk.weights, labels, dist,
-                                                                   far[1][chunk.index] + chunk.start,
-                                                                   self._far_kept)], self._far_kept)
+            if far is not None:
+                far = Farthest.merge([far, Farthest.of_chunk(chunk.x, chunk.weights, labels, dist,
+                                                             offsets[chunk.index] + chunk.start, self._far_kept)],
+                                     self._far_kept)
             if bounded and chunk.tail:
                 self._add_tail(blocks, chunk, part.sums, part.weights)
 
         def skipped(chunk, test, stale):
-            far[0] = None  # (the distances of the rows it skips are not known)
+            nonlocal far
+            far = None  # (the distances of the rows it skips are not known)
             read = self._read_stale(chunk, stale)  # (queued on a side stream; its rows are scored later)
 
             def rest():
@@ -540,8 +547,8 @@ class Engine:
                                    if skipped_inertia is None else fp.normalize(skipped_inertia[:, None])[:, 0]))
             skipped_inertia, chunks = None, chunks + 1
         sums, counts, inertia = _normalised(total, chunks, k, d, self.device)
-        if far[0] is not None:
-            self._far = (centroids.clone(), tuple(_as_tensor(b.data).shape[0] for b in blocks), self._far_kept, far[0])
+        if far is not None:
+            self._far = (centroids.clone(), sizes, self._far_kept, far)
         # (settling reads `changed` back, which waits for the stream: host labels have landed too)
         return EngineStep(reference.Partials(sums, counts, numerics.scale), inertia, None, changed=changed,
                           checks=checks)
@@ -576,10 +583,12 @@ class Engine:
         seg.copy_(labels, non_blocking=True)
         return changed
 
-    def _row_state(self, blocks, chunk: _Chunk, stores: dict, device_stores: dict, dtype, fill) -> torch.Tensor:
+    def _row_state(self, blocks, chunk: _Chunk, stores: dict, device_stores: dict | None, dtype,
+                   fill) -> torch.Tensor:
         """This chunk's segment of a per-row store of its block (labels, lower bounds), made on first use with
         `fill`: a device tensor for device blocks, a pinned host tensor for host blocks, whose cached rows keep a
-        device copy (`device_stores`) that is theirs from then on: no PCIe traffic for them per step."""
+        device copy (`device_stores`) that is theirs from then on: no PCIe traffic for them per step.
+        device_stores None: a store only rows past the cache use (upper bounds)."""
         block = blocks[chunk.index]
         key = self._key(block, chunk.index)
         data = _as_tensor(block.data)
@@ -589,7 +598,8 @@ class Engine:
             store = torch.full((data.shape[0],), fill, dtype=dtype, device=self.device if in_place else "cpu",
                                pin_memory=not in_place and self.device.type == "cuda")
             stores[key] = store
-            device_stores.pop(key, None)
+            if device_stores is not None:
+                device_stores.pop(key, None)
         if chunk.cached:  # (the rows the cached chunks cover: those past them are streamed, with host state)
             if key not in device_stores:
                 end = self._cached_end.get(key, self._cache[(key, self.dtype)].shape[0])
@@ -694,8 +704,8 @@ class Engine:
         self._rescored += n if stale is None else stale.numel()
         lower.copy_(new_lower, non_blocking=True)
         if chunk.tail:
-            self._row_state(blocks, chunk, self._upper, {}, torch.float32, 0.0).copy_(kbounds.upper_of(dist),
-                                                                                     non_blocking=True)
+            self._row_state(blocks, chunk, self._upper, None, torch.float32, 0.0).copy_(kbounds.upper_of(dist),
+                                                                                       non_blocking=True)
         self._bound_keys.add(key)
         return labels, dist
 
@@ -720,12 +730,18 @@ class Engine:
                 and key in self._upper and self._labels.get(key) is not None
                 and self._labels[key].shape[0] == data.shape[0] == self._upper[key].shape[0])
 
+    def _tail_stores(self) -> tuple:
+        """The per-row stores a skipped chunk reads and writes, as `_row_state` takes them: labels, lower and upper
+        bounds."""
+        return ((self._labels, self._device_labels, torch.int64, -1), (self._lower, self._device_lower,
+                                                                         torch.float32, 0.0),
+                (self._upper, None, torch.float32, 0.0))
+
     def _upper_test(self, blocks, chunk: _Chunk, drift, dec, near):
         """A skipped tail chunk's bound test, queued (no wait): (labels kept, None, new lower bounds, stale mask,
         new upper bounds), from the bounds its rows keep on the host."""
-        state = [self._row_state(blocks, chunk, stores, {}, dtype, fill).to(self.device, non_blocking=True)
-                 for stores, dtype, fill in ((self._labels, torch.int64, -1), (self._lower, torch.float32, 0.0),
-                                             (self._upper, torch.float32, 0.0))]
+        state = [self._row_state(blocks, chunk, *store).to(self.device, non_blocking=True)
+                 for store in self._tail_stores()]
         stale, new_lower, new_upper = kbounds.upper_test(*state, drift, dec, near)
         return state[0], None, new_lower, stale, new_upper
 
@@ -774,8 +790,8 @@ class Engine:
             moved = (lab != old[stale]).sum()
             inertia = exact_inertia(dist, w, numerics, checks)
         self._new_tails.setdefault(key, self._tail_sums[key])
-        for stores, value in ((self._labels, labels), (self._lower, new_lower), (self._upper, new_upper)):
-            self._row_state(blocks, chunk, stores, {}, value.dtype, 0).copy_(value, non_blocking=True)
+        for store, value in zip(self._tail_stores(), (labels, new_lower, new_upper)):
+            self._row_state(blocks, chunk, *store).copy_(value, non_blocking=True)
         self._rescored += stale.numel()
         self._gathered += stale.numel()
         self._skipped_keys.add(key)
