@@ -12,6 +12,13 @@ With a neighbour table of the new centroids (`kernels.neighbours`: each centroid
 at most near_a, and an unlisted c_j is at least beyond_a - |x - c_a'| away, so
 L' = min(L - near_a, max(beyond_a - |x - c_a'|, L - dec_a)). One far centroid that moves a lot then no longer
 loosens every row's bound.
+
+Rows the bound does not settle can often be settled from the same table (`settle_rows`, after Exponion, Newling
+and Fleuret 2016): with r >= |x - c_a'|, a centroid whose distance to c_a' is at least r + s is at least s from
+x. The listed centroids are scored in float64 in ascending order of that distance until the next one's r + s
+exceeds the best so far (the label; the lower bound is the smaller of that s and the second best), or the list
+ends and `beyond` - r exceeds the best. Early in a fit, when centroids move too far for Hamerly's test, such a
+row costs a few float64 distances (often none: Hamerly's half-distance test) instead of FlashAssign over all K.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from .config import launch
 
 BLOCK_N = 64
 EPI_D = 32
+SETTLE_NEAREST = reference.SETTLE_NEAREST
 
 
 @triton.jit
@@ -40,31 +48,86 @@ def _sharper(left, lower, own_root, lab, valid, near_ptr, beyond_ptr):
     return tl.where((low < top) | (low != low), low, top)  # (torch.minimum)
 
 
+@triton.jit
+def _settle(x_ptr, row_off, stride_xd, c_ptr, stride_ck, stride_cd, own, r_up, lab, active, index_ptr, low_ptr,
+            beyond, D, M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_D: tl.constexpr):
+    """`settle_rows`' search over the table row of each active row's label (own: the float64 score of the label's
+    centroid, r_up >= its root; beyond: the label's): (settled, label, its float64 score, lower bound on the
+    others, rounded down). Margins of 2**-20 cover every float64 rounding many times."""
+    one = tl.zeros([BLOCK_N], dtype=tl.float64) + 1.0
+    t_off = lab.to(tl.int64) * M
+    best = own
+    best_idx = lab.to(tl.int32)
+    second = tl.full([BLOCK_N], float("inf"), tl.float64)
+    gap = tl.full([BLOCK_N], float("inf"), tl.float64)  # a bound on the distances of the centroids not scored
+    done = active & ~active
+    for j in range(0, M):
+        if tl.max(active.to(tl.int32), 0) > 0:
+            edge = tl.load(low_ptr + t_off + j, mask=active, other=float("inf")) - r_up
+            stop = active & (edge > tl.sqrt(best) * (1.0 + 9.5367431640625e-07))  # (False for NaN)
+            gap = tl.where(stop, edge, gap)
+            done = done | stop
+            active = active & ~stop
+            idx = tl.load(index_ptr + t_off + j, mask=active, other=0)
+            use = active & (idx != lab)
+            if tl.max(use.to(tl.int32), 0) > 0:
+                score = _exact_score(x_ptr, row_off, stride_xd, c_ptr, idx.to(tl.int64) * stride_ck, stride_cd, D,
+                                     use, one, False, BLOCK_N, EPI_D)
+                take = use & ((score < best) | ((score == best) & (idx < best_idx)))
+                second = tl.where(take, best, tl.where(use & (score < second), score, second))
+                best = tl.where(take, score, best)
+                best_idx = tl.where(take, idx, best_idx)
+    far = tl.where(active, beyond, float("-inf")) - r_up  # (the list ended: the rest)
+    ended = active & (far * (1.0 - 9.5367431640625e-07) > tl.sqrt(best) * (1.0 + 9.5367431640625e-07))
+    gap = tl.where(ended, far, gap)
+    low = tl.sqrt(second)
+    low = tl.where(gap < low, gap, low) * (1.0 - 9.5367431640625e-07)
+    return done | ended, best_idx, best, low
+
+
 @triton.jit(do_not_specialize=["n_rows"])
 def _bounded_kernel(x_ptr, stride_xn, stride_xd, c_ptr, stride_ck, stride_cd, labels_ptr, lower_ptr, dec_ptr,
-                    dist_ptr, new_lower_ptr, stale_ptr, n_rows, D, K, near_ptr, beyond_ptr,
-                    BLOCK_N: tl.constexpr, EPI_D: tl.constexpr, NEAR: tl.constexpr):
+                    dist_ptr, new_lower_ptr, stale_ptr, n_rows, D, K, near_ptr, beyond_ptr, index_ptr, low_ptr,
+                    new_labels_ptr, BLOCK_N: tl.constexpr, EPI_D: tl.constexpr, NEAR: tl.constexpr,
+                    M: tl.constexpr, SETTLE: tl.constexpr, SETTLE_NEAREST: tl.constexpr):
     """Per row: the float64 distance to its label's centroid (stored as float32, as FlashAssign stores it), the
-    test against its decremented lower bound, and the bound it keeps (0 where stale)."""
+    test against its decremented lower bound, and the bound it keeps (0 where stale). SETTLE: rows the test
+    leaves go through `_settle`; stale holds 0 (kept), 1 (settled from the table) or 2 (still stale)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     label = tl.load(labels_ptr + rows, mask=row_mask, other=-1)
     valid = row_mask & (label >= 0) & (label < K)
     lab = tl.where(valid, label, 0)
     one = tl.zeros([BLOCK_N], dtype=tl.float64) + 1.0
-    own = _exact_score(x_ptr, rows.to(tl.int64) * stride_xn, stride_xd, c_ptr, lab.to(tl.int64) * stride_ck,
-                       stride_cd, D, row_mask, one, False, BLOCK_N, EPI_D)
+    row_off = rows.to(tl.int64) * stride_xn
+    own = _exact_score(x_ptr, row_off, stride_xd, c_ptr, lab.to(tl.int64) * stride_ck, stride_cd, D, row_mask,
+                       one, False, BLOCK_N, EPI_D)
     lower = tl.load(lower_ptr + rows, mask=row_mask, other=0.0).to(tl.float64)
     dec = tl.load(dec_ptr + lab, mask=valid, other=0.0)
     left = lower - dec
     if NEAR:
         left = _sharper(left, lower, tl.sqrt(own), lab, valid, near_ptr, beyond_ptr)
     keep = valid & (tl.sqrt(own) * (1.0 + 1e-6) < left)  # (False for NaN)
-    tl.store(dist_ptr + rows, own.to(tl.float32), mask=row_mask)
     # rounded down (x (1 - 2**-20) before the nearest fp32): still a lower bound
-    tl.store(new_lower_ptr + rows, tl.where(keep, left * (1.0 - 9.5367431640625e-07), 0.0).to(tl.float32),
-             mask=row_mask)
-    tl.store(stale_ptr + rows, (~keep).to(tl.int8), mask=row_mask)
+    bound = tl.where(keep, left * (1.0 - 9.5367431640625e-07), 0.0)
+    code = (~keep).to(tl.int8)
+    if SETTLE:
+        nearest = tl.where(left < tl.sqrt(own), left, tl.sqrt(own))
+        beyond = tl.load(beyond_ptr + lab, mask=valid, other=float("-inf"))
+        r_up = tl.sqrt(own) * (1.0 + 9.5367431640625e-07)
+        floor = tl.where(nearest > 0.0, nearest, 0.0)
+        floor = tl.where(floor > SETTLE_NEAREST * r_up, floor, SETTLE_NEAREST * r_up)
+        hopeful = beyond - r_up > floor  # (see SETTLE_NEAREST)
+        settled, best_idx, best, low = _settle(x_ptr, row_off, stride_xd, c_ptr, stride_ck, stride_cd, own, r_up,
+                                               lab, valid & ~keep & hopeful, index_ptr, low_ptr, beyond, D, M,
+                                               BLOCK_N, EPI_D)
+        own = tl.where(settled, best, own)
+        bound = tl.where(settled, low, bound)
+        code = tl.where(settled, 1, code * 2).to(tl.int8)
+        tl.store(new_labels_ptr + rows, tl.where(settled, best_idx.to(tl.int64), label), mask=row_mask)
+    tl.store(dist_ptr + rows, own.to(tl.float32), mask=row_mask)
+    tl.store(new_lower_ptr + rows, bound.to(tl.float32), mask=row_mask)
+    tl.store(stale_ptr + rows, code, mask=row_mask)
 
 
 def bounded_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, lower: torch.Tensor,
@@ -76,16 +139,36 @@ def bounded_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
     Rows with no label or no bound (0) are stale."""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.shape[0] == 0:
         return reference.bounded_rows(x, centroids, labels, lower, dec, near)
+    _, dist, new_lower, code = _launch(x, centroids, labels, lower, dec, near, None)
+    return dist, new_lower, code.bool()
+
+
+def settle_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, lower: torch.Tensor,
+                dec: torch.Tensor, near: tuple, table) -> tuple:
+    """`bounded_rows`, and the rows its test leaves settled from the new centroids' neighbour table (`table`:
+    a `kernels.neighbours.NeighbourTable` of one batch, whose moves gave `near`) where it can: (labels int64,
+    min_dist, new lower, code int8: 0 kept by the bound, 1 settled from the table (its label may have changed),
+    2 stale: for FlashAssign). The same as `reference.settle_rows`."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.shape[0] == 0:
+        return reference.settle_rows(x, centroids, labels, lower, dec, near, table)
+    return _launch(x, centroids, labels, lower, dec, near, table)
+
+
+def _launch(x, centroids, labels, lower, dec, near, table) -> tuple:
     n, d = x.shape
     dist = torch.empty(n, dtype=torch.float32, device=x.device)
     new_lower = torch.empty(n, dtype=torch.float32, device=x.device)
-    stale = torch.empty(n, dtype=torch.int8, device=x.device)
+    code = torch.empty(n, dtype=torch.int8, device=x.device)
+    new_labels = labels if table is None else torch.empty(n, dtype=torch.int64, device=x.device)
+    index, low = (labels, dec) if table is None else (table.index[0].contiguous(), table.low[0].contiguous())
     c = centroids  # (any float dtype: read as float64, like FlashAssign's exact distance)
+    dec = dec.to(torch.float64).contiguous()
     launch(_bounded_kernel, (triton.cdiv(n, BLOCK_N),), x, x.stride(0), x.stride(1), c, c.stride(0), c.stride(1),
-           labels.contiguous(), lower.contiguous(), dec.to(torch.float64).contiguous(), dist, new_lower, stale,
-           n, d, c.shape[0], *(dec, dec) if near is None else near, BLOCK_N=BLOCK_N, EPI_D=EPI_D,
-           NEAR=near is not None, num_warps=4)
-    return dist, new_lower, stale.bool()
+           labels.contiguous(), lower.contiguous(), dec, dist, new_lower, code, n, d, c.shape[0],
+           *(dec, dec) if near is None else near, index, low, new_labels, BLOCK_N=BLOCK_N, EPI_D=EPI_D,
+           NEAR=near is not None, M=1 if table is None else table.m, SETTLE=table is not None,
+           SETTLE_NEAREST=SETTLE_NEAREST, num_warps=4)
+    return new_labels, dist, new_lower, code
 
 
 def upper_of(dist: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,13 @@ from . import fixed_point as fp
 
 METRICS = ("euclidean", "cosine")
 _TILE_ELEMENTS = 1 << 22  # float64 elements per distance tile (32 MiB)
+# A row can settle from the table only if some centroid lies farther than r + its nearest (at least its lower
+# bound), and rows whose nearest is much nearer than r (labels that change a lot: few) would take most of the list:
+# rows with beyond - r below max(that bound, SETTLE_NEAREST r) go to the assignment without the search (H100,
+# N=180M, K=8192, early in a fit: without the second term the search cost 3.4 ns per row it was tried on, more
+# than it saved; FlashAssign takes 5-7 ns a row). Used by `settle_rows` and its kernel; exact in float32, so
+# the kernel's constant has the same bits.
+SETTLE_NEAREST = 0.875
 
 
 def check_metric(metric: str) -> str:
@@ -130,6 +137,13 @@ def bounded_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
                  dec: torch.Tensor, near: tuple | None = None):
     """Twin of `kernels.bounds.bounded_rows`: the exact distance of each row to its label's centroid, whether
     its decremented lower bound (sharpened by `near`) proves that label still nearest, and the bound it keeps."""
+    own, left, keep = _bound_test(x, centroids, labels, lower, dec, near)
+    new_lower = torch.where(keep, left * (1.0 - 2.0 ** -20), torch.zeros_like(left)).to(torch.float32)
+    return own.to(_result_dtype(x)), new_lower, ~keep
+
+
+def _bound_test(x, centroids, labels, lower, dec, near) -> tuple:
+    """(float64 squared distance to the label's centroid, decremented lower bound, kept) of `bounded_rows`."""
     k = centroids.shape[0]
     valid = (labels >= 0) & (labels < k)
     lab = torch.where(valid, labels, torch.zeros_like(labels))
@@ -138,9 +152,50 @@ def bounded_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
     left = lower.to(torch.float64) - dec.to(torch.float64)[lab]
     if near is not None:
         left = sharper_bound(left, lower, own.sqrt(), near[0][lab], near[1][lab])
-    keep = valid & (own.sqrt() * (1.0 + 1e-6) < left)
-    new_lower = torch.where(keep, left * (1.0 - 2.0 ** -20), torch.zeros_like(left)).to(torch.float32)
-    return own.to(_result_dtype(x)), new_lower, ~keep
+    return own, left, valid & (own.sqrt() * (1.0 + 1e-6) < left)
+
+
+def settle_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, lower: torch.Tensor,
+                dec: torch.Tensor, near: tuple, table) -> tuple:
+    """Twin of `kernels.bounds.settle_rows`: `bounded_rows`, then each row its test leaves scores the listed
+    centroids of its label's table row in order until the next one lies farther than r + its best (settled: the
+    label, and the smaller of that distance less r and the second best as its lower bound), or the list ends
+    (settled where beyond - r exceeds the best)."""
+    slack = 2.0 ** -20
+    dist, new_lower, stale = bounded_rows(x, centroids, labels, lower, dec, near)
+    own, left, _ = _bound_test(x, centroids, labels, lower, dec, near)
+    k = centroids.shape[0]
+    valid = (labels >= 0) & (labels < k)
+    lab = torch.where(valid, labels, torch.zeros_like(labels))
+    r_up = own.sqrt() * (1.0 + slack)
+    beyond = table.beyond[0][lab]
+    nearest = torch.where(left < own.sqrt(), left, own.sqrt())  # (the kernel's NaN rules)
+    floor = torch.where(nearest > 0.0, nearest, 0.0)
+    reach = SETTLE_NEAREST * r_up
+    hopeful = beyond - r_up > torch.where(floor > reach, floor, reach)  # (see kernels.bounds.SETTLE_NEAREST)
+    index, low = table.index[0][lab].long(), table.low[0][lab]
+    active, done = stale & valid & hopeful, torch.zeros_like(stale)
+    inf = torch.full_like(r_up, float("inf"))
+    best, second, gap, best_idx = own.clone(), inf.clone(), inf.clone(), lab.clone()
+    for j in range(table.m):
+        edge = low[:, j] - r_up
+        stop = active & (edge > best.sqrt() * (1.0 + slack))
+        gap = torch.where(stop, edge, gap)
+        done, active = done | stop, active & ~stop
+        use = active & (index[:, j] != lab)
+        diff = x.to(torch.float64) - centroids.to(torch.float64)[index[:, j]]
+        score = (diff * diff).sum(dim=1)
+        take = use & ((score < best) | ((score == best) & (index[:, j] < best_idx)))
+        second = torch.where(take, best, torch.where(use & (score < second), score, second))
+        best, best_idx = torch.where(take, score, best), torch.where(take, index[:, j], best_idx)
+    far = torch.where(active, beyond, float("-inf")) - r_up
+    ended = active & (far * (1.0 - slack) > best.sqrt() * (1.0 + slack))
+    gap = torch.where(ended, far, gap)
+    bound = torch.where(gap < second.sqrt(), gap, second.sqrt()) * (1.0 - slack)
+    settled = done | ended
+    code = torch.where(settled, 1, stale.to(torch.int8) * 2).to(torch.int8)
+    return (torch.where(settled, best_idx, labels), torch.where(settled, best.to(dist.dtype), dist),
+            torch.where(settled, bound.to(torch.float32), new_lower), code)
 
 
 def sharper_bound(left, lower, own_root, near, beyond):

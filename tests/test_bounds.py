@@ -116,6 +116,62 @@ def test_a_neighbour_table_sharpens_the_bound_when_one_far_centroid_moves_a_lot(
     assert (new_lower.double().numpy()[kept.numpy()] <= second[kept.numpy()]).all()
 
 
+def moved_centres(g, c, scale):
+    moved = c + torch.randn(c.shape, generator=g) * scale
+    drift = torch.linalg.vector_norm(moved.double() - c.double(), dim=1) * (1 + 1e-12)
+    dec = torch.stack([torch.cat([drift[:j], drift[j + 1:]]).max() for j in range(len(drift))])
+    return moved, drift, dec
+
+
+@pytest.mark.parametrize("case", ["blobs", "near-ties", "offset", "K<M", "D=1", "far rows"])
+def test_rows_the_bound_leaves_are_settled_exactly_from_the_neighbour_table(case):
+    """Two centroids per blob move too far for Hamerly's test (most rows stale), as early in a fit: the new
+    centroids' table settles the stale rows with their exact label and distance and a lower bound that holds
+    (at least the row's own distance); the kernel equals its twin to the bit. Rows with no label stay stale (2),
+    and so do rows far from every centroid (nearly equidistant from all: no centroid's list can settle them)."""
+    from flashkm_dist.kernels.neighbours import neighbour_table
+
+    g = torch.Generator().manual_seed(8)
+    n, blobs_, d = 1500, 3 if case == "K<M" else 20, 1 if case == "D=1" else 7
+    centres = torch.randn(blobs_, d, generator=g) * 10
+    which = torch.randint(0, blobs_, (n,), generator=g)
+    which[:2 * blobs_] = torch.arange(2 * blobs_) % blobs_
+    x = centres[which] + torch.randn(n, d, generator=g)
+    far = torch.zeros(n, dtype=torch.bool)
+    if case == "far rows":
+        far[-25:-5] = True
+        x[far] = x.mean(dim=0) + 300 * torch.nn.functional.normalize(torch.randn(20, d, generator=g), dim=1)
+    c = x[:2 * blobs_].clone()
+    if case == "offset":
+        x, c = x + 500, c + 500
+    moved, drift, dec = moved_centres(g, c, 0.6)
+    if case == "near-ties":  # rows half-way between two new centroids
+        x[-20:] = (moved[:20] + moved[20:40]) / 2
+    labels, _, lower = reference.assign_lower(x, c)
+    labels[-5:] = -1
+    table = neighbour_table(moved)
+    near = bounds.neighbour_moves(table.index[0], table.beyond[0], drift)
+    got = bounds.settle_rows(x, moved, labels, lower, dec, near, table)
+    want = reference.settle_rows(x, moved, labels, lower, dec, near, table)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    new_labels, dist, new_lower, code = got
+    plain = bounds.bounded_rows(x, moved, labels, lower, dec, near)
+    assert torch.equal(code == 0, ~plain[2]) and (code[-5:] == 2).all()
+    assert int((code[~far] == 1).sum()) > 2 * int((code[~far] == 0).sum())
+    assert int((code[~far] == 2).sum()) <= 5 + (20 if case == "near-ties" else 0)
+    assert (code[far] == 2).all()
+    done = code < 2
+    truth = reference.assign(x, moved)
+    assert torch.equal(new_labels[done], truth[0][done]) and torch.equal(dist[done], truth[1][done])
+    assert torch.equal(new_labels[~done], labels[~done]) and (new_lower[~done] == 0).all()
+    second = second_distance(x.double().numpy(), moved.double().numpy(), truth[0])
+    low, mask, by_table = new_lower.double().numpy(), done.numpy(), (code == 1).numpy()
+    assert (low[mask] <= second[mask]).all()
+    # at least the row's own distance: with no move, the next step's bound test keeps it
+    assert (low[by_table] >= np.sqrt(dist.double().numpy()[by_table]) * (1 - 1e-6)).all()
+
+
 def blobs(n=3000, k=12, d=9, seed=0):
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(k, d, generator=g) * 5
