@@ -30,6 +30,7 @@ class Backend:
     bounded_rows: Callable | None = None  # which rows a bounded step must score again (`kernels.bounds`)
     prepare_centroids: Callable | None = None  # (centroids, rows) before a euclidean step's assignments: work on
     #                                            the centroids all of them share (FlashAssign's neighbour table)
+    settle_rows: Callable | None = None  # bounded_rows, and the rows it leaves settled from a neighbour table
 
     def kept_rows(self, x: torch.Tensor):
         """A fresh `prepared_rows()` for repeated assignments of the rows x when the backend keeps rows and, on a
@@ -49,19 +50,20 @@ def prepared_row_bytes(d: int) -> int:
 
 
 REFERENCE = Backend("reference", reference.assign, reference.partial_sums,
-                    assign_lower=reference.assign_lower, bounded_rows=reference.bounded_rows)
+                    assign_lower=reference.assign_lower, bounded_rows=reference.bounded_rows,
+                    settle_rows=reference.settle_rows)
 
 
 def _triton_backend():
     try:
         from flashkm_dist.kernels.assign import PreparedRows, flash_assign
-        from flashkm_dist.kernels.bounds import bounded_rows
+        from flashkm_dist.kernels.bounds import bounded_rows, settle_rows
         from flashkm_dist.kernels.neighbours import prepare
         from flashkm_dist.kernels.update import sort_inverse_update
     except ImportError:
         return None
     return Backend("triton", flash_assign, sort_inverse_update, PreparedRows,
-                   partial(flash_assign, lower_bound=True), bounded_rows, prepare)
+                   partial(flash_assign, lower_bound=True), bounded_rows, prepare, settle_rows)
 
 
 def backend_for(device: torch.device) -> Backend:

@@ -14,6 +14,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field, fields, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,17 +26,24 @@ from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.kernels import host_rows, neighbours, reference
 from flashkm_dist.kernels.checks import DeferredChecks
 
-CHUNK_BYTES = 256 << 20  # one staging buffer
+# One staging buffer: 1 GiB, or 1/64 of a smaller device's memory. Fewer, larger chunks cost less host work per row
+# (H100, N=180M, 59 GiB cached, K=8192, same run: 1 GiB against 256 MiB, plain steps 1.08 s against 1.11 after
+# the first iteration, bounded ones skipping settled rows 0.651 against 0.712).
+CHUNK_BYTES = 1 << 30
 CACHE_FRACTION = 0.8  # of the free device memory, for 'auto'
 CACHED_CHUNK_FACTOR = 4  # rows served from the cache go through the kernels this many staging chunks at a time
 # Bounded steps score streamed chunks whole below this K: their copy takes longer than scoring all their rows (per
 # row 2 K D flops at ~700 TFLOP/s against 4 D bytes at ~55 GB/s: equal near K = 25000 on an H100), so the bounds
 # would save nothing, while the wait for the device they need per chunk stalls the copies (H100, N=180M, 59 GiB
-# cached: bounded steps 1.36 s, plain 1.24, benchmarks/engine_fit.py).
+# cached: bounded steps 1.36 s, plain 1.24, benchmarks/engine_fit.py; again with table settling and 1 GiB chunks:
+# skipping fits 0.732 s after the first iteration with streamed chunks bounded, 0.651 without).
 STREAMED_BOUNDS_MIN_K = 16384
 # Steps skip settled host rows (`Engine.skip_settled`) unless more than this share of the rows the last step
 # tested was stale: then reading most rows in place costs more than copying them beside the kernels (H100, N=180M,
-# before the reads ran on a side stream: a step with every row stale took 3.19 s skipping, 2.53 s copying).
+# before the reads ran on a side stream: a step with every row stale took 3.19 s skipping, 2.53 s copying). Later
+# runs (results/engine_fit_h100x1_n180m_eager.json, _variants.json): at 1.0 the third iteration skipped, so the
+# re-seeding after it had no kept candidates and read every row (2.17 s); at 0.7, 0.90 s after the first
+# iteration against 0.651 at 0.5.
 SKIP_MAX_STALE = 0.5
 # A skipping pass copies nothing, so its chunks (cached rows too) can be larger: this many staging chunks, for
 # less host work per row (H100, N=180M, profiled: at 4, a step of 88 chunks took 0.69 s for 0.47 s of kernels;
@@ -48,6 +56,18 @@ FIRST_STEPS, FIRST_STEPS_KEPT = 3, 1024
 BOUND_BATCH_ROWS = 1 << 23  # a batch of bound tests is also full at this many rows (their pending outputs: 136 MB)
 BOUND_BATCH = 4  # bounded steps read the numbers of rows to score of this many resident chunks in one wait (two
 #                 batches' tests, 17 bytes a row, wait at a time: 270 MB for 2M-row cached chunks)
+
+
+class _Test(NamedTuple):
+    """A chunk's bound test in a bounded step, queued (nothing waits for it)."""
+
+    labels: torch.Tensor  # after the test: kept, or settled from the neighbour table (a skipped chunk's: as kept)
+    dist: torch.Tensor | None  # exact distances to `labels` (a skipped chunk: None, its rows are not on the device)
+    lower: torch.Tensor  # new lower bounds (0: stale)
+    stale: torch.Tensor  # bool: rows to assign (a skipped chunk's: to read in place first)
+    missed: torch.Tensor  # bool: rows the bound alone did not keep (what SKIP_MAX_STALE counts)
+    upper: torch.Tensor | None = None  # a skipped chunk's new upper bounds
+    before: torch.Tensor | None = None  # a skipped chunk's lower bounds before the test (its read rows' settling)
 
 
 @dataclass
@@ -75,7 +95,8 @@ class EngineStep:
     seconds: float = 0.0  # wall time of the step on this device (it ends synchronised unless wait=False)
     changed: torch.Tensor | None = None  # 0-d int64 on the device (a step not yet settled)
     checks: DeferredChecks = field(default_factory=DeferredChecks)
-    rescored: int | None = None  # bounded steps: rows that went through the assignment (the others kept labels)
+    rescored: int | None = None  # bounded steps: rows that went through the assignment over all K (the others
+    #                              kept their labels or were settled from the neighbour table)
     gathered: int = 0  # rows of skipped host chunks the device read in place (`Engine.skip_settled`)
     inertia_complete: bool = True  # False when settled host rows were skipped: `inertia` covers only rows scored
 
@@ -207,14 +228,14 @@ def _offsets(sizes) -> list:
     return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
-def _queued_count(mask: torch.Tensor) -> tuple:
-    """(the number of True in mask, an event or None): on a GPU the number is copied into page-locked memory right
-    after the kernels queued so far, and the event tells when it has landed, so reading it waits for those kernels
-    only, not for work queued later on the stream (a read of a device tensor would)."""
-    n = mask.sum()
-    if not mask.is_cuda:
+def _queued_count(*masks: torch.Tensor) -> tuple:
+    """(the numbers of True in the masks, an event or None): on a GPU the numbers are copied into page-locked
+    memory right after the kernels queued so far, and the event tells when they have landed, so reading them waits
+    for those kernels only, not for work queued later on the stream (a read of a device tensor would)."""
+    n = torch.stack([mask.sum() for mask in masks])
+    if not n.is_cuda:
         return n, None
-    host = torch.empty((), dtype=torch.int64, pin_memory=True)
+    host = torch.empty(len(masks), dtype=torch.int64, pin_memory=True)
     host.copy_(n, non_blocking=True)
     event = torch.cuda.Event()
     event.record()
@@ -243,15 +264,18 @@ def _normalised(total: tuple | None, chunks: int, k: int, d: int, device) -> tup
 class Engine:
     """Lloyd steps of one device over the blocks it holds.
 
-    chunk_rows: rows per streamed chunk (default: a 256 MiB staging buffer). cache_bytes: device memory kept for
-    resident copies of host rows ('auto': 80 % of what is free when the first step starts; 0: stream everything).
+    chunk_rows: rows per streamed chunk (default: a staging buffer of CHUNK_BYTES, at most 1/64 of the device's
+    memory). cache_bytes: device memory kept for resident copies of host rows ('auto': 80 % of what is free when
+    the first step starts, less four staging buffers; 0: stream everything).
     Torch blocks already on the device also keep their rows prepared for the assignment across steps
     (`Backend.kept_rows`: while each takes at most a quarter of the memory then free; dropped on an OOM back-off).
     bounds: bounded steps (Hamerly's algorithm, `kernels.bounds`; euclidean): every row keeps a lower bound on
     its distance to the other centroids (4 bytes, beside its label), and a step scores again only the rows the
-    bounds cannot settle. The same labels and sums as plain steps, bit for bit, whatever the chunks; min_dist
-    (inertia) is the same float64 distance, rounded to float32 by one kernel for every row (equal to plain steps'
-    to the bit in the GPU runs of benchmarks/engine_fit.py). Each step waits for the device once per
+    bounds cannot settle: where the new centroids have a neighbour table, those their centroid's nearest ones
+    settle cost a few float64 distances (`kernels.bounds.settle_rows`), the rest go through FlashAssign. The same
+    labels and sums as plain steps, bit for bit, whatever the chunks; min_dist (inertia) is the same float64
+    distance, rounded to float32 by one kernel for every row (equal to plain steps' to the bit in the GPU runs of
+    benchmarks/engine_fit.py). Each step waits for the device once per
     BOUND_BATCH resident chunks it bounds (`_settle`), once per other chunk it bounds; chunks streamed from the
     host are scored whole below STREAMED_BOUNDS_MIN_K (their copy hides that).
     skip_settled (bounded steps): host rows past the cache are not copied at all once their bounds hold. Each
@@ -287,7 +311,7 @@ class Engine:
     _lower_at: dict = field(default_factory=dict, repr=False)  # block key -> the bound step its bounds are for
     _bound_step: int = 0  # bounded steps taken; the bounds of this one are for `_bound_centroids`
     _bound_centroids: torch.Tensor | None = field(default=None, repr=False)  # float64, of the last bounded step
-    _rescored: int = 0  # rows scored so far in the bounded step under way
+    _rescored: int = 0  # rows assigned (over all K) so far in the bounded step under way
     _bound_keys: set = field(default_factory=set, repr=False)  # blocks the bounded step under way has bounded
     skip_settled: bool = False
     _upper: dict = field(default_factory=dict, repr=False)  # block key -> upper bounds of its tail rows (host)
@@ -475,7 +499,7 @@ class Engine:
         if self.backend.prepare_centroids is not None and numerics.metric == "euclidean":
             self.backend.prepare_centroids(centroids, n_rows)
         moves, self._rescored = (self._decrements(centroids, n_rows) if bounded else None), 0
-        dec = (None, None) if moves is None else moves[1:]  # (dec, near) for `_bound_test`
+        dec = (None, None, None) if moves is None else moves[1:]  # (dec, near, table) for `_bound_test`
         self._skip = moves if self.skip_settled and not complete else None
         self._gathered, self._tested[:] = 0, [0, 0]
         self._skipped_keys.clear()
@@ -508,7 +532,7 @@ class Engine:
         def skipped(chunk, test, stale):
             nonlocal far
             far = None  # (the distances of the rows it skips are not known)
-            read = self._read_stale(chunk, stale)  # (queued on a side stream; its rows are scored later)
+            read = self._read_stale(chunk, stale, centroids, test)  # (on a side stream; its rows scored later)
 
             def rest():
                 nonlocal skipped_inertia
@@ -527,15 +551,15 @@ class Engine:
                 test = (self._upper_test(blocks, chunk, *moves) if chunk.x is None
                         else self._bound_test(blocks, chunk, centroids, *dec))
                 if test is not None and self._resident_rows(blocks, chunk):
-                    filling.append((chunk, kept, test, _queued_count(test[3])))
+                    filling.append((chunk, kept, test, _queued_count(test.stale, test.missed)))
                     if len(filling) == BOUND_BATCH or sum(c[0].n for c in filling) >= BOUND_BATCH_ROWS:
                         self._settle(waiting, blocks, centroids, numerics, finish, skipped, later)
                         waiting, filling = filling, []
                     continue
-                stale = None if test is None else torch.nonzero(test[3]).flatten()  # (waits for the device)
+                stale = None if test is None else torch.nonzero(test.stale).flatten()  # (waits for the device)
                 if stale is not None:
                     self._tested[0] += chunk.n
-                    self._tested[1] += stale.numel()
+                    self._tested[1] += int(test.missed.sum())
                 finish(chunk, *self._bounded_assign(blocks, chunk, centroids, numerics, kept, test, stale))
             else:
                 finish(chunk, *self.backend.assign(chunk.x, centroids, metric=numerics.metric, shift=numerics.shift,
@@ -612,17 +636,18 @@ class Engine:
         return self.bounds and numerics.metric == "euclidean" and self.backend.bounded_rows is not None
 
     def _decrements(self, centroids: torch.Tensor, n_rows: int) -> tuple | None:
-        """(drift, dec, near): float64 (K,) each, how far each centroid moved since the last bounded step (an
-        upper bound's growth) and how far each label's lower bound drops, the largest move among the other
+        """(drift, dec, near, table): float64 (K,) each, how far each centroid moved since the last bounded step
+        (an upper bound's growth) and how far each label's lower bound drops, the largest move among the other
         centroids (both rounded up); near: `kernels.bounds.neighbour_moves` where a neighbour table of the
-        centroids is at hand (the step's FlashAssign table, or a small K's), else None. None when no bound can
-        be used."""
+        centroids is at hand (the step's FlashAssign table, or a small K's), else None; the table (or None),
+        which also settles rows the bound leaves (`kernels.bounds.settle_rows`). None when no bound can be
+        used."""
         prev = self._bound_centroids
         if prev is None or prev.shape != centroids.shape:
             return None
         drift = torch.linalg.vector_norm(centroids.to(torch.float64) - prev, dim=1) * (1.0 + 1e-12)
         if drift.numel() == 1:
-            return drift, torch.zeros_like(drift), None
+            return drift, torch.zeros_like(drift), None, None
         top = torch.topk(drift, 2)
         dec = torch.full_like(drift, 0.0) + top.values[0]
         dec[top.indices[0]] = top.values[1]
@@ -630,21 +655,28 @@ class Engine:
         if table is None and centroids.shape[0] < neighbours.MIN_CENTROIDS:
             table = neighbours.neighbour_table(centroids)
         near = None if table is None else kbounds.neighbour_moves(table.index[0], table.beyond[0], drift)
-        return drift, dec, near
+        return drift, dec, near, table
 
-    def _bound_test(self, blocks, chunk: _Chunk, centroids, dec, near):
-        """A bounded step's test of a chunk's rows, queued (no wait): (labels kept, min_dist, new lower bounds,
-        stale mask), or None where the bounds cannot be used (not for the last step's centroids; streamed chunks
-        below STREAMED_BOUNDS_MIN_K)."""
+    def _bound_test(self, blocks, chunk: _Chunk, centroids, dec, near, table) -> _Test | None:
+        """A bounded step's test of a chunk's rows, queued (no wait), with the rows it leaves settled from the
+        neighbour table where there is one; None where the bounds cannot be used (not for the last step's
+        centroids; streamed chunks below STREAMED_BOUNDS_MIN_K)."""
         key = self._key(blocks[chunk.index], chunk.index)
         usable = not chunk.streamed or centroids.shape[0] >= STREAMED_BOUNDS_MIN_K
         if not (usable and dec is not None and self._lower_at.get(key) == self._bound_step and key in self._labels):
             return None
         lower = self._row_state(blocks, chunk, self._lower, self._device_lower, torch.float32, 0.0)
         old = self._row_state(blocks, chunk, self._labels, self._device_labels, torch.int64, -1)
-        labels = old.to(self.device, non_blocking=True).clone()
-        return (labels, *self.backend.bounded_rows(chunk.x, centroids, labels, lower.to(self.device, non_blocking=True),
-                                                   dec, near))
+        return self._settled(chunk.x, centroids, old.to(self.device, non_blocking=True),
+                             lower.to(self.device, non_blocking=True), dec, near, table)
+
+    def _settled(self, x, centroids, labels, lower, dec, near, table) -> _Test:
+        """`_bound_test`'s kernels on rows x with their labels and lower bounds (on the device)."""
+        if table is None or self.backend.settle_rows is None:
+            dist, new_lower, stale = self.backend.bounded_rows(x, centroids, labels, lower, dec, near)
+            return _Test(labels.clone(), dist, new_lower, stale, stale)
+        labels, dist, new_lower, code = self.backend.settle_rows(x, centroids, labels, lower, dec, near, table)
+        return _Test(labels, dist, new_lower, code == 2, code != 0)
 
     def _resident_rows(self, blocks, chunk: _Chunk) -> bool:
         """Whether a chunk's rows stay where they are on the device until the step ends (cached host rows, or a view
@@ -669,11 +701,11 @@ class Engine:
             return
         if batch[-1][3][1] is not None:
             batch[-1][3][1].synchronize()
-        counts = [int(queued[0]) for *_, queued in batch]
-        for (chunk, kept, test, _), count in zip(batch, counts):
-            stale = torch.nonzero_static(test[3], size=count).flatten()
+        counts = [queued[0].tolist() for *_, queued in batch]
+        for (chunk, kept, test, _), (count, missed) in zip(batch, counts):
+            stale = torch.nonzero_static(test.stale, size=count).flatten()
             self._tested[0] += chunk.n
-            self._tested[1] += count
+            self._tested[1] += missed
             if chunk.x is None:
                 skipped(chunk, test, stale)
             else:
@@ -691,7 +723,7 @@ class Engine:
         n = chunk.n
         no_dec = torch.zeros(centroids.shape[0], dtype=torch.float64, device=self.device)
         if test is not None:
-            labels, dist, new_lower, _ = test
+            labels, dist, new_lower = test[:3]
         if stale is None or stale.numel() == n:
             labels, _, new_lower = self.backend.assign_lower(chunk.x, centroids, shift=numerics.shift,
                                                              **({} if kept is None else {"rows": kept}))
@@ -737,50 +769,64 @@ class Engine:
                                                                          torch.float32, 0.0),
                 (self._upper, None, torch.float32, 0.0))
 
-    def _upper_test(self, blocks, chunk: _Chunk, drift, dec, near):
-        """A skipped tail chunk's bound test, queued (no wait): (labels kept, None, new lower bounds, stale mask,
-        new upper bounds), from the bounds its rows keep on the host."""
+    def _upper_test(self, blocks, chunk: _Chunk, drift, dec, near, table) -> _Test:
+        """A skipped tail chunk's bound test, queued (no wait), from the bounds its rows keep on the host."""
         state = [self._row_state(blocks, chunk, *store).to(self.device, non_blocking=True)
                  for store in self._tail_stores()]
         stale, new_lower, new_upper = kbounds.upper_test(*state, drift, dec, near)
-        return state[0], None, new_lower, stale, new_upper
+        return _Test(state[0], None, new_lower, stale, stale, new_upper, state[1])
 
-    def _read_stale(self, chunk: _Chunk, stale: torch.Tensor):
-        """(the stale rows of a skipped chunk on the device, an event or None once they are there): read in place
-        (`host_rows.gather`) on a side stream, so the read runs beside the kernels queued next; None for none."""
+    def _read_stale(self, chunk: _Chunk, stale: torch.Tensor, centroids, test: _Test):
+        """The stale rows of a skipped chunk, read in place (`host_rows.gather`) on a side stream, so the read
+        runs beside the kernels queued next, and settled there as far as their exact distances and the neighbour
+        table allow (`_settled`): (rows, their `_Test`, (the numbers of rows left stale and missed, an event or
+        None once all of it is there: `_queued_count`)), or None for no stale row."""
         if not stale.numel():
             return None
+        old, before = test.labels[stale], test.before[stale]
+        dec, near, table = self._skip[1:]
+
+        def read():
+            rows = host_rows.gather(chunk.host, stale, self.dtype)
+            settled = self._settled(rows, centroids, old, before, dec, near, table)
+            return rows, settled, _queued_count(settled.stale, settled.missed)
         if self.device.type != "cuda":
-            return host_rows.gather(chunk.host, stale, self.dtype), None
+            return read()
         compute = torch.cuda.current_stream(self.device)
         if self._read_stream is None:
             self._read_stream = torch.cuda.Stream(self.device)
-        self._read_stream.wait_stream(compute)  # (the positions are computed there)
+        self._read_stream.wait_stream(compute)  # (the positions and old bounds are computed there)
         with torch.cuda.stream(self._read_stream):
-            rows = host_rows.gather(chunk.host, stale, self.dtype)
-            done = torch.cuda.Event()
-            done.record()
-        stale.record_stream(self._read_stream)
-        rows.record_stream(compute)
-        return rows, done
+            out = read()
+        for t in (stale, old, before):
+            t.record_stream(self._read_stream)
+        for t in (out[0], *out[1][:4]):
+            t.record_stream(compute)
+        return out
 
-    def _skipped_assign(self, blocks, chunk: _Chunk, centroids, numerics, test, stale, read, checks):
+    def _skipped_assign(self, blocks, chunk: _Chunk, centroids, numerics, test: _Test, stale, read, checks):
         """A skipped tail chunk's step, from its bound test, the positions of its stale rows and those rows
-        (`_read_stale`): only they are assigned; the block's tail partials change by what moved (the stale rows'
-        partials under their new labels minus under their old ones: exact integers). Returns (labels changed, the
-        stale rows' inertia limbs or None)."""
+        settled where they could be (`_read_stale`): the rest are assigned; the block's tail partials change by
+        what moved (the stale rows' partials under their new labels minus under their old ones: exact integers).
+        Returns (labels changed, the stale rows' inertia limbs or None)."""
         key = self._key(blocks[chunk.index], chunk.index)
-        old, _, new_lower, _, new_upper = test
+        old, new_lower, new_upper = test.labels, test.lower, test.upper
         labels = old.clone()
         moved, inertia = torch.zeros((), dtype=torch.int64, device=self.device), None
         if read is not None:
             k = centroids.shape[0]
-            rows, done = read
-            if done is not None:
-                torch.cuda.current_stream(self.device).wait_event(done)
-            lab, _, low = self.backend.assign_lower(rows, centroids, shift=numerics.shift)
-            dist = self.backend.bounded_rows(rows, centroids, lab, torch.zeros_like(low),
-                                             torch.zeros(k, dtype=torch.float64, device=self.device))[0]
+            rows, settled, (counts, event) = read
+            if event is not None:  # (the side stream's read and kernels are done)
+                torch.cuda.current_stream(self.device).wait_event(event)
+                event.synchronize()
+            left = torch.nonzero_static(settled.stale, size=int(counts[0])).flatten()
+            lab, dist, low = settled[:3]
+            if left.numel():
+                sub = rows[left]
+                sub_lab, _, sub_low = self.backend.assign_lower(sub, centroids, shift=numerics.shift)
+                lab[left], low[left] = sub_lab, sub_low
+                dist[left] = self.backend.bounded_rows(sub, centroids, sub_lab, torch.zeros_like(sub_low),
+                                                       torch.zeros(k, dtype=torch.float64, device=self.device))[0]
             labels[stale], new_lower[stale], new_upper[stale] = lab, low, kbounds.upper_of(dist)
             w = None if chunk.weights is None else chunk.weights[stale]
             now, before = (self.backend.partial_sums(rows, la, k, w, scale=numerics.scale, deferred=checks)
@@ -789,18 +835,23 @@ class Engine:
             self._new_tails[key] = (first, sums + now.sums - before.sums, weights + now.weights - before.weights)
             moved = (lab != old[stale]).sum()
             inertia = exact_inertia(dist, w, numerics, checks)
+            self._rescored += left.numel()
         self._new_tails.setdefault(key, self._tail_sums[key])
         for store, value in zip(self._tail_stores(), (labels, new_lower, new_upper)):
             self._row_state(blocks, chunk, *store).copy_(value, non_blocking=True)
-        self._rescored += stale.numel()
         self._gathered += stale.numel()
         self._skipped_keys.add(key)
         self._bound_keys.add(key)
         return moved, inertia
 
+    def _staging_bytes(self) -> int:
+        if self.device.type != "cuda":
+            return CHUNK_BYTES
+        return min(CHUNK_BYTES, torch.cuda.get_device_properties(self.device).total_memory // 64)
+
     def _rows_per_chunk(self, row_bytes: int) -> int:
         if self.chunk_rows is None:
-            self.chunk_rows = max(1, CHUNK_BYTES // max(1, row_bytes))
+            self.chunk_rows = max(1, self._staging_bytes() // max(1, row_bytes))
         return self.chunk_rows
 
     def _back_off(self) -> None:
@@ -826,7 +877,7 @@ class Engine:
     def _cache_budget(self) -> int:
         if self.cache_bytes == "auto":
             free, _ = torch.cuda.mem_get_info(self.device)
-            self.cache_bytes = int(free * CACHE_FRACTION) - 4 * CHUNK_BYTES
+            self.cache_bytes = int(free * CACHE_FRACTION) - 4 * self._staging_bytes()
         return max(0, int(self.cache_bytes))
 
     def _cache_row_bytes(self, d: int, prepared: bool | None = None) -> int:

@@ -182,10 +182,13 @@ def test_a_step_copies_the_rows_when_most_rows_the_last_step_tested_were_stale(s
     x, init = blobs(n=1200, seed=7)
     nm = numerics_for(x, None, metric="euclidean", centroid_max_abs=float(init.abs().max()))
     plain, engine = Engine("cpu", chunk_rows=300), Engine("cpu", chunk_rows=300, bounds=True, skip_settled=True)
-    centers, share = init, None
+    centers, share, shares = init, None, []
     for i in range(8):
         a, b = plain.step([Block(x)], centers, nm), engine.step([Block(x)], centers, nm)
         assert torch.equal(a.partials.sums, b.partials.sums) and a.n_changed == b.n_changed
         assert b.inertia_complete == (i <= 1 or (share is not None and share > 0.5)), (i, share)
-        share = b.rescored / len(x) if not b.inertia_complete else None
+        share = engine._stale_share  # (of the rows it tested: those its bound alone did not keep)
+        shares.append(share)
         centers = reference.finalize(a.partials, dtype=torch.float32, previous=centers)[0]
+    known = [s for s in shares if s is not None]  # (None: nothing tested, the step after a high share)
+    assert shares[0] is None and all(0 <= s <= 1 for s in known) and max(known) > 0.5 > min(known), shares
