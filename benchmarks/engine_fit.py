@@ -3,7 +3,8 @@
 
     python benchmarks/engine_fit.py --out fit.json [--log2n 24 | --n 180000000] [--k 8192] [--iters 12]
 
-The fits (plain; bounded; bounded skipping the settled host rows past the cache, `Engine.skip_settled`) start
+The fits (plain; bounded; bounded skipping the settled host rows past the cache, `Engine.skip_settled`; variants
+of it with other engine settings, FITS) start
 from the same random rows and run `lloyd.lloyd_iteration` (step, exact update, re-seeding) the same number of
 times; the centres must agree to the bit after every iteration, the inertia wherever a step knows it (a skipping
 step does not), and a last complete step of each fit must give plain's inertia (--tier-ab: also a plain fit
@@ -25,6 +26,7 @@ from engine_check import DEV, flash_largeN_iter_s, h2d_gbps, host_blobs, host_nu
 from flashkm_dist.kernels import assign as A
 from flashkm_dist.kernels import fixed_point as fp
 from flashkm_dist.lloyd import lloyd_iteration
+from flashkm_dist import streaming as S
 from flashkm_dist.streaming import Engine
 from profile_kernels import device_rows
 from provenance import provenance
@@ -59,8 +61,8 @@ def compiled_kernels() -> int:
 
 
 def run(x, init, nm, iters: int, bounds: bool, profile: bool = False, skip: bool = False,
-        cache_bytes="auto", profile_at: int = 0) -> dict:
-    engine = Engine(DEV, chunk_rows=1 << 19, bounds=bounds, skip_settled=skip, cache_bytes=cache_bytes)
+        cache_bytes="auto", profile_at: int = 0, chunk_rows: int | None = None) -> dict:
+    engine = Engine(DEV, chunk_rows=chunk_rows, bounds=bounds, skip_settled=skip, cache_bytes=cache_bytes)
     blocks = quarters(x)
     centers, rows = init, []
     for i in range(iters):
@@ -72,7 +74,8 @@ def run(x, init, nm, iters: int, bounds: bool, profile: bool = False, skip: bool
         else:
             it = lloyd_iteration(engine, blocks, centers, nm)
         rows.append({"iteration": i + 1, "seconds": time.perf_counter() - start, "rescored": it.step.rescored,
-                     "host_rows_read_in_place": it.step.gathered, "labels_changed": it.step.n_changed,
+                     "host_rows_read_in_place": it.step.gathered, "stale_share": engine._stale_share,
+                     "labels_changed": it.step.n_changed,
                      "inertia": it.inertia, "kernels_compiled": compiled_kernels() - compiled})
         centers = it.centers
         rows[-1]["centers"] = centers.cpu()
@@ -107,11 +110,69 @@ def lower_bound_check(x: torch.Tensor, centers: torch.Tensor) -> dict:
     return out
 
 
+def settle_check(x: torch.Tensor, init: torch.Tensor, timed_rows: int = 1 << 21) -> dict:
+    """On the GPU, after one Lloyd update from `init` on rows x (the big moves of a fit's start): the bound test
+    with table settling (`kernels.bounds.settle_rows`) against its twin, bit for bit; settled labels against the
+    float64 argmin and their distances against `bounded_rows` for those labels (another launch); lower bounds
+    against the float64 second distance; how many rows each way; and its time on timed_rows rows against
+    FlashAssign (with lower bounds) on the rows it leaves."""
+    from flashkm_dist.kernels import bounds, reference
+    from flashkm_dist.kernels.assign import flash_assign
+    from flashkm_dist.kernels.neighbours import neighbour_table
+    from profile_kernels import cuda_ms
+
+    labels, _, lower = flash_assign(x, init, lower_bound=True)
+    k = init.shape[0]
+    counts = torch.bincount(labels, minlength=k)
+    sums = torch.zeros((k, x.shape[1]), dtype=torch.float64, device=DEV).index_add_(0, labels, x.double())
+    moved = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], init.double()).float()
+    drift = torch.linalg.vector_norm(moved.double() - init.double(), dim=1) * (1 + 1e-12)
+    top = torch.topk(drift, 2)
+    dec = torch.full_like(drift, 0.0) + top.values[0]
+    dec[top.indices[0]] = top.values[1]
+    table = neighbour_table(moved)
+    near = bounds.neighbour_moves(table.index[0], table.beyond[0], drift)
+    n = min(x.shape[0], 100_000)
+    args = (x[:n], moved, labels[:n], lower[:n], dec, near, table)
+    got, want = bounds.settle_rows(*args), reference.settle_rows(*args)
+    new_labels, dist, new_lower, code = got
+    done = code < 2
+    truth = reference.assign(x[:n], moved)
+    again = bounds.bounded_rows(x[:n], moved, new_labels, torch.zeros_like(new_lower), torch.zeros_like(dec))[0]
+    d = torch.cdist(x[:n].double(), moved.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    d.scatter_(1, truth[0][:, None], float("inf"))
+    second = d.min(dim=1).values
+    out = {"rows": n, "same_as_twin": all(torch.equal(a, b) for a, b in zip(got, want)),
+           "settled_labels_exact": bool(torch.equal(new_labels[done], truth[0][done])),
+           "settled_dist_same_bits": bool(torch.equal(dist[done], again[done])),
+           "lower_bound_violations": int((new_lower.double()[done] > second[done]).sum()),
+           "kept": int((code == 0).sum()), "settled_from_table": int((code == 1).sum()),
+           "stale": int((code == 2).sum())}
+    m = min(x.shape[0], timed_rows)
+    xs, ls, lows = x[:m], labels[:m], lower[:m]
+    code = bounds.settle_rows(xs, moved, ls, lows, dec, near, table)[3]
+    left = xs[code == 2]
+    out.update(timed_rows=m, timed_stale=int(left.shape[0]), timed_missed=int((code != 0).sum()),
+               settle_ms=cuda_ms(lambda: bounds.settle_rows(xs, moved, ls, lows, dec, near, table)),
+               bound_test_ms=cuda_ms(lambda: bounds.bounded_rows(xs, moved, ls, lows, dec, near)),
+               assign_left_ms=cuda_ms(lambda: flash_assign(left, moved, lower_bound=True)),
+               assign_missed_ms=cuda_ms(lambda: flash_assign(xs[code != 0], moved, lower_bound=True)))
+    return out
+
+
 def summary(rows: list) -> dict:
     secs = [r["seconds"] for r in rows]
     late = secs[len(secs) // 2:]
     return {"mean_s": statistics.mean(secs), "after_first_mean_s": statistics.mean(secs[1:] or secs),
             "later_half_mean_s": statistics.mean(late), "first_s": secs[0], "last_s": secs[-1]}
+
+
+# fit -> (bounded steps, FlashAssign's neighbour tier, skip settled host rows, engine settings)
+FITS = {"plain": (False, True, False, {}), "bounded": (True, True, False, {}), "bounded_skip": (True, True, True, {}),
+        "bounded_skip_eager": (True, True, True, {"SKIP_MAX_STALE": 1.0}),  # skip whenever the bounds allow
+        "bounded_skip_mid": (True, True, True, {"SKIP_MAX_STALE": 0.7}),
+        "bounded_skip_streamed": (True, True, True, {"STREAMED_BOUNDS_MIN_K": 0}),  # bound-test streamed chunks
+        "plain_no_tier": (False, False, False, {})}
 
 
 def main():
@@ -127,6 +188,10 @@ def main():
     ap.add_argument("--tier-ab", action="store_true", help="also plain steps without FlashAssign's neighbour tier")
     ap.add_argument("--cache-gib", type=float, default=None, help="device cache (default: 80 %% of free memory)")
     ap.add_argument("--profile-at", type=int, default=0, help="profile this iteration of each fit (1 = the first)")
+    ap.add_argument("--fits", default="plain,bounded,bounded_skip",
+                    help="which fits (plain_no_tier: --tier-ab); NAME@ROWS: that fit with chunks of ROWS rows")
+    ap.add_argument("--chunk-rows", type=int, default=None, help="rows per staging chunk (cached: 4 of them; "
+                    "default: the engine's)")
     args = ap.parse_args()
     n = args.n or 1 << args.log2n
     x, init = host_blobs(n, args.k, args.d)
@@ -134,26 +199,39 @@ def main():
     result = {**provenance(), "device": torch.cuda.get_device_name(), "n": n, "k": args.k, "d": args.d,
               "dtype": "float32", "host_bytes": x.numel() * 4, "h2d_GBps": h2d_gbps(x), "iters": args.iters}
     result["lower_bounds"] = lower_bound_check(x[:50_000].to(DEV), init)
-    fits = {}
-    for name, bounds, tier, skip in (("plain", False, True, False), ("bounded", True, True, False),
-                                     ("bounded_skip", True, True, True), ("plain_no_tier", False, False, False)):
-        if tier or args.tier_ab:
-            A.NEIGHBOUR_TIER = tier
-            try:
-                fits[name] = run(x, init, nm, args.iters, bounds, args.profile, skip,
-                                 "auto" if args.cache_gib is None else int(args.cache_gib * 2 ** 30), args.profile_at)
-            finally:
-                A.NEIGHBOUR_TIER = True
-            torch.cuda.empty_cache()
+    result["settle_check"] = settle_check(x[:1 << 21].to(DEV), init)
+    print(json.dumps(result["settle_check"]), flush=True)
+    torch.cuda.empty_cache()  # (the checks' blocks: the fits' caches take 80 % of the memory then free)
+    fits, defaults = {}, {key: getattr(S, key) for key in ("SKIP_MAX_STALE", "STREAMED_BOUNDS_MIN_K")}
+    for name in args.fits.split(",") + (["plain_no_tier"] if args.tier_ab else []):
+        kind, _, rows = name.partition("@")
+        bounds, tier, skip, settings = FITS[kind]
+        A.NEIGHBOUR_TIER = tier
+        for key, value in {**defaults, **settings}.items():
+            setattr(S, key, value)
+        try:
+            fits[name] = run(x, init, nm, args.iters, bounds, args.profile, skip,
+                             "auto" if args.cache_gib is None else int(args.cache_gib * 2 ** 30), args.profile_at,
+                             int(rows) if rows else args.chunk_rows)
+        finally:
+            A.NEIGHBOUR_TIER = True
+            for key, value in defaults.items():
+                setattr(S, key, value)
+        torch.cuda.empty_cache()
     for key, test in (("centres", lambda a, b: torch.equal(a["centers"], b["centers"])),
                       ("inertia", lambda a, b: a["inertia"] == b["inertia"] or b["inertia"] != b["inertia"])):
-        for other, suffix in (("bounded", ""), ("bounded_skip", "_skipping"), ("plain_no_tier", "_without_tier")):
-            if other in fits:
+        suffixes = {"bounded": "", "bounded_skip": "_skipping", "bounded_skip_eager": "_skipping_eager",
+                    "plain_no_tier": "_without_tier"}
+        for other in fits:
+            kind, at, rows = other.partition("@")
+            if other != "plain" and "plain" in fits:
+                suffix = suffixes.get(kind, "_" + kind) + (f"_{rows}_rows" if at else "")
                 result[f"same_{key}_every_iteration{suffix}"] = all(
                     test(a, b) for a, b in zip(fits["plain"]["iterations"], fits[other]["iterations"]))
     result["same_final_inertia"] = len({fit["final_inertia"] for fit in fits.values()}) == 1
-    uncached = max(0, result["host_bytes"] - fits["bounded"]["cache_bytes"])
-    result["cache_GiB"] = fits["bounded"]["cache_bytes"] / 2 ** 30
+    cache_bytes = next(iter(fits.values()))["cache_bytes"]
+    uncached = max(0, result["host_bytes"] - cache_bytes)
+    result["cache_GiB"] = cache_bytes / 2 ** 30
     result["uncached_floor_s"] = uncached / result["h2d_GBps"] / 1e9
     for name, fit in fits.items():
         for r in fit["iterations"]:

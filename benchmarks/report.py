@@ -110,25 +110,31 @@ def engine(name: str, r: dict) -> str:
 
 
 def engine_fit(name: str, r: dict) -> str:
+    steps = [key for key, value in r.items() if isinstance(value, dict) and "iterations" in value]  # (the fits)
     rows = [[step, r[step]["first_s"], r[step]["after_first_mean_s"], r[step]["later_half_mean_s"],
              r[step].get("after_first_mean_vs_flash"), r[step].get("later_half_mean_vs_flash"),
-             r[step].get("later_half_mean_vs_uncached_floor"), min(i["seconds"] for i in r[step]["iterations"]),
+             r[step].get("after_first_mean_vs_uncached_floor"), r[step].get("later_half_mean_vs_uncached_floor"),
+             min(i["seconds"] for i in r[step]["iterations"]),
              "/".join(str(i["rescored"]) for i in r[step]["iterations"][-3:]) if step.startswith("bounded") else "",
              "/".join(str(i.get("host_rows_read_in_place", 0)) for i in r[step]["iterations"][-3:])
-             if step == "bounded_skip" else ""]
-            for step in ("plain", "bounded", "bounded_skip", "plain_no_tier") if step in r]
+             if step.startswith("bounded_skip") else ""]
+            for step in steps]
+    same = {key: value for key, value in r.items() if key.startswith("same_centres_every_iteration")}
+    settle = r.get("settle_check")
     return (f"### {name}\n\n{_versions(r)}\n\nOne GPU, host data, N={r['n']}, K={r['k']}, D={r['d']}, {r['iters']} "
             f"iterations from random rows; {_f(r.get('cache_GiB'))} GiB cached, PCIe floor of the rest "
             f"{_f(r.get('uncached_floor_s'))} s; flash-kmeans largeN {_f(r.get('flash_largeN_iter_s'))} s/iteration; "
-            f"same centres every iteration: {r.get('same_centres_every_iteration')}"
-            + (f" (plain_no_tier: FlashAssign without its neighbour tier, same centres: "
-               f"{r.get('same_centres_every_iteration_without_tier')})" if "plain_no_tier" in r else "")
-            + (f"; bounded_skip: settled host rows not copied, same centres: "
-               f"{r.get('same_centres_every_iteration_skipping')}, same final inertia: {r.get('same_final_inertia')}"
-               if "bounded_skip" in r else "") + "\n\n"
+            f"same centres every iteration as plain: {all(same.values()) if same else None} ({len(same)} fits)"
+            + (" (plain_no_tier: FlashAssign without its neighbour tier)" if "plain_no_tier" in r else "")
+            + (f"; bounded_skip: settled host rows not copied, same final inertia: {r.get('same_final_inertia')}"
+               if "bounded_skip" in r else "")
+            + (f"; table settling (one update from the start, {settle['rows']} rows): kernel = twin "
+               f"{settle['same_as_twin']}, labels exact {settle['settled_labels_exact']}, bound violations "
+               f"{settle['lower_bound_violations']}, kept/settled/stale {settle['kept']}/"
+               f"{settle['settled_from_table']}/{settle['stale']}" if settle else "") + "\n\n"
             + _table(["steps", "first s", "after first s", "later half s", "after first / flash",
-                      "later half / flash", "later half / PCIe floor", "fastest s", "rows scored, last 3",
-                      "host rows read in place, last 3"], rows))
+                      "later half / flash", "after first / PCIe floor", "later half / PCIe floor", "fastest s",
+                      "rows scored, last 3", "host rows read in place, last 3"], rows))
 
 
 def distributed(name: str, r: dict) -> str:

@@ -19,7 +19,7 @@ def test_report_tables_and_plots_from_committed_results(tmp_path):
     for name in ("dask_scaling_h200x4_nccl.json", "engine_check_h100x1_n180m.json", "gpu_check_h200.json",
                  "stream_check_h200.json", "stream_variants_h200.json", "dask_1e9_h200x4.json",
                  "dask_series_h200x4_n100m.json", "dask_weak_h200x4.json", "class_sweep_h200.json",
-                 "engine_fit_h200_n2e26.json"):
+                 "engine_fit_h200_n2e26.json", "engine_fit_h100x1_n180m_settle.json"):
         shutil.copy(BENCH / "results" / name, tmp_path / name)
     report = _module("report").main(["--results", str(tmp_path)]).read_text()
     assert "| nccl | 4 | 67108864 | 0.127 | 0.126 | 1.74 |  | 0.973 |" in report  # the 4xH200 NCCL row
@@ -35,6 +35,9 @@ def test_report_tables_and_plots_from_committed_results(tmp_path):
     assert "| 180000000 | float32 | 92.2 | 54.9 | 1.68 | 1.77 | 1.16 | 59.7 | 1.91 |" in report
     assert "| bounded | 1.14 | 0.271 | 0.142 | 0.391 | 0.205 |" in report  # a fit, plain vs bounded steps
     assert "| plain_no_tier | 0.773 | 0.451 | 0.383 | 0.651 | 0.553 |" in report  # ... and without the tier
+    # a fit larger than the device: after the first iteration and in the later half, against the PCIe floor
+    assert "| bounded_skip | 1.96 | 0.677 | 0.441 | 0.346 | 0.225 | 1.18 | 0.77 |" in report
+    assert "kernel = twin True, labels exact True, bound violations 0, kept/settled/stale 28811/21565/49624" in report
     # the headline and the N series share one table, ordered by N; weak scaling reports rows per worker
     assert report.index("| 100000000 | nccl | 4 | 32768 | 0.392 |") < report.index("| 1000000000 | nccl | 4 | 32768 |")
     assert "16777216 rows per worker" in report and "| nccl | 4 | 67108864 | 0.0779 |" in report
