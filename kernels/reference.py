@@ -162,8 +162,9 @@ def settle_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, 
     label, and the smaller of that distance less r and the second best as its lower bound), or the list ends
     (settled where beyond - r exceeds the best)."""
     slack = 2.0 ** -20
-    dist, new_lower, stale = bounded_rows(x, centroids, labels, lower, dec, near)
-    own, left, _ = _bound_test(x, centroids, labels, lower, dec, near)
+    own, left, keep = _bound_test(x, centroids, labels, lower, dec, near)
+    dist, stale = own.to(_result_dtype(x)), ~keep
+    new_lower = torch.where(keep, left * (1.0 - slack), torch.zeros_like(left)).to(torch.float32)  # (bounded_rows')
     k = centroids.shape[0]
     valid = (labels >= 0) & (labels < k)
     lab = torch.where(valid, labels, torch.zeros_like(labels))
