@@ -39,16 +39,19 @@ CACHED_CHUNK_FACTOR = 4  # rows served from the cache go through the kernels thi
 # skipping fits 0.732 s after the first iteration with streamed chunks bounded, 0.651 without).
 STREAMED_BOUNDS_MIN_K = 16384
 # Steps skip settled host rows (`Engine.skip_settled`) unless more than this share of the rows the last step
-# tested was stale: then reading most rows in place costs more than copying them beside the kernels (H100, N=180M,
-# before the reads ran on a side stream: a step with every row stale took 3.19 s skipping, 2.53 s copying). Later
-# runs (results/engine_fit_h100x1_n180m_eager.json, _variants.json): at 1.0 the third iteration skipped, so the
-# re-seeding after it had no kept candidates and read every row (2.17 s); at 0.7, 0.90 s after the first
-# iteration against 0.651 at 0.5.
-SKIP_MAX_STALE = 0.5
-# A skipping pass copies nothing, so its chunks (cached rows too) can be larger: this many staging chunks, for
-# less host work per row (H100, N=180M, profiled: at 4, a step of 88 chunks took 0.69 s for 0.47 s of kernels;
-# at 16, 24 chunks, 0.55 s)
-SKIP_CHUNK_FACTOR = 16
+# tested was stale (missed by the bound alone): then reading most rows in place costs more than copying them beside
+# the kernels (H100, N=180M, before the reads ran on a side stream: a step with every row stale took 3.19 s
+# skipping, 2.53 s copying). With side-stream reads and table settling (same run, 4 GiB skipping chunks): 0.676 s
+# per iteration after the first at 0.7, 0.703 at 0.5 (results/engine_fit_h100x1_n180m_settle.json); at 1.0 the
+# third iteration skipped, so the re-seeding after it had no kept candidates and read every row (2.17 s,
+# results/engine_fit_h100x1_n180m_eager.json).
+SKIP_MAX_STALE = 0.7
+# A skipping pass copies nothing, so its chunks (cached rows too) can be larger: this many bytes of rows, for less
+# host work per row (H100, N=180M, profiled: 88 chunks of 1 GiB took 0.69 s for 0.47 s of kernels; 24 chunks of
+# 4 GiB, 0.55 s). Not more: a chunk's stale rows are gathered on the device whole. With 16 GiB chunks a step with
+# 61 % of the rows stale ran without bounds and every later step read twice the rows: the signs of an
+# out-of-memory back-off, which drops the cache (results/engine_fit_h100x1_n180m_variants.json, bounded_skip_mid).
+SKIP_CHUNK_BYTES = 4 << 30
 # The first steps of a run keep this many candidates for empty clusters anyway: a fit from random rows empties
 # clusters early, and the re-seeding after a step that kept none re-assigns every row (H100, N=180M: iteration 2
 # took 2.2-2.6 s, against 1.2-1.3 s for iteration 3, whose re-seeding read the candidates its step kept)
@@ -985,8 +988,9 @@ class Engine:
         tail = cached_prefix(data.shape[0], rows, 0 if cached is None else cached.shape[0], False)
         starts = list(range(end, data.shape[0], rows))
         if self._skippable(key, data, tail):  # (nothing to copy: the device reads the stale rows itself)
-            size = rows * SKIP_CHUNK_FACTOR
-            spans, tails = iter(cached_chunks(end, rows, SKIP_CHUNK_FACTOR)), range(end, data.shape[0], size)
+            factor = max(1, SKIP_CHUNK_BYTES // (rows * data.shape[1] * self.dtype.itemsize))
+            size = rows * factor
+            spans, tails = iter(cached_chunks(end, rows, factor)), range(end, data.shape[0], size)
             for start, share in zip(tails, interleaved(-(-end // size), len(tails))):
                 for _ in range(share):  # (spread: a skipped chunk's rows are read while the next one is scored)
                     yield self._cached_chunk(index, cached, weights, *next(spans))
