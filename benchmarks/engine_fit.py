@@ -170,6 +170,7 @@ def summary(rows: list) -> dict:
 # fit -> (bounded steps, FlashAssign's neighbour tier, skip settled host rows, engine settings)
 FITS = {"plain": (False, True, False, {}), "bounded": (True, True, False, {}), "bounded_skip": (True, True, True, {}),
         "bounded_skip_eager": (True, True, True, {"SKIP_MAX_STALE": 1.0}),  # skip whenever the bounds allow
+        "bounded_skip_half": (True, True, True, {"SKIP_MAX_STALE": 0.5}),  # (the default was 0.5 before 0.7)
         "bounded_skip_mid": (True, True, True, {"SKIP_MAX_STALE": 0.7}),
         "bounded_skip_streamed": (True, True, True, {"STREAMED_BOUNDS_MIN_K": 0}),  # bound-test streamed chunks
         "plain_no_tier": (False, False, False, {})}
