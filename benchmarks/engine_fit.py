@@ -126,10 +126,7 @@ def settle_check(x: torch.Tensor, init: torch.Tensor, timed_rows: int = 1 << 21)
     counts = torch.bincount(labels, minlength=k)
     sums = torch.zeros((k, x.shape[1]), dtype=torch.float64, device=DEV).index_add_(0, labels, x.double())
     moved = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], init.double()).float()
-    drift = torch.linalg.vector_norm(moved.double() - init.double(), dim=1) * (1 + 1e-12)
-    top = torch.topk(drift, 2)
-    dec = torch.full_like(drift, 0.0) + top.values[0]
-    dec[top.indices[0]] = top.values[1]
+    drift, dec = bounds.centroid_moves(init, moved)
     table = neighbour_table(moved)
     near = bounds.neighbour_moves(table.index[0], table.beyond[0], drift)
     n = min(x.shape[0], 100_000)

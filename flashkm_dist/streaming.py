@@ -551,7 +551,7 @@ class Engine:
         for chunk in self._chunks(blocks):
             kept = None if chunk.x is None else self._kept_rows(blocks, chunk)
             if bounded:
-                test = (self._upper_test(blocks, chunk, *moves) if chunk.x is None
+                test = (self._upper_test(blocks, chunk, *moves[:3]) if chunk.x is None
                         else self._bound_test(blocks, chunk, centroids, *dec))
                 if test is not None and self._resident_rows(blocks, chunk):
                     filling.append((chunk, kept, test, _queued_count(test.stale, test.missed)))
@@ -639,21 +639,16 @@ class Engine:
         return self.bounds and numerics.metric == "euclidean" and self.backend.bounded_rows is not None
 
     def _decrements(self, centroids: torch.Tensor, n_rows: int) -> tuple | None:
-        """(drift, dec, near, table): float64 (K,) each, how far each centroid moved since the last bounded step
-        (an upper bound's growth) and how far each label's lower bound drops, the largest move among the other
-        centroids (both rounded up); near: `kernels.bounds.neighbour_moves` where a neighbour table of the
-        centroids is at hand (the step's FlashAssign table, or a small K's), else None; the table (or None),
-        which also settles rows the bound leaves (`kernels.bounds.settle_rows`). None when no bound can be
-        used."""
+        """(drift, dec, near, table): `kernels.bounds.centroid_moves` since the last bounded step; near:
+        `kernels.bounds.neighbour_moves` where a neighbour table of the centroids is at hand (the step's
+        FlashAssign table, or a small K's), else None; the table (or None), which also settles rows the bound
+        leaves (`kernels.bounds.settle_rows`). None when no bound can be used."""
         prev = self._bound_centroids
         if prev is None or prev.shape != centroids.shape:
             return None
-        drift = torch.linalg.vector_norm(centroids.to(torch.float64) - prev, dim=1) * (1.0 + 1e-12)
+        drift, dec = kbounds.centroid_moves(prev, centroids)
         if drift.numel() == 1:
-            return drift, torch.zeros_like(drift), None, None
-        top = torch.topk(drift, 2)
-        dec = torch.full_like(drift, 0.0) + top.values[0]
-        dec[top.indices[0]] = top.values[1]
+            return drift, dec, None, None
         table = neighbours.table_for(centroids[None], n_rows)
         if table is None and centroids.shape[0] < neighbours.MIN_CENTROIDS:
             table = neighbours.neighbour_table(centroids)
@@ -772,7 +767,7 @@ class Engine:
                                                                          torch.float32, 0.0),
                 (self._upper, None, torch.float32, 0.0))
 
-    def _upper_test(self, blocks, chunk: _Chunk, drift, dec, near, table) -> _Test:
+    def _upper_test(self, blocks, chunk: _Chunk, drift, dec, near) -> _Test:
         """A skipped tail chunk's bound test, queued (no wait), from the bounds its rows keep on the host."""
         state = [self._row_state(blocks, chunk, *store).to(self.device, non_blocking=True)
                  for store in self._tail_stores()]

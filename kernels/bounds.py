@@ -178,6 +178,19 @@ def upper_of(dist: torch.Tensor) -> torch.Tensor:
     return (torch.sqrt(dist.to(torch.float64)) * (1.0 + 2.0 ** -20)).to(torch.float32)
 
 
+def centroid_moves(previous: torch.Tensor, centroids: torch.Tensor) -> tuple:
+    """(drift, dec), float64 (K,) each, from the centroids of the last bounded step to these: how far each one
+    moved (an upper bound's growth) and how far each label's lower bound drops, the largest move among the other
+    centroids (both rounded up)."""
+    drift = torch.linalg.vector_norm(centroids.to(torch.float64) - previous.to(torch.float64), dim=1) * (1.0 + 1e-12)
+    if drift.numel() == 1:
+        return drift, torch.zeros_like(drift)
+    top = torch.topk(drift, 2)
+    dec = torch.full_like(drift, 0.0) + top.values[0]
+    dec[top.indices[0]] = top.values[1]
+    return drift, dec
+
+
 def neighbour_moves(index: torch.Tensor, beyond: torch.Tensor, drift: torch.Tensor) -> tuple:
     """(near, beyond), float64 (K,) each, for the sharper bound of `bounded_rows` and `upper_test`, from a
     neighbour table of the new centroids (index (K, M) and beyond (K,) of one batch) and each centroid's move

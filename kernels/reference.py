@@ -178,13 +178,14 @@ def settle_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, 
     active, done = stale & valid & hopeful, torch.zeros_like(stale)
     inf = torch.full_like(r_up, float("inf"))
     best, second, gap, best_idx = own.clone(), inf.clone(), inf.clone(), lab.clone()
+    x64, c64 = x.to(torch.float64), centroids.to(torch.float64)
     for j in range(table.m):
         edge = low[:, j] - r_up
         stop = active & (edge > best.sqrt() * (1.0 + slack))
         gap = torch.where(stop, edge, gap)
         done, active = done | stop, active & ~stop
         use = active & (index[:, j] != lab)
-        diff = x.to(torch.float64) - centroids.to(torch.float64)[index[:, j]]
+        diff = x64 - c64[index[:, j]]
         score = (diff * diff).sum(dim=1)
         take = use & ((score < best) | ((score == best) & (index[:, j] < best_idx)))
         second = torch.where(take, best, torch.where(use & (score < second), score, second))
