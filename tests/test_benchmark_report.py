@@ -67,3 +67,19 @@ def test_results_name_the_code_they_came_from():
     assert first["kernels_sha"] != first["package_sha"]
     report = _module("report")
     assert "kernels_sha abc" in report._versions({"device": "X", "kernels_sha": "abc"})
+
+
+def test_stream_timeline_finds_the_compute_streams_idle_gaps_and_what_ended_them():
+    timeline = _module("stream_timeline")
+    ops = [(7, 0, 1000, "_stream_kernel"), (7, 1500, 2000, "Memcpy HtoD (Pinned -> Device)"),
+           (7, 2000, 4000, "_stream_kernel"), (7, 4020, 5000, "_rows_kernel"),  # (20 us: under min_gap_us)
+           (9, 0, 1200, "Memcpy HtoD (Pinned -> Device)"), (9, 1300, 1400, "Memcpy HtoD (Pinned -> Device)"),
+           (11, 100, 300, "Memset (Device)")]
+    got = timeline.gaps(ops, min_gap_us=50)
+    assert got["compute_stream"] == 7 and got["span_ms"] == 5.0
+    assert got["compute_idle_ms"] == 0.5  # 1000-1500
+    assert got["compute_idle_while_copying_ms"] == 0.3  # 1000-1200 and 1300-1400 on stream 9
+    assert got["gaps_ended_by"] == [["Memcpy HtoD (Pinned -> Device)", 1, 0.5]]
+    assert got["longest_gaps_ms_at_ms"] == [(0.5, 1.0, "Memcpy HtoD (Pinned -> Device)")]
+    assert got["busy_ms"] == {"7": 4.48, "9": 1.3, "11": 0.2}
+    assert timeline.gaps([]) == {}
