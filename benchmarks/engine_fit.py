@@ -30,6 +30,7 @@ from flashkm_dist import streaming as S
 from flashkm_dist.streaming import Engine
 from profile_kernels import device_rows
 from provenance import provenance
+import stream_timeline
 
 
 def profiled(fn, top: int = 14) -> dict:
@@ -43,7 +44,9 @@ def profiled(fn, top: int = 14) -> dict:
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     rows = device_rows(prof, digits=3)
-    return {"wall_s": wall, "device_ms": round(sum(r[1] for r in rows), 3), "kernels": rows[:top]}
+    return {"wall_s": wall, "device_ms": round(sum(r[1] for r in rows), 3), "kernels": rows[:top],
+            "timeline": stream_timeline.gaps(stream_timeline.device_ops(prof)),
+            "host_waits": stream_timeline.host_waits(prof)[:8]}
 
 
 def profiled_iteration(engine, blocks, centers, nm, top: int = 14):
@@ -157,6 +160,32 @@ def settle_check(x: torch.Tensor, init: torch.Tensor, timed_rows: int = 1 << 21)
     return out
 
 
+def side_copy_check(small_bytes: int = 16 << 20, big_bytes: int = 1 << 30) -> dict:
+    """Milliseconds a small host-to-device copy on one stream takes alone and queued while a large one runs on
+    another stream (whether the two share a copy queue: the engine's per-chunk label reads did so on the compute
+    stream)."""
+    small, big = (torch.empty(n // 4, dtype=torch.float32, pin_memory=True) for n in (small_bytes, big_bytes))
+    small_dev, big_dev = torch.empty_like(small, device=DEV), torch.empty_like(big, device=DEV)
+    side, other = torch.cuda.Stream(), torch.cuda.Stream()
+
+    def small_ms(with_big: bool) -> float:
+        torch.cuda.synchronize()
+        if with_big:
+            with torch.cuda.stream(other):
+                big_dev.copy_(big, non_blocking=True)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(side):
+            start.record()
+            small_dev.copy_(small, non_blocking=True)
+            end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    for with_big in (False, True):
+        small_ms(with_big)
+    alone, beside = (statistics.median(small_ms(w) for _ in range(5)) for w in (False, True))
+    return {"small_MB": small_bytes / 1e6, "big_MB": big_bytes / 1e6, "alone_ms": alone, "beside_big_ms": beside}
+
+
 def summary(rows: list) -> dict:
     secs = [r["seconds"] for r in rows]
     late = secs[len(secs) // 2:]
@@ -170,7 +199,13 @@ FITS = {"plain": (False, True, False, {}), "bounded": (True, True, False, {}), "
         "bounded_skip_half": (True, True, True, {"SKIP_MAX_STALE": 0.5}),  # (the default was 0.5 before 0.7)
         "bounded_skip_mid": (True, True, True, {"SKIP_MAX_STALE": 0.7}),
         "bounded_skip_streamed": (True, True, True, {"STREAMED_BOUNDS_MIN_K": 0}),  # bound-test streamed chunks
-        "plain_no_tier": (False, False, False, {})}
+        "plain_no_tier": (False, False, False, {}),
+        # streamed chunks' labels read on the compute stream (as before READ_STATE_ON_COPY_STREAM)
+        "plain_state_on_compute": (False, True, False, {"READ_STATE_ON_COPY_STREAM": False}),
+        "bounded_skip_state_on_compute": (True, True, True, {"READ_STATE_ON_COPY_STREAM": False}),
+        # host blocks passed one after the other (as before ONE_HOST_PASS)
+        "plain_block_by_block": (False, True, False, {"ONE_HOST_PASS": False}),
+        "bounded_skip_block_by_block": (True, True, True, {"ONE_HOST_PASS": False})}
 
 
 def main():
@@ -196,11 +231,14 @@ def main():
     nm = host_numerics(x)
     result = {**provenance(), "device": torch.cuda.get_device_name(), "n": n, "k": args.k, "d": args.d,
               "dtype": "float32", "host_bytes": x.numel() * 4, "h2d_GBps": h2d_gbps(x), "iters": args.iters}
+    result["side_copy"] = side_copy_check()
+    print(json.dumps(result["side_copy"]), flush=True)
     result["lower_bounds"] = lower_bound_check(x[:50_000].to(DEV), init)
     result["settle_check"] = settle_check(x[:1 << 21].to(DEV), init)
     print(json.dumps(result["settle_check"]), flush=True)
     torch.cuda.empty_cache()  # (the checks' blocks: the fits' caches take 80 % of the memory then free)
-    fits, defaults = {}, {key: getattr(S, key) for key in ("SKIP_MAX_STALE", "STREAMED_BOUNDS_MIN_K")}
+    fits, defaults = {}, {key: getattr(S, key) for key in ("SKIP_MAX_STALE", "STREAMED_BOUNDS_MIN_K",
+                                                              "READ_STATE_ON_COPY_STREAM", "ONE_HOST_PASS")}
     for name in args.fits.split(",") + (["plain_no_tier"] if args.tier_ab else []):
         kind, _, rows = name.partition("@")
         bounds, tier, skip, settings = FITS[kind]
@@ -217,7 +255,8 @@ def main():
                 setattr(S, key, value)
         torch.cuda.empty_cache()
     for key, test in (("centres", lambda a, b: torch.equal(a["centers"], b["centers"])),
-                      ("inertia", lambda a, b: a["inertia"] == b["inertia"] or b["inertia"] != b["inertia"])):
+                      ("inertia", lambda a, b: a["inertia"] == b["inertia"] or b["inertia"] != b["inertia"]),
+                      ("labels_changed", lambda a, b: a["labels_changed"] == b["labels_changed"])):
         suffixes = {"bounded": "", "bounded_skip": "_skipping", "bounded_skip_eager": "_skipping_eager",
                     "plain_no_tier": "_without_tier"}
         for other in fits:

@@ -52,6 +52,18 @@ SKIP_MAX_STALE = 0.7
 # 61 % of the rows stale ran without bounds and every later step read twice the rows: the signs of an
 # out-of-memory back-off, which drops the cache (results/engine_fit_h100x1_n180m_variants.json, bounded_skip_mid).
 SKIP_CHUNK_BYTES = 4 << 30
+# Streamed chunks' labels (and lower bounds, where their bounds are tested) go to the device on the copy stream,
+# right after their rows, not on the compute stream: there the copy waited behind the copy stream's next chunk
+# and the kernels with it (H100, N=60M, 19 GiB cached, profiled: gaps ended by that copy, 100 ms per plain step;
+# steps 0.360 s against 0.388 plain, 0.313 against 0.355 bounded and skipping, in
+# results/engine_fit_h100x1_n60m_timeline.json). Two fresh streams do not show it: a 16 MB copy beside a 1 GiB
+# one took 0.31 ms, as alone (`side_copy` there).
+READ_STATE_ON_COPY_STREAM = True
+# A pass spreads the cached and skipped chunks of all host blocks between the streamed chunks of all of them
+# (`pass_order`); False: block by block, as before (a fully cached block left the copy stream idle, a block with
+# no cache the kernels waiting for its copies; H100, N=180M in 4 blocks, same run: skipping fits 0.638 s per
+# iteration after the first against 0.677).
+ONE_HOST_PASS = True
 # The first steps of a run keep this many candidates for empty clusters anyway: a fit from random rows empties
 # clusters early, and the re-seeding after a step that kept none re-assigns every row (H100, N=180M: iteration 2
 # took 2.2-2.6 s, against 1.2-1.3 s for iteration 3, whose re-seeding read the candidates its step kept)
@@ -178,10 +190,29 @@ class _Chunk:
     streamed: bool = False  # host rows that came through the staging buffers in this pass
     tail: bool = False  # host rows past the cache, streamed in every later pass (`Engine.skip_settled`)
     host: torch.Tensor | None = None  # a skipped tail chunk: its rows on the host, not copied (x is None)
+    prior: tuple = (None, None)  # streamed rows: their (labels, lower bounds) read on the copy stream, or None
 
     @property
     def n(self) -> int:
         return (self.x if self.x is not None else self.host).shape[0]
+
+
+@dataclass
+class _HostPlan:
+    """How a pass takes one host block's rows (`Engine._host_plan`)."""
+    index: int  # block position in the step's list
+    key: object
+    data: torch.Tensor
+    weights: torch.Tensor | None
+    rows: int  # per streamed chunk
+    cached: torch.Tensor | None  # the block's cache entry
+    fill: bool  # this pass fills the entry from the streamed rows
+    tail: int  # rows from here on are streamed in every later pass
+    spans: list = field(default_factory=list)  # (start, stop) served from the cache entry
+    skipped: list = field(default_factory=list)  # (start, stop) left on the host (x None)
+    starts: list = field(default_factory=list)  # of the chunks streamed through staging
+    pinned: bool = False  # the rows are page-locked (copied by DMA, not through host staging)
+    stores: tuple = (None, None)  # `Engine._carried_stores`
 
 
 def cached_prefix(n: int, rows: int, n_cached: int, filling: bool) -> int:
@@ -202,13 +233,38 @@ def cached_chunks(end: int, rows: int, factor: int | None = None) -> list:
 
 
 def interleaved(cached: int, streamed: int) -> list:
-    """How many of a block's `cached` chunks to serve before each of its `streamed` ones (the rest after the last):
-    spread evenly, so the kernels on cached rows can run while the next streamed chunk is on its way (they used
-    to run first, while only the first streamed chunk was being copied). Measured on an H100 at N=180M, 59 GiB
+    """How many `cached` chunks to serve before each of the `streamed` ones (the rest after the last): spread
+    evenly, so the kernels on cached rows can run while the next streamed chunk is on its way (they used to run
+    first, while only the first streamed chunk was being copied), and at least one first, if any, so the kernels
+    do not wait for the first copy (H100, N=180M: they did, 20 ms per step). Measured on an H100 at N=180M, 59 GiB
     cached: plain steps about the same (1.40-1.47 s, before 1.41-1.42), bounded ones from the fifth iteration
     1.39-1.75 s (before 1.51-1.90)."""
-    marks = [(i + 1) * cached // (streamed + 1) for i in range(streamed)]
+    marks = [-(-(i + 1) * cached // (streamed + 1)) for i in range(streamed)]
     return [b - a for a, b in zip([0, *marks], marks)]
+
+
+def spread(base: list, items: list) -> list:
+    """items placed evenly between the elements of base (`interleaved`), in their own order."""
+    out, rest = [], iter(base)
+    for item, share in zip(items, interleaved(len(base), len(items))):
+        out.extend(next(rest) for _ in range(share))
+        out.append(item)
+    return out + list(rest)
+
+
+def pass_order(counts: list) -> list:
+    """The order of a pass over host blocks, as (kind, block, i) for the i-th chunk of that kind of block b,
+    given each block's numbers of (cached, skipped, streamed) chunks: the skipped chunks spread between the
+    cached ones (each is read on a side stream while the next ones are scored), and the streamed chunks spread
+    between both (each is copied while the chunks before it are scored), over all blocks."""
+    def of(kind, position, blocks):
+        return [(kind, b, i) for b in blocks for i in range(counts[b][position])]
+
+    def one_pass(blocks):
+        return spread(spread(of("cached", 0, blocks), of("skipped", 1, blocks)), of("streamed", 2, blocks))
+    if not ONE_HOST_PASS:
+        return [item for b in range(len(counts)) for item in one_pass([b])]
+    return one_pass(range(len(counts)))
 
 
 def _as_tensor(data) -> torch.Tensor:
@@ -333,6 +389,8 @@ class Engine:
     _far_asked: bool = False  # `farthest` was called since the last step
     _run_steps: int = 0  # steps since the run started (`forget_labels`)
     _far: tuple | None = field(default=None, repr=False)  # (centroids, block sizes, m, Farthest) of the last step
+    _began: object = field(default=None, repr=False)  # CUDA event: the step under way began (None: no step)
+    _carry_lower: bool = False  # the step under way tests streamed rows' bounds (they read their lower bounds)
 
     def __post_init__(self):
         self.device = torch.device(self.device)
@@ -503,6 +561,10 @@ class Engine:
             self.backend.prepare_centroids(centroids, n_rows)
         moves, self._rescored = (self._decrements(centroids, n_rows) if bounded else None), 0
         dec = (None, None, None) if moves is None else moves[1:]  # (dec, near, table) for `_bound_test`
+        self._carry_lower = moves is not None and k >= STREAMED_BOUNDS_MIN_K
+        if self.device.type == "cuda":  # (what the last step wrote to host row state, the copy stream reads after)
+            self._began = torch.cuda.Event()
+            self._began.record(torch.cuda.current_stream(self.device))
         self._skip = moves if self.skip_settled and not complete else None
         self._gathered, self._tested[:] = 0, [0, 0]
         self._skipped_keys.clear()
@@ -569,6 +631,7 @@ class Engine:
                                                    **({} if kept is None else {"rows": kept})))
         for batch in (waiting, filling, []):
             self._settle(batch, blocks, centroids, numerics, finish, skipped, later)
+        self._began = None
         for key in self._skipped_keys:  # (their partials: the last step's plus what moved)
             total = _added(total, (*self._new_tails[key][1:], torch.zeros(2, dtype=torch.int64, device=self.device)
                                    if skipped_inertia is None else fp.normalize(skipped_inertia[:, None])[:, 0]))
@@ -603,10 +666,11 @@ class Engine:
 
     def _remember(self, blocks, chunk: _Chunk, labels: torch.Tensor) -> torch.Tensor:
         """Keep this chunk's labels and count (on the device, no host sync) how many changed. Device blocks keep
-        a device tensor; host blocks a pinned host tensor, read back to the device for the comparison and then
-        overwritten, both copies queued in order on the compute stream."""
+        a device tensor; host blocks a pinned host tensor, read back to the device for the comparison (streamed
+        rows: with their rows, on the copy stream) and then overwritten, queued on the compute stream."""
         seg = self._row_state(blocks, chunk, self._labels, self._device_labels, torch.int64, -1)
-        changed = (seg.to(self.device, non_blocking=True) != labels).sum()
+        old = chunk.prior[0] if chunk.prior[0] is not None else seg.to(self.device, non_blocking=True)
+        changed = (old != labels).sum()
         seg.copy_(labels, non_blocking=True)
         return changed
 
@@ -663,10 +727,9 @@ class Engine:
         usable = not chunk.streamed or centroids.shape[0] >= STREAMED_BOUNDS_MIN_K
         if not (usable and dec is not None and self._lower_at.get(key) == self._bound_step and key in self._labels):
             return None
-        lower = self._row_state(blocks, chunk, self._lower, self._device_lower, torch.float32, 0.0)
-        old = self._row_state(blocks, chunk, self._labels, self._device_labels, torch.int64, -1)
-        return self._settled(chunk.x, centroids, old.to(self.device, non_blocking=True),
-                             lower.to(self.device, non_blocking=True), dec, near, table)
+        old, lower = (prior if prior is not None else self._row_state(blocks, chunk, *store).to(
+            self.device, non_blocking=True) for prior, store in zip(chunk.prior, self._tail_stores()))
+        return self._settled(chunk.x, centroids, old, lower, dec, near, table)
 
     def _settled(self, x, centroids, labels, lower, dec, near, table) -> _Test:
         """`_bound_test`'s kernels on rows x with their labels and lower bounds (on the device)."""
@@ -912,9 +975,11 @@ class Engine:
         return cached
 
     def _chunks(self, blocks):
-        """Every block's rows in chunks, on this device in the compute dtype (unit rows for cosine)."""
+        """Every block's rows in chunks, on this device in the compute dtype (unit rows for cosine): blocks in place
+        (or on the CPU) first, block by block; then the host blocks' rows in one pass (`_host_pass`)."""
         if self.device.type == "cuda":
             self._decide_prepared_cache(blocks)
+        plans = []
         for index, block in enumerate(blocks):
             data = _as_tensor(block.data)
             if data.dim() != 2 or data.shape[0] == 0:
@@ -932,7 +997,9 @@ class Engine:
             else:
                 rows = self._rows_per_chunk(data.shape[1] * data.element_size())
                 self._last_rows = max(self._last_rows, min(rows, data.shape[0]))
-                yield from self._streamed(index, self._key(block, index), data, weights, rows)
+                plans.append(self._host_plan(index, self._key(block, index), data, weights, rows))
+        if plans:
+            yield from self._host_pass(plans)
 
     def _pin_in_place(self, data: torch.Tensor) -> bool:
         """Page-lock host rows where they lie (cudaHostRegister; no copy) so chunks go to the device by DMA at
@@ -962,16 +1029,10 @@ class Engine:
             except Exception:  # noqa: BLE001 - interpreter shutdown: the CUDA runtime may be gone already
                 pass
 
-    def _streamed(self, index, key, data: torch.Tensor, weights, rows: int):
-        """Host rows to the device: cached rows first-hand (CACHED_CHUNK_FACTOR staging chunks at a time), the
-        rest through double-buffered pinned staging on a copy stream (the copy of chunk i+1 is queued before
-        chunk i and the cached chunks served before it are handed out for compute, so it runs while they are
-        scored, even when the consumer waits for the device per chunk, as bounded steps do; the first streamed
-        chunk's copy is queued before any cached rows are). Cached chunks are spread between the streamed ones
-        (`interleaved`)."""
-        if self._streams is None:
-            self._streams = (torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device))
-        copy_stream, compute = self._streams
+    def _host_plan(self, index, key, data: torch.Tensor, weights, rows: int) -> _HostPlan:
+        """How this pass takes a host block's rows: the whole staging chunks inside its cache entry served from
+        it (made in the first pass, which streams everything to fill it), the rest streamed through staging, or,
+        when the step may skip them (`_skippable`), left on the host, in larger chunks (SKIP_CHUNK_BYTES)."""
         cached = self._cache.get((key, self.dtype))
         room = 0 if cached is not None else min(self._cache_room(data.shape[1]), data.shape[0])
         fill = room > 0
@@ -981,76 +1042,110 @@ class Engine:
         if not fill and cached is not None:
             self._cached_end[key] = end  # (rows past it are streamed, and keep their labels on the host)
         tail = cached_prefix(data.shape[0], rows, 0 if cached is None else cached.shape[0], False)
-        starts = list(range(end, data.shape[0], rows))
+        plan = _HostPlan(index, key, data, weights, rows, cached, fill, tail)
         if self._skippable(key, data, tail):  # (nothing to copy: the device reads the stale rows itself)
-            factor = max(1, SKIP_CHUNK_BYTES // (rows * data.shape[1] * self.dtype.itemsize))
-            size = rows * factor
-            spans, tails = iter(cached_chunks(end, rows, factor)), range(end, data.shape[0], size)
-            for start, share in zip(tails, interleaved(-(-end // size), len(tails))):
-                for _ in range(share):  # (spread: a skipped chunk's rows are read while the next one is scored)
-                    yield self._cached_chunk(index, cached, weights, *next(spans))
-                w = None if weights is None else weights[start:start + size].to(self.device, non_blocking=True)
-                yield _Chunk(index, start, None, w, streamed=True, tail=True, host=data[start:start + size])
-            for span in spans:
-                yield self._cached_chunk(index, cached, weights, *span)
-            return
-        pinned = data.is_pinned() or self._pin_in_place(data)
-        if pinned and fill and self.skip_settled and self.bounds and tail < data.shape[0] and not self._read_ready:
+            size = rows * max(1, SKIP_CHUNK_BYTES // (rows * data.shape[1] * self.dtype.itemsize))
+            plan.spans = cached_chunks(end, rows, size // rows)
+            plan.skipped = [(start, min(start + size, data.shape[0])) for start in range(end, data.shape[0], size)]
+            return plan
+        plan.spans, plan.starts = cached_chunks(end, rows), list(range(end, data.shape[0], rows))
+        plan.pinned = data.is_pinned() or self._pin_in_place(data)
+        if plan.pinned and fill and self.skip_settled and self.bounds and tail < data.shape[0] and not self._read_ready:
             # compile the in-place read now, with the first step's other kernels, not in the first skipping step
             host_rows.gather(data[:1], torch.zeros(1, dtype=torch.int64, device=self.device), self.dtype)
             self._read_ready = True
-        # two device buffers, reused: the copy into one waits (on the device) until the kernels of the chunk that
-        # used it were queued and ran, so nothing on the host waits and memory stays two chunks whatever the host
-        # runs ahead
+        plan.stores = self._carried_stores(key, data.shape[0])
+        return plan
+
+    def _host_pass(self, plans: list):
+        """The chunks of the host blocks' rows in one pass (`pass_order`): the rows served from the cache and the
+        skipped chunks of every block spread between the chunks streamed from any block, so the copies of one
+        block's rows run while another's cached rows are scored (block by block, a fully cached block left the
+        copy stream idle and a block with no cache left the kernels waiting for its copies).
+        Streamed rows go through two device buffers, reused, on a copy stream: the copy into one waits (on the
+        device) until the kernels of the chunk that used it were queued and ran, so nothing on the host waits
+        and memory stays two chunks whatever the host runs ahead. The copy of streamed chunk i+1 is queued before
+        chunk i and the chunks served before it are handed out, so it runs while they are scored, even when the
+        consumer waits for the device per chunk, as bounded steps do."""
+        if self._streams is None:
+            self._streams = (torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device))
+        copy_stream, compute = self._streams
+        order = pass_order([(len(p.spans), len(p.skipped), len(p.starts)) for p in plans])
+        streamed = [(plans[b], plans[b].starts[i]) for kind, b, i in order if kind == "streamed"]
+        if any(store is not None for p in plans if p.starts for store in p.stores):
+            copy_stream.wait_event(self._began)  # (the last step's writes of the row state it reads)
         staging, device_staging = [None, None], [None, None]
         landed, used, consumed = [None, None], [None, None], [None, None]
 
         def queue_copy(i):
             slot = i % 2
-            src = data[starts[i]:starts[i] + rows]
-            if not pinned:
-                if staging[slot] is None or staging[slot].shape != src.shape:
+            plan, start = streamed[i]
+            src = plan.data[start:start + plan.rows]
+            if not plan.pinned:
+                if staging[slot] is None or staging[slot].shape != src.shape or staging[slot].dtype != src.dtype:
                     staging[slot] = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
                 if used[slot] is not None:
                     used[slot].synchronize()  # the previous copy out of this host buffer is done
                 staging[slot].copy_(src)
                 src = staging[slot]
             with torch.cuda.stream(copy_stream):
-                if device_staging[slot] is None:
-                    device_staging[slot] = torch.empty((rows, data.shape[1]), dtype=data.dtype, device=self.device)
-                    device_staging[slot].record_stream(compute)
+                buffer = device_staging[slot]
+                if buffer is None or buffer.shape != (plan.rows, src.shape[1]) or buffer.dtype != src.dtype:
+                    buffer = torch.empty((plan.rows, src.shape[1]), dtype=src.dtype, device=self.device)
+                    buffer.record_stream(compute)
+                    device_staging[slot] = buffer
                 if consumed[slot] is not None:
                     copy_stream.wait_event(consumed[slot])
-                dev = device_staging[slot][:src.shape[0]]
+                dev = buffer[:src.shape[0]]
                 dev.copy_(src, non_blocking=True)
+                prior = tuple(None if store is None else store[start:start + src.shape[0]].to(
+                    self.device, non_blocking=True) for store in plan.stores)
+                for t in prior:
+                    if t is not None:
+                        t.record_stream(compute)
                 event = torch.cuda.Event()
                 event.record(copy_stream)
             used[slot] = event
-            landed[slot] = (dev, event)
+            landed[slot] = (dev, event, prior)
 
-        if starts:
-            queue_copy(0)
-        plan = cached_chunks(end, rows)
-        shares = interleaved(len(plan), len(starts))
-        plan = iter(plan)
-        for i, start in enumerate(starts):
-            if i + 1 < len(starts):  # (before the cached chunks: it runs while they are scored)
-                queue_copy(i + 1)
-            for _ in range(shares[i]):
-                yield self._cached_chunk(index, cached, weights, *next(plan))
-            slot = i % 2
-            dev, event = landed[slot]
+        queued, seen = 0, 0  # copies queued; streamed chunks handed out
+        for kind, b, i in order:
+            while queued < min(seen + 2, len(streamed)):  # (chunk seen + 1's copy, before what comes first)
+                queue_copy(queued)
+                queued += 1
+            plan = plans[b]
+            if kind == "cached":
+                yield self._cached_chunk(plan.index, plan.cached, plan.weights, *plan.spans[i])
+                continue
+            weights = plan.weights
+            if kind == "skipped":
+                start, stop = plan.skipped[i]
+                w = None if weights is None else weights[start:stop].to(self.device, non_blocking=True)
+                yield _Chunk(plan.index, start, None, w, streamed=True, tail=True, host=plan.data[start:stop])
+                continue
+            start, slot = plan.starts[i], seen % 2
+            dev, event, prior = landed[slot]
             compute.wait_event(event)
             x = dev.to(self.dtype)
-            if fill and start < cached.shape[0]:
-                cached[start:start + rows] = x[:cached.shape[0] - start]
-            w = None if weights is None else weights[start:start + rows].to(self.device, non_blocking=True)
-            yield _Chunk(index, start, unit_rows_like(x) if self.unit_rows else x, w, streamed=True,
-                         tail=start >= tail)
+            if plan.fill and start < plan.cached.shape[0]:
+                plan.cached[start:start + plan.rows] = x[:plan.cached.shape[0] - start]
+            w = None if weights is None else weights[start:start + plan.rows].to(self.device, non_blocking=True)
+            yield _Chunk(plan.index, start, unit_rows_like(x) if self.unit_rows else x, w, streamed=True,
+                         tail=start >= plan.tail, prior=prior)
             consumed[slot] = torch.cuda.Event()  # the consumer has queued its kernels on this chunk
             consumed[slot].record(compute)
-        for span in plan:
-            yield self._cached_chunk(index, cached, weights, *span)
+            seen += 1
+
+    def _carried_stores(self, key, n: int) -> tuple:
+        """The host stores (labels, lower bounds) whose rows `_host_pass` copies with each chunk's rows
+        (READ_STATE_ON_COPY_STREAM): labels once the block has them, lower bounds where this step tests streamed
+        rows' bounds with them (`_bound_test`); None for the others."""
+        if not READ_STATE_ON_COPY_STREAM or self._began is None:  # (only steps read them)
+            return None, None
+        labels, lower = self._labels.get(key), self._lower.get(key)
+        return (labels if labels is not None and labels.shape[0] == n else None,
+                lower if self._carry_lower and lower is not None and lower.shape[0] == n
+                and self._lower_at.get(key) == self._bound_step else None)
 
     def _cached_chunk(self, index: int, cached: torch.Tensor, weights, start: int, stop: int) -> _Chunk:
         """Rows [start, stop) of a block's cache entry as a chunk."""

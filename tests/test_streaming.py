@@ -8,7 +8,7 @@ import torch
 from flashkm_dist.engine import Backend, exact_inertia, numerics_for
 from flashkm_dist.kernels import reference
 from flashkm_dist.streaming import (CACHED_CHUNK_FACTOR, Block, Engine, _Chunk, cached_chunks, cached_prefix,
-                                   interleaved)
+                                   interleaved, pass_order, spread)
 
 
 def whole_step(x, c, nm, w=None):
@@ -211,12 +211,34 @@ def test_rows_cached_past_the_last_cached_chunk_keep_the_labels_their_streamed_c
 
 
 def test_cached_chunks_are_spread_between_streamed_ones():
-    assert interleaved(4, 4) == [0, 1, 1, 1]  # (and one after the last streamed chunk)
-    assert interleaved(10, 3) == [2, 3, 2]
+    assert interleaved(4, 4) == [1, 1, 1, 1]  # (one first: the kernels need not wait for the first copy)
+    assert interleaved(10, 3) == [3, 2, 3]  # (and two after the last streamed chunk)
+    assert interleaved(2, 5) == [1, 0, 0, 1, 0]
     assert interleaved(5, 0) == [] and interleaved(0, 3) == [0, 0, 0]
     for cached, streamed in ((58, 125), (7, 2), (1, 1)):
         shares = interleaved(cached, streamed)
         assert len(shares) == streamed and 0 <= cached - sum(shares) <= cached // (streamed + 1) + 1
+
+
+def test_a_pass_spreads_every_blocks_cached_and_skipped_chunks_between_all_streamed_ones():
+    """One pass over host blocks: a fully cached block's chunks are scored while another block's rows are being
+    copied (block by block, the copy stream idled through the first and the kernels waited through the second)."""
+    assert spread([1, 2, 3], ["a"]) == [1, 2, "a", 3] and spread([], ["a", "b"]) == ["a", "b"]
+    assert spread([1, 2], []) == [1, 2]
+    counts = [(3, 0, 0), (3, 0, 0), (1, 0, 2), (0, 0, 4)]  # (cached, skipped, streamed): two cached blocks
+    order = pass_order(counts)
+    assert sorted(order) == sorted((kind, b, i) for b, c in enumerate(counts)
+                                   for kind, n in zip(("cached", "skipped", "streamed"), c) for i in range(n))
+    streamed = [j for j, (kind, *_) in enumerate(order) if kind == "streamed"]
+    assert [order[j][1:] for j in streamed] == [(2, 0), (2, 1), (3, 0), (3, 1), (3, 2), (3, 3)]  # (in order)
+    assert [b - a - 1 for a, b in zip([-1, *streamed], streamed)] == [1] * 6 and len(order) == 13  # (1 after)
+    for kind in ("cached", "streamed"):  # (each block's chunks of one kind in their order)
+        for b in range(4):
+            assert [i for k, bb, i in order if k == kind and bb == b] == list(range(counts[b][("cached", "skipped",
+                                                                                              "streamed").index(kind)]))
+    skipping = pass_order([(4, 0, 0), (2, 3, 0), (0, 3, 0)])  # a skipping step: reads spread between scoring
+    kinds = "".join(kind[1] for kind, *_ in skipping)  # (a: cached, k: skipped)
+    assert kinds.count("k") == 6 and "kk" not in kinds
 
 
 def test_host_rows_are_used_in_place_without_copies():
