@@ -19,7 +19,8 @@ def test_report_tables_and_plots_from_committed_results(tmp_path):
     for name in ("dask_scaling_h200x4_nccl.json", "engine_check_h100x1_n180m.json", "gpu_check_h200.json",
                  "stream_check_h200.json", "stream_variants_h200.json", "dask_1e9_h200x4.json",
                  "dask_series_h200x4_n100m.json", "dask_weak_h200x4.json", "class_sweep_h200.json",
-                 "engine_fit_h200_n2e26.json", "engine_fit_h100x1_n180m_settle.json"):
+                 "engine_fit_h200_n2e26.json", "engine_fit_h100x1_n180m_settle.json",
+                 "engine_fit_h100x1_n180m_one_pass.json"):
         shutil.copy(BENCH / "results" / name, tmp_path / name)
     report = _module("report").main(["--results", str(tmp_path)]).read_text()
     assert "| nccl | 4 | 67108864 | 0.127 | 0.126 | 1.74 |  | 0.973 |" in report  # the 4xH200 NCCL row
@@ -32,11 +33,13 @@ def test_report_tables_and_plots_from_committed_results(tmp_path):
     assert "| 8 | 10000 | 64 | 64 | 17.3 | 25.7 | 4.31 | True |" in report  # batched, graphed vs op by op
     assert "second new shape " in report
     assert "| 8388608 x 1024 x 128 | [None, [8192, 0]] | 1.18 | True |  |" in report  # the class pass's variants
-    assert "| 180000000 | float32 | 92.2 | 54.9 | 1.68 | 1.77 | 1.16 | 59.7 | 1.91 |" in report
+    assert "| 180000000 | float32 | 92.2 | 54.5 | 1.69 | 1.73 | 0.983 | 54.5 | 1.9 |" in report
     assert "| bounded | 1.14 | 0.271 | 0.142 | 0.391 | 0.205 |" in report  # a fit, plain vs bounded steps
     assert "| plain_no_tier | 0.773 | 0.451 | 0.383 | 0.651 | 0.553 |" in report  # ... and without the tier
     # a fit larger than the device: after the first iteration and in the later half, against the PCIe floor
     assert "| bounded_skip | 2.04 | 0.676 | 0.483 | 0.341 | 0.244 | 1.19 | 0.849 |" in report
+    assert "| bounded_skip | 2.07 | 0.624 | 0.48 | 0.328 | 0.252 | 1.08 | 0.829 |" in report  # (one pass)
+    assert "| bounded_skip_block_by_block | 1.93 | 0.66 | 0.477 | 0.347 | 0.251 | 1.14 | 0.824 |" in report
     assert "kernel = twin True, labels exact True, bound violations 0, kept/settled/stale 28811/21565/49624" in report
     # the headline and the N series share one table, ordered by N; weak scaling reports rows per worker
     assert report.index("| 100000000 | nccl | 4 | 32768 | 0.392 |") < report.index("| 1000000000 | nccl | 4 | 32768 |")
