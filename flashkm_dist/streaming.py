@@ -36,7 +36,8 @@ CACHED_CHUNK_FACTOR = 4  # rows served from the cache go through the kernels thi
 # row 2 K D flops at ~700 TFLOP/s against 4 D bytes at ~55 GB/s: equal near K = 25000 on an H100), so the bounds
 # would save nothing, while the wait for the device they need per chunk stalls the copies (H100, N=180M, 59 GiB
 # cached: bounded steps 1.36 s, plain 1.24, benchmarks/engine_fit.py; again with table settling and 1 GiB chunks:
-# skipping fits 0.732 s after the first iteration with streamed chunks bounded, 0.651 without).
+# skipping fits 0.732 s after the first iteration with streamed chunks bounded, 0.651 without; with one pass over
+# the host blocks, 0.644 against 0.631, results/engine_fit_h100x1_n180m_one_pass_variants.json).
 STREAMED_BOUNDS_MIN_K = 16384
 # Steps skip settled host rows (`Engine.skip_settled`) unless more than this share of the rows the last step
 # tested was stale (missed by the bound alone): then reading most rows in place costs more than copying them beside
@@ -44,7 +45,8 @@ STREAMED_BOUNDS_MIN_K = 16384
 # skipping, 2.53 s copying). With side-stream reads and table settling (same run, 4 GiB skipping chunks): 0.676 s
 # per iteration after the first at 0.7, 0.703 at 0.5 (results/engine_fit_h100x1_n180m_settle.json); at 1.0 the
 # third iteration skipped, so the re-seeding after it had no kept candidates and read every row (2.17 s,
-# results/engine_fit_h100x1_n180m_eager.json).
+# results/engine_fit_h100x1_n180m_eager.json). With one pass over the host blocks, 0.631 s at 0.7, 0.628 at 0.5
+# (results/engine_fit_h100x1_n180m_one_pass_variants.json).
 SKIP_MAX_STALE = 0.7
 # A skipping pass copies nothing, so its chunks (cached rows too) can be larger: this many bytes of rows, for less
 # host work per row (H100, N=180M, profiled: 88 chunks of 1 GiB took 0.69 s for 0.47 s of kernels; 24 chunks of
