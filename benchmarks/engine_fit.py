@@ -25,6 +25,7 @@ import torch
 from engine_check import DEV, flash_largeN_iter_s, h2d_gbps, host_blobs, host_numerics, quarters
 from flashkm_dist.kernels import assign as A
 from flashkm_dist.kernels import fixed_point as fp
+from flashkm_dist.kernels import host_rows
 from flashkm_dist.lloyd import lloyd_iteration
 from flashkm_dist import streaming as S
 from flashkm_dist.streaming import Engine
@@ -205,7 +206,16 @@ FITS = {"plain": (False, True, False, {}), "bounded": (True, True, False, {}), "
         "bounded_skip_state_on_compute": (True, True, True, {"READ_STATE_ON_COPY_STREAM": False}),
         # host blocks passed one after the other (as before ONE_HOST_PASS)
         "plain_block_by_block": (False, True, False, {"ONE_HOST_PASS": False}),
-        "bounded_skip_block_by_block": (True, True, True, {"ONE_HOST_PASS": False})}
+        "bounded_skip_block_by_block": (True, True, True, {"ONE_HOST_PASS": False}),
+        # in-place reads of skipped rows by one program per 16 rows (as before host_rows.PROGRAMS), or by 128
+        "bounded_skip_read_grid_full": (True, True, True, {"host_rows.PROGRAMS": None}),
+        "bounded_skip_read_grid_128": (True, True, True, {"host_rows.PROGRAMS": 128})}
+
+
+def _setting(key: str) -> tuple:
+    """(module, name) of a FITS setting: the engine's (streaming) unless the key names the kernels module."""
+    module, _, name = key.rpartition(".")
+    return ({"": S, "host_rows": host_rows}[module], name)
 
 
 def main():
@@ -237,14 +247,14 @@ def main():
     result["settle_check"] = settle_check(x[:1 << 21].to(DEV), init)
     print(json.dumps(result["settle_check"]), flush=True)
     torch.cuda.empty_cache()  # (the checks' blocks: the fits' caches take 80 % of the memory then free)
-    fits, defaults = {}, {key: getattr(S, key) for key in ("SKIP_MAX_STALE", "STREAMED_BOUNDS_MIN_K",
-                                                              "READ_STATE_ON_COPY_STREAM", "ONE_HOST_PASS")}
+    fits, defaults = {}, {key: getattr(*_setting(key)) for key in (
+        "SKIP_MAX_STALE", "STREAMED_BOUNDS_MIN_K", "READ_STATE_ON_COPY_STREAM", "ONE_HOST_PASS", "host_rows.PROGRAMS")}
     for name in args.fits.split(",") + (["plain_no_tier"] if args.tier_ab else []):
         kind, _, rows = name.partition("@")
         bounds, tier, skip, settings = FITS[kind]
         A.NEIGHBOUR_TIER = tier
         for key, value in {**defaults, **settings}.items():
-            setattr(S, key, value)
+            setattr(*_setting(key), value)
         try:
             fits[name] = run(x, init, nm, args.iters, bounds, args.profile, skip,
                              "auto" if args.cache_gib is None else int(args.cache_gib * 2 ** 30), args.profile_at,
@@ -252,7 +262,7 @@ def main():
         finally:
             A.NEIGHBOUR_TIER = True
             for key, value in defaults.items():
-                setattr(S, key, value)
+                setattr(*_setting(key), value)
         torch.cuda.empty_cache()
     for key, test in (("centres", lambda a, b: torch.equal(a["centers"], b["centers"])),
                       ("inertia", lambda a, b: a["inertia"] == b["inertia"] or b["inertia"] != b["inertia"]),

@@ -100,13 +100,16 @@ def test_upper_test_with_a_neighbour_table_keeps_rows_far_from_a_jumping_centroi
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_host_rows_are_gathered_as_indexing_and_conversion_give_them(dtype):
+def test_host_rows_are_gathered_as_indexing_and_conversion_give_them(dtype, monkeypatch):
+    monkeypatch.setattr(host_rows, "PROGRAMS", 3)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(500, 300, generator=g) * 100  # (D above one block of columns)
     index = torch.tensor([499, 0, 7, 7, 250])
     assert torch.equal(host_rows.read_in_place(x, index, dtype), x[index].to(dtype))
     assert torch.equal(host_rows.gather(x, index, dtype), x[index].to(dtype))
     assert host_rows.read_in_place(x, index[:0], dtype).shape == (0, 300)
+    many = torch.randint(0, 500, (100,), generator=g)  # (more row blocks than programs: each program loops)
+    assert torch.equal(host_rows.read_in_place(x, many, dtype), x[many].to(dtype))
     with pytest.raises(ValueError, match="contiguous"):
         host_rows.read_in_place(x.t(), index, dtype)
 
