@@ -20,7 +20,7 @@ def test_report_tables_and_plots_from_committed_results(tmp_path):
                  "stream_check_h200.json", "stream_variants_h200.json", "dask_1e9_h200x4.json",
                  "dask_series_h200x4_n100m.json", "dask_weak_h200x4.json", "class_sweep_h200.json",
                  "engine_fit_h200_n2e26.json", "engine_fit_h100x1_n180m_settle.json",
-                 "engine_fit_h100x1_n180m_one_pass.json"):
+                 "engine_fit_h100x1_n180m_one_pass.json", "engine_fit_h100x1_n180m_final.json"):
         shutil.copy(BENCH / "results" / name, tmp_path / name)
     report = _module("report").main(["--results", str(tmp_path)]).read_text()
     assert "| nccl | 4 | 67108864 | 0.127 | 0.126 | 1.74 |  | 0.973 |" in report  # the 4xH200 NCCL row
@@ -40,6 +40,8 @@ def test_report_tables_and_plots_from_committed_results(tmp_path):
     assert "| bounded_skip | 2.04 | 0.676 | 0.483 | 0.341 | 0.244 | 1.19 | 0.849 |" in report
     assert "| bounded_skip | 2.07 | 0.624 | 0.48 | 0.328 | 0.252 | 1.08 | 0.829 |" in report  # (one pass)
     assert "| bounded_skip_block_by_block | 1.93 | 0.66 | 0.477 | 0.347 | 0.251 | 1.14 | 0.824 |" in report
+    assert "| bounded_skip | 2.08 | 0.56 | 0.403 | 0.292 | 0.21 | 0.981 | 0.705 |" in report  # (the final code)
+    assert "| bounded_skip_read_grid_full | 1.93 | 0.623 | 0.481 | 0.325 | 0.251 | 1.09 | 0.842 |" in report
     assert "kernel = twin True, labels exact True, bound violations 0, kept/settled/stale 28811/21565/49624" in report
     # the headline and the N series share one table, ordered by N; weak scaling reports rows per worker
     assert report.index("| 100000000 | nccl | 4 | 32768 | 0.392 |") < report.index("| 1000000000 | nccl | 4 | 32768 |")
