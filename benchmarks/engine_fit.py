@@ -163,8 +163,8 @@ def settle_check(x: torch.Tensor, init: torch.Tensor, timed_rows: int = 1 << 21)
 
 def side_copy_check(small_bytes: int = 16 << 20, big_bytes: int = 1 << 30) -> dict:
     """Milliseconds a small host-to-device copy on one stream takes alone and queued while a large one runs on
-    another stream (whether the two share a copy queue: the engine's per-chunk label reads did so on the compute
-    stream)."""
+    another stream. (In the engine, label reads on the compute stream ended gaps of about half a chunk's copy;
+    this asks whether two streams' copies share one queue in isolation.)"""
     small, big = (torch.empty(n // 4, dtype=torch.float32, pin_memory=True) for n in (small_bytes, big_bytes))
     small_dev, big_dev = torch.empty_like(small, device=DEV), torch.empty_like(big, device=DEV)
     side, other = torch.cuda.Stream(), torch.cuda.Stream()

@@ -55,9 +55,9 @@ SKIP_MAX_STALE = 0.7
 # out-of-memory back-off, which drops the cache (results/engine_fit_h100x1_n180m_variants.json, bounded_skip_mid).
 SKIP_CHUNK_BYTES = 4 << 30
 # Streamed chunks' labels (and lower bounds, where their bounds are tested) go to the device on the copy stream,
-# right after their rows, not on the compute stream: there the copy waited behind the copy stream's next chunk
-# and the kernels with it (H100, N=60M, 19 GiB cached, profiled: gaps ended by that copy, 100 ms per plain step;
-# steps 0.360 s against 0.388 plain, 0.313 against 0.355 bounded and skipping, in
+# right after their rows, not on the compute stream: there the kernels waited for that copy, which apparently
+# queued behind the copy stream's chunks (H100, N=60M, 19 GiB cached, profiled: gaps ended by it, 100 ms per
+# plain step; steps 0.360 s against 0.388 plain, 0.313 against 0.355 bounded and skipping, in
 # results/engine_fit_h100x1_n60m_timeline.json). Two fresh streams do not show it: a 16 MB copy beside a 1 GiB
 # one took 0.31 ms, as alone (`side_copy` there).
 READ_STATE_ON_COPY_STREAM = True
