@@ -6,11 +6,12 @@
 The fits (plain; bounded; bounded skipping the settled host rows past the cache, `Engine.skip_settled`; variants
 of it with other engine settings, FITS) start
 from the same random rows and run `lloyd.lloyd_iteration` (step, exact update, re-seeding) the same number of
-times; the centres must agree to the bit after every iteration, the inertia wherever a step knows it (a skipping
-step does not), and a last complete step of each fit must give plain's inertia (--tier-ab: also a plain fit
-without FlashAssign's neighbour tier, checked the same way). Each iteration's seconds, rows scored (bounded),
-labels changed and Triton compiles started are reported, with the means over all iterations and over the later
-half, against flash-kmeans' seconds per iteration and the PCIe time of the rows the cache does not hold.
+times; the centres and the labels changed must agree after every iteration, the inertia wherever a step knows it
+(a skipping step does not), and a last complete step of each fit must give plain's inertia (--tier-ab: also a
+plain fit without FlashAssign's neighbour tier, checked the same way). Each iteration's seconds, rows scored
+(bounded), labels changed and Triton compiles started are reported, with the means over all iterations and over
+the later half, against flash-kmeans' seconds per iteration and the PCIe time of the rows the cache does not hold.
+--profile-at N profiles iteration N of each fit: its longest kernels and its streams' timeline (`stream_timeline`).
 """
 from __future__ import annotations
 
