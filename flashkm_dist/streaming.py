@@ -63,8 +63,8 @@ SKIP_CHUNK_BYTES = 4 << 30
 READ_STATE_ON_COPY_STREAM = True
 # A pass spreads the cached and skipped chunks of all host blocks between the streamed chunks of all of them
 # (`pass_order`); False: block by block, as before (a fully cached block left the copy stream idle, a block with
-# no cache the kernels waiting for its copies; H100, N=180M in 4 blocks, same run: skipping fits 0.638 s per
-# iteration after the first against 0.677).
+# no cache the kernels waiting for its copies; H100, N=180M in 4 blocks, same run: per iteration after the first,
+# plain fits 0.869 s against 1.061, skipping ones 0.624 against 0.660, results/engine_fit_h100x1_n180m_one_pass.json).
 ONE_HOST_PASS = True
 # The first steps of a run keep this many candidates for empty clusters anyway: a fit from random rows empties
 # clusters early, and the re-seeding after a step that kept none re-assigns every row (H100, N=180M: iteration 2
