@@ -203,7 +203,6 @@ class _Chunk:
 class _HostPlan:
     """How a pass takes one host block's rows (`Engine._host_plan`)."""
     index: int  # block position in the step's list
-    key: object
     data: torch.Tensor
     weights: torch.Tensor | None
     rows: int  # per streamed chunk
@@ -730,7 +729,7 @@ class Engine:
         if not (usable and dec is not None and self._lower_at.get(key) == self._bound_step and key in self._labels):
             return None
         old, lower = (prior if prior is not None else self._row_state(blocks, chunk, *store).to(
-            self.device, non_blocking=True) for prior, store in zip(chunk.prior, self._tail_stores()))
+            self.device, non_blocking=True) for prior, store in zip(chunk.prior, self._row_stores()))
         return self._settled(chunk.x, centroids, old, lower, dec, near, table)
 
     def _settled(self, x, centroids, labels, lower, dec, near, table) -> _Test:
@@ -784,18 +783,12 @@ class Engine:
         key = self._key(blocks[chunk.index], chunk.index)
         lower = self._row_state(blocks, chunk, self._lower, self._device_lower, torch.float32, 0.0)
         n = chunk.n
-        no_dec = torch.zeros(centroids.shape[0], dtype=torch.float64, device=self.device)
         if test is not None:
             labels, dist, new_lower = test[:3]
         if stale is None or stale.numel() == n:
-            labels, _, new_lower = self.backend.assign_lower(chunk.x, centroids, shift=numerics.shift,
-                                                             **({} if kept is None else {"rows": kept}))
-            dist = self.backend.bounded_rows(chunk.x, centroids, labels, torch.zeros_like(new_lower), no_dec)[0]
+            labels, dist, new_lower = self._assigned(chunk.x, centroids, numerics, kept)
         elif stale.numel():
-            rows = chunk.x[stale]
-            lab, _, low = self.backend.assign_lower(rows, centroids, shift=numerics.shift)
-            labels[stale], new_lower[stale] = lab, low
-            dist[stale] = self.backend.bounded_rows(rows, centroids, lab, torch.zeros_like(low), no_dec)[0]
+            labels[stale], dist[stale], new_lower[stale] = self._assigned(chunk.x[stale], centroids, numerics)
         self._rescored += n if stale is None else stale.numel()
         lower.copy_(new_lower, non_blocking=True)
         if chunk.tail:
@@ -803,6 +796,14 @@ class Engine:
                                                                                        non_blocking=True)
         self._bound_keys.add(key)
         return labels, dist
+
+    def _assigned(self, x, centroids, numerics, kept=None) -> tuple:
+        """(labels, min_dist, lower bounds) of rows x over all K (FlashAssign; `kept`: their prepared rows), with
+        min_dist from `bounded_rows`, so a row has the same bits whether its bound kept it or not."""
+        labels, _, lower = self.backend.assign_lower(x, centroids, shift=numerics.shift,
+                                                     **({} if kept is None else {"rows": kept}))
+        no_dec = torch.zeros(centroids.shape[0], dtype=torch.float64, device=self.device)
+        return labels, self.backend.bounded_rows(x, centroids, labels, torch.zeros_like(lower), no_dec)[0], lower
 
     def _add_tail(self, blocks, chunk: _Chunk, sums: torch.Tensor, weights: torch.Tensor) -> None:
         """Add a tail chunk's partials to its block's tail partials of this step."""
@@ -825,9 +826,9 @@ class Engine:
                 and key in self._upper and self._labels.get(key) is not None
                 and self._labels[key].shape[0] == data.shape[0] == self._upper[key].shape[0])
 
-    def _tail_stores(self) -> tuple:
-        """The per-row stores a skipped chunk reads and writes, as `_row_state` takes them: labels, lower and upper
-        bounds."""
+    def _row_stores(self) -> tuple:
+        """The per-row stores of a block, as `_row_state` takes them: labels, lower and upper bounds (upper: rows
+        past the cache only). Skipped chunks read and write all three; streamed ones read the first two."""
         return ((self._labels, self._device_labels, torch.int64, -1), (self._lower, self._device_lower,
                                                                          torch.float32, 0.0),
                 (self._upper, None, torch.float32, 0.0))
@@ -835,7 +836,7 @@ class Engine:
     def _upper_test(self, blocks, chunk: _Chunk, drift, dec, near) -> _Test:
         """A skipped tail chunk's bound test, queued (no wait), from the bounds its rows keep on the host."""
         state = [self._row_state(blocks, chunk, *store).to(self.device, non_blocking=True)
-                 for store in self._tail_stores()]
+                 for store in self._row_stores()]
         stale, new_lower, new_upper = kbounds.upper_test(*state, drift, dec, near)
         return _Test(state[0], None, new_lower, stale, stale, new_upper, state[1])
 
@@ -885,11 +886,7 @@ class Engine:
             left = torch.nonzero_static(settled.stale, size=int(counts[0])).flatten()
             lab, dist, low = settled[:3]
             if left.numel():
-                sub = rows[left]
-                sub_lab, _, sub_low = self.backend.assign_lower(sub, centroids, shift=numerics.shift)
-                lab[left], low[left] = sub_lab, sub_low
-                dist[left] = self.backend.bounded_rows(sub, centroids, sub_lab, torch.zeros_like(sub_low),
-                                                       torch.zeros(k, dtype=torch.float64, device=self.device))[0]
+                lab[left], dist[left], low[left] = self._assigned(rows[left], centroids, numerics)
             labels[stale], new_lower[stale], new_upper[stale] = lab, low, kbounds.upper_of(dist)
             w = None if chunk.weights is None else chunk.weights[stale]
             now, before = (self.backend.partial_sums(rows, la, k, w, scale=numerics.scale, deferred=checks)
@@ -900,7 +897,7 @@ class Engine:
             inertia = exact_inertia(dist, w, numerics, checks)
             self._rescored += left.numel()
         self._new_tails.setdefault(key, self._tail_sums[key])
-        for store, value in zip(self._tail_stores(), (labels, new_lower, new_upper)):
+        for store, value in zip(self._row_stores(), (labels, new_lower, new_upper)):
             self._row_state(blocks, chunk, *store).copy_(value, non_blocking=True)
         self._gathered += stale.numel()
         self._skipped_keys.add(key)
@@ -1044,7 +1041,7 @@ class Engine:
         if not fill and cached is not None:
             self._cached_end[key] = end  # (rows past it are streamed, and keep their labels on the host)
         tail = cached_prefix(data.shape[0], rows, 0 if cached is None else cached.shape[0], False)
-        plan = _HostPlan(index, key, data, weights, rows, cached, fill, tail)
+        plan = _HostPlan(index, data, weights, rows, cached, fill, tail)
         if self._skippable(key, data, tail):  # (nothing to copy: the device reads the stale rows itself)
             size = rows * max(1, SKIP_CHUNK_BYTES // (rows * data.shape[1] * self.dtype.itemsize))
             plan.spans = cached_chunks(end, rows, size // rows)

@@ -137,13 +137,18 @@ def bounded_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
                  dec: torch.Tensor, near: tuple | None = None):
     """Twin of `kernels.bounds.bounded_rows`: the exact distance of each row to its label's centroid, whether
     its decremented lower bound (sharpened by `near`) proves that label still nearest, and the bound it keeps."""
-    own, left, keep = _bound_test(x, centroids, labels, lower, dec, near)
-    new_lower = torch.where(keep, left * (1.0 - 2.0 ** -20), torch.zeros_like(left)).to(torch.float32)
-    return own.to(_result_dtype(x)), new_lower, ~keep
+    own, left, keep, _ = _bound_test(x, centroids, labels, lower, dec, near)
+    return own.to(_result_dtype(x)), _kept_lower(left, keep), ~keep
+
+
+def _kept_lower(left: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The float32 lower bound a row keeps: its decremented bound rounded down (0 where stale)."""
+    return torch.where(keep, left * (1.0 - 2.0 ** -20), torch.zeros_like(left)).to(torch.float32)
 
 
 def _bound_test(x, centroids, labels, lower, dec, near) -> tuple:
-    """(float64 squared distance to the label's centroid, decremented lower bound, kept) of `bounded_rows`."""
+    """(float64 squared distance to the label's centroid, decremented lower bound, kept, the label clamped into
+    range) of `bounded_rows`; rows without a valid label are not kept."""
     k = centroids.shape[0]
     valid = (labels >= 0) & (labels < k)
     lab = torch.where(valid, labels, torch.zeros_like(labels))
@@ -152,7 +157,7 @@ def _bound_test(x, centroids, labels, lower, dec, near) -> tuple:
     left = lower.to(torch.float64) - dec.to(torch.float64)[lab]
     if near is not None:
         left = sharper_bound(left, lower, own.sqrt(), near[0][lab], near[1][lab])
-    return own, left, valid & (own.sqrt() * (1.0 + 1e-6) < left)
+    return own, left, valid & (own.sqrt() * (1.0 + 1e-6) < left), lab
 
 
 def settle_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, lower: torch.Tensor,
@@ -162,12 +167,9 @@ def settle_rows(x: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor, 
     label, and the smaller of that distance less r and the second best as its lower bound), or the list ends
     (settled where beyond - r exceeds the best)."""
     slack = 2.0 ** -20
-    own, left, keep = _bound_test(x, centroids, labels, lower, dec, near)
-    dist, stale = own.to(_result_dtype(x)), ~keep
-    new_lower = torch.where(keep, left * (1.0 - slack), torch.zeros_like(left)).to(torch.float32)  # (bounded_rows')
-    k = centroids.shape[0]
-    valid = (labels >= 0) & (labels < k)
-    lab = torch.where(valid, labels, torch.zeros_like(labels))
+    own, left, keep, lab = _bound_test(x, centroids, labels, lower, dec, near)
+    dist, stale, new_lower = own.to(_result_dtype(x)), ~keep, _kept_lower(left, keep)
+    valid = (labels >= 0) & (labels < centroids.shape[0])
     r_up = own.sqrt() * (1.0 + slack)
     beyond = table.beyond[0][lab]
     nearest = torch.where(left < own.sqrt(), left, own.sqrt())  # (the kernel's NaN rules)
