@@ -69,7 +69,6 @@ _ALPHA_TARGET_EXP = 10  # alpha * max|c - s| lands in [2**9, 2**10): rows up to 
 _COSINE_ALPHA = 2.0 ** 12  # unit rows: coordinates <= 1 -> <= 4096
 _FORCE_TOP2_REDUCE = False  # tests: the resolve pass's one-pass top-2 reduction in the interpreter too
 SM90_STREAM = True  # sm_90: the warp-specialised streaming pass (assign_sm90); False: the portable kernel (A/B)
-FINISH_IN_CLASS_ORDER = True  # the finishing kernel takes rows in the class pass's order (False: in place; A/B)
 NEIGHBOUR_TIER = True  # flagged rows go through `neighbours` before the resolve pass (False: A/B, tests)
 
 
@@ -498,20 +497,14 @@ def _finish_kernel(
     top_ptr, top_stride, x_ptr, stride_xb, stride_xn, stride_xd, rowstat_ptr,
     cd_ptr, stride_cdb, stride_cdk, stride_cdd,
     labels_ptr, dist_ptr, flag_ptr, thr_ptr, list_ptr, count_ptr,
-    n_rows, n_pad, D, key_low, lower_ptr, stats_ptr, order_ptr,
+    n_rows, n_pad, D, key_low, lower_ptr, stats_ptr,
     COSINE: tl.constexpr, BLOCK_N: tl.constexpr, EPI_D: tl.constexpr, XB16: tl.constexpr, LOWER: tl.constexpr,
-    ORDERED: tl.constexpr,
 ):
     """The rest of FlashAssign's fast pass after the streaming pass (either one) and the class pass: reads each
-    row's (best key, second key, label) from its three planes and runs `_finish_rows`. ORDERED: the rows are
-    taken in the class pass's order (`order_ptr`: each batch's rows sorted by class within segments), so the
-    rows of a program share a few labels and their float64 centroids are read from L1, not once per row from L2."""
+    row's (best key, second key, label) from its three planes and runs `_finish_rows`."""
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if ORDERED:  # (the sort keeps every batch's rows in its own n_pad positions: the batch leads the key)
-        base = pid_b.to(tl.int64) * n_pad
-        rows = (tl.load(order_ptr + base + rows) - base).to(tl.int32)
     row_mask = rows < n_rows
     out_off = pid_b.to(tl.int64) * n_rows + rows
     a_off = pid_b.to(tl.int64) * n_pad + rows
@@ -1139,16 +1132,14 @@ def _fast_pass(p: _Prepared, rows: PreparedRows | None = None, lower: bool = Fal
                           torch.zeros((b, 4), dtype=torch.int32, device=dev),
                           torch.empty((b, n), dtype=torch.float32, device=dev) if lower else None)
     top, tile_k, key_low = _stream(p)
-    order = _class_pass(p, top, tile_k, key_low)
-    _finish_launch(p, top, key_low, fast, order=order if FINISH_IN_CLASS_ORDER else None)
+    _class_pass(p, top, tile_k, key_low)
+    _finish_launch(p, top, key_low, fast)
     return fast
 
 
-def _finish_launch(p: _Prepared, top: torch.Tensor, key_low: int, fast: FastAssignment, shape=None,
-                   order: torch.Tensor | None = None) -> None:
+def _finish_launch(p: _Prepared, top: torch.Tensor, key_low: int, fast: FastAssignment, shape=None) -> None:
     """The margin test and the exact distances over the planes (`_finish_kernel`); shape (rows per program,
-    float64 chunk, warps) defaults to the config's (benchmarks try others). order: the class pass's row order
-    (the kernel's ORDERED), or None for rows in place."""
+    float64 chunk, warps) defaults to the config's (benchmarks try others)."""
     b, n, _ = p.x.shape
     n_pad = p.a_fast.shape[1]
     block_n, epi_d, warps = shape or p.cfg.finish or (p.cfg.block_n, p.cfg.epilogue_d, p.cfg.num_warps)
@@ -1158,9 +1149,8 @@ def _finish_launch(p: _Prepared, top: torch.Tensor, key_low: int, fast: FastAssi
            cd, cd.stride(0), cd.stride(1), cd.stride(2),
            fast.labels, fast.min_dist, fast.flag, fast.threshold, fast.lists[0], fast.counts,
            n, n_pad, x.shape[2], key_low, fast.threshold if fast.lower is None else fast.lower, p.stats,
-           top if order is None else order,
            COSINE=p.cosine, BLOCK_N=block_n, EPI_D=epi_d, XB16=_xb16(x), LOWER=fast.lower is not None,
-           ORDERED=order is not None, num_warps=warps)
+           num_warps=warps)
 
 
 def _stream(p: _Prepared) -> tuple[torch.Tensor, int, int]:
@@ -1182,10 +1172,10 @@ def _stream(p: _Prepared) -> tuple[torch.Tensor, int, int]:
     return top, tile_k, key_low
 
 
-def _class_pass(p: _Prepared, top: torch.Tensor, tile_k: int, key_low: int) -> torch.Tensor:
+def _class_pass(p: _Prepared, top: torch.Tensor, tile_k: int, key_low: int) -> None:
     """The class pass over the streaming pass's planes: rows sorted by (batch, segment, class of their label) on
     the device (no host synchronisation), then `_class_kernel` folds each row's class minimum into its second.
-    Returns that order (the finishing kernel takes the rows in it). (Fusing it with the finishing kernel, so that x is read once and the rows' operand recomputed from it, was
+    (Fusing it with the finishing kernel, so that x is read once and the rows' operand recomputed from it, was
     slower: H200, N=8M K=1024, 3.4 ms with the sort against 2.0 for the two kernels. The fused program holds the
     operand tile for the products, 212 registers and two programs per SM, and its float64 epilogue then waits on
     each gathered chunk in turn; apart, the class kernel is bound by L2 (83 %, ncu) and the finishing kernel, at
@@ -1205,7 +1195,6 @@ def _class_pass(p: _Prepared, top: torch.Tensor, tile_k: int, key_low: int) -> t
            order, group, top, top.stride(0), p.a_fast, p.rowstat, p.c_fast, p.cc, b * n_pad, k_pad, d_pad,
            1 << (key_low - 2), segs, TILE_K=tile_k, BLOCK_N=cp.block_n, BLOCK_C=cp.block_c, BLOCK_D=p.cfg.block_d,
            RESIDENT=p.cfg.resident, PTX=not p.cfg.interpreted, num_warps=cp.num_warps, num_stages=cp.num_stages)
-    return order
 
 
 def _resolve_launch(p: _Prepared, fast: FastAssignment, after_neighbours: bool = False) -> None:

@@ -454,30 +454,6 @@ def test_class_pass_gives_the_same_bits_for_any_segment_of_its_sort(monkeypatch)
     assert_exact(x[1], c[1], *flash_assign(x[1], c[1]))
 
 
-def test_finishing_kernel_in_class_order_gives_the_same_bits_as_in_place(monkeypatch):
-    """The finishing kernel takes rows in the class pass's order (their centroids then come from L1 on a GPU):
-    batched, N not a multiple of its rows per program, several segments, with lower bounds, every output has the
-    bits of taking the rows in place, and the flagged lists hold the same rows."""
-    from flashkm_dist.kernels import assign as A
-
-    g = gen(45)
-    x = torch.randn(2, 150, 5, generator=g)
-    c = x[:, :40].clone() + 0.01 * torch.randn(2, 40, 5, generator=g)
-    monkeypatch.setattr(A, "CLASS_SEGMENT_ROWS", 1)
-    monkeypatch.setattr(A, "CLASS_SEGMENT_MIN_ROWS", 64)
-    runs = {}
-    for ordered in (True, False):
-        monkeypatch.setattr(A, "FINISH_IN_CLASS_ORDER", ordered)
-        runs[ordered] = A._fast_pass(A._prepare(x, c, "euclidean", None), lower=True)
-    ordered, in_place = runs[True], runs[False]
-    assert 0 < int(in_place.counts[:, 0].min())  # (some rows flagged in each batch)
-    for field in ("labels", "min_dist", "flag", "threshold", "counts", "lower"):
-        assert torch.equal(getattr(ordered, field), getattr(in_place, field)), field
-    for b in range(2):
-        n = int(in_place.counts[b, 0])
-        assert torch.equal(ordered.lists[0, b, :n].sort().values, in_place.lists[0, b, :n].sort().values)
-
-
 def test_near_ties_within_one_slot_are_caught_by_the_class_pass(monkeypatch):
     """Near-tied centroids in the same slot of different tiles (j and j + tile_k): the slot minima alone cannot
     see the second of them, the class pass does. Without it the margin test would pass wrong labels."""
