@@ -1122,6 +1122,8 @@ def _fast_pass(p: _Prepared, rows: PreparedRows | None = None, lower: bool = Fal
     b, n, _ = p.x.shape
     dev = p.x.device
     _prepare_rows(p, rows)
+    # the streaming pass is queued first: the device starts on it while the host allocates the rest
+    top, tile_k, key_low = _stream(p)
     n_pad = p.a_fast.shape[1]
     fast = FastAssignment(torch.empty((b, n), dtype=torch.int64, device=dev),
                           torch.empty((b, n), dtype=torch.float32, device=dev),
@@ -1131,7 +1133,6 @@ def _fast_pass(p: _Prepared, rows: PreparedRows | None = None, lower: bool = Fal
                           torch.empty((3, b, n_pad), dtype=torch.int32, device=dev),
                           torch.zeros((b, 4), dtype=torch.int32, device=dev),
                           torch.empty((b, n), dtype=torch.float32, device=dev) if lower else None)
-    top, tile_k, key_low = _stream(p)
     _class_pass(p, top, tile_k, key_low)
     _finish_launch(p, top, key_low, fast)
     return fast

@@ -152,6 +152,13 @@ class AssignConfig:
 
 
 def assign_config(device, k: int, d: int, dtype: torch.dtype) -> AssignConfig:
+    """Tiles for FlashAssign (`_assign_config`) on this device's traits. Kept per (traits, k, d, dtype): deriving
+    them anew took about 50 us of host time per call, which a single call's kernels wait for."""
+    return _assign_config(device_traits(device), k, d, dtype)
+
+
+@functools.lru_cache(maxsize=4096)
+def _assign_config(t: DeviceTraits, k: int, d: int, dtype: torch.dtype) -> AssignConfig:
     """Tiles for FlashAssign: fp16 tensor-core products of (BLOCK_N x BLOCK_D) x (BLOCK_D x BLOCK_K) tiles.
 
     Shared memory holds the x tile plus `num_stages` centroid tiles in flight (prefetch depth hides L2/HBM
@@ -161,7 +168,6 @@ def assign_config(device, k: int, d: int, dtype: torch.dtype) -> AssignConfig:
     When the centroids do not fit in L2 every row block re-reads them from HBM, so taller row blocks (fewer
     re-reads) are preferred.
     """
-    t = device_traits(device)
     d_bucket = max(16, next_pow2(d))
     if t.interpreted:
         block_d = min(d_bucket, 64)
