@@ -2,10 +2,10 @@
 
     python benchmarks/report.py [--results benchmarks/results]
 
-Reads every JSON the suites wrote (gpu_check_*, stream_check_*, stream_variants_*, engine_check_*, engine_fit_*,
-dask_scaling_*,
-dask_weak_*, dask_1e9_*, dask_series_*, end_to_end_*) and renders, per file, a Markdown table with the device and versions it came from
-(the headline and its N series as one table per device), plus plots: iteration times against the peers,
+Reads every JSON the suites wrote (gpu_check_*, stream_check_*, stream_variants_*, class_sweep_*,
+iteration_profile_*, ncu_profile_*, engine_check_*, engine_fit_*, dask_scaling_*, dask_weak_*, dask_1e9_*,
+dask_series_*, dask_floor_*, end_to_end_*) and renders, per file, a Markdown table with the device and versions it
+came from (the headline and its N series as one table per device), plus plots: iteration times against the peers,
 distributed strong and weak scaling, time per iteration against N, and the out-of-core engine against its PCIe
 floor.
 """
@@ -306,6 +306,39 @@ def floor(name: str, r: dict) -> str:
             + (f"\n\n{r['note']}" if r.get("note") else ""))
 
 
+def _ms(value_unit: list) -> float:
+    """ncu's [value, unit] of a duration, in ms."""
+    value, unit = value_unit
+    return float(value.replace(",", "")) / {"ns": 1e6, "us": 1e3, "usecond": 1e3, "ms": 1.0}.get(unit, 1e6)
+
+
+def ncu(name: str, r: dict) -> str:
+    """ncu_profile.py: what bounds each kernel of gpu_check's rows (the last launch of each)."""
+    columns = ("Compute (SM) Throughput", "Memory Throughput", "DRAM Throughput", "L2 Cache Throughput",
+               "Achieved Occupancy", "Registers Per Thread")
+    parts = [f"### {name}\n\n{_versions(r)}\n\nper kernel: ms, then % of peak (SM = the busiest SM pipe), "
+             "occupancy % and registers per thread"]
+    for case, found in r.items():
+        if isinstance(found, dict) and found.get("kernels"):
+            rows = [[kernel, _ms(m["Duration"])] + [m.get(c, [""])[0] for c in columns]
+                    for kernel, m in found["kernels"].items() if "Duration" in m]
+            parts.append(f"{case}\n\n" + _table(["kernel", "ms", "SM %", "memory %", "DRAM %", "L2 %",
+                                                  "occupancy %", "registers"], rows))
+    return "\n\n".join(parts)
+
+
+def iteration(name: str, r: dict) -> str:
+    """iteration_profile.py: one Lloyd iteration and one assign of gpu_check's rows, kernel by kernel."""
+    rows = []
+    for case, v in r.items():
+        if isinstance(v, dict) and "graphed_iter_ms" in v:
+            top = ", ".join(f"{k[0].strip('_')[:40]} {_f(k[1])}" for k in v["kernels"][:6])
+            rows.append([case, v["graphed_iter_ms"], v.get("op_by_op_iter_ms"), v.get("assign_ms"), top])
+    return (f"### {name}\n\n{_versions(r)}\n\nms: the graphed iteration, one op by op, one assign (rows prepared "
+            "anew); the longest kernels of the op-by-op iteration, ms\n\n"
+            + _table(["case", "iteration", "op by op", "assign", "longest kernels"], rows))
+
+
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", default=str(Path(__file__).parent / "results"))
@@ -321,6 +354,8 @@ def main(argv=None) -> Path:
                                                                                          streaming_pass),
                 "Variants of the sm_90 streaming pass (stream_variants.py)": ("stream_variants", stream_variants),
                 "Variants of the class pass (class_sweep.py)": ("class_sweep", class_sweep),
+                "Where one iteration goes (iteration_profile.py)": ("iteration_profile", iteration),
+                "What bounds each kernel (ncu_profile.py, Nsight Compute)": ("ncu_profile", ncu),
                 "Engine, data larger than or as large as one GPU (engine_check.py)": ("engine_check", engine),
                 "Fits on host data, plain and bounded steps (engine_fit.py)": ("engine_fit", engine_fit),
                 "Distributed (dask_scaling.py)": ("dask_scaling", distributed),
