@@ -7,7 +7,8 @@
    estimator end to end (GPU fit == CPU fit, to the bit).
 2. Times with CUDA events (median after warm-up) this project, flash-kmeans 0.3.1 and fastkmeans 0.5.0 on the
    same tensors, reports TFLOP/s against the fp16 matmul rate measured in the same run, and the time of a first
-   call for a new shape and for a new N. Writes one JSON file and prints a table.
+   call for a new shape and for a new N. Records the host's speed (`host_speed`: launch-bound rows follow it).
+   Writes one JSON file and prints a table.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import time
 import traceback
 
 import torch
+import triton
+import triton.language as tl
 
 from flashkm_dist import KMeans, batched_kmeans, graphed
 from provenance import provenance
@@ -46,6 +49,30 @@ def cuda_ms(fn, warmup=2, reps=7) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+@triton.jit
+def _one_store(ptr):
+    tl.store(ptr, 1.0)
+
+
+def host_speed() -> dict:
+    """Host us per small torch allocation and per launch of a one-store Triton kernel (medians of 5 x 2000 calls,
+    queued without waiting). Rows that launching bounds (the batched ones, a single call's prelude) follow the
+    host's speed, which differs from one GPU machine to the next: this says which kind of host a result had."""
+    buf = torch.zeros(1, device=DEV)
+    _one_store[(1,)](buf)
+    torch.cuda.synchronize()
+
+    def per_call(fn, calls=2000) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        took = (time.perf_counter() - start) / calls * 1e6
+        torch.cuda.synchronize()
+        return took
+    return {"torch_empty_us": statistics.median(per_call(lambda: torch.empty(16, device=DEV)) for _ in range(5)),
+            "triton_launch_us": statistics.median(per_call(lambda: _one_store[(1,)](buf)) for _ in range(5))}
 
 
 def matmul_tflops(dtype) -> float:
@@ -384,8 +411,8 @@ def main():
     props = torch.cuda.get_device_properties(DEV)
     result = {"device": props.name, "torch": torch.__version__, "python": platform.python_version(),
               **provenance()}
-    import triton
     result["triton"] = triton.__version__
+    result["host"] = host_speed()
     result["first_call"] = first_call_seconds()
     for name, fn in [("assign_exact", check_assign_exact), ("neighbour_tier", check_neighbour_tier),
                      ("graphed_tier", check_graphed_tier),

@@ -47,7 +47,10 @@ def kernels(name: str, r: dict) -> str:
     first_line = ("\n\nFirst call of flash_assign, s: " + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} "
                                                                       f"{_f(v)}" for k, v in first.items())
                   if first else "")
-    return (f"### {name}\n\n{_versions(r)}\n\nLloyd iteration, ms (ratio < 1: faster than flash-kmeans)\n\n"
+    host = r.get("host")
+    host_line = (f"\n\nhost: {_f(host['torch_empty_us'])} us per small torch allocation, "
+                 f"{_f(host['triton_launch_us'])} us per Triton launch (launch-bound rows follow it)" if host else "")
+    return (f"### {name}\n\n{_versions(r)}{host_line}\n\nLloyd iteration, ms (ratio < 1: faster than flash-kmeans)\n\n"
             + _table(["dtype", "N", "K", "D", "ours", "flash-kmeans", "fastkmeans", "ours/flash",
                       "assign TFLOP/s"], rows)
             + ("\n\nbatched_kmeans, ms for 10 iterations ('ours': as it runs, a CUDA graph where launching "

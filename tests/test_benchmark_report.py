@@ -20,17 +20,21 @@ def test_report_tables_and_plots_from_committed_results(tmp_path):
                  "stream_check_h200.json", "stream_variants_h200.json", "dask_1e9_h200x4.json",
                  "dask_series_h200x4_n100m.json", "dask_weak_h200x4.json", "class_sweep_h200.json",
                  "engine_fit_h200_n2e26.json", "engine_fit_h100x1_n180m_settle.json",
-                 "engine_fit_h100x1_n180m_one_pass.json", "engine_fit_h100x1_n180m_final.json"):
+                 "engine_fit_h100x1_n180m_one_pass.json", "engine_fit_h100x1_n180m_final.json",
+                 "ncu_profile_h200.json", "iteration_profile_h200.json"):
         shutil.copy(BENCH / "results" / name, tmp_path / name)
     report = _module("report").main(["--results", str(tmp_path)]).read_text()
     assert "| nccl | 4 | 67108864 | 0.127 | 0.126 | 1.74 |  | 0.973 |" in report  # the 4xH200 NCCL row
     assert "4/4 exactness checks bitwise equal" in report
-    assert "| float32 | 1048576 | 8192 | 128 | 5.47 | 10.6 | 14.9 | 0.514 |" in report
+    assert "| float32 | 1048576 | 8192 | 128 | 5.4 | 10.4 | 15.6 | 0.519 |" in report
+    assert "host: 1.77 us per small torch allocation, 9.79 us per Triton launch" in report
+    assert "| _stream_kernel | 3.14 | 74.91 |" in report  # Nsight Compute, 1M x 8192
+    assert "| 8M_1024_fp16 | 7.19 | 7.81 | 7.41 |" in report  # one iteration, op by op, one assign
     assert "Same bits as the portable kernel (labels, min_dist, flags, thresholds): 14 of 14 cases" in report
     assert "| float16 | 1048576 | 8192 | 128 | 3.2 | 0.393 | 3.96 | 4.09 |" in report  # sm_90 pass, class pass, ...
     assert '| 1048576 x 8192 x 128 | {"overlap": true, "block_n": 64} | 4.67 | 471 | True |' in report
     assert "Graphed iterations give the op-by-op bits: 6 of 6 shapes" in report
-    assert "| 8 | 10000 | 64 | 64 | 17.3 | 25.7 | 4.31 | True |" in report  # batched, graphed vs op by op
+    assert "| 8 | 10000 | 64 | 64 | 17.9 | 30 | 4.59 | True |" in report  # batched, graphed vs op by op
     assert "second new shape " in report
     assert "| 8388608 x 1024 x 128 | [None, [8192, 0]] | 1.18 | True |  |" in report  # the class pass's variants
     assert "| 180000000 | float32 | 92.2 | 54.5 | 1.69 | 1.73 | 0.983 | 54.5 | 1.9 |" in report
