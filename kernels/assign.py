@@ -40,7 +40,9 @@ Why it is exact (everything in units scaled by alpha = 2**e, exact):
                                 + 2**-13 sqrt(D_pad) (Ah + Bh)
   (cc rounding, the init add, the accumulation, a.b - ah.bh = ea.bh + ah.eb + ea.eb, and fp16 subnormals even if
   flushed), inflated for the rounding of the fp32 norms. Where D is streamed the accumulation starts from zero and
-  fl(aa + cc_c) is added after it: gamma (aa + Bsq + 2 Ah Bh) becomes gamma 2 Ah Bh + 2u (aa + Bsq + 2 Ah Bh).
+  fl(aa + cc_c) is added after it: gamma (aa + Bsq + 2 Ah Bh) becomes gamma 2 Ah Bh + 2u (aa + Bsq + 2 Ah Bh); from
+  D_pad = `config.STREAM_CHAIN_MIN_D` on, chains of L products start from zero and G chains are summed by rounded
+  adds, so gamma = (3 L + 16 + 1.01 (G - 1)) 2**-23 (`_tile_scores`, `_row_bound`).
   The tests check the stored E against a sequential fp32 accumulator that truncates every add. The best and
   second keys t1 <= t2 carry their place in their low key_low mantissa bits (`config.key_bits`, at most 7:
   |key - d| < 2**key_low 2**-23 |key| =: T|key|); the class pass
@@ -135,40 +137,60 @@ def _add_rn(a, b, PTX: tl.constexpr):
 
 @triton.jit
 def _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, cidx, offs_d, d_pad,
-                 BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr, PTX: tl.constexpr):
+                 BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr, PTX: tl.constexpr, CHAIN: tl.constexpr):
     """aa + |b|^2 - 2 a.b for a tile of centroids (indices cidx, contiguous in the streaming passes, gathered in
     the class pass): fp16 tensor-core products, fp32 accumulation. Resident rows: one accumulation chain from
     aa + |b|^2 (free as the product's accumulator; the sm_90 pass does the same). D streamed: the chain starts
     from zero and aa + |b|^2 is added after it, so the accumulation term of the error bound (D_pad roundings)
     no longer scales aa + |b|^2 (`_row_bound`; H200, blobs at N=1M K=4096 D=1024: 9.7 % of rows flagged
-    instead of 18.2 %, assign 27.0 ms instead of 29.8, benchmarks/assign_ab.py)."""
+    instead of 18.2 %, assign 27.0 ms instead of 29.8, benchmarks/assign_ab.py). CHAIN > 0: the products of
+    every CHAIN chunks of BLOCK_D features are one chain from zero, and the chains are summed by rounded adds
+    (`_add_rn`), so the bound's accumulation term follows CHAIN BLOCK_D products, not D_pad (`chain_length`)."""
     cc = tl.load(cc_ptr + cidx)
     acc = aa[:, None] + cc[None, :]
     c_rows = cf_ptr + cidx[:, None].to(tl.int64) * d_pad
     if RESIDENT:
         c = tl.load(c_rows + offs_d[None, :])
         acc = tl.dot(a_fast, tl.trans(c), acc)
-    else:
+    elif CHAIN == 0:
         prod = tl.zeros_like(acc)
         for d0 in range(0, d_pad, BLOCK_D):
             a_chunk = tl.load(a_rows + d0 + offs_d[None, :])
             c = tl.load(c_rows + d0 + offs_d[None, :])
             prod = tl.dot(a_chunk, tl.trans(c), prod)
         acc = _add_rn(acc, prod, PTX)
+    else:
+        prod = tl.zeros_like(acc)
+        for g0 in range(0, d_pad, BLOCK_D * CHAIN):
+            part = tl.zeros_like(acc)
+            for j in tl.static_range(CHAIN):
+                d = g0 + j * BLOCK_D + offs_d[None, :]
+                inside = d < d_pad  # (past D_pad: zero products, which add exactly)
+                part = tl.dot(tl.load(a_rows + d, mask=inside, other=0.0),
+                              tl.trans(tl.load(c_rows + d, mask=inside, other=0.0)), part)
+            prod = _add_rn(prod, part, PTX)
+        acc = _add_rn(acc, prod, PTX)
     return acc
 
 
 @triton.jit
-def _row_bound(aa, a_hat, e_a, stats_ptr, pid_b, d_pad, FROM_ZERO: tl.constexpr):
+def _row_bound(aa, a_hat, e_a, stats_ptr, pid_b, d_pad, FROM_ZERO: tl.constexpr, CHAIN_D: tl.constexpr):
     """The error bound E of the module docstring from a row's aa, |ah| and |a - ah| bounds and the centroid side's
     bounds (stats): one formula for the row pass and for `_bound_kernel` (rows kept across calls). FROM_ZERO: the
-    scores' accumulation chain starts from zero and aa + |b|^2 is added after it (D streamed, `_tile_scores`)."""
+    scores' accumulation chain starts from zero and aa + |b|^2 is added after it (D streamed, `_tile_scores`).
+    CHAIN_D > 0 (streamed): chains of at most CHAIN_D products each, summed by G - 1 rounded adds (G chains):
+    sum_g |chain_g - its exact sum| + the adds' roundings <= ((3 CHAIN_D + 16) + 1.01 (G - 1)) 2**-23 sum |products|
+    (each add errs by at most one ulp of its result, which the running sum |products| bounds)."""
     U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
     b_hat = tl.load(stats_ptr + pid_b * 4 + 1)
     e_b = tl.load(stats_ptr + pid_b * 4 + 2)
     b_sq = tl.load(stats_ptr + pid_b * 4 + 3)
     init = (aa + b_sq) * (1.0 + 2.0 * U)
-    gamma = (3 * d_pad + 16) * 1.1920928955078125e-07
+    if FROM_ZERO and CHAIN_D > 0:
+        chains = (d_pad + CHAIN_D - 1) // CHAIN_D
+        gamma = ((3 * tl.minimum(d_pad, CHAIN_D) + 16) + 1.01 * (chains - 1)) * 1.1920928955078125e-07
+    else:
+        gamma = (3 * d_pad + 16) * 1.1920928955078125e-07
     if FROM_ZERO:  # the chain errs by gamma sum |products| <= gamma 2 Ah Bh, the add after it by 2u |its sum|
         acc_err = gamma * 2.0 * a_hat * b_hat + 2.0 * U * (init + 2.0 * a_hat * b_hat)
     else:
@@ -182,7 +204,7 @@ def _row_bound(aa, a_hat, e_a, stats_ptr, pid_b, d_pad, FROM_ZERO: tl.constexpr)
 def _row_pass(x_ptr, stride_xb, stride_xn, stride_xd, shift_ptr, stats_ptr, a_ptr, rowstat_ptr, rownorm_ptr,
               n_rows, n_pad, D, d_pad, pid_n, pid_b,
               COSINE: tl.constexpr, NORMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              XB16: tl.constexpr, FROM_ZERO: tl.constexpr):
+              XB16: tl.constexpr, FROM_ZERO: tl.constexpr, CHAIN_D: tl.constexpr):
     U: tl.constexpr = 5.9604644775390625e-08  # 2**-24
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
@@ -224,7 +246,7 @@ def _row_pass(x_ptr, stride_xb, stride_xn, stride_xd, shift_ptr, stats_ptr, a_pt
     a_hat = tl.sqrt(ah_sq) * slack + 1.1e-19
     e_a = tl.sqrt(res_sq) * slack + 1.01 * U * (tl.sqrt(aa) * slack + 1.1e-19) + 1.1e-19
     tl.store(rowstat_ptr + out_off * 2, aa, mask=pad_mask)
-    tl.store(rowstat_ptr + out_off * 2 + 1, _row_bound(aa, a_hat, e_a, stats_ptr, pid_b, d_pad, FROM_ZERO),
+    tl.store(rowstat_ptr + out_off * 2 + 1, _row_bound(aa, a_hat, e_a, stats_ptr, pid_b, d_pad, FROM_ZERO, CHAIN_D),
              mask=pad_mask)
     if NORMS:  # (kept rows: `_bound_kernel` recomputes E from these when the centroids change)
         tl.store(rownorm_ptr + out_off * 2, a_hat, mask=pad_mask)
@@ -236,7 +258,7 @@ def _rows_kernel(
     x_ptr, stride_xb, stride_xn, stride_xd, shift_ptr, stats_ptr, a_ptr, rowstat_ptr, rownorm_ptr, stale_ptr,
     n_rows, n_pad, D, d_pad,
     COSINE: tl.constexpr, KEPT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, XB16: tl.constexpr,
-    FROM_ZERO: tl.constexpr,
+    FROM_ZERO: tl.constexpr, CHAIN_D: tl.constexpr,
 ):
     """Row pass: the fp16 operand ah = fp16(a_comp) of every row (zero-padded to (n_pad, d_pad)), and per row
     aa = |a_comp|^2 and the error bound E. Keeping this out of the streaming kernel lets its x tile come straight
@@ -249,21 +271,23 @@ def _rows_kernel(
         if tl.load(stale_ptr) != 0:
             _row_pass(x_ptr, stride_xb, stride_xn, stride_xd, shift_ptr, stats_ptr, a_ptr, rowstat_ptr,
                       rownorm_ptr, n_rows, n_pad, D, d_pad, pid_n, pid_b, COSINE, True, BLOCK_N, BLOCK_D, XB16,
-                      FROM_ZERO)
+                      FROM_ZERO, CHAIN_D)
     else:
         _row_pass(x_ptr, stride_xb, stride_xn, stride_xd, shift_ptr, stats_ptr, a_ptr, rowstat_ptr, rownorm_ptr,
-                  n_rows, n_pad, D, d_pad, pid_n, pid_b, COSINE, False, BLOCK_N, BLOCK_D, XB16, FROM_ZERO)
+                  n_rows, n_pad, D, d_pad, pid_n, pid_b, COSINE, False, BLOCK_N, BLOCK_D, XB16, FROM_ZERO,
+                  CHAIN_D)
 
 
 @triton.jit
-def _bound_kernel(rowstat_ptr, rownorm_ptr, stats_ptr, n_pad, d_pad, BLOCK_N: tl.constexpr, FROM_ZERO: tl.constexpr):
+def _bound_kernel(rowstat_ptr, rownorm_ptr, stats_ptr, n_pad, d_pad, BLOCK_N: tl.constexpr, FROM_ZERO: tl.constexpr,
+                  CHAIN_D: tl.constexpr):
     """E of kept rows for this call's centroids (`_row_bound` from the stored aa, |ah| and |a - ah| bounds)."""
     pid_b = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     off = pid_b.to(tl.int64) * n_pad + rows
     aa = tl.load(rowstat_ptr + off * 2)
     err = _row_bound(aa, tl.load(rownorm_ptr + off * 2), tl.load(rownorm_ptr + off * 2 + 1), stats_ptr, pid_b,
-                     d_pad, FROM_ZERO)
+                     d_pad, FROM_ZERO, CHAIN_D)
     tl.store(rowstat_ptr + off * 2 + 1, err)
 
 
@@ -328,7 +352,7 @@ def _merge_top(best, second, best_idx, t1, t2, i1):
 def _assign_kernel(
     a_ptr, rowstat_ptr, cf_ptr, cc_ptr, top_ptr, top_stride, n_pad, k_pad, d_pad, key_low,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr,
-    PTX: tl.constexpr,
+    PTX: tl.constexpr, CHAIN: tl.constexpr,
 ):
     """Streaming pass (portable): scores of BLOCK_N prepared rows against every centroid tile, reduced per slot
     (see `slot_of`): one min per score into the chunk's running slot minima, no per-tile row reduction. Writes
@@ -355,7 +379,7 @@ def _assign_kernel(
         run = tl.full([BLOCK_N, BLOCK_K // 4], 3.0e38, tl.float32)
         for k0 in range(c0, tl.minimum(c0 + chunk, k_pad), BLOCK_K):
             acc = _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, k0 + offs_k, offs_d, d_pad, BLOCK_D, RESIDENT,
-                               PTX)
+                               PTX, CHAIN)
             key = _tagged_keys(acc, (((k0 - c0) // BLOCK_K) << 2) + place, low_mask, PTX)
             run = tl.minimum(run, _fold_slots(key, BLOCK_N, BLOCK_K))
         t1, t2, i1 = _chunk_top(run, c0, key_low, BLOCK_K)
@@ -370,7 +394,7 @@ def _class_kernel(
     order_ptr, group_ptr, top_ptr, top_stride, a_ptr, rowstat_ptr, cf_ptr, cc_ptr,
     n_total, k_pad, d_pad, chunk_tiles, segs,
     TILE_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    RESIDENT: tl.constexpr, PTX: tl.constexpr,
+    RESIDENT: tl.constexpr, PTX: tl.constexpr, CHAIN: tl.constexpr,
 ):
     """Class pass: for every prepared row, the smallest score over the other centroids of its label's class
     (the label's slot in every tile of the label's chunk: `class_of`), folded into the row's second plane. The
@@ -406,7 +430,7 @@ def _class_kernel(
             cidx = c0 + (m >> 2) * TILE_K + 2 * (g + S * ((m >> 1) & 1)) + (m & 1)
             acc = _tile_scores(aa, a_fast, a_rows, cf_ptr + pid_b.to(tl.int64) * k_pad * d_pad,
                                cc_ptr + pid_b.to(tl.int64) * k_pad, cidx, offs_d, d_pad, BLOCK_D, RESIDENT,
-                               PTX)
+                               PTX, CHAIN)
             acc = tl.where(cidx[None, :] == label[:, None], 3.0e38, acc)
             low = tl.where(member, tl.minimum(low, tl.min(acc, 1)), low)
         grp = tl.min(tl.where(valid & (group > grp), group, 2147483647), 0)
@@ -616,7 +640,7 @@ def _resolve_kernel(
     n_rows, n_pad, D, K, k_pad, d_pad, stride_list, n_col,
     COSINE: tl.constexpr, MAX_CAND: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, RESIDENT: tl.constexpr, XB16: tl.constexpr,
-    EPI_D: tl.constexpr, PTX: tl.constexpr, TOP2_REDUCE: tl.constexpr, QUICK: tl.constexpr,
+    EPI_D: tl.constexpr, PTX: tl.constexpr, TOP2_REDUCE: tl.constexpr, QUICK: tl.constexpr, CHAIN: tl.constexpr,
 ):
     """Makes the flagged rows exact, in place. Persistent: the programs of batch b walk the tiles of BLOCK_N rows
     of its list (`list_ptr[b, :count[b, n_col]]`, batch stride stride_list; count is (B, 4); n_col 0: all flagged
@@ -661,7 +685,7 @@ def _resolve_kernel(
         wide_k0 = tl.zeros([BLOCK_N], dtype=tl.int32)  # the first of them
         for k0 in range(0, k_pad, BLOCK_K):
             acc = _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, k0 + offs_k, offs_d, d_pad, BLOCK_D, RESIDENT,
-                               PTX)
+                               PTX, CHAIN)
             # QUICK: a tile where no row has a hit changes nothing (a row's few hits among many tiles); one min
             # per score tells, instead of the top-2 reduction (when lim is finite, so is every score of the row)
             go = True
@@ -1108,11 +1132,12 @@ def _prepare_rows(p: _Prepared, rows: PreparedRows | None = None) -> None:
     launch(_rows_kernel, (n_pad // block_n, b),
            x, x.stride(0), x.stride(1), x.stride(2), p.sigma, p.stats, p.a_fast, p.rowstat, norms, stale,
            n, n_pad, d, d_pad, COSINE=p.cosine, KEPT=rows is not None, BLOCK_N=block_n, BLOCK_D=cfg.row_block_d,
-           XB16=_xb16(x), FROM_ZERO=not cfg.resident, num_warps=cfg.rows_warps or cfg.num_warps,
+           XB16=_xb16(x), FROM_ZERO=not cfg.resident, CHAIN_D=cfg.chain * cfg.block_d,
+           num_warps=cfg.rows_warps or cfg.num_warps,
            num_stages=cfg.rows_stages)
     if rows is not None:
         launch(_bound_kernel, (n_pad // block_n, b), p.rowstat, norms, p.stats, n_pad, d_pad, BLOCK_N=block_n,
-               FROM_ZERO=not cfg.resident, num_warps=4)
+               FROM_ZERO=not cfg.resident, CHAIN_D=cfg.chain * cfg.block_d, num_warps=4)
         rows.stamp.copy_(stamp)
 
 
@@ -1169,7 +1194,7 @@ def _stream(p: _Prepared) -> tuple[torch.Tensor, int, int]:
     launch(_assign_kernel, (n_pad // cfg.block_n, b),
            p.a_fast, p.rowstat, p.c_fast, p.cc, top, top.stride(0), n_pad, k_pad, d_pad, key_low,
            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, RESIDENT=cfg.resident,
-           PTX=not cfg.interpreted, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+           PTX=not cfg.interpreted, CHAIN=cfg.chain, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return top, tile_k, key_low
 
 
@@ -1195,7 +1220,8 @@ def _class_pass(p: _Prepared, top: torch.Tensor, tile_k: int, key_low: int) -> N
     launch(_class_kernel, (triton.cdiv(b * n_pad, cp.block_n),),
            order, group, top, top.stride(0), p.a_fast, p.rowstat, p.c_fast, p.cc, b * n_pad, k_pad, d_pad,
            1 << (key_low - 2), segs, TILE_K=tile_k, BLOCK_N=cp.block_n, BLOCK_C=cp.block_c, BLOCK_D=p.cfg.block_d,
-           RESIDENT=p.cfg.resident, PTX=not p.cfg.interpreted, num_warps=cp.num_warps, num_stages=cp.num_stages)
+           RESIDENT=p.cfg.resident, PTX=not p.cfg.interpreted, CHAIN=p.cfg.chain, num_warps=cp.num_warps,
+           num_stages=cp.num_stages)
 
 
 def _resolve_launch(p: _Prepared, fast: FastAssignment, after_neighbours: bool = False) -> None:
@@ -1216,7 +1242,7 @@ def _resolve_launch(p: _Prepared, fast: FastAssignment, after_neighbours: bool =
            # (centroid tiles no wider than the streaming pass's: the padding of K stays a multiple)
            BLOCK_N=r.block_n, BLOCK_K=min(r.block_k, cfg.block_k), BLOCK_D=cfg.block_d,
            RESIDENT=cfg.resident, EPI_D=cfg.epilogue_d, PTX=not cfg.interpreted,
-           TOP2_REDUCE=not cfg.interpreted or _FORCE_TOP2_REDUCE, QUICK=r.quick, XB16=_xb16(x),
+           TOP2_REDUCE=not cfg.interpreted or _FORCE_TOP2_REDUCE, QUICK=r.quick, XB16=_xb16(x), CHAIN=cfg.chain,
            num_warps=r.num_warps, num_stages=r.num_stages)
 
 

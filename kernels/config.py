@@ -63,6 +63,17 @@ def device_traits(device) -> DeviceTraits:
     return _cuda_traits(device.index if device.index is not None else torch.cuda.current_device())
 
 
+# D streamed, padded D >= STREAM_CHAIN_MIN_D: chunks of block_d features per accumulation chain of the scores. The
+# error bound's accumulation term follows the chain's length, not D (`assign._row_bound`), so fewer rows go to the
+# resolve pass, but each chain's end waits for its products, which slows the passes that score. (H200, blobs at
+# N=1M K=4096, benchmarks/assign_ab.py, variants in turns: with chains of 2 chunks D=2048 flags 2.0 % of rows
+# instead of 23 % and the assign takes 59.3 ms instead of 76.6; D=1024 1.5 % instead of 9.5 %, 24.1 ms instead
+# of 25.4; an earlier run: chains of 1 chunk at D=1024 25.2 ms against 24.6, at D=512 chains of 2 12.9 against
+# 11.6, at D=320 9.8 against 7.7; chains of 4 did not fit in shared memory.)
+STREAM_CHAIN = 2
+STREAM_CHAIN_MIN_D = 1024
+
+
 @dataclass(frozen=True)
 class ResolveConfig:
     """The resolve pass of FlashAssign (only the flagged rows, a few per cent): persistent programs walk tiles of
@@ -133,6 +144,7 @@ class AssignConfig:
     class_pass: ClassConfig = ClassConfig(32, 16, 1, 1)
     finish: tuple[int, int, int] | None = None  # finishing kernel: rows per program, float64 chunk, warps
     #                                             (None: block_n, epilogue_d, num_warps)
+    chain: int = 0  # D streamed: block_d chunks per accumulation chain of the scores (0: one chain over D)
 
     @property
     def row_multiple(self) -> int:
@@ -172,7 +184,8 @@ def _assign_config(t: DeviceTraits, k: int, d: int, dtype: torch.dtype) -> Assig
     if t.interpreted:
         block_d = min(d_bucket, 64)
         return AssignConfig(32, 16, block_d, d_bucket <= 64, min(block_d, 32), 1, 1, True,
-                            ResolveConfig(32, 16, 1, 1, 4))
+                            # (D streamed in chained scores, whatever D, so that the tests cover them)
+                            ResolveConfig(32, 16, 1, 1, 4), chain=0 if d_bucket <= 64 else 2)
 
     # (dtype does not enter: the streamed operands are fp16 for every input dtype, see kernels/assign.py)
     resident = d_bucket <= MAX_RESIDENT_D
@@ -205,6 +218,9 @@ def _assign_config(t: DeviceTraits, k: int, d: int, dtype: torch.dtype) -> Assig
         pick = next((c for c in ((32, 2), (16, 2), (16, 1)) if smem(*c) <= avail), (16, 1))
     block_k, stages = pick
     num_warps = 8 if block_n >= 128 else 4
+    # D streamed: a chain's chunks are unrolled, each with its own `stages` buffers
+    chain = STREAM_CHAIN if (not resident and -(-d // block_d) * block_d >= STREAM_CHAIN_MIN_D
+                             and STREAM_CHAIN * smem(block_k, stages) <= t.smem_per_block - _SMEM_RESERVE) else 0
     # row pass: 64-row programs of 4 warps (H200 sweep, N=8M D=128: 1.18 ms against 1.45 at 128 rows, 8 warps)
     return AssignConfig(block_n, block_k, block_d, resident, 32, num_warps, stages, False,
                         _resolve_config(t, block_d, resident, block_k, k), rows_block_n=64, rows_block_d=64,
@@ -217,7 +233,7 @@ def _assign_config(t: DeviceTraits, k: int, d: int, dtype: torch.dtype) -> Assig
                         # (H200, benchmarks/finish_sweep.py, shapes in turns: 32 rows, float64 chunks of 32, 4 warps;
                         # 0.83 ms against 0.88 for 64 rows and 0.92 for 64 rows in chunks of 64 at N=8M K=1024,
                         # 0.154 against 0.163 and 0.165 at N=1M K=8192)
-                        finish=(32, 32, 4))
+                        finish=(32, 32, 4), chain=chain)
 
 
 # sm_90 pass: rows per scorer, registers per scorer thread. (H200, N=1M K=8192 D=128, streaming pass alone: 4.47 ms

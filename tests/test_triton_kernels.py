@@ -565,13 +565,14 @@ def _round_toward_zero_f32(v):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["randn", "offset", "aligned"])
-@pytest.mark.parametrize("d", [40, 200])
+@pytest.mark.parametrize("d", [40, 150, 200])
 def test_error_bound_covers_a_truncating_accumulator(dtype, case, d):
     """The interpreter's matmul is more accurate than tensor cores, so the bound's derivation is checked here:
     the row pass's operands, accumulated one product at a time in fp32 rounding toward zero (worse than
     hardware), stay within the row's stored E of the exact score for every (row, centroid). d = 40: rows
-    resident, the chain starts from fl(aa + |b|^2); d = 200: D streamed, the chain starts from zero and
-    fl(aa + |b|^2) is added after it, rounding toward zero too."""
+    resident, the chain starts from fl(aa + |b|^2); d = 150, 200: D streamed, in chains of `cfg.chain` chunks
+    from zero (the last one short at d = 150), summed and then added to fl(aa + |b|^2), rounding toward zero
+    too."""
     from flashkm_dist.kernels import assign as assign_module
 
     g = gen(21)
@@ -595,9 +596,14 @@ def test_error_bound_covers_a_truncating_accumulator(dtype, case, d):
     a_exact, b_exact = alpha * (x.double().numpy() - sigma), alpha * (c.double().numpy() - sigma)
     score = (b_exact ** 2).sum(1)[None, :] - 2.0 * a_exact @ b_exact.T
     init = (aa[:, None] + cc[None, :]).astype(np.float32).astype(np.float64)
-    acc = init if p.cfg.resident else np.zeros_like(init)
-    for i in range(d):
-        acc = _round_toward_zero_f32(acc + ah[:, i:i + 1] * cf[None, :, i])
+    chain = d if p.cfg.resident else p.cfg.chain * p.cfg.block_d
+    assert p.cfg.resident or 0 < chain < d
+    acc = np.zeros_like(init)
+    for g in range(0, d, chain):
+        part = init if p.cfg.resident else np.zeros_like(init)
+        for i in range(g, min(g + chain, d)):
+            part = _round_toward_zero_f32(part + ah[:, i:i + 1] * cf[None, :, i])
+        acc = part if p.cfg.resident else _round_toward_zero_f32(acc + part)
     if not p.cfg.resident:
         acc = _round_toward_zero_f32(init + acc)
     assert (np.abs(acc - aa[:, None] - score) <= bound[:, None]).all()
@@ -830,6 +836,21 @@ def test_sm90_pass_is_chosen_from_the_device_only_where_it_builds(monkeypatch):
         monkeypatch.setattr(config, "device_traits", lambda device, other=other: other)
         assert config.assign_config("cuda", 8192, 128, torch.float16).stream is None
     assert assign_config("cpu", 8192, 128, torch.float16).stream is None  # interpreter
+
+
+def test_streamed_scores_chain_only_where_d_is_large_and_the_chunks_fit(monkeypatch):
+    """Chained scores (shorter accumulation chains, a tighter bound, but slower passes) from padded D = 1024 on,
+    only where a chain's unrolled chunks with their stages fit in a block's shared memory; never for resident rows."""
+    import dataclasses
+
+    from flashkm_dist.kernels import config
+    hopper = config.DeviceTraits(132, 227 * 1024, 228 * 1024, 50 << 20, (9, 0), False)
+    monkeypatch.setattr(config, "device_traits", lambda device: hopper)
+    chains = {d: config.assign_config("cuda", 4096, d, torch.float16).chain for d in (128, 256, 512, 1000, 2048)}
+    assert chains == {128: 0, 256: 0, 512: 0, 1000: config.STREAM_CHAIN, 2048: config.STREAM_CHAIN}
+    small = dataclasses.replace(hopper, smem_per_block=100 * 1024, smem_per_sm=100 * 1024)
+    monkeypatch.setattr(config, "device_traits", lambda device: small)
+    assert config.assign_config("cuda", 4096, 1024, torch.float16).chain == 0
 
 
 def test_configs_are_small_on_cpu_and_bucket_d():
