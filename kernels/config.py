@@ -327,7 +327,8 @@ def update_config(device, d: int, dtype: torch.dtype) -> UpdateConfig:
 
 
 def _is_cpu(args) -> bool:
-    return any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
+    """Whether the launch's tensors are on the CPU (the first tensor tells: a kernel's tensors share a device)."""
+    return next((a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor)), False)
 
 
 def launch(kernel, grid, *args, num_warps: int = 4, num_stages: int | None = 2, **constexprs) -> None:
@@ -342,8 +343,10 @@ def launch(kernel, grid, *args, num_warps: int = 4, num_stages: int | None = 2, 
                                "TRITON_INTERPRET=1 before triton is imported")
         kernel[grid](*args, **constexprs)
         return
-    options = dict(num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
     if compile_ahead.active():
+        options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
         compile_ahead.submit(kernel, grid, args, {**options, **constexprs})
+    elif num_stages is None:  # (no dicts built on the way: a single call's launches are host time it waits for)
+        kernel[grid](*args, num_warps=num_warps, **constexprs)
     else:
-        kernel[grid](*args, **options, **constexprs)
+        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
