@@ -70,7 +70,7 @@ def build_assign(k: int, d: int):
         torch.zeros(1, k_pad, d_pad, dtype=f16), torch.zeros(1, k_pad, dtype=f32), torch.zeros(3, n_pad, dtype=f32),
         n_pad, n_pad, k_pad, d_pad, C.key_bits(k_pad, cfg.block_k),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, RESIDENT=cfg.resident, PTX=True,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1, 1))
+        CHAIN=cfg.chain, num_warps=cfg.num_warps, num_stages=cfg.num_stages, grid=(1, 1))
     return kernel, cfg
 
 

@@ -83,8 +83,12 @@ def test_streamed_d_scores_add_the_norms_after_the_product():
     """D streamed (above 256): the error bound assumes that the tensor-core chain starts from zero and that
     aa + |b|^2 is added after it (`assign._tile_scores`), as an add.rn.f32 of its own in inline PTX, which no
     compiler pass can fold into the chain (Triton folds `c + dot(x, y)` into `dot(x, y, c)`, one chain from c,
-    whose error the stored bound would not cover). The sm_90 build keeps those adds."""
-    code = ("import sm90_build as B; k, cfg = B.build_assign(1000, 320); "
-            "print(int(cfg.resident), k.asm['ptx'].count('add.rn.f32'))")
-    resident, adds = map(int, _last_line_of(code).split())
-    assert resident == 0 and adds > 0
+    whose error the stored bound would not cover). The sm_90 build keeps those adds, and from D = 1024 on, where
+    the products are summed in chains (`config.STREAM_CHAIN`), the adds that sum the chains too."""
+    code = ("import sm90_build as B\n"
+            "for d in (320, 1024):\n"
+            "    k, cfg = B.build_assign(1000, d)\n"
+            "    print(int(cfg.resident), cfg.chain, k.asm['ptx'].count('add.rn.f32'), end=' ')")
+    resident, chain, adds, resident_1024, chain_1024, adds_1024 = map(int, _last_line_of(code).split())
+    assert resident == resident_1024 == 0 and chain == 0 and adds > 0
+    assert chain_1024 > 0 and adds_1024 > adds
