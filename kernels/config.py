@@ -69,7 +69,9 @@ def device_traits(device) -> DeviceTraits:
 # N=1M K=4096, benchmarks/assign_ab.py, variants in turns: with chains of 2 chunks D=2048 flags 2.0 % of rows
 # instead of 23 % and the assign takes 59.3 ms instead of 76.6; D=1024 1.5 % instead of 9.5 %, 24.1 ms instead
 # of 25.4; an earlier run: chains of 1 chunk at D=1024 25.2 ms against 24.6, at D=512 chains of 2 12.9 against
-# 11.6, at D=320 9.8 against 7.7; chains of 4 did not fit in shared memory.)
+# 11.6, at D=320 9.8 against 7.7; chains of 4 did not fit in shared memory. Chained, the 128 x 128 tiles in three
+# stages leave one program per SM; 64-wide tiles in two stages, two per SM, took twice as long: 47.4 ms against
+# 23.1 at D=1024, assign_ab_chain_tiles_h200.json.)
 STREAM_CHAIN = 2
 STREAM_CHAIN_MIN_D = 1024
 
