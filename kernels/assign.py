@@ -151,7 +151,7 @@ def _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, cidx, offs_d, d_pad,
     c_rows = cf_ptr + cidx[:, None].to(tl.int64) * d_pad
     if RESIDENT:
         c = tl.load(c_rows + offs_d[None, :])
-        acc = _add_rn(acc, tl.dot(a_fast, tl.trans(c)), PTX)
+        acc = tl.dot(a_fast, tl.trans(c), acc)
     elif CHAIN == 0:
         prod = tl.zeros_like(acc)
         for d0 in range(0, d_pad, BLOCK_D):
@@ -1132,12 +1132,12 @@ def _prepare_rows(p: _Prepared, rows: PreparedRows | None = None) -> None:
     launch(_rows_kernel, (n_pad // block_n, b),
            x, x.stride(0), x.stride(1), x.stride(2), p.sigma, p.stats, p.a_fast, p.rowstat, norms, stale,
            n, n_pad, d, d_pad, COSINE=p.cosine, KEPT=rows is not None, BLOCK_N=block_n, BLOCK_D=cfg.row_block_d,
-           XB16=_xb16(x), FROM_ZERO=True, CHAIN_D=cfg.chain * cfg.block_d,
+           XB16=_xb16(x), FROM_ZERO=not cfg.resident, CHAIN_D=cfg.chain * cfg.block_d,
            num_warps=cfg.rows_warps or cfg.num_warps,
            num_stages=cfg.rows_stages)
     if rows is not None:
         launch(_bound_kernel, (n_pad // block_n, b), p.rowstat, norms, p.stats, n_pad, d_pad, BLOCK_N=block_n,
-               FROM_ZERO=True, CHAIN_D=cfg.chain * cfg.block_d, num_warps=4)
+               FROM_ZERO=not cfg.resident, CHAIN_D=cfg.chain * cfg.block_d, num_warps=4)
         rows.stamp.copy_(stamp)
 
 

@@ -148,11 +148,9 @@ def _score_partition(a_smem, c_smem, n_smem, a_ready, a_empty, ready, empty, row
                 # the tile's norms come with it through the ring (from global memory their L2 latency stalled
                 # every tile; prefetched into registers they cost 32 registers per thread)
                 cc = n_smem.index(slot).load(cols_l)
-                acc = warpgroup_mma(a_tile, c_smem.index(slot).permute((1, 0)),
-                                    gl.zeros([BLOCK_N, BLOCK_K], gl.float32, mma), use_acc=False, is_async=True)
+                acc = warpgroup_mma(a_tile, c_smem.index(slot).permute((1, 0)), aa[:, None] + cc[None, :],
+                                    is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                acc = gl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [aa[:, None] + cc[None, :], acc],
-                                                dtype=gl.float32, is_pure=True, pack=1)
                 mbarrier.arrive(empty.index(slot), count=1)  # (the product is done: the slot may be refilled)
                 mbarrier.arrive(a_empty.index(H), count=1, pred=t == n_tiles - 1)  # (after the last: the rows too)
                 tag = gl.zeros([BLOCK_N, BLOCK_K], gl.int32, mma) + (((t - c) << 2) + place)[None, :]
