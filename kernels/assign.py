@@ -145,7 +145,7 @@ def _tile_scores(aa, a_fast, a_rows, cf_ptr, cc_ptr, cidx, offs_d, d_pad,
     no longer scales aa + |b|^2 (`_row_bound`; H200, blobs at N=1M K=4096 D=1024: 9.7 % of rows flagged
     instead of 18.2 %, assign 27.0 ms instead of 29.8, benchmarks/assign_ab.py). CHAIN > 0: the products of
     every CHAIN chunks of BLOCK_D features are one chain from zero, and the chains are summed by rounded adds
-    (`_add_rn`), so the bound's accumulation term follows CHAIN BLOCK_D products, not D_pad (`chain_length`)."""
+    (`_add_rn`), so the bound's accumulation term follows CHAIN BLOCK_D products, not D_pad (`_row_bound`)."""
     cc = tl.load(cc_ptr + cidx)
     acc = aa[:, None] + cc[None, :]
     c_rows = cf_ptr + cidx[:, None].to(tl.int64) * d_pad
