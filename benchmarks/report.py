@@ -312,7 +312,8 @@ def floor(name: str, r: dict) -> str:
 def _ms(value_unit: list) -> float:
     """ncu's [value, unit] of a duration, in ms."""
     value, unit = value_unit
-    return float(value.replace(",", "")) / {"ns": 1e6, "us": 1e3, "usecond": 1e3, "ms": 1.0}.get(unit, 1e6)
+    per_ms = {"ns": 1e6, "nsecond": 1e6, "us": 1e3, "usecond": 1e3, "ms": 1.0, "msecond": 1.0}
+    return float(value.replace(",", "")) / per_ms[unit]
 
 
 def ncu(name: str, r: dict) -> str:

@@ -1132,12 +1132,12 @@ def _prepare_rows(p: _Prepared, rows: PreparedRows | None = None) -> None:
     launch(_rows_kernel, (n_pad // block_n, b),
            x, x.stride(0), x.stride(1), x.stride(2), p.sigma, p.stats, p.a_fast, p.rowstat, norms, stale,
            n, n_pad, d, d_pad, COSINE=p.cosine, KEPT=rows is not None, BLOCK_N=block_n, BLOCK_D=cfg.row_block_d,
-           XB16=_xb16(x), FROM_ZERO=not cfg.resident, CHAIN_D=cfg.chain * cfg.block_d,
+           XB16=_xb16(x), FROM_ZERO=not cfg.resident, CHAIN_D=cfg.chain_d,
            num_warps=cfg.rows_warps or cfg.num_warps,
            num_stages=cfg.rows_stages)
     if rows is not None:
         launch(_bound_kernel, (n_pad // block_n, b), p.rowstat, norms, p.stats, n_pad, d_pad, BLOCK_N=block_n,
-               FROM_ZERO=not cfg.resident, CHAIN_D=cfg.chain * cfg.block_d, num_warps=4)
+               FROM_ZERO=not cfg.resident, CHAIN_D=cfg.chain_d, num_warps=4)
         rows.stamp.copy_(stamp)
 
 

@@ -154,6 +154,11 @@ class AssignConfig:
         return self.stream.rows if self.stream else self.block_n
 
     @property
+    def chain_d(self) -> int:
+        """Products per accumulation chain of the scores where they are chained (0: one chain over D)."""
+        return self.chain * self.block_d
+
+    @property
     def row_block_d(self) -> int:
         """D-chunk of the row pass (divides the padded D)."""
         return min(self.block_d, self.rows_block_d)
